@@ -1,0 +1,196 @@
+"""The command line: each command parses, calls one function, prints.
+
+Exit codes: 0 success, 2 bad input (one line on stderr, nothing written),
+1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from . import __version__
+from .errors import InputError
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str):
+    def register(fn: Callable[[argparse.Namespace], int]):
+        _COMMANDS[name] = fn
+        return fn
+    return register
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evomerge", description="Find good model merges automatically.")
+    parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="build the zoo if missing, search configs/demo.yaml, export to results/demo/")
+    p.add_argument("--out", default=None, help="output folder (default results/demo)")
+    p.add_argument("--n-trials", type=int, default=None)
+    p.add_argument("--config", default=None, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("search", help="run or resume the study named in CONFIG")
+    p.add_argument("config")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in the run folder)")
+    p.add_argument("--n-trials", type=int, default=None)
+    p.add_argument("--out", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-export", action="store_true", help="leave the export to 'evomerge export'")
+
+    p = sub.add_parser("merge", help="materialize a recipe into a Hugging Face model folder")
+    p.add_argument("recipe")
+    p.add_argument("-o", "--out", required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+
+    p = sub.add_parser("eval", help="score a model folder or a recipe on tasks")
+    p.add_argument("target", help="a model folder or a recipe YAML")
+    p.add_argument("--tasks", required=True)
+    p.add_argument("--split", default="heldout", choices=["search", "heldout"])
+    p.add_argument("--json", default=None, help="write the scores as JSON here")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None)
+
+    p = sub.add_parser("compare", help="compare merge techniques under an equal budget and several seeds")
+    p.add_argument("config")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--budget", type=int, default=None, help="trials per technique and seed")
+    p.add_argument("--out", default=None)
+    p.add_argument("--device", default=None)
+
+    p = sub.add_parser("export", help="(re-)export the best or a given trial of a study")
+    p.add_argument("run_dir")
+    p.add_argument("--trial", type=int, default=None)
+    p.add_argument("--storage", default=None)
+
+    p = sub.add_parser("zoo", help="the local model zoo")
+    zoo = p.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
+    b = zoo.add_parser("build", help="train the small base model and task experts on CPU")
+    b.add_argument("out")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--size", default="tiny")
+    b.add_argument("--force", action="store_true")
+
+    p = sub.add_parser("validate", help="check a config, recipe or task file without loading weights")
+    p.add_argument("file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    name = args.command if args.command != "zoo" else f"zoo {args.zoo_command}"
+    try:
+        return _COMMANDS[name](args)
+    except InputError as err:
+        print(f"evomerge: error: {err.line()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("evomerge: interrupted", file=sys.stderr)
+        return 130
+
+
+# -- commands ---------------------------------------------------------------------------------------
+
+@command("merge")
+def _merge(args: argparse.Namespace) -> int:
+    from .export import merge_to_folder
+
+    out = merge_to_folder(args.recipe, args.out, device=args.device, force=args.force, progress=True)
+    print(f"wrote {out}")
+    return 0
+
+
+@command("validate")
+def _validate(args: argparse.Namespace) -> int:
+    from .validate import validate_file
+
+    print(validate_file(Path(args.file)))
+    return 0
+
+
+@command("zoo build")
+def _zoo_build(args: argparse.Namespace) -> int:
+    from .zoo import build_zoo
+
+    out = build_zoo(args.out, seed=args.seed, size=args.size, force=args.force)
+    print(f"zoo written to {out}")
+    return 0
+
+
+@command("eval")
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .evaluate import load_tasks
+    from .evaluate import evaluate as run_evaluation
+    from .kernel import merger_for, pick_device
+    from .recipe import Recipe
+
+    suite = load_tasks(args.tasks, seed=args.seed)      # validated before any weights load
+    target = Path(args.target)
+    if args.json:
+        from .export import check_destination
+
+        check_destination(Path(args.json), force=True)
+    if target.is_file():
+        recipe = Recipe.from_yaml(target)
+        merger = merger_for(recipe, device=args.device)
+        model, tokenizer_path = merger.model, merger.sources.anchor.path
+    else:
+        from transformers import AutoModelForCausalLM
+
+        from .sources import open_folder
+
+        folder = open_folder(args.target, field="MODEL_OR_RECIPE")
+        model = AutoModelForCausalLM.from_pretrained(str(folder.path)).to(pick_device(args.device)).eval()
+        tokenizer_path = folder.path
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))
+    result = run_evaluation(model, suite, tokenizer=tokenizer, split=args.split, seed=args.seed, limit=args.limit)
+    print(result.format_table())
+    if args.json:
+        from .export import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps(result.to_json(), indent=2) + "\n")
+    return 0
+
+
+@command("search")
+def _search(args: argparse.Namespace) -> int:
+    from .search import search_command
+
+    return search_command(args)
+
+
+@command("demo")
+def _demo(args: argparse.Namespace) -> int:
+    from .search import demo_command
+
+    return demo_command(args)
+
+
+@command("export")
+def _export(args: argparse.Namespace) -> int:
+    from .search import export_command
+
+    return export_command(args)
+
+
+@command("compare")
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import compare_command
+
+    return compare_command(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""Exports: the merged model folder, the recipe, mergekit YAML; run reports live beside them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..kernel import ResidentMerger, merger_for
+from ..recipe import Recipe
+from ..sources import SourceSet
+from ..yamlio import dump_yaml
+from .folder import atomic_dir, atomic_write_text, check_destination, write_model_folder
+from .mergekit import to_mergekit
+
+__all__ = ["export_model", "merge_to_folder", "mergekit_yaml", "atomic_dir", "atomic_write_text",
+           "check_destination", "write_model_folder", "to_mergekit"]
+
+
+def mergekit_yaml(recipe: Recipe, sources: SourceSet) -> str | None:
+    """mergekit YAML for the recipe, with local paths resolved; None where not representable."""
+    folders = ([sources.base] if sources.base is not None else []) + list(sources.sources)
+    paths = {f.spec: str(f.path) for f in folders}
+    config = to_mergekit(recipe, sources.layout, paths)
+    return None if config is None else dump_yaml(config)
+
+
+def export_model(merger: ResidentMerger, recipe: Recipe, out: str | Path, *, force: bool = False,
+                 card_extra: str = "") -> Path:
+    """Write what `merger` holds (materialized from `recipe`) as a model folder."""
+    sources = merger.sources
+    tokenizer_from = sources.anchor
+    if recipe.tokenizer is not None:
+        from ..sources import open_folder
+
+        tokenizer_from = open_folder(recipe.tokenizer, relative_to=recipe.relative_to, field="tokenizer")
+    text = mergekit_yaml(recipe, sources)
+    return write_model_folder(Path(out), tensors=merger.state_dict(), recipe=recipe, config_from=sources.anchor,
+                              tokenizer_from=tokenizer_from, dtype=merger.out_dtype, force=force,
+                              card_extra=card_extra, extra_files={"mergekit.yaml": text} if text else None)
+
+
+def merge_to_folder(recipe: Recipe | str | Path, out: str | Path, *, device: str | None = "cpu",
+                    force: bool = False, progress: bool = False) -> Path:
+    """`evomerge merge`: validate, refuse an existing output up front, merge, write atomically."""
+    if not isinstance(recipe, Recipe):
+        recipe = Recipe.from_yaml(recipe)
+    check_destination(Path(out), force=force)
+    merger = merger_for(recipe, device=device, progress=progress)
+    with merger:
+        return export_model(merger, recipe, out, force=force)

@@ -1,0 +1,146 @@
+"""Write a merged model as a Hugging Face folder, atomically.
+
+The folder is built beside its destination and renamed into place at the end,
+so a crash leaves either the old folder or the new one, never half of either.
+Same tensors and recipe -> byte-identical safetensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+
+from ..errors import InputError
+from ..recipe import Recipe
+from ..sources import ModelFolder
+
+SHARD_BYTES = 2 * 1024**3
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
+                   "chat_template.json")
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+               torch.float64: "float64"}
+
+
+def check_destination(out: Path, *, force: bool) -> None:
+    """Refuse to overwrite an existing output unless forced (before any work is done)."""
+    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+        raise InputError("output already exists", file=out, fix="choose another folder or pass --force")
+    parent = out.parent if out.parent != Path("") else Path(".")
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise InputError("folder is not writable", file=probe, fix="choose a writable output folder")
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a scratch folder that becomes `out` only if the block finishes."""
+    out = Path(out)
+    check_destination(out, force=force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_weights(folder: Path, tensors: Mapping[str, torch.Tensor], *, metadata: Mapping[str, str],
+                  shard_bytes: int = SHARD_BYTES) -> list[str]:
+    """Sharded safetensors (+ index when more than one shard), names in the given order."""
+    from safetensors.torch import save_file
+
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    weight_map = {}
+    for file, names in zip(files, shards):
+        chunk = {n: tensors[n].detach().to("cpu").contiguous() for n in names}
+        save_file(chunk, str(folder / file), metadata=dict(metadata))
+        weight_map.update({n: file for n in names})
+    if len(files) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return files
+
+
+def write_model_folder(out: Path, *, tensors: Mapping[str, torch.Tensor], recipe: Recipe, config_from: ModelFolder,
+                       tokenizer_from: ModelFolder, dtype: torch.dtype, force: bool = False,
+                       card_extra: str = "", extra_files: Mapping[str, str] | None = None) -> Path:
+    """config + tokenizer + safetensors (recipe hash and version in the metadata) + model card + recipe."""
+    from .. import __version__
+
+    with atomic_dir(Path(out), force=force) as tmp:
+        config = dict(config_from.config)
+        config["dtype"] = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+        config.pop("torch_dtype", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        generation = config_from.path / "generation_config.json"
+        if generation.is_file():
+            shutil.copyfile(generation, tmp / "generation_config.json")
+        for name in TOKENIZER_FILES:
+            if (tokenizer_from.path / name).is_file():
+                shutil.copyfile(tokenizer_from.path / name, tmp / name)
+        metadata = {"format": "pt", "evomerge_version": __version__, "evomerge_recipe_sha256": recipe.sha256()}
+        write_weights(tmp, tensors, metadata=metadata)
+        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+        (tmp / "README.md").write_text(model_card(recipe, extra=card_extra))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return Path(out)
+
+
+def model_card(recipe: Recipe, *, extra: str = "") -> str:
+    sources = "\n".join(f"- `{s}`" for s in recipe.sources)
+    score = (recipe.provenance or {}).get("score")
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [merge, evomerge]",
+        "---",
+        f"# Merged model ({recipe.method})",
+        "",
+        f"Made with evomerge by `{recipe.method}` of these sources"
+        + (f" onto base `{recipe.base}`" if recipe.base else "") + ":",
+        "",
+        sources,
+        "",
+    ]
+    if score:
+        lines += [f"Scores: {', '.join(f'{k} {v:.4f}' for k, v in score.items() if isinstance(v, (int, float)))}", ""]
+    lines += ["Rebuild it bit for bit with `evomerge merge recipe.yaml -o OUT`:", "", "```yaml",
+              recipe.to_yaml().rstrip(), "```", ""]
+    if extra:
+        lines += [extra, ""]
+    return "\n".join(lines)

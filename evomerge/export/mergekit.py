@@ -1,0 +1,72 @@
+"""Express a deterministic recipe as mergekit YAML that gives the same tensors.
+
+mergekit reads a list as a gradient over the layers (t = layer / (L - 1)) and a
+tensor outside the layers at t = 0; conditional entries match a substring of the
+tensor name. So each per-source parameter becomes a per-layer list (one value per
+layer, from its group), with exact-name filters for the tensors outside the
+blocks and suffix filters for module kinds whose values differ.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Mapping
+
+from ..recipe import Recipe
+from ..sources import Layout, _BLOCK
+
+
+def to_mergekit(recipe: Recipe, layout: Layout, paths: Mapping[str, str]) -> dict[str, Any] | None:
+    """The mergekit config, or None when the method has no identical mergekit counterpart."""
+    spec = recipe.spec
+    if spec.mergekit is None:
+        return None
+    models = []
+    if spec.name == "slerp":
+        models.append({"model": paths[recipe.base]})
+    for src in recipe.sources:
+        params = {p.name: _setting(recipe, layout, src, p.name) for p in spec.source_params}
+        models.append({"model": paths[src], "parameters": params} if params else {"model": paths[src]})
+    config: dict[str, Any] = {"merge_method": spec.mergekit}
+    if spec.needs_base and recipe.base is not None:
+        config["base_model"] = paths[recipe.base]
+    config["models"] = models
+    shared = dict(recipe.shared_values())
+    if spec.name not in ("linear", "slerp", "model_stock"):
+        shared["rescale"] = False
+    if shared:
+        config["parameters"] = shared
+    config["dtype"] = "float64" if recipe.dtype == "float64" else "float32"
+    if recipe.dtype is not None:
+        config["out_dtype"] = recipe.dtype
+    config["tokenizer_source"] = "base"
+    return config
+
+
+def _setting(recipe: Recipe, layout: Layout, source: str, name: str) -> Any:
+    values = {}
+    for tname, info in layout.tensors.items():
+        values[tname] = recipe.value(source, name, layout.group(tname, recipe.layer_groups), info.kind)
+    distinct = set(values.values())
+    if len(distinct) == 1:
+        return distinct.pop()
+    entries: list[dict[str, Any]] = []
+    per_suffix: dict[str, list[float]] = {}
+    for tname, info in layout.tensors.items():
+        if info.layer is None:
+            entries.append({"filter": tname, "value": values[tname]})
+            continue
+        match = _BLOCK.search(tname)
+        suffix = tname[match.end() - 1:]          # ".self_attn.q_proj.weight"
+        per_suffix.setdefault(suffix, [0.0] * layout.num_layers)[info.layer] = values[tname]
+    if per_suffix:
+        common = Counter(tuple(v) for v in per_suffix.values()).most_common(1)[0][0]
+        for suffix, layer_values in per_suffix.items():
+            if tuple(layer_values) != common:
+                entries.append({"filter": suffix, "value": _collapse(layer_values)})
+        entries.append({"value": _collapse(list(common))})
+    return entries
+
+
+def _collapse(values: list[float]) -> float | list[float]:
+    return values[0] if len(set(values)) == 1 else values

@@ -1,0 +1,115 @@
+"""Per-tensor state a merge method reads: the base, the task vectors, and caches.
+
+What does not depend on a candidate's scalars is computed once and kept here:
+magnitude thresholds on a density grid, uniform random fields, per-row ranks,
+norms. The kernel fills these once per study; a one-off merge fills them lazily.
+Both paths give the same tensor: a table holds exact order statistics, and a
+position missing from it is computed exactly on demand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+
+from .primitives import breadcrumbs_counts, kth_largest_abs, row_ranks, ties_keep_count, uniform_field
+
+DENSITY_GRID = tuple(round(0.01 * i, 2) for i in range(1, 101))
+GAMMA_GRID = tuple(round(0.001 * i, 3) for i in range(0, 101))
+
+
+@dataclass
+class TensorContext:
+    """One tensor of the merge: anchor `base` (shape S) and task vectors `deltas` (K, *S)."""
+
+    name: str
+    base: torch.Tensor
+    deltas: torch.Tensor
+    seed: int = 0
+    _thresholds: list[dict[int, float]] = field(default_factory=list)
+    _uniform: tuple[int, torch.Tensor] | None = None
+    _ranks: torch.Tensor | None = None
+    _l1: torch.Tensor | None = None
+    _stats: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        return self.deltas.shape[0]
+
+    @property
+    def numel(self) -> int:
+        return self.base.numel()
+
+    # -- magnitude order statistics ------------------------------------------------
+    def kth_largest(self, index: int, k: int) -> float:
+        """The k-th largest |delta_index| (1-based), from the table or computed exactly."""
+        if not self._thresholds:
+            self._thresholds = [{} for _ in range(self.k)]
+        table = self._thresholds[index]
+        if k not in table:
+            table[k] = float(kth_largest_abs(self.deltas[index], k))
+        return table[k]
+
+    def precompute_thresholds(self, *, densities: Iterable[float] = DENSITY_GRID,
+                              gammas: Iterable[float] = (), ) -> None:
+        """Fill the threshold table for every keep count the grids can ask for: one sort per source."""
+        n = self.numel
+        densities = tuple(densities)
+        positions = {ties_keep_count(d, n) for d in densities}
+        for g in gammas:
+            for d in densities:
+                drop, keep = breadcrumbs_counts(d, g, n)
+                positions.update(p for p in (drop, drop + keep) if p > 0)
+        positions = sorted(p for p in positions if 1 <= p <= n)
+        if not positions:
+            return
+        self._thresholds = [{} for _ in range(self.k)] if not self._thresholds else self._thresholds
+        index = torch.tensor(positions, dtype=torch.long, device=self.deltas.device) - 1
+        for i in range(self.k):
+            ordered = torch.sort(self.deltas[i].reshape(-1).abs(), descending=True).values
+            values = ordered[index].tolist()
+            del ordered
+            self._thresholds[i].update(zip(positions, values))
+
+    # -- random fields -------------------------------------------------------------
+    def uniform(self) -> torch.Tensor:
+        """U[0,1) fields (K, *S) for this recipe seed; drawn once, reused for every density."""
+        if self._uniform is None or self._uniform[0] != self.seed:
+            fields = torch.stack([uniform_field(tuple(self.base.shape), seed=self.seed, index=i, name=self.name,
+                                                device=self.deltas.device) for i in range(self.k)])
+            self._uniform = (self.seed, fields.to(self.deltas.dtype))
+        return self._uniform[1]
+
+    def ranks(self) -> torch.Tensor:
+        """Per-row magnitude ranks q in [0, 1], (K, *S)."""
+        if self._ranks is None:
+            self._ranks = torch.stack([row_ranks(self.deltas[i]) for i in range(self.k)])
+        return self._ranks
+
+    def l1(self) -> torch.Tensor:
+        """||delta_i||_1 per source, (K,)."""
+        if self._l1 is None:
+            self._l1 = self.deltas.abs().reshape(self.k, -1).sum(dim=1)
+        return self._l1
+
+    def stat(self, key: str, compute) -> object:
+        """A cached scalar statistic of the fixed tensors (slerp angle, model_stock ratio)."""
+        if key not in self._stats:
+            self._stats[key] = compute()
+        return self._stats[key]
+
+    def release(self) -> None:
+        """Drop the large caches (fields, ranks), keeping the small tables."""
+        self._uniform = None
+        self._ranks = None
+
+    @classmethod
+    def one_off(cls, base: torch.Tensor, sources: list[torch.Tensor] | torch.Tensor, *, name: str = "tensor",
+                seed: int = 0) -> "TensorContext":
+        """A context for a single merge of plain tensors (float32, or float64 if any input is)."""
+        stack = sources if isinstance(sources, torch.Tensor) else torch.stack(list(sources))
+        dtype = torch.float64 if torch.float64 in (base.dtype, stack.dtype) else torch.float32
+        base32 = base.to(dtype)
+        return cls(name=name, base=base32, deltas=stack.to(dtype) - base32, seed=seed)

@@ -1,0 +1,93 @@
+"""The steps merge methods are made of: trims, random fields, sign election.
+
+All functions work on a stack of task vectors ``deltas`` of shape ``(K, *shape)``
+and per-source scalars of shape ``(K,)``. Nothing here touches global RNG state:
+a random field is a pure function of (seed, source index, tensor name).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+
+def stable_seed(seed: int, index: int, name: str) -> int:
+    """A 63-bit seed from (recipe seed, source index, tensor name); stable across runs and machines."""
+    digest = hashlib.sha256(f"evomerge\0{seed}\0{index}\0{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def uniform_field(shape: tuple[int, ...], *, seed: int, index: int, name: str,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """U[0, 1) per entry, drawn on the CPU so every device sees the same numbers."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(stable_seed(seed, index, name))
+    return torch.rand(shape, generator=gen, dtype=torch.float32).to(device)
+
+
+def per_source(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(K,) -> (K, 1, 1, ...) to broadcast against a (K, *shape) stack."""
+    return values.reshape(values.shape[0], *([1] * (like.dim() - 1)))
+
+
+def kth_largest_abs(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest |x| (1-based), exactly; a 0-dim tensor."""
+    flat = x.reshape(-1).abs()
+    return torch.kthvalue(flat, flat.numel() - k + 1).values
+
+
+def ties_keep_count(density: float, numel: int) -> int:
+    """How many entries a TIES trim keeps (mergekit's convention: at least one)."""
+    return max(1, int(density * numel))
+
+
+def breadcrumbs_counts(density: float, gamma: float, numel: int) -> tuple[int, int]:
+    """(dropped from the top, kept below them); the drop shrinks when density needs the room."""
+    keep = int(density * numel)
+    drop = min(int(gamma * numel), numel - keep)
+    return drop, keep
+
+
+def elect_and_merge(base: torch.Tensor, weighted: torch.Tensor, weights: torch.Tensor, *,
+                    lam: float, normalize: bool) -> torch.Tensor:
+    """TIES steps 3-5 on weighted task vectors D_i (K, *shape): elect sign, disjoint merge, add to base."""
+    total = weighted.sum(dim=0)
+    elected = torch.where(total >= 0, 1.0, -1.0).to(weighted.dtype)
+    agree = torch.sign(weighted) == elected          # sign(0) = 0 never agrees: D_i != 0 is implied
+    merged = (weighted * agree).sum(dim=0)
+    if normalize:
+        divisor = (per_source(weights, weighted) * agree).sum(dim=0)
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        merged = merged / divisor
+    return base + lam * merged
+
+
+def weighted_sum(base: torch.Tensor, deltas: torch.Tensor, weights: torch.Tensor, *, lam: float,
+                 normalize: bool) -> torch.Tensor:
+    """b + lam * sum_i w_i delta_i (divided by sum_i w_i with normalize)."""
+    merged = torch.tensordot(weights, deltas, dims=([0], [0]))
+    if normalize:
+        merged = merged / weights.sum()
+    return base + lam * merged
+
+
+def l1_rescale(deltas: torch.Tensor, kept: torch.Tensor, l1_before: torch.Tensor) -> torch.Tensor:
+    """mergekit's rescale: ||delta||_1 / ||delta * mask||_1 per source (1 when either is below 1e-7)."""
+    after = kept.abs().reshape(kept.shape[0], -1).sum(dim=1)
+    ok = (l1_before >= 1e-7) & (after >= 1e-7)
+    factor = torch.where(ok, l1_before / torch.where(ok, after, torch.ones_like(after)), torch.ones_like(after))
+    return kept * per_source(factor, kept)
+
+
+def row_ranks(delta: torch.Tensor) -> torch.Tensor:
+    """q in [0, 1] per entry: rank of |delta| within its row (largest -> 1); 1-D tensors are one row."""
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    n = rows.shape[1]
+    if n == 1:
+        return torch.ones_like(delta)
+    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    ranks = torch.empty_like(rows)
+    positions = torch.arange(n, dtype=rows.dtype, device=rows.device).expand_as(rows)
+    ranks.scatter_(1, order, positions)
+    return (ranks / (n - 1)).reshape(delta.shape)

@@ -1,0 +1,285 @@
+"""The Recipe: a YAML file that fully determines a merged model.
+
+A per-source parameter takes a scalar (every tensor) or a list with one value
+per layer group. The value for a tensor is looked up, most specific first:
+``filters[<module kind>][source]``, ``filters["io"][source]`` for tensors
+outside the numbered blocks, ``parameters[source]``, the method's default. A
+list read for a tensor outside the blocks gives its first value (mergekit's
+convention for tensors outside the layer range), unless a filter says otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import InputError
+from .methods import REGISTRY, MethodSpec
+from .sources import IO_GROUP, MODULE_KINDS
+from .yamlio import dump_yaml, load_yaml
+
+FORMAT_VERSION = 1
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+FILTER_KINDS = tuple(k for k in MODULE_KINDS if k != "other") + (IO_GROUP,)
+_TOP_KEYS = ("evomerge_recipe", "method", "base", "sources", "seed", "dtype", "layer_groups", "parameters",
+             "filters", "vocab", "tokenizer", "provenance")
+SHARED_NAMES = tuple(sorted({p.name for m in REGISTRY for p in m.shared_params}))
+
+Value = float | tuple[float, ...]
+SourceParams = Mapping[str, Mapping[str, Value]]   # source spec -> param -> value
+
+
+@dataclass(frozen=True)
+class Recipe:
+    method: str
+    sources: tuple[str, ...]
+    base: str | None = None
+    seed: int = 0
+    dtype: str | None = None          # None: the base's dtype
+    layer_groups: int = 1
+    shared: Mapping[str, Any] = field(default_factory=dict)         # lambda, t, normalize, rescale
+    parameters: SourceParams = field(default_factory=dict)
+    filters: Mapping[str, SourceParams] = field(default_factory=dict)
+    vocab: str = "error"
+    tokenizer: str | None = None      # where the tokenizer comes from; default: the base (else first source)
+    provenance: Mapping[str, Any] | None = None
+    path: Path | None = field(default=None, compare=False)   # the file it was read from
+
+    # -- construction ------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        return cls.from_dict(load_yaml(path), file=str(path), path=path)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, file: str | None = None, path: Path | None = None) -> "Recipe":
+        """Validate everything that can be checked without reading a model."""
+        return _parse(dict(data), file=file, path=path)
+
+    def to_dict(self, *, provenance: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {"evomerge_recipe": FORMAT_VERSION, "method": self.method}
+        if self.base is not None:
+            out["base"] = self.base
+        out["sources"] = list(self.sources)
+        out["seed"] = self.seed
+        if self.dtype is not None:
+            out["dtype"] = self.dtype
+        for name, value in self.shared.items():
+            out[name] = value
+        out["layer_groups"] = self.layer_groups
+        out["parameters"] = _plain(self.parameters)
+        if self.filters:
+            out["filters"] = _plain(self.filters)
+        if self.vocab != "error":
+            out["vocab"] = self.vocab
+        if self.tokenizer is not None:
+            out["tokenizer"] = self.tokenizer
+        if provenance and self.provenance:
+            out["provenance"] = _plain(self.provenance)
+        return out
+
+    def to_yaml(self) -> str:
+        return dump_yaml(self.to_dict())
+
+    def sha256(self) -> str:
+        """Identity of the merge: everything but provenance, canonically serialized."""
+        canonical = json.dumps(self.to_dict(provenance=False), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def with_provenance(self, **fields: Any) -> "Recipe":
+        merged = dict(self.provenance or {})
+        merged.update(fields)
+        return replace(self, provenance=merged)
+
+    # -- reading -----------------------------------------------------------------
+    @property
+    def spec(self) -> MethodSpec:
+        return REGISTRY.get(self.method)
+
+    @property
+    def relative_to(self) -> Path | None:
+        return self.path.parent if self.path is not None else None
+
+    def shared_values(self) -> dict[str, Any]:
+        return {p.name: self.shared.get(p.name, p.default) for p in self.spec.shared_params}
+
+    def source_values(self, group: int | str, kind: str) -> dict[str, list[float]]:
+        """Per-source values (in source order) of every per-source parameter for one tensor slot."""
+        out: dict[str, list[float]] = {}
+        for param in self.spec.source_params:
+            out[param.name] = [self.value(src, param.name, group, kind) for src in self.sources]
+        return out
+
+    def value(self, source: str, name: str, group: int | str, kind: str) -> float:
+        for scope in (self.filters.get(kind, {}), self.filters.get(IO_GROUP, {}) if group == IO_GROUP else {},
+                      self.parameters):
+            entry = scope.get(source, {})
+            if name in entry:
+                return _pick(entry[name], group)
+        return float(self.spec.param(name).default)
+
+    def slots(self) -> list[tuple[int | str, str]]:
+        """Every (group, kind) a tensor can fall into: what validation must cover."""
+        groups: list[int | str] = list(range(self.layer_groups)) + [IO_GROUP]
+        return [(g, k) for g in groups for k in MODULE_KINDS]
+
+    def is_deterministic(self) -> bool:
+        return not self.spec.stochastic
+
+
+def _pick(value: Value, group: int | str) -> float:
+    if isinstance(value, tuple):
+        return float(value[0 if group == IO_GROUP else group])
+    return float(value)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# -- validation ------------------------------------------------------------------------------------
+
+def _parse(data: dict[str, Any], *, file: str | None, path: Path | None) -> Recipe:
+    known = set(_TOP_KEYS) | set(SHARED_NAMES)
+    for key in data:
+        if key not in known:
+            from .errors import suggest
+
+            raise InputError(f"unknown key '{key}'", file=file, field=str(key),
+                             fix=suggest(str(key), known) or f"known keys: {', '.join(sorted(known))}")
+    version = data.get("evomerge_recipe", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise InputError(f"unsupported recipe version {version!r}", file=file, field="evomerge_recipe",
+                         fix=f"this evomerge reads version {FORMAT_VERSION}")
+    if "method" not in data:
+        raise InputError("missing", file=file, field="method", fix=f"one of {', '.join(REGISTRY.names())}")
+    spec = REGISTRY.get(str(data["method"]), file=file, field="method")
+    sources = data.get("sources")
+    if not isinstance(sources, list) or not sources or not all(isinstance(s, str) and s for s in sources):
+        raise InputError("must be a non-empty list of model names or paths", file=file, field="sources")
+    if len(set(sources)) != len(sources):
+        raise InputError("a source is listed twice", file=file, field="sources")
+    base = data.get("base")
+    if base is not None and not isinstance(base, str):
+        raise InputError("must be a model name or path", file=file, field="base")
+    if spec.needs_base and base is None:
+        raise InputError(f"{spec.name} needs a base model", file=file, field="base")
+    if base is not None and base in sources and spec.needs_base:
+        raise InputError("the base is also listed as a source", file=file, field="sources",
+                         fix="list only the fine-tuned models under sources")
+    if spec.name == "slerp" and len(sources) != 1:
+        raise InputError(f"slerp merges exactly two models (the base and one source), got base + {len(sources)}",
+                         file=file, field="sources", fix="list one source, or use another method")
+    if len(sources) < spec.min_sources or (spec.max_sources is not None and len(sources) > spec.max_sources):
+        raise InputError(f"{spec.name} needs at least {spec.min_sources} sources, got {len(sources)}",
+                         file=file, field="sources")
+    seed = data.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InputError(f"must be a non-negative integer, got {seed!r}", file=file, field="seed")
+    dtype = data.get("dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}", file=file, field="dtype", fix=f"one of {', '.join(DTYPES)}")
+    groups = data.get("layer_groups", 1)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise InputError(f"must be a positive integer, got {groups!r}", file=file, field="layer_groups")
+    shared = {}
+    for name in SHARED_NAMES:
+        if name in data:
+            try:
+                param = spec.param(name)
+            except KeyError:
+                raise InputError(f"'{name}' is not a parameter of {spec.name}", file=file, field=name,
+                                 fix=f"{spec.name} takes: {', '.join(p.name for p in spec.params) or 'nothing'}") from None
+            if param.scope != "shared":
+                raise InputError(f"'{name}' is per source", file=file, field=name, fix="set it under parameters")
+            shared[name] = param.check(data[name], file=file, where=name)
+    vocab = data.get("vocab", "error")
+    if vocab not in ("error", "base"):
+        raise InputError(f"unknown vocab policy {vocab!r}", file=file, field="vocab", fix="'error' or 'base'")
+    tokenizer = data.get("tokenizer")
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        raise InputError("must be a model name or path", file=file, field="tokenizer")
+    parameters = _parse_source_params(data.get("parameters") or {}, spec, sources, groups, file=file,
+                                      where="parameters")
+    filters_raw = data.get("filters") or {}
+    if not isinstance(filters_raw, Mapping):
+        raise InputError("must be a mapping of module kind to per-source parameters", file=file, field="filters")
+    filters = {}
+    for kind, block in filters_raw.items():
+        if kind not in FILTER_KINDS:
+            raise InputError(f"unknown module kind '{kind}'", file=file, field=f"filters.{kind}",
+                             fix=f"one of {', '.join(FILTER_KINDS)}")
+        filters[kind] = _parse_source_params(block or {}, spec, sources, groups, file=file, where=f"filters.{kind}")
+    provenance = data.get("provenance")
+    if provenance is not None and not isinstance(provenance, Mapping):
+        raise InputError("must be a mapping", file=file, field="provenance")
+    recipe = Recipe(method=spec.name, sources=tuple(sources), base=base, seed=seed, dtype=dtype,
+                    layer_groups=groups, shared=shared, parameters=parameters, filters=filters, vocab=vocab,
+                    tokenizer=tokenizer, provenance=provenance, path=path)
+    _check_combinations(recipe, file=file)
+    return recipe
+
+
+def _parse_source_params(block: Any, spec: MethodSpec, sources: list[str], groups: int, *, file: str | None,
+                         where: str) -> dict[str, dict[str, Value]]:
+    if not isinstance(block, Mapping):
+        raise InputError("must be a mapping of source to parameters", file=file, field=where)
+    shorts = {Path(s.split("@")[0].rstrip("/")).name: s for s in sources}
+    out: dict[str, dict[str, Value]] = {}
+    for key, params in block.items():
+        source = key if key in sources else shorts.get(str(key))
+        if source is None:
+            raise InputError(f"'{key}' is not one of the sources", file=file, field=f"{where}.{key}",
+                             fix=f"sources: {', '.join(sources)}")
+        if not isinstance(params, Mapping):
+            raise InputError("must be a mapping of parameter to value", file=file, field=f"{where}.{key}")
+        entry: dict[str, Value] = {}
+        for name, value in params.items():
+            field_path = f"{where}.{key}.{name}"
+            try:
+                param = spec.param(str(name))
+            except KeyError:
+                names = ", ".join(p.name for p in spec.source_params) or "none"
+                raise InputError(f"'{name}' is not a per-source parameter of {spec.name}", file=file,
+                                 field=field_path, fix=f"per-source parameters: {names}") from None
+            if param.scope != "source":
+                raise InputError(f"'{name}' is shared by all sources", file=file, field=field_path,
+                                 fix="set it at the top level of the recipe")
+            if isinstance(value, list):
+                if len(value) != groups:
+                    raise InputError(f"has {len(value)} values but layer_groups is {groups}", file=file,
+                                     field=field_path, fix="give one value per layer group, or a scalar")
+                entry[name] = tuple(param.check(v, file=file, where=f"{field_path}[{i}]") for i, v in enumerate(value))
+            else:
+                entry[name] = param.check(value, file=file, where=field_path)
+        out[source] = entry
+    return out
+
+
+def _check_combinations(recipe: Recipe, *, file: str | None) -> None:
+    """Constraints across parameters, for every slot a tensor can fall into."""
+    spec = recipe.spec
+    shared = recipe.shared_values()
+    names = {p.name for p in spec.params}
+    for group, kind in recipe.slots():
+        values = recipe.source_values(group, kind)
+        where = f"group {group}, {kind} tensors"
+        if shared.get("normalize") and "weight" in values and spec.name in _SUM_NORMALIZED:
+            if abs(sum(values["weight"])) < 1e-8:
+                raise InputError(f"weights sum to 0 with normalize on ({where})", file=file, field="parameters",
+                                 fix="change a weight or set normalize: false")
+        if "epsilon" in names:
+            for src, d, e in zip(recipe.sources, values["density"], values["epsilon"]):
+                if not (d - e > 0 and d + e <= 1):
+                    raise InputError(f"density {d:g} ± epsilon {e:g} leaves (0, 1] for '{src}' ({where})",
+                                     file=file, field="parameters", fix="need 0 < density - epsilon and density + epsilon <= 1")
+
+
+_SUM_NORMALIZED = {"linear", "task_arithmetic", "breadcrumbs", "dare_linear", "della_linear"}

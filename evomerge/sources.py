@@ -1,0 +1,346 @@
+"""Open and validate a base model and its fine-tuned sources.
+
+Everything here reads only headers (config.json, safetensors headers) until a
+caller asks for a tensor, so every mismatch is reported before a weight loads.
+Tensor names are classified by layer index and module kind for any architecture
+that numbers its blocks (``layers.N.``, ``h.N.``, ``blocks.N.``, ``layer.N.``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from .errors import InputError
+from .paths import resolve_path
+
+MODULE_KINDS = ("attn", "mlp", "norm", "embed", "head", "other")
+IO_GROUP = "io"  # the group of tensors outside the numbered blocks
+
+_BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+_NORM = ("norm", "ln_", "ln1", "ln2", ".ln.", "layernorm")
+_ATTN = ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "qkv")
+_MLP = ("mlp", "ffn", "feed_forward", "fc1", "fc2", "gate_proj", "up_proj", "down_proj", "c_fc",
+        "intermediate", "dense_h_to_4h", "dense_4h_to_h", "experts", "w1", "w2", "w3")
+_EMBED = ("embed_tokens", "embed", "wte", "wpe", "word_embeddings", "tok_embeddings", "position_embeddings")
+_HEAD = ("lm_head", "embed_out", "output.weight", "score.weight")
+_PICKLE = ("pytorch_model.bin", "model.pt", "model.pth", "model.ckpt", "pytorch_model.bin.index.json")
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def classify(name: str) -> tuple[int | None, str]:
+    """(layer index or None, module kind) of a tensor name."""
+    lower = name.lower()
+    match = _BLOCK.search(lower)
+    layer = int(match.group(1)) if match else None
+    inner = lower[match.end():] if match else lower
+    if any(tok in inner for tok in _NORM):
+        return layer, "norm"
+    if layer is not None:
+        if any(tok in inner for tok in _ATTN):
+            return layer, "attn"
+        if any(tok in inner for tok in _MLP):
+            return layer, "mlp"
+        return layer, "other"
+    if any(tok in lower for tok in _HEAD):
+        return None, "head"
+    if any(tok in lower for tok in _EMBED):
+        return None, "embed"
+    return None, "other"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    layer: int | None
+    kind: str
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Tensor names, shapes and their place in the network (from the base's headers)."""
+
+    tensors: dict[str, TensorInfo]
+    num_layers: int
+
+    def group(self, name: str, layer_groups: int) -> int | str:
+        """Contiguous layer group of a block tensor, or IO_GROUP outside the blocks."""
+        layer = self.tensors[name].layer
+        if layer is None:
+            return IO_GROUP
+        return layer * layer_groups // self.num_layers
+
+    def check_groups(self, layer_groups: int, *, file: str | None = None, field: str = "layer_groups") -> None:
+        if layer_groups < 1:
+            raise InputError("must be at least 1", file=file, field=field)
+        if layer_groups > max(self.num_layers, 1):
+            raise InputError(f"{layer_groups} groups but the model has {self.num_layers} layers",
+                             file=file, field=field, fix=f"use at most {self.num_layers}")
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+
+@dataclass
+class ModelFolder:
+    """One local Hugging Face model folder, read through its safetensors headers."""
+
+    spec: str                       # as written in the config / recipe
+    path: Path
+    files: dict[str, Path] = field(default_factory=dict)   # tensor name -> safetensors file
+
+    @property
+    def short(self) -> str:
+        return Path(self.spec.split("@")[0].rstrip("/")).name
+
+    @cached_property
+    def config(self) -> dict:
+        cfg = self.path / "config.json"
+        try:
+            return json.loads(cfg.read_text())
+        except FileNotFoundError:
+            raise InputError("no config.json in the model folder", file=self.path,
+                             fix="point to a Hugging Face model folder") from None
+        except json.JSONDecodeError as err:
+            raise InputError(f"config.json is not valid JSON ({err.msg})", file=cfg) from None
+
+    @cached_property
+    def header(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        out = {}
+        for name, file in self.files.items():
+            out[name] = _header_of(file)[name]
+        return out
+
+    def weight_files(self) -> list[Path]:
+        return sorted(set(self.files.values()))
+
+    def sha256(self) -> str:
+        """Hash of the weight files' bytes, in name order."""
+        digest = hashlib.sha256()
+        for file in self.weight_files():
+            with open(file, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 24), b""):
+                    digest.update(chunk)
+        return digest.hexdigest()
+
+    def read(self, name: str, *, device: str | torch.device = "cpu") -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[name]), framework="pt", device=str(device)) as fh:
+            return fh.get_tensor(name)
+
+
+_HEADER_CACHE: dict[tuple[str, float, int], dict] = {}
+
+
+def _header_of(file: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Parse a safetensors header without reading tensor data; malformed files are InputErrors."""
+    stat = file.stat()
+    key = (str(file), stat.st_mtime, stat.st_size)
+    if key in _HEADER_CACHE:
+        return _HEADER_CACHE[key]
+    try:
+        with open(file, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            size = int.from_bytes(raw, "little")
+            if size > stat.st_size - 8 or size > 100_000_000:
+                raise ValueError("header length beyond the end of the file")
+            meta = json.loads(fh.read(size))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise InputError(f"not a valid safetensors file ({err})", file=file,
+                         fix="re-save or re-download the weights") from None
+    data_len = stat.st_size - 8 - size
+    out = {}
+    for name, entry in meta.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _DTYPES[entry["dtype"]]
+            shape = tuple(int(s) for s in entry["shape"])
+            begin, end = entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"malformed header entry for tensor '{name}'", file=file) from None
+        numel = 1
+        for s in shape:
+            numel *= s
+        if end - begin != numel * torch.empty((), dtype=dtype).element_size() or end > data_len:
+            raise InputError(f"tensor '{name}' header says shape {list(shape)} {entry['dtype']} but its data "
+                             f"spans {end - begin} bytes (file truncated or header wrong)", file=file,
+                             fix="re-save or re-download the weights")
+        out[name] = (shape, dtype)
+    _HEADER_CACHE[key] = out
+    return out
+
+
+def locate(spec: str, *, relative_to: Path | None = None, what: str = "source",
+           file: str | None = None, field: str | None = None) -> Path:
+    """A local folder for `spec`: a path, a zoo/ name, or a hub id (org/name[@revision])."""
+    local = resolve_path(spec, relative_to=relative_to)
+    if local is not None:
+        if not local.is_dir():
+            raise InputError(f"{what} '{spec}' is not a folder", file=file, field=field)
+        return local
+    repo, _, revision = spec.partition("@")
+    looks_like_hub = re.fullmatch(r"[\w.-]+/[\w.-]+", repo) is not None and not spec.startswith(("zoo/", ".", "/"))
+    if not looks_like_hub:
+        raise InputError(f"{what} '{spec}' not found", file=file, field=field,
+                         fix="give a model folder, a zoo/ name (run 'evomerge zoo build') or a hub id org/name")
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(repo, revision=revision or None,
+                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as err:  # offline, missing repo, auth: all the user's to fix
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise InputError(f"{what} '{spec}' is not a local folder and could not be fetched from the hub"
+                         f"{' (HF_HUB_OFFLINE=1)' if offline else ''}: {type(err).__name__}",
+                         file=file, field=field, fix="check the name or download it first") from None
+    return Path(path)
+
+
+def open_folder(spec: str, *, relative_to: Path | None = None, file: str | None = None,
+                field: str | None = None) -> ModelFolder:
+    path = locate(spec, relative_to=relative_to, file=file, field=field)
+    folder = ModelFolder(spec=spec, path=path)
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise InputError("malformed safetensors index (no weight_map)", file=index) from None
+        for name, shard in sorted(weight_map.items()):
+            shard_path = (path / shard).resolve()
+            if path.resolve() not in shard_path.parents or not shard_path.is_file():
+                raise InputError(f"shard '{shard}' for tensor '{name}' is missing", file=index)
+            folder.files[name] = shard_path
+    elif single.is_file():
+        folder.files = {name: single for name in _header_of(single)}
+    else:
+        others = sorted(p.name for p in path.glob("*.safetensors"))
+        if others:
+            for shard in others:
+                for name in _header_of(path / shard):
+                    folder.files[name] = path / shard
+        else:
+            pickles = [p for p in _PICKLE if (path / p).exists()] + [p.name for p in path.glob("*.bin")]
+            if pickles:
+                raise InputError(f"pickle-only checkpoint ({pickles[0]}); evomerge reads only safetensors",
+                                 file=path, field=field,
+                                 fix="convert it, e.g. load with transformers and save_pretrained(safe_serialization=True)")
+            raise InputError("no safetensors weights in the model folder", file=path, field=field)
+    for name in folder.files:  # parse every header now, so truncation is found before merging
+        _header_of(folder.files[name])
+    folder.config  # noqa: B018 - validates config.json
+    return folder
+
+
+@dataclass
+class SourceSet:
+    """The base (optional for some methods) and the K sources, checked against each other."""
+
+    base: ModelFolder | None
+    sources: list[ModelFolder]
+    layout: Layout
+    vocab: str = "error"   # how a vocabulary-size mismatch is resolved: error | base
+
+    @property
+    def anchor(self) -> ModelFolder:
+        """The model task vectors are taken against: the base, else the first source."""
+        return self.base if self.base is not None else self.sources[0]
+
+    @property
+    def shorts(self) -> list[str]:
+        return [s.short for s in self.sources]
+
+    def read(self, model: ModelFolder, name: str, *, device: str | torch.device = "cpu") -> torch.Tensor:
+        tensor = model.read(name, device=device)
+        want = self.layout.tensors[name].shape
+        if tuple(tensor.shape) != want:  # only a resolved vocabulary mismatch gets here
+            base = self.anchor.read(name, device=device)
+            rows = min(tensor.shape[0], want[0])
+            base[:rows] = tensor[:rows].to(base.dtype)
+            tensor = base
+        return tensor
+
+    def iter_names(self) -> Iterator[str]:
+        return iter(self.layout.tensors)
+
+
+def open_sources(base: str | None, sources: Iterable[str], *, relative_to: Path | None = None,
+                 vocab: str = "error", file: str | None = None) -> SourceSet:
+    """Open and cross-check the models; raise InputError naming tensor, model and shapes on mismatch."""
+    specs = list(sources)
+    if not specs:
+        raise InputError("no sources given", file=file, field="sources")
+    base_folder = open_folder(base, relative_to=relative_to, file=file, field="base") if base else None
+    folders = [open_folder(s, relative_to=relative_to, file=file, field=f"sources[{i}]")
+               for i, s in enumerate(specs)]
+    shorts = [f.short for f in folders]
+    if len(set(shorts)) != len(shorts):
+        raise InputError(f"two sources share the name '{_first_dup(shorts)}'", file=file, field="sources",
+                         fix="parameters are keyed by folder name: rename one folder")
+    anchor = base_folder or folders[0]
+    ref = anchor.header
+    for folder in folders:
+        header = folder.header
+        missing = sorted(set(ref) - set(header))
+        extra = sorted(set(header) - set(ref))
+        if missing or extra:
+            which = missing[0] if missing else extra[0]
+            side = f"missing from '{folder.spec}'" if missing else f"in '{folder.spec}' but not in '{anchor.spec}'"
+            raise InputError(f"tensor '{which}' is {side} ({len(missing)} missing, {len(extra)} extra)",
+                             file=file, field="sources", fix="all sources must share the base's architecture")
+        for name, (shape, _dtype) in ref.items():
+            other = header[name][0]
+            if other == shape:
+                continue
+            _, kind = classify(name)
+            vocab_like = kind in ("embed", "head") and other[1:] == shape[1:]
+            if vocab_like and vocab == "base":
+                continue
+            if vocab_like:
+                raise InputError(f"vocabulary size differs: tensor '{name}' is {list(other)} in '{folder.spec}' "
+                                 f"but {list(shape)} in '{anchor.spec}'", file=file, field="sources",
+                                 fix="set 'vocab: base' to keep the base's vocabulary")
+            raise InputError(f"shape mismatch: tensor '{name}' is {list(other)} in '{folder.spec}' "
+                             f"but {list(shape)} in '{anchor.spec}'", file=file, field="sources")
+    tensors = {}
+    for name, (shape, dtype) in ref.items():
+        layer, kind = classify(name)
+        tensors[name] = TensorInfo(name, shape, dtype, layer, kind)
+    layers = [t.layer for t in tensors.values() if t.layer is not None]
+    layout = Layout(tensors=tensors, num_layers=(max(layers) + 1) if layers else 0)
+    return SourceSet(base=base_folder, sources=folders, layout=layout, vocab=vocab)
+
+
+def _first_dup(items: list[str]) -> str:
+    seen = set()
+    for item in items:
+        if item in seen:
+            return item
+        seen.add(item)
+    return ""

@@ -101,6 +101,11 @@ class MethodSpec:
     row_ranks: bool = False         # needs per-row magnitude ranks (della)
     mergekit: str | None = None     # mergekit's name where the result is identical
     summary: str = ""
+    search_ranges: tuple[tuple[str, tuple[float, float]], ...] = ()   # per-method narrowing of a param's search
+
+    def search_range(self, param: ParamSpec) -> tuple[float, float] | None:
+        """Where a search samples `param` for this method (None: not searched)."""
+        return dict(self.search_ranges).get(param.name, param.search)
 
     @property
     def source_params(self) -> tuple[ParamSpec, ...]:

@@ -169,6 +169,8 @@ def _model_stock(ctx: TensorContext, p: dict) -> torch.Tensor:
 
 
 _TIES_PARAMS = (WEIGHT, DENSITY, LAMBDA)
+# Sampled independently, any density and epsilon in these ranges keep 0 < d - eps and d + eps <= 1.
+_DELLA_RANGES = (("density", (0.2, 0.85)), ("epsilon", (0.01, 0.15)))
 
 for _spec in (
     MethodSpec("linear", (WEIGHT, normalize(True)), _linear, needs_base=False, mergekit="linear",
@@ -189,9 +191,9 @@ for _spec in (
     MethodSpec("dare_ties", _TIES_PARAMS + (RESCALE, normalize(False)), _dare_ties, stochastic=True,
                summary="random drop with rescale, then TIES sign election"),
     MethodSpec("della", _TIES_PARAMS + (EPSILON, RESCALE, normalize(True)), _della, stochastic=True,
-               row_ranks=True, summary="magnitude-ranked random drop, then TIES sign election"),
+               row_ranks=True, search_ranges=_DELLA_RANGES, summary="magnitude-ranked random drop, then TIES sign election"),
     MethodSpec("della_linear", _TIES_PARAMS + (EPSILON, RESCALE, normalize(False)), _della_linear,
-               stochastic=True, row_ranks=True, summary="magnitude-ranked random drop, then task arithmetic"),
+               stochastic=True, row_ranks=True, search_ranges=_DELLA_RANGES, summary="magnitude-ranked random drop, then task arithmetic"),
     MethodSpec("model_stock", (), _model_stock, min_sources=2, mergekit="model_stock",
                summary="interpolate base and source mean by the task vectors' angle (no parameters)"),
 ):

@@ -1,0 +1,161 @@
+"""The search config: one frozen pydantic tree, validated before any weights load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import InputError, suggest
+from .yamlio import load_yaml
+
+SAMPLERS = ("tpe", "cmaes", "gp", "random", "nsga2", "qmc", "tpe+cmaes")
+PRUNERS = ("none", "median", "wilcoxon", "successive_halving")
+FILTER_KINDS = ("attn", "mlp", "norm")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SearchSection(_Frozen):
+    methods: list[str] = Field(default_factory=lambda: ["task_arithmetic", "ties", "dare_ties", "della"])
+    layer_groups: int = Field(1, ge=1)
+    filters: list[Literal["attn", "mlp", "norm"]] = Field(default_factory=list)
+    sampler: str = "tpe"
+    n_trials: int = Field(200, ge=1)
+    seed: int = Field(0, ge=0)
+    pruner: str = "none"
+    storage: str | None = None
+    baselines: bool = True
+    refine_after: float = Field(0.4, gt=0, lt=1)   # tpe+cmaes: fraction of trials before CMA-ES takes over
+    ranges: dict[str, tuple[float, float]] = Field(default_factory=dict)   # override search ranges by param name
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+
+class SearchConfig(_Frozen):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    base: str
+    sources: list[str] = Field(min_length=1)
+    search: SearchSection = Field(default_factory=SearchSection)
+    tasks: str
+    objective: dict[str, float] | list[dict[str, float]]
+    device: str = "auto"
+    dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
+    vocab: Literal["error", "base"] = "error"
+    limit: int | None = Field(None, ge=1)      # examples per task and split, subsampled with the seed
+    out: str | None = None
+    path: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _check(self) -> "SearchConfig":
+        from .methods import REGISTRY
+
+        s = self.search
+        if not s.methods:
+            raise ValueError("search.methods: give at least one merge method")
+        for i, method in enumerate(s.methods):
+            if method not in REGISTRY:
+                hint = suggest(method, REGISTRY.names()) or f"known: {', '.join(REGISTRY.names())}"
+                raise ValueError(f"search.methods[{i}]: unknown merge method '{method}' ({hint})")
+            spec = REGISTRY.get(method)
+            if len(self.sources) < spec.min_sources or (spec.max_sources and len(self.sources) > spec.max_sources):
+                raise ValueError(f"search.methods[{i}]: {method} cannot merge {len(self.sources)} sources "
+                                 f"(slerp takes exactly one source besides the base)")
+        if s.sampler not in SAMPLERS:
+            raise ValueError(f"search.sampler: unknown sampler '{s.sampler}' "
+                             f"({suggest(s.sampler, SAMPLERS) or 'one of ' + ', '.join(SAMPLERS)})")
+        if s.sampler == "cmaes" and len(s.methods) > 1:
+            raise ValueError("search.sampler: cmaes searches one method only; list one method, or use tpe+cmaes")
+        if s.pruner not in PRUNERS:
+            raise ValueError(f"search.pruner: unknown pruner '{s.pruner}' (one of {', '.join(PRUNERS)})")
+        objectives = self.objectives
+        if not objectives or any(not o for o in objectives):
+            raise ValueError("objective: name at least one task with a weight")
+        if len(objectives) > 1 and s.sampler not in ("nsga2", "random", "tpe", "gp"):
+            raise ValueError("search.sampler: several objectives need nsga2, tpe, gp or random")
+        if len(self.sources) != len(set(self.sources)):
+            raise ValueError("sources: a source is listed twice")
+        return self
+
+    @property
+    def objectives(self) -> list[dict[str, float]]:
+        return self.objective if isinstance(self.objective, list) else [self.objective]
+
+    @property
+    def relative_to(self) -> Path | None:
+        return self.path.parent if self.path is not None else None
+
+    def run_dir(self, override: str | None = None) -> Path:
+        if override:
+            return Path(override)
+        if self.out:
+            out = Path(self.out)
+            return out if out.is_absolute() else Path.cwd() / out
+        return Path.cwd() / "results" / self.name
+
+    def storage_url(self, run_dir: Path, override: str | None = None) -> str:
+        return override or self.search.storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
+
+
+def load_config(path: str | Path, **overrides: object) -> SearchConfig:
+    """Read, validate and cross-check a search config (tasks and model headers; no weights)."""
+    path = Path(path)
+    data = load_yaml(path)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        config = SearchConfig.model_validate({**data, "path": path})
+    except ValidationError as err:
+        raise _input_error(err, path) from None
+    check_config(config)
+    return config
+
+
+def check_config(config: SearchConfig) -> None:
+    """Checks that need other files: the task file, and the models' headers."""
+    from .evaluate import load_tasks
+    from .sources import open_sources
+
+    file = str(config.path) if config.path else None
+    tasks_path = _resolve(config.tasks, config, field="tasks")
+    suite = load_tasks(tasks_path, seed=config.search.seed)
+    for i, objective in enumerate(config.objectives):
+        for task in objective:
+            if task not in suite.names:
+                where = "objective" if len(config.objectives) == 1 else f"objective[{i}]"
+                raise InputError(f"unknown task '{task}'", file=file, field=f"{where}.{task}",
+                                 fix=suggest(task, suite.names) or f"tasks in {config.tasks}: {', '.join(suite.names)}")
+    sources = open_sources(config.base, config.sources, relative_to=config.relative_to, vocab=config.vocab, file=file)
+    sources.layout.check_groups(config.search.layer_groups, file=file, field="search.layer_groups")
+
+
+def tasks_path(config: SearchConfig) -> Path:
+    return _resolve(config.tasks, config, field="tasks")
+
+
+def _resolve(text: str, config: SearchConfig, *, field: str) -> Path:
+    from .paths import resolve_path
+
+    found = resolve_path(text, relative_to=config.relative_to)
+    if found is None:
+        raise InputError(f"'{text}' not found", file=str(config.path) if config.path else None, field=field,
+                         fix="check the path (relative to the config file)")
+    return found
+
+
+def _input_error(err: ValidationError, path: Path) -> InputError:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        return InputError(f"unknown key '{first['loc'][-1]}'", file=path, field=loc or None,
+                          fix="remove it or check its spelling")
+    if kind == "missing":
+        return InputError("missing", file=path, field=loc)
+    message = first["msg"].removeprefix("Value error, ")
+    return InputError(message, file=path, field=loc or None)

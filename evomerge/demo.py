@@ -1,0 +1,37 @@
+"""`evomerge demo`: the main job on the embedded default, with no network.
+
+Builds the local model zoo if it is missing, searches `configs/demo.yaml` over the
+zoo's compatible experts, and exports to results/demo/.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .paths import zoo_root
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+
+
+def ensure_zoo(*, size: str = "tiny", progress: bool = True) -> Path:
+    """The zoo at $EVOMERGE_ZOO (default ~/.cache/evomerge/zoo), built on first use."""
+    root = zoo_root()
+    if not (root / "zoo.json").is_file():
+        from .zoo import build_zoo
+
+        print(f"building the local model zoo in {root} (once; about a minute on a laptop CPU)")
+        build_zoo(root, size=size, force=root.exists(), progress=progress)
+    return root
+
+
+def run_demo(*, out: str | None = None, n_trials: int | None = None, config: str | None = None):
+    from .config import load_config
+    from .search import search
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    ensure_zoo()
+    cfg = load_config(config or DEMO_CONFIG)
+    return search(cfg, n_trials=n_trials, out=out or str(Path.cwd() / "results" / "demo"))

@@ -1,0 +1,235 @@
+"""Export a run: the best trial re-scored on held-out data beside every baseline, then
+`best/`, `recipe.yaml`, `mergekit.yaml`, `summary.md`, `trials.csv` and plots.
+
+Every file is written atomically; `best/` is materialized by the same resident
+kernel that scored it, from the trial's stored parameters.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from . import atomic_write_text, export_model, mergekit_yaml
+
+HELDOUT_ATTR = "heldout:"
+
+
+def export_run(session, run_dir: Path, *, result, trial: int | None = None):
+    """Everything a person needs from a finished (or running) study."""
+    study = session.study
+    frozen = _pick_trial(session, trial)
+    rows = scored_rows(session, frozen)
+    recipe = session.recipe_of(frozen)
+    best_row = next(r for r in rows if r["number"] == frozen.number)
+    recipe = recipe.with_provenance(
+        sources_sha256={f.spec: f.sha256() for f in _folders(session)},
+        study=study.study_name, trial=frozen.number,
+        score={"search": best_row["search_mean"], "heldout": best_row["heldout_mean"]},
+    )
+    session.merger.materialize(recipe)
+    export_model(session.merger, recipe, run_dir / "best", force=True, card_extra=summary_table(rows, session))
+    atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
+    text = mergekit_yaml(recipe, session.sources)
+    if text is not None:
+        atomic_write_text(run_dir / "mergekit.yaml", text)
+    atomic_write_text(run_dir / "trials.csv", trials_csv(session))
+    from .plots import write_plots
+
+    plots = write_plots(session, rows, recipe, run_dir)
+    atomic_write_text(run_dir / "summary.md", summary_markdown(session, rows, frozen, recipe, plots))
+    result.best_trial = frozen.number
+    result.best_recipe = recipe
+    result.summary = {"rows": rows, "best": best_row}
+    return result
+
+
+def reexport(run_dir: Path, *, trial: int | None = None, storage: str | None = None):
+    """`evomerge export RUN_DIR [--trial N]` from the run's own record."""
+    from ..config import load_config
+    from ..search import RunResult, SearchSession
+
+    record_path = run_dir / "run.json"
+    if not record_path.is_file():
+        raise InputError("not a run folder (no run.json)", file=run_dir, fix="give the folder a search wrote")
+    record = json.loads(record_path.read_text())
+    config = load_config(record["config"])
+    url = storage or record["storage"]
+    with SearchSession(config, storage_url=url, device=record.get("device"), progress=False) as session:
+        return export_run(session, run_dir, result=RunResult(run_dir=run_dir, study_name=config.name, storage=url),
+                          trial=trial)
+
+
+def _folders(session) -> list:
+    s = session.sources
+    return ([s.base] if s.base is not None else []) + list(s.sources)
+
+
+def _pick_trial(session, number: int | None):
+    from optuna.trial import TrialState
+
+    if number is None:
+        best = session.best_trial()
+        if best is None:
+            raise InputError("the study has no completed trial yet", field="trial")
+        return best
+    for t in session.study.get_trials(deepcopy=False):
+        if t.number == number:
+            if t.state != TrialState.COMPLETE:
+                raise InputError(f"trial {number} is {t.state.name.lower()}, not complete", field="--trial")
+            return t
+    raise InputError(f"no trial {number} in the study", field="--trial")
+
+
+def heldout_scores(session, frozen) -> dict[str, dict[str, float]]:
+    """Held-out task scores of a trial, computed once per study and kept in the storage."""
+    key = f"{HELDOUT_ATTR}{frozen.number}"
+    cached = session.study.user_attrs.get(key)
+    if cached is not None:
+        return cached
+    session.merger.materialize(session.recipe_of(frozen))
+    scores = session.evaluator.evaluate("heldout").tasks
+    session.study.set_user_attr(key, scores)
+    return scores
+
+
+def scored_rows(session, best) -> list[dict[str, Any]]:
+    """The best trial and every completed baseline, on both splits."""
+    from optuna.trial import TrialState
+
+    picked = [t for t in session.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if "baseline" in t.user_attrs]
+    if best.number not in {t.number for t in picked}:
+        picked.append(best)
+    suite = session.suite
+    rows = []
+    for t in picked:
+        search = t.user_attrs.get("scores", {})
+        heldout = heldout_scores(session, t)
+        label = t.user_attrs.get("baseline") or f"best (trial {t.number})"
+        if t.number == best.number and "baseline" in t.user_attrs:
+            label += f" = best (trial {t.number})"
+        row = {"label": label, "number": t.number, "method": session.space.method_of(t.params, t.user_attrs),
+               "kind": label.split(":")[0] if "baseline" in t.user_attrs else "best"}
+        for task in suite.names:
+            metric = suite.primary_metric(task)
+            row[f"search:{task}"] = search.get(task, {}).get(metric, float("nan"))
+            row[f"heldout:{task}"] = heldout.get(task, {}).get(metric, float("nan"))
+        weights = session.config.objectives[0]
+        for split in ("search", "heldout"):
+            total = sum(weights.values())
+            row[f"{split}_mean"] = sum(w * row[f"{split}:{task}"] for task, w in weights.items()) / total
+        rows.append(row)
+    order = {"source": 0, "default": 1, "best": 2}
+    rows.sort(key=lambda r: (order.get(r["kind"], 3), r["label"]))
+    return rows
+
+
+def summary_table(rows: list[dict[str, Any]], session) -> str:
+    tasks = list(session.config.objectives[0])
+    head = ["model", "method"] + [f"{t} (search)" for t in tasks] + [f"{t} (held-out)" for t in tasks] + \
+        ["mean (search)", "mean (held-out)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["label"], r["method"]] + [f"{r[f'search:{t}']:.3f}" for t in tasks] + \
+            [f"{r[f'heldout:{t}']:.3f}" for t in tasks] + [f"{r['search_mean']:.3f}", f"**{r['heldout_mean']:.3f}**"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summary_markdown(session, rows, best, recipe, plots: list[str]) -> str:
+    import torch
+
+    config = session.config
+    counts = session.counts()
+    trials = session.study.get_trials(deepcopy=False)
+    seconds = [t.user_attrs.get("seconds", {}) for t in trials if t.state.name == "COMPLETE"]
+    per_trial = sorted(s.get("total", 0.0) for s in seconds)
+    median = per_trial[len(per_trial) // 2] if per_trial else float("nan")
+    merge = sum(s.get("merge", 0.0) for s in seconds)
+    evaluation = sum(s.get("eval", 0.0) for s in seconds)
+    total = sum(s.get("total", 0.0) for s in seconds)
+    best_row = next(r for r in rows if r["number"] == best.number)
+    tasks = list(config.objectives[0])
+    sources = [r for r in rows if r["kind"] == "source"]
+    defaults = [r for r in rows if r["kind"] == "default"]
+    lines = [f"# evomerge run `{config.name}`", ""]
+    lines += [f"Best: trial {best.number}, **{recipe.method}**, held-out mean **{best_row['heldout_mean']:.4f}** "
+              f"(search {best_row['search_mean']:.4f}).", ""]
+    if sources:
+        oracle = {t: max(r[f"heldout:{t}"] for r in sources) for t in tasks}
+        weights = config.objectives[0]
+        oracle_mean = sum(weights[t] * oracle[t] for t in tasks) / sum(weights.values())
+        lines.append(f"- Per task, the best single source reaches a held-out mean of {oracle_mean:.4f}; "
+                     f"the best recipe reaches {100 * best_row['heldout_mean'] / oracle_mean:.1f} % of it "
+                     "with one model." if oracle_mean > 0 else "")
+        best_source = max(sources, key=lambda r: r["heldout_mean"])
+        lines.append(f"- Best source alone: {best_source['label']} at {best_source['heldout_mean']:.4f}.")
+    if defaults:
+        best_default = max(defaults, key=lambda r: r["heldout_mean"])
+        lines.append(f"- Best untuned merge: {best_default['label']} at {best_default['heldout_mean']:.4f}.")
+    lines += ["", "## Held-out and search scores", "", summary_table(rows, session), ""]
+    lines += ["## The run", "",
+              f"- trials: {counts.get('COMPLETE', 0)} complete, {counts.get('PRUNED', 0)} pruned, "
+              f"{counts.get('FAIL', 0)} failed (budget {config.search.n_trials})",
+              f"- sampler `{config.search.sampler}`, pruner `{config.search.pruner}`, seed {config.search.seed}, "
+              f"methods {', '.join(config.search.methods)}, layer groups {config.search.layer_groups}"
+              + (f", filters {', '.join(config.search.filters)}" if config.search.filters else ""),
+              f"- time in trials: {total:.1f} s (merge {merge:.1f} s, evaluation {evaluation:.1f} s, "
+              f"other {max(total - merge - evaluation, 0):.1f} s); median {median:.2f} s per trial",
+              f"- device: {session.merger.device} ({_device_name(session.merger.device)}), torch {torch.__version__}, "
+              f"{platform.machine()} {platform.system()}",
+              f"- written {time.strftime('%Y-%m-%d %H:%M:%S')}; storage `{_safe_url(session.storage_url)}`",
+              "- rebuild the best model bit for bit: `evomerge merge recipe.yaml -o OUT`", ""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    return "\n".join(lines)
+
+
+def trials_csv(session) -> str:
+    trials = session.study.get_trials(deepcopy=False)
+    param_names = sorted({k for t in trials for k in t.params})
+    tasks = session.suite.names
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    n_obj = len(session.config.objectives)
+    values = ["value"] if n_obj == 1 else [f"value_{i}" for i in range(n_obj)]
+    writer.writerow(["number", "state", "method", "baseline", *values, *[f"score:{t}" for t in tasks],
+                     "seconds_merge", "seconds_eval", "seconds_total", "error", *param_names])
+    for t in trials:
+        scores = t.user_attrs.get("scores", {})
+        secs = t.user_attrs.get("seconds", {})
+        vals = list(t.values) if t.values else [""] * n_obj
+        writer.writerow([t.number, t.state.name, session.space.method_of(t.params, t.user_attrs),
+                         t.user_attrs.get("baseline", ""), *vals,
+                         *[scores.get(task, {}).get(session.suite.primary_metric(task), "") for task in tasks],
+                         _fmt(secs.get("merge")), _fmt(secs.get("eval")), _fmt(secs.get("total")),
+                         t.user_attrs.get("error", ""), *[t.params.get(p, "") for p in param_names]])
+    return buf.getvalue()
+
+
+def _fmt(x: float | None) -> str:
+    return "" if x is None else f"{x:.4f}"
+
+
+def _device_name(device) -> str:
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or "cpu"
+
+
+def _safe_url(url: str) -> str:
+    """A storage URL without its password."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':')[0]}:***@{host}"
+    return url

@@ -1,0 +1,130 @@
+"""Samplers and pruners, all seeded from the config seed.
+
+`tpe+cmaes` picks the technique with TPE for the first part of the budget, then
+refines the best technique's parameters with CMA-ES, warm-started from the TPE
+trials of that technique (see results/bench_search.md for why this is an option).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.samplers import BaseSampler
+from optuna.trial import FrozenTrial, TrialState
+
+from .config import SearchConfig
+from .space import SearchSpace
+
+REFINE_ATTR = "refine_method"
+
+
+def make_sampler(config: SearchConfig, space: SearchSpace) -> BaseSampler:
+    s = config.search
+    seed = s.seed
+    startup = max(5, min(20, s.n_trials // 10))
+    if s.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=startup,
+                                          constant_liar=True, warn_independent_sampling=False)
+    if s.sampler == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=1, with_margin=True,
+                                            warn_independent_sampling=False,
+                                            independent_sampler=optuna.samplers.RandomSampler(seed=seed))
+    if s.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+    if s.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if s.sampler == "qmc":
+        return optuna.samplers.QMCSampler(seed=seed, scramble=True, warn_independent_sampling=False)
+    if s.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if s.sampler == "tpe+cmaes":
+        return TpeThenCmaEs(space, seed=seed, switch_after=max(startup + 1, int(s.n_trials * s.refine_after)))
+    raise ValueError(s.sampler)  # unreachable: the config validates the name
+
+
+def make_pruner(config: SearchConfig) -> optuna.pruners.BasePruner:
+    name = config.search.pruner
+    if name == "wilcoxon":
+        return optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=16)
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    return optuna.pruners.NopPruner()
+
+
+class TpeThenCmaEs(BaseSampler):
+    """TPE over the whole conditional space, then CMA-ES inside the best technique.
+
+    The technique for the refine phase is fixed at the switch (stored on the study)
+    so that every worker of a distributed study refines the same one.
+    """
+
+    def __init__(self, space: SearchSpace, *, seed: int, switch_after: int) -> None:
+        self.space = space
+        self.seed = seed
+        self.switch_after = switch_after
+        self.tpe = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
+                                              warn_independent_sampling=False,
+                                              n_startup_trials=max(5, min(20, switch_after // 3)))
+        self._cma: optuna.samplers.CmaEsSampler | None = None
+        self._random = optuna.samplers.RandomSampler(seed=seed)
+
+    def refine_method(self, study: optuna.Study) -> str | None:
+        """The technique being refined, or None while TPE still explores."""
+        method = study.user_attrs.get(REFINE_ATTR)
+        if method is not None:
+            return method
+        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        if len(done) < self.switch_after:
+            return None
+        best = max(done, key=lambda t: (t.value, -t.number))
+        method = self.space.method_of(best.params, best.user_attrs)
+        study.set_user_attr(REFINE_ATTR, method)
+        return method
+
+    def _cma_for(self, study: optuna.Study, method: str) -> optuna.samplers.CmaEsSampler:
+        if self._cma is None:
+            names = set(self.space.distributions(method))
+            source = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                      if self.space.method_of(t.params, t.user_attrs) == method and names <= set(t.params)]
+            source = [_restricted(t, names) for t in source]
+            self._cma = optuna.samplers.CmaEsSampler(seed=self.seed, with_margin=True, n_startup_trials=0,
+                                                     warn_independent_sampling=False, source_trials=source or None,
+                                                     independent_sampler=self._random)
+        return self._cma
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        method = self.refine_method(study)
+        if method is None:
+            return self.tpe.infer_relative_search_space(study, trial)
+        return self.space.distributions(method)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        method = self.refine_method(study)
+        if method is None:
+            return self.tpe.sample_relative(study, trial, search_space)
+        return self._cma_for(study, method).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        if self.refine_method(study) is None:
+            return self.tpe.sample_independent(study, trial, param_name, param_distribution)
+        return self._random.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.tpe.before_trial(study, trial)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values) -> None:
+        self.tpe.after_trial(study, trial, state, values)
+
+
+def _restricted(trial: FrozenTrial, names: set[str]) -> FrozenTrial:
+    """A copy of `trial` holding only the refined technique's parameters (CMA-ES warm start)."""
+    params = {k: v for k, v in trial.params.items() if k in names}
+    dists = {k: v for k, v in trial.distributions.items() if k in names}
+    return optuna.trial.create_trial(params=params, distributions=dists, value=trial.value,
+                                     user_attrs=dict(trial.user_attrs))

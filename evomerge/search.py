@@ -1,0 +1,313 @@
+"""The study: storage, sampler, pruner, baselines, and the trial loop.
+
+    config ─► sources ─► space ─► study ─► (trial ─► recipe ─► materialize ─► evaluate ─► tell)* ─► export
+
+Rerunning the same command resumes the study until `n_trials` trials are done
+(complete or pruned); several processes on one storage cooperate, and the first
+`n_trials` trial numbers that are not failures are the ones that run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import SearchConfig, load_config, tasks_path
+from .errors import InputError
+
+DONE = ("COMPLETE", "PRUNED")
+HEARTBEAT_S = 5
+GRACE_S = 20
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    study_name: str
+    storage: str
+    best_trial: int | None = None
+    best_recipe: Any = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class SurplusTrial(RuntimeError):
+    """Other workers already hold the whole budget: this trial is not run."""
+
+
+def open_study(config: SearchConfig, storage_url: str, *, sampler=None, pruner=None, create: bool = True):
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        storage = RDBStorage(storage_url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+                             engine_kwargs={"pool_pre_ping": True})
+    except Exception as err:  # bad URL, unreachable server, missing driver
+        raise InputError(f"cannot open the study storage: {type(err).__name__}: {str(err).splitlines()[0][:200]}",
+                         field="storage", fix="check the URL (sqlite:///path or postgresql://user@host/db)") from None
+    directions = ["maximize"] * len(config.objectives)
+    if create:
+        return optuna.create_study(study_name=config.name, storage=storage, sampler=sampler, pruner=pruner,
+                                   directions=directions, load_if_exists=True)
+    try:
+        return optuna.load_study(study_name=config.name, storage=storage, sampler=sampler, pruner=pruner)
+    except KeyError:
+        raise InputError(f"no study named '{config.name}' in the storage", field="storage") from None
+
+
+def search(config: SearchConfig | str | Path, *, n_trials: int | None = None, storage: str | None = None,
+           out: str | Path | None = None, device: str | None = None, export: bool = True,
+           progress: bool = True) -> RunResult:
+    """Run (or resume) the study named in `config`; export the best recipe at the end."""
+    if not isinstance(config, SearchConfig):
+        config = load_config(config)
+    overrides: dict[str, Any] = {}
+    if n_trials is not None:
+        overrides["n_trials"] = n_trials
+    if overrides:
+        config = config.model_copy(update={"search": config.search.model_copy(update=overrides)})
+    run_dir = config.run_dir(str(out) if out else None)
+    _check_writable(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    storage_url = config.storage_url(run_dir, storage)
+    (run_dir / "run.json").write_text(json.dumps({"config": str(config.path.resolve()) if config.path else None,
+                                                  "storage": storage_url, "study": config.name,
+                                                  "device": device or config.device}, indent=2) + "\n")
+    with SearchSession(config, storage_url=storage_url, device=device or config.device, progress=progress) as session:
+        session.run(config.search.n_trials)
+        result = RunResult(run_dir=run_dir, study_name=config.name, storage=storage_url)
+        if export:
+            from .export.run import export_run
+
+            return export_run(session, run_dir, result=result)
+        return result
+
+
+class SearchSession:
+    """Sources resident, tasks tokenized, study open: everything one worker needs."""
+
+    def __init__(self, config: SearchConfig, *, storage_url: str, device: str | None, progress: bool = True) -> None:
+        from transformers import AutoTokenizer
+
+        from .evaluate import Evaluator, load_tasks
+        from .kernel import ResidentMerger
+        from .samplers import make_pruner, make_sampler
+        from .sources import open_sources
+        from .space import SearchSpace
+
+        self.config = config
+        self.progress = progress
+        self.sources = open_sources(config.base, config.sources, relative_to=config.relative_to, vocab=config.vocab,
+                                    file=str(config.path) if config.path else None)
+        self.space = SearchSpace(config, self.sources.sources, self.sources.layout)
+        self.sampler = make_sampler(config, self.space)
+        self.study = open_study(config, storage_url, sampler=self.sampler, pruner=make_pruner(config))
+        self.storage_url = storage_url
+        self.suite = load_tasks(tasks_path(config), seed=config.search.seed)
+        self.merger = ResidentMerger(self.sources, device=device, dtype=config.dtype, seed=config.search.seed,
+                                     methods=self.space.methods, progress=progress)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.sources.anchor.path))
+        self.evaluator = Evaluator(self.suite, self.merger.model, self.tokenizer, seed=config.search.seed,
+                                   limit=config.limit)
+        self.started = time.time()
+        if config.search.baselines:
+            self._enqueue_baselines()
+
+    def __enter__(self) -> "SearchSession":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.merger.close()
+
+    # -- baselines -----------------------------------------------------------------
+    def baselines(self) -> list[tuple[str, dict[str, Any]]]:
+        """(label, params): each source alone, then each technique at its defaults."""
+        out = []
+        for i, folder in enumerate(self.sources.sources):
+            params = self.space.source_alone(i)
+            if params is not None:
+                out.append((f"source:{folder.short}", params))
+        for method in self.space.methods:
+            out.append((f"default:{method}", self.space.defaults(method)))
+        return out
+
+    def _enqueue_baselines(self) -> None:
+        if self.study.user_attrs.get("baselines_enqueued"):
+            return
+        for label, params in self.baselines():
+            self.study.enqueue_trial(params, user_attrs={"baseline": label}, skip_if_exists=True)
+        self.study.set_user_attr("baselines_enqueued", True)
+
+    # -- the loop ------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for t in self.study.get_trials(deepcopy=False):
+            counts[t.state.name] = counts.get(t.state.name, 0) + 1
+        return counts
+
+    def run(self, n_trials: int) -> None:
+        """Run trials until `n_trials` are done in the whole study (all workers together)."""
+        import optuna
+
+        bar = _bar(n_trials, self.progress)
+        attempts = 0
+        try:
+            while True:
+                optuna.storages.fail_stale_trials(self.study)
+                counts = self.counts()
+                done = sum(counts.get(s, 0) for s in DONE)
+                bar.update(done - bar.n)
+                if done >= n_trials:
+                    break
+                if done + counts.get("RUNNING", 0) >= n_trials:
+                    time.sleep(1.0)   # the rest of the budget is running elsewhere; it may still fail
+                    continue
+                if attempts >= 3 * n_trials:
+                    raise RuntimeError(f"{attempts} trials attempted and only {done} done: see trials.csv for errors")
+                attempts += 1
+                self.study.optimize(lambda trial: self.objective(trial, n_trials), n_trials=1, catch=(Exception,),
+                                    gc_after_trial=False, show_progress_bar=False)
+                _postfix(bar, self.study)
+        finally:
+            bar.close()
+
+    def objective(self, trial, n_trials: int) -> float | list[float]:
+        import optuna
+
+        t0 = time.perf_counter()
+        try:
+            self._check_budget(trial, n_trials)
+            recipe = self.recipe_for_trial(trial)
+            t1 = time.perf_counter()
+            self.merger.materialize(recipe)
+            t2 = time.perf_counter()
+            result = self.evaluator.evaluate("search", report=self._reporter(trial),
+                                             objective=self.config.objectives[0])
+            t3 = time.perf_counter()
+            values = [result.objective(o) for o in self.config.objectives]
+            trial.set_user_attr("scores", result.tasks)
+            trial.set_user_attr("seconds", {"merge": t2 - t1, "eval": t3 - t2, "total": t3 - t0})
+            if any(not math.isfinite(v) for v in values):
+                raise FloatingPointError(f"non-finite score {values}")
+            return values[0] if len(values) == 1 else values
+        except optuna.TrialPruned:
+            trial.set_user_attr("seconds", {"total": time.perf_counter() - t0})
+            raise
+        except Exception as err:
+            _free_device_memory(err)
+            trial.set_user_attr("error", f"{type(err).__name__}: {str(err)[:500]}")
+            raise
+
+    def recipe_for_trial(self, trial):
+        from .samplers import TpeThenCmaEs
+
+        fixed = self.sampler.refine_method(self.study) if isinstance(self.sampler, TpeThenCmaEs) else None
+        if fixed is not None and "method" in trial.params:   # an enqueued trial names its own method
+            fixed = None
+        method = self.space.suggest(trial, method=fixed)
+        recipe = self.space.decode(trial.params, method=method)
+        trial.set_user_attr("recipe_sha256", recipe.sha256())
+        return recipe
+
+    def _check_budget(self, trial, n_trials: int) -> None:
+        ahead = [t for t in self.study.get_trials(deepcopy=False)
+                 if t.number < trial.number and t.state.name in (*DONE, "RUNNING")]
+        if len(ahead) >= n_trials:
+            raise SurplusTrial(f"budget of {n_trials} trials already held by earlier trials")
+
+    def _reporter(self, trial) -> Callable[[int, float], None] | None:
+        import optuna
+
+        pruner = self.config.search.pruner
+        if pruner == "none" or len(self.config.objectives) > 1:
+            return None
+        state = {"sum": 0.0, "n": 0}
+
+        def report(step: int, value: float) -> None:
+            state["sum"] += value
+            state["n"] += 1
+            trial.report(value if pruner == "wilcoxon" else state["sum"] / state["n"], step)
+            if state["n"] % 8 == 0 and trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after {state['n']} examples")
+
+        return report
+
+    # -- reading the study back ------------------------------------------------------
+    def recipe_of(self, frozen) -> Any:
+        return self.space.decode(frozen.params, method=self.space.method_of(frozen.params, frozen.user_attrs))
+
+    def best_trial(self):
+        from optuna.trial import TrialState
+
+        done = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        if not done:
+            return None
+        return max(done, key=lambda t: (t.values[0], -t.number))
+
+
+def _check_writable(run_dir: Path) -> None:
+    import os
+
+    probe = run_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise InputError("run folder is not writable", file=probe, fix="pass --out to a writable folder")
+
+
+def _free_device_memory(err: BaseException) -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # pragma: no cover - best effort
+        pass
+
+
+def _bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="trials", unit="trial", disable=not enabled, dynamic_ncols=True)
+
+
+def _postfix(bar, study) -> None:
+    from optuna.trial import TrialState
+
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    if not done:
+        return
+    best = max(t.values[0] for t in done)
+    last = done[-1].user_attrs.get("seconds", {}).get("total", float("nan"))
+    bar.set_postfix(best=f"{best:.4f}", s_per_trial=f"{last:.2f}")
+
+
+# -- CLI glue ------------------------------------------------------------------------------------------
+
+def search_command(args) -> int:
+    config = load_config(args.config)
+    result = search(config, n_trials=args.n_trials, storage=args.storage, out=args.out, device=args.device,
+                    export=not args.no_export)
+    print(f"run folder: {result.run_dir}")
+    return 0
+
+
+def export_command(args) -> int:
+    from .export.run import reexport
+
+    result = reexport(Path(args.run_dir), trial=args.trial, storage=args.storage)
+    print(f"exported trial {result.best_trial} to {result.run_dir}")
+    return 0
+
+
+def demo_command(args) -> int:
+    from .demo import run_demo
+
+    result = run_demo(out=args.out, n_trials=args.n_trials, config=args.config)
+    print(f"demo results in {result.run_dir}")
+    return 0

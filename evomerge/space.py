@@ -1,0 +1,180 @@
+"""The search space, derived from the methods' declared parameters and nothing else.
+
+Parameter names are stable and readable: ``method`` (the technique, when there is
+a choice), ``ties.lambda`` (shared), ``ties.inc.density`` (per source, one group),
+``ties.inc.density.g1`` (per layer group), ``ties.inc.density.io`` (the tensors
+outside the blocks), ``ties.inc.weight.attn.g0`` (per module filter and group).
+`decode(params)` turns a trial's parameters into a Recipe; the same parameters
+always give the same recipe, so any stored trial can be rebuilt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .config import SearchConfig
+from .errors import InputError
+from .methods import REGISTRY, MethodSpec, ParamSpec
+from .recipe import Recipe
+from .sources import IO_GROUP, Layout, ModelFolder
+
+
+@dataclass(frozen=True)
+class Dimension:
+    name: str
+    method: str
+    param: ParamSpec
+    low: float
+    high: float
+    step: float | None
+    source: str | None = None        # source spec, for per-source parameters
+    kind: str | None = None          # module filter, or None for the unfiltered parameters
+    group: int | str | None = None   # layer group index, IO_GROUP, or None for one value over all groups
+
+    def distribution(self):
+        import optuna
+
+        return optuna.distributions.FloatDistribution(self.low, self.high, step=self.step)
+
+    def clean(self, value: float) -> float:
+        """Snap a sampled value to its grid, so a density lands exactly on the threshold table."""
+        if self.step is None:
+            return float(value)
+        decimals = max(0, len(f"{self.step:g}".split(".")[-1])) if "." in f"{self.step:g}" else 0
+        return round(float(value), decimals)
+
+
+class SearchSpace:
+    def __init__(self, config: SearchConfig, sources: list[ModelFolder], layout: Layout) -> None:
+        self.config = config
+        self.methods = list(config.search.methods)
+        self.sources = sources
+        self.layout = layout
+        self.groups = config.search.layer_groups
+        self.filters = list(config.search.filters)
+        self.dims: dict[str, list[Dimension]] = {m: self._dimensions(REGISTRY.get(m)) for m in self.methods}
+
+    # -- construction --------------------------------------------------------------
+    def _range(self, spec: MethodSpec, param: ParamSpec) -> tuple[float, float] | None:
+        override = self.config.search.ranges.get(param.name)
+        rng = tuple(override) if override is not None else spec.search_range(param)
+        if rng is None:
+            return None
+        low, high = float(rng[0]), float(rng[1])
+        if low > high:
+            raise InputError(f"range [{low:g}, {high:g}] is empty", field=f"search.ranges.{param.name}")
+        for value in (low, high):
+            param.check(value, where=f"search.ranges.{param.name}")
+        return low, high
+
+    def _dimensions(self, spec: MethodSpec) -> list[Dimension]:
+        dims: list[Dimension] = []
+        for param in spec.shared_params:
+            rng = self._range(spec, param)
+            if rng is not None and param.numeric:
+                dims.append(Dimension(f"{spec.name}.{param.name}", spec.name, param, *rng, param.step))
+        groups: list[int | str | None] = [None] if self.groups == 1 else [*range(self.groups), IO_GROUP]
+        for folder in self.sources:
+            for param in spec.source_params:
+                rng = self._range(spec, param)
+                if rng is None:
+                    continue
+                for kind in [None, *self.filters]:
+                    for group in groups:
+                        if kind is not None and group == IO_GROUP:
+                            continue   # filtered kinds (attn, mlp, norm inside blocks) have no io tensors
+                        name = ".".join(p for p in (spec.name, folder.short, param.name, kind,
+                                                    _group_label(group)) if p)
+                        dims.append(Dimension(name, spec.name, param, *rng, param.step, source=folder.spec,
+                                              kind=kind, group=group))
+        return dims
+
+    # -- Optuna side ---------------------------------------------------------------
+    def suggest(self, trial, *, method: str | None = None) -> str:
+        """Sample a candidate in `trial` (define-by-run); returns the method it chose."""
+        if method is None:
+            method = trial.suggest_categorical("method", self.methods) if len(self.methods) > 1 else self.methods[0]
+        for dim in self.dims[method]:
+            trial.suggest_float(dim.name, dim.low, dim.high, step=dim.step)
+        trial.set_user_attr("method", method)
+        return method
+
+    def distributions(self, method: str) -> dict[str, Any]:
+        return {d.name: d.distribution() for d in self.dims[method]}
+
+    def method_of(self, params: Mapping[str, Any], attrs: Mapping[str, Any] | None = None) -> str:
+        if "method" in params:
+            return str(params["method"])
+        if attrs and "method" in attrs:
+            return str(attrs["method"])
+        return self.methods[0]
+
+    # -- recipes -------------------------------------------------------------------
+    def decode(self, params: Mapping[str, Any], *, method: str | None = None) -> Recipe:
+        """The recipe a trial's parameters stand for."""
+        method = method or self.method_of(params)
+        spec = REGISTRY.get(method)
+        shared: dict[str, Any] = {}
+        per_group: dict[tuple[str | None, str, str], dict[int | str | None, float]] = {}
+        for dim in self.dims[method]:
+            value = dim.clean(params[dim.name]) if dim.name in params else float(dim.param.default)
+            if dim.source is None:
+                shared[dim.param.name] = value
+            else:
+                per_group.setdefault((dim.kind, dim.source, dim.param.name), {})[dim.group] = value
+        parameters: dict[str, dict[str, Any]] = {}
+        filters: dict[str, dict[str, dict[str, Any]]] = {}
+        for (kind, source, name), values in per_group.items():
+            blocks = values[None] if self.groups == 1 else tuple(values[g] for g in range(self.groups))
+            target = parameters if kind is None else filters.setdefault(kind, {})
+            target.setdefault(source, {})[name] = blocks
+            if IO_GROUP in values:
+                filters.setdefault(IO_GROUP, {}).setdefault(source, {})[name] = values[IO_GROUP]
+        for param in spec.shared_params:
+            if not param.numeric:
+                shared.setdefault(param.name, param.default)
+        return Recipe(method=method, sources=tuple(f.spec for f in self.sources), base=self.config.base,
+                      seed=self.config.search.seed, dtype=self.config.dtype, layer_groups=self.groups,
+                      shared=shared, parameters=parameters, filters=filters, vocab=self.config.vocab,
+                      path=self.config.path)
+
+    def defaults(self, method: str) -> dict[str, Any]:
+        """Parameters of `method` at its declared defaults (an untuned merge)."""
+        params = {d.name: float(d.param.default) for d in self.dims[method]}
+        if len(self.methods) > 1:
+            params["method"] = method
+        return params
+
+    def source_alone(self, index: int) -> dict[str, Any] | None:
+        """Parameters that reproduce source `index` unchanged, in the first method able to; else None."""
+        for method in self.methods:
+            names = {p.name for p in REGISTRY.get(method).params}
+            if "weight" not in names or method == "model_stock" or "epsilon" in names:
+                continue
+            params: dict[str, Any] = {"method": method} if len(self.methods) > 1 else {}
+            ok = True
+            for dim in self.dims[method]:
+                if dim.param.name == "weight":
+                    value = 1.0 if dim.source == self.sources[index].spec else 0.0
+                elif dim.param.name == "density":
+                    value = 1.0
+                elif dim.param.name == "lambda":
+                    value = 1.0
+                else:
+                    value = float(dim.param.default)
+                ok &= dim.low <= value <= dim.high
+                params[dim.name] = value
+            if ok:
+                return params
+        return None
+
+    def in_space(self, params: Mapping[str, Any]) -> bool:
+        method = self.method_of(params)
+        return all(d.low <= params.get(d.name, d.low) <= d.high for d in self.dims[method])
+
+
+def _group_label(group: int | str | None) -> str | None:
+    if group is None:
+        return None
+    return IO_GROUP if group == IO_GROUP else f"g{group}"

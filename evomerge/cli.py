@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True)
     p.add_argument("--device", default="cpu")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--memory-budget", default=None,
+                   help="e.g. 2GB or auto: stream tensors from disk when the sources exceed it")
 
     p = sub.add_parser("eval", help="score a model folder or a recipe on tasks")
     p.add_argument("target", help="a model folder or a recipe YAML")
@@ -103,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from .export import merge_to_folder
 
-    out = merge_to_folder(args.recipe, args.out, device=args.device, force=args.force, progress=True)
+    out = merge_to_folder(args.recipe, args.out, device=args.device, force=args.force, progress=True,
+                          memory_budget=args.memory_budget)
     print(f"wrote {out}")
     return 0
 

@@ -49,6 +49,7 @@ class SearchConfig(_Frozen):
     dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
     vocab: Literal["error", "base"] = "error"
     limit: int | None = Field(None, ge=1)      # examples per task and split, subsampled with the seed
+    memory_budget: int | str | None = None     # e.g. 2GB or auto: stream tensors from disk when sources exceed it
     out: str | None = None
     path: Path | None = Field(None, exclude=True)
 

@@ -43,34 +43,63 @@ class ResidentMerger:
 
     def __init__(self, sources: SourceSet, *, device: str | torch.device | None = "cpu",
                  dtype: str | None = None, seed: int = 0, methods: Iterable[str] = (),
-                 build_model: bool = True, progress: bool = False) -> None:
+                 build_model: bool = True, progress: bool = False,
+                 memory_budget: int | str | None = None) -> None:
         self.sources = sources
         self.device = pick_device(device)
         self.seed = seed
-        anchor = sources.anchor
         first = next(iter(sources.layout.tensors.values()))
         self.compute_dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
         self.out_dtype = TORCH_DTYPES[dtype] if dtype else _float_dtype_of(sources)
-        self.model = self._load_model(anchor.path) if build_model else None
+        self.methods = [REGISTRY.get(m) for m in methods]
+        budget = parse_bytes(memory_budget, device=self.device)
+        self.streaming = budget is not None and self.resident_bytes() > budget
+        self.model = self._load_model(sources.anchor.path) if build_model else None
         targets = dict(self.model.state_dict(keep_vars=True)) if self.model is not None else {}
         self.contexts: dict[str, TensorContext] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         names = list(sources.layout.tensors)
-        iterator = _progress(names, "loading sources") if progress else names
+        iterator = _progress(names, "loading sources") if progress and not self.streaming else names
         for name in iterator:
-            base = sources.read(anchor, name, device=self.device).to(self.compute_dtype)
-            deltas = torch.stack([sources.read(s, name, device=self.device).to(self.compute_dtype)
-                                  for s in sources.sources])
-            deltas -= base
-            self.contexts[name] = TensorContext(name=name, base=base, deltas=deltas, seed=seed)
-            self.outputs[name] = self._output_slot(name, targets, base.shape)
+            shape = sources.layout.tensors[name].shape
+            if not self.streaming:
+                self.contexts[name] = self._read_context(name)
+            self.outputs[name] = self._output_slot(name, targets, torch.Size(shape))
         self.prepared: set[str] = set()
-        self.prepare(methods, progress=progress)
+        self.prepare([m.name for m in self.methods], progress=progress)
+
+    def resident_bytes(self) -> int:
+        """Bytes the resident mode keeps: anchor + task vectors, plus fields and ranks where needed."""
+        k = len(self.sources.sources)
+        copies = 1 + k
+        if any(m.stochastic for m in self.methods):
+            copies += k
+        if any(m.row_ranks for m in self.methods):
+            copies += k
+        itemsize = torch.empty((), dtype=self.compute_dtype).element_size()
+        return copies * self.sources.layout.numel * itemsize
+
+    def _read_context(self, name: str) -> TensorContext:
+        """Anchor and task vectors of one tensor, read (memory-mapped) from the safetensors files."""
+        sources = self.sources
+        base = self._checked(sources.anchor, name)
+        deltas = torch.stack([self._checked(s, name) for s in sources.sources])
+        deltas -= base
+        return TensorContext(name=name, base=base, deltas=deltas, seed=self.seed)
+
+    def _checked(self, folder, name: str) -> torch.Tensor:
+        tensor = self.sources.read(folder, name, device=self.device).to(self.compute_dtype)
+        if not bool(torch.isfinite(tensor).all()):
+            raise InputError(f"tensor '{name}' holds NaN or inf values", file=folder.path,
+                             fix="this checkpoint is broken: re-download or re-train it")
+        return tensor
 
     # -- set-up --------------------------------------------------------------------
     def _load_model(self, path: Path):
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=self.out_dtype, trust_remote_code=False)
         return model.to(self.device).eval()
 
@@ -89,7 +118,8 @@ class ResidentMerger:
     def prepare(self, methods: Iterable[str], *, progress: bool = False) -> None:
         """Precompute, once, what the given methods need beyond the task vectors."""
         specs = [REGISTRY.get(m) for m in methods if m not in self.prepared]
-        if not specs:
+        if not specs or self.streaming:   # streaming computes the same statistics per tensor, per candidate
+            self.prepared.update(s.name for s in specs)
             return
         thresholds = any(s.magnitude_ranks for s in specs)
         gammas = GAMMA_GRID if any(s.name.startswith("breadcrumbs") for s in specs) else ()
@@ -114,7 +144,8 @@ class ResidentMerger:
         layout = self.sources.layout
         slots: dict[tuple, dict] = {}
         with torch.inference_mode():
-            for name, ctx in self.contexts.items():
+            for name in layout.tensors:
+                ctx = self.contexts[name] if not self.streaming else self._read_context(name)
                 ctx.seed = recipe.seed
                 info = layout.tensors[name]
                 key = (layout.group(name, recipe.layer_groups), info.kind)
@@ -155,6 +186,29 @@ class ResidentMerger:
             torch.cuda.empty_cache()
 
 
+def parse_bytes(value: int | str | None, *, device: torch.device) -> int | None:
+    """'2GB', '512MiB', 123 or 'auto' (80 % of the device's free memory) -> bytes; None: no budget."""
+    if value is None or isinstance(value, int):
+        return value
+    text = str(value).strip().lower().replace(" ", "")
+    if text == "auto":
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(free * 0.8)
+        import psutil
+
+        return int(psutil.virtual_memory().available * 0.8)
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(number):]
+    try:
+        return int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise InputError(f"cannot read memory size {value!r}", field="memory_budget",
+                         fix="write e.g. 2GB, 512MiB or auto") from None
+
+
 def _float_dtype_of(sources: SourceSet) -> torch.dtype:
     for info in sources.layout.tensors.values():
         if info.dtype.is_floating_point:
@@ -176,18 +230,19 @@ def open_recipe_sources(recipe: Recipe) -> SourceSet:
     return sources
 
 
-def merge(recipe: Recipe | str | Path, *, device: str | torch.device | None = "cpu", progress: bool = False):
+def merge(recipe: Recipe | str | Path, *, device: str | torch.device | None = "cpu", progress: bool = False,
+          memory_budget: int | str | None = None):
     """Materialize a recipe into an in-memory transformers model."""
-    return merger_for(recipe, device=device, progress=progress).model
+    return merger_for(recipe, device=device, progress=progress, memory_budget=memory_budget).model
 
 
 def merger_for(recipe: Recipe | str | Path, *, device: str | torch.device | None = "cpu",
-               progress: bool = False) -> ResidentMerger:
-    """A resident merger holding `recipe` materialized (for export or evaluation)."""
+               progress: bool = False, memory_budget: int | str | None = None) -> ResidentMerger:
+    """A merger holding `recipe` materialized (for export or evaluation)."""
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_yaml(recipe)
     sources = open_recipe_sources(recipe)
     merger = ResidentMerger(sources, device=device, dtype=recipe.dtype, seed=recipe.seed, methods=[recipe.method],
-                            progress=progress)
+                            progress=progress, memory_budget=memory_budget)
     merger.materialize(recipe)
     return merger

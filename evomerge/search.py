@@ -110,7 +110,8 @@ class SearchSession:
         self.storage_url = storage_url
         self.suite = load_tasks(tasks_path(config), seed=config.search.seed)
         self.merger = ResidentMerger(self.sources, device=device, dtype=config.dtype, seed=config.search.seed,
-                                     methods=self.space.methods, progress=progress)
+                                     methods=self.space.methods, progress=progress,
+                                     memory_budget=config.memory_budget)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.sources.anchor.path))
         self.evaluator = Evaluator(self.suite, self.merger.model, self.tokenizer, seed=config.search.seed,
                                    limit=config.limit)

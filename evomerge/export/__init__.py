@@ -39,11 +39,11 @@ def export_model(merger: ResidentMerger, recipe: Recipe, out: str | Path, *, for
 
 
 def merge_to_folder(recipe: Recipe | str | Path, out: str | Path, *, device: str | None = "cpu",
-                    force: bool = False, progress: bool = False) -> Path:
+                    force: bool = False, progress: bool = False, memory_budget: int | str | None = None) -> Path:
     """`evomerge merge`: validate, refuse an existing output up front, merge, write atomically."""
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_yaml(recipe)
     check_destination(Path(out), force=force)
-    merger = merger_for(recipe, device=device, progress=progress)
+    merger = merger_for(recipe, device=device, progress=progress, memory_budget=memory_budget)
     with merger:
         return export_model(merger, recipe, out, force=force)

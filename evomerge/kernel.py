@@ -24,6 +24,9 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
                 "float64": torch.float64}
 
 
+CHUNK = 1 << 17   # elements per piece of an elementwise merge: temporaries stay in cache
+
+
 class NonFiniteMerge(RuntimeError):
     """A candidate produced NaN or inf: it fails its trial, never the study."""
 
@@ -137,25 +140,38 @@ class ResidentMerger:
 
     # -- the hot loop ------------------------------------------------------------------
     def materialize(self, recipe: Recipe, *, check_finite: bool = True) -> None:
-        """Write the merge `recipe` describes into the resident parameters."""
+        """Write the merge `recipe` describes into the resident parameters.
+
+        Elementwise methods run over cache-sized chunks of each tensor (their
+        per-tensor statistics come from the whole tensor), writing straight into
+        the parameter; no model-sized temporary is made.
+        """
         self._check_compatible(recipe)
         spec = recipe.spec
         shared = recipe.shared_values()
+        chunk = CHUNK if shared.get("rescale") != "l1" else None   # the l1 rescale needs whole-tensor norms
         layout = self.sources.layout
         slots: dict[tuple, dict] = {}
+        sums = []
         with torch.inference_mode():
             for name in layout.tensors:
                 ctx = self.contexts[name] if not self.streaming else self._read_context(name)
                 ctx.seed = recipe.seed
-                info = layout.tensors[name]
-                key = (layout.group(name, recipe.layer_groups), info.kind)
+                key = (layout.group(name, recipe.layer_groups), layout.tensors[name].kind)
                 if key not in slots:
                     slots[key] = resolve(spec, shared, recipe.source_values(*key), k=ctx.k, device=self.device,
                                          dtype=self.compute_dtype)
-                merged = spec.apply(ctx, slots[key])
-                if check_finite and not bool(torch.isfinite(merged).all()):
-                    raise NonFiniteMerge(f"{recipe.method} produced NaN/inf in tensor '{name}'")
-                self.outputs[name].copy_(merged)
+                out = self.outputs[name]
+                flat = out.view(-1)
+                for piece in (ctx.chunks(chunk) if chunk else (ctx,)):
+                    merged = spec.apply(piece, slots[key])
+                    target = flat[piece.span[0]:piece.span[1]] if piece.span else out
+                    target.copy_(merged.view(target.shape))
+                    if check_finite:
+                        sums.append(merged.sum())
+            if check_finite and sums and not bool(torch.isfinite(torch.stack(sums)).all()):
+                bad = next(n for n, t in self.outputs.items() if not bool(torch.isfinite(t).all()))
+                raise NonFiniteMerge(f"{recipe.method} produced NaN/inf in tensor '{bad}'")
 
     def _check_compatible(self, recipe: Recipe) -> None:
         specs = tuple(s.spec for s in self.sources.sources)

@@ -10,7 +10,7 @@ position missing from it is computed exactly on demand.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -33,6 +33,8 @@ class TensorContext:
     _ranks: torch.Tensor | None = None
     _l1: torch.Tensor | None = None
     _stats: dict[str, object] = field(default_factory=dict)
+    parent: "TensorContext | None" = None       # set on a chunk: statistics come from the whole tensor
+    span: tuple[int, int] | None = None
 
     @property
     def k(self) -> int:
@@ -40,11 +42,33 @@ class TensorContext:
 
     @property
     def numel(self) -> int:
-        return self.base.numel()
+        return self.parent.numel if self.parent is not None else self.base.numel()
+
+    def chunks(self, size: int) -> Iterator["TensorContext"]:
+        """Contiguous pieces of the flattened tensor that share this tensor's statistics.
+
+        Elementwise methods run piece by piece so their temporaries stay in cache.
+        """
+        n = self.base.numel()
+        if n <= size:
+            yield self
+            return
+        base = self.base.reshape(-1)
+        deltas = self.deltas.reshape(self.k, -1)
+        for start in range(0, n, size):
+            stop = min(start + size, n)
+            yield TensorContext(name=self.name, base=base[start:stop], deltas=deltas[:, start:stop], seed=self.seed,
+                                parent=self, span=(start, stop))
+
+    def _piece(self, full: torch.Tensor) -> torch.Tensor:
+        start, stop = self.span
+        return full.reshape(full.shape[0], -1)[:, start:stop]
 
     # -- magnitude order statistics ------------------------------------------------
     def kth_largest(self, index: int, k: int) -> float:
         """The k-th largest |delta_index| (1-based), from the table or computed exactly."""
+        if self.parent is not None:
+            return self.parent.kth_largest(index, k)
         if not self._thresholds:
             self._thresholds = [{} for _ in range(self.k)]
         table = self._thresholds[index]
@@ -76,6 +100,9 @@ class TensorContext:
     # -- random fields -------------------------------------------------------------
     def uniform(self) -> torch.Tensor:
         """U[0,1) fields (K, *S) for this recipe seed; drawn once, reused for every density."""
+        if self.parent is not None:
+            self.parent.seed = self.seed
+            return self._piece(self.parent.uniform())
         if self._uniform is None or self._uniform[0] != self.seed:
             fields = torch.stack([uniform_field(tuple(self.base.shape), seed=self.seed, index=i, name=self.name,
                                                 device=self.deltas.device) for i in range(self.k)])
@@ -84,20 +111,26 @@ class TensorContext:
 
     def ranks(self) -> torch.Tensor:
         """Per-row magnitude ranks q in [0, 1], (K, *S)."""
+        if self.parent is not None:
+            return self._piece(self.parent.ranks())
         if self._ranks is None:
             self._ranks = torch.stack([row_ranks(self.deltas[i]) for i in range(self.k)])
         return self._ranks
 
     def l1(self) -> torch.Tensor:
-        """||delta_i||_1 per source, (K,)."""
+        """||delta_i||_1 per source, (K,), over the whole tensor."""
+        if self.parent is not None:
+            return self.parent.l1()
         if self._l1 is None:
             self._l1 = self.deltas.abs().reshape(self.k, -1).sum(dim=1)
         return self._l1
 
-    def stat(self, key: str, compute) -> object:
-        """A cached scalar statistic of the fixed tensors (slerp angle, model_stock ratio)."""
+    def stat(self, key: str, compute: Callable[["TensorContext"], object]) -> object:
+        """A cached statistic of the whole fixed tensor (slerp angle, model_stock ratio): compute(ctx)."""
+        if self.parent is not None:
+            return self.parent.stat(key, compute)
         if key not in self._stats:
-            self._stats[key] = compute()
+            self._stats[key] = compute(self)
         return self._stats[key]
 
     def release(self) -> None:

@@ -8,6 +8,7 @@ composed, not copied: `dare_ties` is the DARE mask followed by the TIES steps.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 
@@ -21,18 +22,18 @@ from .primitives import (breadcrumbs_counts, elect_and_merge, l1_rescale, per_so
 # Sparsifications: (K, *S) task vectors -> (K, *S) kept (and rescaled) task vectors
 
 
-def magnitude_trim(ctx: TensorContext, density: torch.Tensor) -> torch.Tensor:
+def magnitude_trim(ctx: TensorContext, density: Sequence[float]) -> torch.Tensor:
     """TIES trim: keep |delta_i| >= the k_i-th largest, k_i = max(1, int(d_i N)); d_i >= 1 keeps all."""
     taus = [0.0 if d >= 1 else ctx.kth_largest(i, ties_keep_count(d, ctx.numel))
-            for i, d in enumerate(density.tolist())]
+            for i, d in enumerate(density)]
     tau = per_source(torch.tensor(taus, dtype=ctx.deltas.dtype, device=ctx.deltas.device), ctx.deltas)
     return torch.where(ctx.deltas.abs() >= tau, ctx.deltas, 0.0)
 
 
-def outlier_trim(ctx: TensorContext, density: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+def outlier_trim(ctx: TensorContext, density: Sequence[float], gamma: Sequence[float]) -> torch.Tensor:
     """Breadcrumbs: drop the top int(g N) magnitudes, keep the int(d N) just below them."""
     lows, highs = [], []
-    for i, (d, g) in enumerate(zip(density.tolist(), gamma.tolist())):
+    for i, (d, g) in enumerate(zip(density, gamma)):
         if d >= 1:
             lows.append(0.0)
             highs.append(math.inf)
@@ -103,7 +104,7 @@ def _slerp_coefficients(ctx: TensorContext) -> tuple[float, float]:
 
 def _slerp(ctx: TensorContext, p: dict) -> torch.Tensor:
     t = p["t"]
-    dot, theta = ctx.stat("slerp", lambda: _slerp_coefficients(ctx))
+    dot, theta = ctx.stat("slerp", _slerp_coefficients)
     if abs(dot) > 0.9995:
         c0, c1 = 1.0 - t, t
     else:
@@ -112,18 +113,18 @@ def _slerp(ctx: TensorContext, p: dict) -> torch.Tensor:
 
 
 def _ties(ctx: TensorContext, p: dict) -> torch.Tensor:
-    trimmed = magnitude_trim(ctx, p["density"])
+    trimmed = magnitude_trim(ctx, p["exact"]["density"])
     return elect_and_merge(ctx.base, trimmed * per_source(p["weight"], trimmed), p["weight"],
                            lam=p["lambda"], normalize=p["normalize"])
 
 
 def _breadcrumbs(ctx: TensorContext, p: dict) -> torch.Tensor:
-    trimmed = outlier_trim(ctx, p["density"], p["gamma"])
+    trimmed = outlier_trim(ctx, p["exact"]["density"], p["exact"]["gamma"])
     return weighted_sum(ctx.base, trimmed, p["weight"], lam=p["lambda"], normalize=p["normalize"])
 
 
 def _breadcrumbs_ties(ctx: TensorContext, p: dict) -> torch.Tensor:
-    trimmed = outlier_trim(ctx, p["density"], p["gamma"])
+    trimmed = outlier_trim(ctx, p["exact"]["density"], p["exact"]["gamma"])
     return elect_and_merge(ctx.base, trimmed * per_source(p["weight"], trimmed), p["weight"],
                            lam=p["lambda"], normalize=p["normalize"])
 
@@ -164,7 +165,7 @@ def _model_stock_ratio(ctx: TensorContext) -> float:
 
 
 def _model_stock(ctx: TensorContext, p: dict) -> torch.Tensor:
-    t = ctx.stat("model_stock", lambda: _model_stock_ratio(ctx))
+    t = ctx.stat("model_stock", _model_stock_ratio)
     return ctx.base + t * ctx.deltas.mean(dim=0)
 
 

@@ -54,13 +54,12 @@ def elect_and_merge(base: torch.Tensor, weighted: torch.Tensor, weights: torch.T
     """TIES steps 3-5 on weighted task vectors D_i (K, *shape): elect sign, disjoint merge, add to base."""
     total = weighted.sum(dim=0)
     elected = torch.where(total >= 0, 1.0, -1.0).to(weighted.dtype)
-    agree = torch.sign(weighted) == elected          # sign(0) = 0 never agrees: D_i != 0 is implied
-    merged = (weighted * agree).sum(dim=0)
+    agree = (weighted * elected) > 0                # same sign as elected, and D_i != 0
+    merged = torch.where(agree, weighted, 0.0).sum(dim=0)
     if normalize:
-        divisor = (per_source(weights, weighted) * agree).sum(dim=0)
-        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-        merged = merged / divisor
-    return base + lam * merged
+        divisor = torch.where(agree, per_source(weights, weighted), 0.0).sum(dim=0)
+        merged.div_(torch.where(divisor == 0, 1.0, divisor))
+    return merged.mul_(lam).add_(base)
 
 
 def weighted_sum(base: torch.Tensor, deltas: torch.Tensor, weights: torch.Tensor, *, lam: float,
@@ -68,8 +67,8 @@ def weighted_sum(base: torch.Tensor, deltas: torch.Tensor, weights: torch.Tensor
     """b + lam * sum_i w_i delta_i (divided by sum_i w_i with normalize)."""
     merged = torch.tensordot(weights, deltas, dims=([0], [0]))
     if normalize:
-        merged = merged / weights.sum()
-    return base + lam * merged
+        merged.div_(weights.sum())
+    return merged.mul_(lam).add_(base)
 
 
 def l1_rescale(deltas: torch.Tensor, kept: torch.Tensor, l1_before: torch.Tensor) -> torch.Tensor:

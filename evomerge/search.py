@@ -88,33 +88,48 @@ def search(config: SearchConfig | str | Path, *, n_trials: int | None = None, st
         return result
 
 
-class SearchSession:
-    """Sources resident, tasks tokenized, study open: everything one worker needs."""
+class Workbench:
+    """What stays resident across studies: the sources on the device, the tokenized tasks."""
 
-    def __init__(self, config: SearchConfig, *, storage_url: str, device: str | None, progress: bool = True) -> None:
+    def __init__(self, config: SearchConfig, *, device: str | None, progress: bool = True) -> None:
         from transformers import AutoTokenizer
 
         from .evaluate import Evaluator, load_tasks
         from .kernel import ResidentMerger
-        from .samplers import make_pruner, make_sampler
         from .sources import open_sources
-        from .space import SearchSpace
 
-        self.config = config
-        self.progress = progress
         self.sources = open_sources(config.base, config.sources, relative_to=config.relative_to, vocab=config.vocab,
                                     file=str(config.path) if config.path else None)
-        self.space = SearchSpace(config, self.sources.sources, self.sources.layout)
-        self.sampler = make_sampler(config, self.space)
-        self.study = open_study(config, storage_url, sampler=self.sampler, pruner=make_pruner(config))
-        self.storage_url = storage_url
         self.suite = load_tasks(tasks_path(config), seed=config.search.seed)
         self.merger = ResidentMerger(self.sources, device=device, dtype=config.dtype, seed=config.search.seed,
-                                     methods=self.space.methods, progress=progress,
+                                     methods=config.search.methods, progress=progress,
                                      memory_budget=config.memory_budget)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.sources.anchor.path))
         self.evaluator = Evaluator(self.suite, self.merger.model, self.tokenizer, seed=config.search.seed,
                                    limit=config.limit)
+
+    def close(self) -> None:
+        self.merger.close()
+
+
+class SearchSession:
+    """One study over a workbench: the space, the sampler, the storage, the loop."""
+
+    def __init__(self, config: SearchConfig, *, storage_url: str, device: str | None, progress: bool = True,
+                 bench: Workbench | None = None) -> None:
+        from .samplers import make_pruner, make_sampler
+        from .space import SearchSpace
+
+        self.config = config
+        self.progress = progress
+        self._own_bench = bench is None
+        self.bench = bench or Workbench(config, device=device, progress=progress)
+        self.sources, self.suite = self.bench.sources, self.bench.suite
+        self.merger, self.evaluator, self.tokenizer = self.bench.merger, self.bench.evaluator, self.bench.tokenizer
+        self.space = SearchSpace(config, self.sources.sources, self.sources.layout)
+        self.sampler = make_sampler(config, self.space)
+        self.study = open_study(config, storage_url, sampler=self.sampler, pruner=make_pruner(config))
+        self.storage_url = storage_url
         self.started = time.time()
         if config.search.baselines:
             self._enqueue_baselines()
@@ -123,7 +138,8 @@ class SearchSession:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.merger.close()
+        if self._own_bench:
+            self.bench.close()
 
     # -- baselines -----------------------------------------------------------------
     def baselines(self) -> list[tuple[str, dict[str, Any]]]:

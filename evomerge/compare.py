@@ -1,0 +1,181 @@
+"""`evomerge compare`: techniques side by side under an equal budget and several seeds.
+
+For each technique of the config: a search restricted to it (same trial budget,
+same tasks, same evaluation subsample) repeated over seeds, plus the technique at
+its untuned defaults; the best trial of each search is re-scored on held-out data.
+Every number in the report is read back from the study storage (`compare.db`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import SearchConfig, load_config
+from .export import atomic_write_text
+
+
+@dataclass
+class CompareResult:
+    out: Path
+    rows: list[dict[str, Any]]      # one per (technique, seed, kind) with held-out scores
+    table: str
+
+
+def compare(config: SearchConfig | str | Path, *, seeds: int = 3, budget: int | None = None,
+            out: str | Path | None = None, device: str | None = None, progress: bool = True) -> CompareResult:
+    from .search import SearchSession, Workbench
+
+    if not isinstance(config, SearchConfig):
+        config = load_config(config)
+    out = Path(out) if out else config.run_dir(None).parent / f"compare-{config.name}"
+    out.mkdir(parents=True, exist_ok=True)
+    storage = f"sqlite:///{(out / 'compare.db').resolve()}"
+    budget = budget or config.search.n_trials
+    started = time.time()
+    bench = Workbench(config, device=device or config.device, progress=progress)
+    rows: list[dict[str, Any]] = []
+    try:
+        for method in config.search.methods:
+            for seed in range(config.search.seed, config.search.seed + seeds):
+                sub = _restricted(config, method=method, seed=seed, budget=budget)
+                with SearchSession(sub, storage_url=storage, device=None, progress=progress, bench=bench) as session:
+                    if not session.study.user_attrs.get("baselines_enqueued"):   # the same one-trial head start for all
+                        session.study.enqueue_trial(session.space.defaults(method),
+                                                    user_attrs={"baseline": f"default:{method}"})
+                        session.study.set_user_attr("baselines_enqueued", True)
+                    session.run(budget)
+                    rows.extend(_score(session, method=method, seed=seed))
+    finally:
+        bench.close()
+    tasks = list(config.objectives[0])
+    table = summary_table(rows, tasks)
+    _write(out, config, rows, tasks, table, seeds=seeds, budget=budget, seconds=time.time() - started)
+    return CompareResult(out=out, rows=rows, table=table)
+
+
+def _restricted(config: SearchConfig, *, method: str, seed: int, budget: int) -> SearchConfig:
+    search = config.search.model_copy(update={"methods": [method], "seed": seed, "n_trials": budget,
+                                              "baselines": False})
+    return config.model_copy(update={"name": f"{config.name}.{method}.seed{seed}", "search": search})
+
+
+def _score(session, *, method: str, seed: int) -> list[dict[str, Any]]:
+    """The untuned default and the tuned best of one study, on both splits."""
+    from .export.run import heldout_scores
+
+    trials = [t for t in session.study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    default = next((t for t in trials if t.user_attrs.get("baseline") == f"default:{method}"), None)
+    tuned = [t for t in trials if not str(t.user_attrs.get("baseline", "")).startswith("source:")]
+    best = max(tuned, key=lambda t: (t.values[0], -t.number)) if tuned else None
+    rows = []
+    for kind, trial in (("default", default), ("tuned", best)):
+        if trial is None:
+            continue
+        heldout = heldout_scores(session, trial)
+        row = {"technique": method, "seed": seed, "kind": kind, "trial": trial.number,
+               "study": session.study.study_name, "search_value": trial.values[0],
+               "n_complete": len(trials)}
+        weights = session.config.objectives[0]
+        for task in session.suite.names:
+            row[f"heldout:{task}"] = heldout.get(task, {}).get(session.suite.primary_metric(task), float("nan"))
+        row["heldout_mean"] = sum(w * row[f"heldout:{t}"] for t, w in weights.items()) / sum(weights.values())
+        rows.append(row)
+    return rows
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(rows: list[dict[str, Any]], tasks: list[str]) -> list[dict[str, Any]]:
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["technique"], r["kind"]), []).append(r)
+    out = []
+    for (technique, kind), rs in groups.items():
+        entry = {"technique": technique, "kind": kind, "seeds": len(rs)}
+        for key in [f"heldout:{t}" for t in tasks] + ["heldout_mean"]:
+            entry[key] = _mean_std([r[key] for r in rs])
+        out.append(entry)
+    out.sort(key=lambda e: (e["kind"] != "tuned", -e["heldout_mean"][0]))
+    return out
+
+
+def summary_table(rows: list[dict[str, Any]], tasks: list[str]) -> str:
+    head = ["technique", "kind", "seeds"] + [f"{t} (held-out)" for t in tasks] + ["mean (held-out)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in aggregate(rows, tasks):
+        cells = [e["technique"], e["kind"], str(e["seeds"])]
+        cells += [f"{e[f'heldout:{t}'][0]:.3f} ± {e[f'heldout:{t}'][1]:.3f}" for t in tasks]
+        cells.append(f"**{e['heldout_mean'][0]:.3f} ± {e['heldout_mean'][1]:.3f}**")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _write(out: Path, config: SearchConfig, rows, tasks, table: str, *, seeds: int, budget: int,
+           seconds: float) -> None:
+    buf = io.StringIO()
+    keys = ["technique", "seed", "kind", "trial", "study", "search_value", "n_complete"] + \
+        [f"heldout:{t}" for t in tasks] + ["heldout_mean"]
+    writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "compare.csv", buf.getvalue())
+    _plot(out / "compare.png", rows, tasks)
+    report = [f"# Technique comparison: `{config.name}`", "",
+              f"Each technique searched alone with the same budget of {budget} trials "
+              f"(sampler `{config.search.sampler}`, {config.search.layer_groups} layer groups), "
+              f"over {seeds} seeds (mean ± std); `default` is the technique at its declared defaults, "
+              "`tuned` the best search trial, both scored on the held-out split.", "",
+              table, "", "![comparison](compare.png)", "",
+              f"Sources: {', '.join(config.sources)}; tasks: {', '.join(tasks)}; "
+              f"{seconds / 60:.1f} min in all. Regenerate: `evomerge compare {config.path} --seeds {seeds} "
+              f"--budget {budget}`. Raw numbers: `compare.csv`; studies: `compare.db`.", ""]
+    atomic_write_text(out / "report.md", "\n".join(report))
+
+
+def _plot(path: Path, rows, tasks) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    agg = aggregate(rows, tasks)
+    techniques = sorted({e["technique"] for e in agg})
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(techniques)), 4))
+    x = np.arange(len(techniques))
+    for i, kind in enumerate(("default", "tuned")):
+        means = [next((e["heldout_mean"][0] for e in agg if e["technique"] == t and e["kind"] == kind), np.nan)
+                 for t in techniques]
+        stds = [next((e["heldout_mean"][1] for e in agg if e["technique"] == t and e["kind"] == kind), np.nan)
+                for t in techniques]
+        ax.bar(x + (i - 0.5) * 0.38, means, 0.38, yerr=stds, capsize=4, label=kind,
+               color=("#bbbbbb", "#1f77b4")[i])
+    ax.set_xticks(x)
+    ax.set_xticklabels(techniques, rotation=15)
+    ax.set_ylabel("held-out objective (mean ± std over seeds)")
+    ax.set_title("merge techniques: untuned defaults vs tuned by search")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    tmp = path.parent / f".{path.name}.partial.png"
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def compare_command(args) -> int:
+    result = compare(args.config, seeds=args.seeds, budget=args.budget, out=args.out, device=args.device)
+    print(result.table)
+    print(f"report: {result.out / 'report.md'}")
+    return 0

@@ -89,6 +89,32 @@ class Recipe:
         canonical = json.dumps(self.to_dict(provenance=False), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
+    def relocated(self, folder: Path) -> "Recipe":
+        """The same recipe, to be stored in `folder`: relative model paths rewritten to resolve from there."""
+        import os
+
+        from .paths import ZOO_PREFIX, resolve_path
+
+        def move(spec: str | None) -> str | None:
+            if spec is None or spec.startswith(ZOO_PREFIX) or Path(spec).is_absolute():
+                return spec
+            found = resolve_path(spec, relative_to=self.relative_to)
+            if found is None:      # a hub id, or nothing local: leave it as written
+                return spec
+            return os.path.relpath(found, Path(folder).resolve())
+
+        mapping = {s: move(s) for s in self.sources}
+        if all(k == v for k, v in mapping.items()) and move(self.base) == self.base:
+            return replace(self, path=Path(folder) / "recipe.yaml")
+
+        def rekey(block: SourceParams) -> dict[str, Any]:
+            return {mapping[src]: params for src, params in block.items()}
+
+        return replace(self, sources=tuple(mapping[s] for s in self.sources), base=move(self.base),
+                       tokenizer=move(self.tokenizer), parameters=rekey(self.parameters),
+                       filters={kind: rekey(block) for kind, block in self.filters.items()},
+                       path=Path(folder) / "recipe.yaml")
+
     def with_provenance(self, **fields: Any) -> "Recipe":
         merged = dict(self.provenance or {})
         merged.update(fields)

@@ -7,6 +7,7 @@ trials of that technique (see results/bench_search.md for why this is an option)
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import optuna
@@ -18,6 +19,7 @@ from .config import SearchConfig
 from .space import SearchSpace
 
 REFINE_ATTR = "refine_method"
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 def make_sampler(config: SearchConfig, space: SearchSpace) -> BaseSampler:
@@ -26,7 +28,7 @@ def make_sampler(config: SearchConfig, space: SearchSpace) -> BaseSampler:
     startup = max(5, min(20, s.n_trials // 10))
     if s.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=startup,
-                                          constant_liar=True, warn_independent_sampling=False)
+                                          constant_liar=True)
     if s.sampler == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=1, with_margin=True,
                                             warn_independent_sampling=False,
@@ -36,7 +38,7 @@ def make_sampler(config: SearchConfig, space: SearchSpace) -> BaseSampler:
     if s.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if s.sampler == "qmc":
-        return optuna.samplers.QMCSampler(seed=seed, scramble=True, warn_independent_sampling=False)
+        return optuna.samplers.QMCSampler(seed=seed, scramble=True)
     if s.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     if s.sampler == "tpe+cmaes":
@@ -67,7 +69,6 @@ class TpeThenCmaEs(BaseSampler):
         self.seed = seed
         self.switch_after = switch_after
         self.tpe = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
-                                              warn_independent_sampling=False,
                                               n_startup_trials=max(5, min(20, switch_after // 3)))
         self._cma: optuna.samplers.CmaEsSampler | None = None
         self._random = optuna.samplers.RandomSampler(seed=seed)

@@ -67,11 +67,40 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def save_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], *, metadata: Mapping[str, str]) -> None:
+    """A safetensors file with a canonical header (sorted keys), so equal tensors give equal bytes.
+
+    (safetensors' own writer orders metadata through a hash map, which differs between processes.)
+    """
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    order = sorted(tensors)
+    for name in order:
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little"))
+        fh.write(raw)
+        for name in order:
+            t = tensors[name].detach().to("cpu").contiguous()
+            if t.numel():
+                fh.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def write_weights(folder: Path, tensors: Mapping[str, torch.Tensor], *, metadata: Mapping[str, str],
                   shard_bytes: int = SHARD_BYTES) -> list[str]:
     """Sharded safetensors (+ index when more than one shard), names in the given order."""
-    from safetensors.torch import save_file
-
     shards: list[list[str]] = [[]]
     size = 0
     for name, tensor in tensors.items():
@@ -85,8 +114,7 @@ def write_weights(folder: Path, tensors: Mapping[str, torch.Tensor], *, metadata
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map = {}
     for file, names in zip(files, shards):
-        chunk = {n: tensors[n].detach().to("cpu").contiguous() for n in names}
-        save_file(chunk, str(folder / file), metadata=dict(metadata))
+        save_safetensors(folder / file, {n: tensors[n] for n in names}, metadata=metadata)
         weight_map.update({n: file for n in names})
     if len(files) > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())

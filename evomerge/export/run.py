@@ -26,14 +26,15 @@ def export_run(session, run_dir: Path, *, result, trial: int | None = None):
     study = session.study
     frozen = _pick_trial(session, trial)
     rows = scored_rows(session, frozen)
-    recipe = session.recipe_of(frozen)
+    scored = session.recipe_of(frozen)
+    recipe = scored.relocated(run_dir)
     best_row = next(r for r in rows if r["number"] == frozen.number)
     recipe = recipe.with_provenance(
         sources_sha256={f.spec: f.sha256() for f in _folders(session)},
         study=study.study_name, trial=frozen.number,
         score={"search": best_row["search_mean"], "heldout": best_row["heldout_mean"]},
     )
-    session.merger.materialize(recipe)
+    session.merger.materialize(scored)
     export_model(session.merger, recipe, run_dir / "best", force=True, card_extra=summary_table(rows, session))
     atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
     text = mergekit_yaml(recipe, session.sources)

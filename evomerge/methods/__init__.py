@@ -24,13 +24,16 @@ def get_method(name: str) -> MethodSpec:
 
 def resolve(spec: MethodSpec, shared: Mapping[str, object], per_source: Mapping[str, Sequence[float]], *, k: int,
             device: torch.device | str, dtype: torch.dtype) -> dict[str, object]:
-    """The `p` dict a method's apply() reads: defaults filled, per-source values as (K,) tensors."""
+    """The `p` dict a method's apply() reads: defaults filled, per-source values as (K,) tensors
+    and, under "exact", as Python floats (keep counts int(d N) must not see float32 rounding)."""
     out: dict[str, object] = {}
     for param in spec.shared_params:
         out[param.name] = shared.get(param.name, param.default)
+    exact: dict[str, tuple[float, ...]] = {}
     for param in spec.source_params:
-        values = per_source.get(param.name, [param.default] * k)
-        out[param.name] = torch.tensor([float(v) for v in values], dtype=dtype, device=device)
+        exact[param.name] = tuple(float(v) for v in per_source.get(param.name, [param.default] * k))
+        out[param.name] = torch.tensor(exact[param.name], dtype=dtype, device=device)
+    out["exact"] = exact
     return out
 
 

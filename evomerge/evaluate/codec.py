@@ -1,0 +1,106 @@
+"""Text <-> tokens, exactly as lm-eval's HF wrapper does it.
+
+The built-in tasks tokenize the way lm-eval's ``HFLM`` does, so that the two
+agree example by example: the tokenizer's own special-token policy, trailing
+spaces of a context moved to its continuation, the continuation taken from the
+encoding of the whole string, and BOS (else EOS) standing in for an empty
+context. Everything here runs once per Evaluator, never per trial.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+# `tokenizers` decoders that work token by token (or byte by byte): the text of a token sequence starts with
+# the text of each of its prefixes, up to an unfinished UTF-8 character at the end ("\ufffd").
+_PREFIX_STABLE = {"Fuse", "ByteLevel", "Metaspace", "ByteFallback", "Replace", "Strip", "BPEDecoder"}
+
+
+class Codec:
+    def __init__(self, tokenizer: Any, model: Any = None) -> None:
+        self.tokenizer = tokenizer
+        eos = tokenizer.eos_token_id
+        self.eos_id: int | None = eos
+        ids = {eos} if eos is not None else set()
+        generation = getattr(model, "generation_config", None)
+        extra = getattr(generation, "eos_token_id", None)
+        ids |= set(extra if isinstance(extra, (list, tuple)) else [extra] if extra is not None else [])
+        self.stop_ids: frozenset[int] = frozenset(ids)  # end-of-sequence tokens: each one stops a generation
+        bos = tokenizer.bos_token_id
+        self.prefix_id: int | None = bos if bos is not None else eos
+        pad = tokenizer.pad_token_id
+        self.pad_id: int = pad if pad is not None else (eos if eos is not None else 0)
+        self.prefix_stable = _prefix_stable(tokenizer)
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return [list(ids) for ids in self.tokenizer(list(texts))["input_ids"]]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def pairs(self, contexts: Sequence[str], continuations: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+        """(context tokens, continuation tokens) for each pair, as lm-eval's `_encode_pair` makes them."""
+        moved_ctx, moved_cont = [], []
+        for context, continuation in zip(contexts, continuations, strict=True):
+            n_spaces = len(context) - len(context.rstrip())
+            if n_spaces:
+                continuation, context = context[-n_spaces:] + continuation, context[:-n_spaces]
+            moved_ctx.append(context)
+            moved_cont.append(continuation)
+        unique_ctx = sorted(set(c for c in moved_ctx if c))
+        ctx_ids = dict(zip(unique_ctx, self.encode(unique_ctx)))
+        whole = self.encode([c + k for c, k in zip(moved_ctx, moved_cont) if c])
+        out, w = [], iter(whole)
+        for context, continuation in zip(moved_ctx, moved_cont):
+            if not context:  # lm-eval: BOS (else EOS) as the context of an empty prompt
+                cont = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+                if self.prefix_id is not None and cont and cont[0] == self.prefix_id:
+                    out.append((cont[:1], cont[1:]))
+                else:
+                    out.append(([self.prefix_id if self.prefix_id is not None else self.pad_id], list(cont)))
+                continue
+            ctx = ctx_ids[context]
+            out.append((ctx, next(w)[len(ctx):]))
+        return out
+
+    def tails(self, contexts: Sequence[str], rests: Sequence[str]) -> list[list[int]]:
+        """Tokens of each `rest` written right after its context, taken from the encoding of the whole.
+
+        Generation contexts keep their trailing spaces (lm-eval's generate_until does not move them).
+        """
+        wholes = self.encode([c + r for c, r in zip(contexts, rests, strict=True)])
+        return [whole[len(ctx):] for whole, ctx in zip(wholes, self.prompts(contexts))]
+
+    def prompts(self, texts: Sequence[str]) -> list[list[int]]:
+        """Generation contexts (an empty prompt starts from BOS, else EOS)."""
+        encoded = self.encode(texts)
+        return [ids if ids else [self.prefix_id if self.prefix_id is not None else self.pad_id] for ids in encoded]
+
+    def text_tokens(self, text: str) -> list[int]:
+        """A whole text for perplexity, led by BOS (else EOS) so that its first token is scored too."""
+        ids = self.encode([text])[0]
+        if self.prefix_id is not None and (not ids or ids[0] != self.prefix_id):
+            ids = [self.prefix_id] + ids
+        return ids
+
+
+def _prefix_stable(tokenizer: Any) -> bool:
+    """Whether decode(a + b) always starts with decode(a) (trailing U+FFFD aside): known from the decoder's type."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return False  # slow tokenizers, and transformers' clean-up (" n't" -> "n't") rewrites across tokens
+
+    def stable(decoder: dict | None) -> bool:
+        if decoder is None:  # tokenizers' default: tokens joined by spaces
+            return True
+        if decoder.get("type") == "Sequence":
+            return all(stable(d) for d in decoder.get("decoders", []))
+        return decoder.get("type") in _PREFIX_STABLE
+
+    try:
+        return stable(json.loads(backend.to_str()).get("decoder"))
+    except (ValueError, AttributeError):
+        return False

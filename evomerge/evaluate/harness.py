@@ -1,0 +1,310 @@
+"""The Evaluator: one resident model, a task suite, scores on demand.
+
+The merge kernel overwrites the model's weights in place between calls, so the
+Evaluator keeps everything that depends only on the text -- tokens, padded
+batches, gather indices, the report order -- and nothing that depends on the
+weights. A call walks a fixed, seeded, shuffled order of all examples of all
+tasks in chunks; each chunk is scored task by task in length-sorted batches,
+then its examples are reported (``report(step, value)``) in that order, so a
+pruner sees a steady mix of tasks and the same example at the same step in
+every trial.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ..errors import InputError, suggest
+from . import extract as extract_rules
+from .codec import Codec
+from .forward import Runner
+from .generate import DraftBatch, GenExample, Stopping, decode, draft_batch, redraft, verify
+from .result import EvalResult
+from .rows import ChoiceRow
+from .score import (ChoiceExample, build_choice_batch, build_text_batch, choice_loglikelihoods, choice_metrics,
+                    text_nll, text_windows)
+from .tasks import SPLITS, TaskSuite, check_split, subsample
+
+DEFAULT_BATCH_SIZE = 64
+
+
+@dataclass
+class _Chunk:
+    order: list[tuple[str, int]]  # (task, example index) in report order
+    work: dict[str, list[Any]]  # task -> batches (prebuilt tensors, or example-index lists)
+
+
+class Evaluator:
+    """Scores one resident model on a task suite; usable as a context manager."""
+
+    def __init__(self, suite: TaskSuite, model: Any, tokenizer: Any, *, seed: int = 0, limit: int | None = None,
+                 batch_size: int | None = None, shared_prompt: bool | None = None) -> None:
+        self.suite, self.model, self.tokenizer = suite, model, tokenizer
+        self.seed, self.limit = seed, limit
+        self.batch_size = batch_size or DEFAULT_BATCH_SIZE
+        self.codec = Codec(tokenizer, model)
+        self.runner = Runner(model)
+        self.stats: Counter[str] = Counter()  # how generate examples were settled (fast path coverage)
+        self._examples: dict[tuple[str, str], list[Any]] = {}
+        self._plans: dict[tuple[str, tuple[str, ...]], list[_Chunk]] = {}
+        self._lm = None
+        self._lm_tasks: dict[str, Any] = {}
+        for spec in suite.specs:
+            if spec.type != "lm_eval":
+                for split in SPLITS:
+                    rows = subsample(list(suite.rows(spec.name, split)), limit, seed=seed, key=f"{spec.name}/{split}")
+                    self._examples[(spec.name, split)] = self._encode(spec, rows)
+        self.shared_prompt = self._check_shared_prompt() if shared_prompt is None else shared_prompt
+
+    def __enter__(self) -> "Evaluator":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._plans.clear()
+        self._lm_tasks.clear()
+        self._lm = None
+
+    # ---------------------------------------------------------------- public
+
+    def evaluate(self, split: str = "search", *, report: Callable[[int, float], None] | None = None,
+                 objective: Mapping[str, float] | None = None) -> EvalResult:
+        """Score every task of the suite on one split.
+
+        `report(step, value)` gets each example's primary metric as examples finish, in the seeded
+        order; with `objective`, only examples of the tasks it weights are reported, each times its
+        weight. An exception `report` raises (optuna.TrialPruned) propagates.
+        """
+        check_split(split)
+        weights = self._weights(objective)
+        names = tuple(self.suite.names)
+        start = time.perf_counter()
+        values: dict[str, dict[str, list[float]]] = {}
+        totals: dict[str, list[float]] = {}  # perplexity: summed nll and token count
+        outputs: dict[str, list[str | None]] = {}  # generate: each continuation (None: ruled out undecoded)
+        step = 0
+        with torch.inference_mode():
+            for chunk in self._plan(split, names):
+                for name, batches in chunk.work.items():
+                    self._run(name, split, batches, values, totals, outputs)
+                for name, index in chunk.order:
+                    weight = 1.0 if weights is None else weights.get(name, 0.0)
+                    if report is not None and weight > 0:
+                        report(step, weight * values[name][self.suite.primary_metric(name)][index])
+                        step += 1
+        tasks = {}
+        for name in names:
+            metrics = {m: sum(v) / len(v) for m, v in values[name].items()}
+            if name in totals:
+                metrics["neg_log_ppl"] = -totals[name][0] / max(totals[name][1], 1)
+            metrics["n"] = len(next(iter(values[name].values())))
+            tasks[name] = metrics
+        return EvalResult(split=split, tasks=tasks, primary_metrics={n: self.suite.primary_metric(n) for n in names},
+                          seconds=time.perf_counter() - start, examples=values, outputs=outputs)
+
+    # ---------------------------------------------------------------- construction
+
+    def _encode(self, spec: Any, rows: list[Any]) -> list[Any]:
+        codec = self.codec
+        if spec.type == "choice":
+            pairs = codec.pairs([r.prompt for r in rows for _ in r.choices], [c for r in rows for c in r.choices])
+            out, it = [], iter(pairs)
+            for row in rows:
+                encoded = [next(it) for _ in row.choices]
+                out.append(ChoiceExample(encoded[0][0], [c for _, c in encoded], row.answer,
+                                         [len(c) for c in row.choices]))
+            return out
+        if spec.type == "generate":
+            contexts = codec.prompts([r.prompt for r in rows])
+            targets = codec.tails([r.prompt for r in rows], [r.target for r in rows])
+            eos = [codec.eos_id] if codec.eos_id is not None else []
+            return [GenExample(r.prompt, r.target, ctx, t + eos, len(t)) for r, ctx, t in zip(rows, contexts, targets)]
+        width = getattr(self.model.config, "max_position_embeddings", None) or 2048
+        return [text_windows(codec.text_tokens(r.text), min(width, 2048)) for r in rows]
+
+    def _check_shared_prompt(self) -> bool:
+        """Whether this model honours the shared-prompt layout: same log-likelihoods as one row per choice."""
+        sample = next((ex[:4] for (name, split), ex in self._examples.items()
+                       if split == "search" and self.suite.spec(name).type == "choice"), None)
+        if not sample:
+            return False
+        try:
+            with torch.inference_mode():
+                packed = choice_loglikelihoods(self.runner, build_choice_batch(
+                    sample, pad_id=self.codec.pad_id, shared_prompt=True, device=self.runner.device))
+                plain = choice_loglikelihoods(self.runner, build_choice_batch(
+                    sample, pad_id=self.codec.pad_id, shared_prompt=False, device=self.runner.device))
+        except Exception:  # a model that rejects a 4-D mask or explicit positions
+            return False
+        finite = torch.isfinite(plain)
+        tol = 1e-3 if self.runner.dtype in (torch.float32, torch.float64) else 5e-2
+        return bool(torch.allclose(packed[finite], plain[finite], rtol=tol, atol=tol))
+
+    def _plan(self, split: str, names: tuple[str, ...]) -> list[_Chunk]:
+        key = (split, names)
+        if key not in self._plans:
+            order = []
+            for name in names:
+                n = len(self._lm_task(name).documents(split, seed=self.seed, limit=self.limit)
+                        if self.suite.spec(name).type == "lm_eval" else self._examples[(name, split)])
+                order += [(name, i) for i in range(n)]
+            random.Random(f"evomerge/order/{self.seed}/{split}").shuffle(order)
+            size = self.batch_size * max(1, len(names))
+            self._plans[key] = [self._chunk(split, order[i:i + size]) for i in range(0, len(order), size)]
+        return self._plans[key]
+
+    def _chunk(self, split: str, order: list[tuple[str, int]]) -> _Chunk:
+        by_task: dict[str, list[int]] = {}
+        for name, index in order:
+            by_task.setdefault(name, []).append(index)
+        work: dict[str, list[Any]] = {}
+        for name, indices in by_task.items():
+            kind = self.suite.spec(name).type
+            if kind == "lm_eval":
+                work[name] = [indices]
+                continue
+            examples = self._examples[(name, split)]
+            length = {"choice": lambda e: len(e.context) + sum(map(len, e.continuations)),
+                      "generate": lambda e: len(e.context) + len(e.draft),
+                      "perplexity": lambda e: sum(len(i) for i, _ in e)}[kind]
+            indices = sorted(indices, key=lambda i: -length(examples[i]))
+            per_batch = self.batch_size
+            if kind == "choice" and not self.shared_prompt:
+                per_batch = max(1, self.batch_size // max(len(examples[i].continuations) for i in indices))
+            groups = [indices[i:i + per_batch] for i in range(0, len(indices), per_batch)]
+            if kind == "choice":
+                work[name] = [(g, build_choice_batch([examples[i] for i in g], pad_id=self.codec.pad_id,
+                                                     shared_prompt=self.shared_prompt, device=self.runner.device))
+                              for g in groups]
+            elif kind == "perplexity":
+                work[name] = [(g, build_text_batch([examples[i] for i in g], pad_id=self.codec.pad_id,
+                                                   device=self.runner.device)) for g in groups]
+            else:  # the first-round drafts: each target + EOS after its prompt
+                work[name] = [(g, draft_batch([examples[i].context for i in g], [examples[i].draft for i in g],
+                                              pad_id=self.codec.pad_id, device=self.runner.device)) for g in groups]
+        return _Chunk(order, work)
+
+    # ---------------------------------------------------------------- scoring
+
+    def _run(self, name: str, split: str, batches: list[Any], values: dict, totals: dict, outputs: dict) -> None:
+        spec = self.suite.spec(name)
+        if spec.type == "lm_eval":
+            self._run_lm_eval(name, split, batches[0], values)
+            return
+        examples = self._examples[(name, split)]
+        n = len(examples)
+        for indices, batch in batches:
+            if spec.type == "choice":
+                found = choice_metrics(batch, choice_loglikelihoods(self.runner, batch))
+            elif spec.type == "perplexity":
+                nll, count = text_nll(self.runner, batch)
+                found = {"neg_log_ppl": [-a / max(b, 1) for a, b in zip(nll, count)]}
+                total = totals.setdefault(name, [0.0, 0])
+                total[0] += sum(nll)
+                total[1] += sum(count)
+            else:
+                found, texts = self._generate(spec, [examples[i] for i in indices], batch)
+                column = outputs.setdefault(name, [""] * n)
+                for i, text in zip(indices, texts):
+                    column[i] = text
+            task_values = values.setdefault(name, {})
+            for metric, vals in found.items():
+                column = task_values.setdefault(metric, [0.0] * n)
+                for i, v in zip(indices, vals):
+                    column[i] = v
+
+    def _generate(self, spec: Any, examples: list[GenExample], first: DraftBatch
+                  ) -> tuple[dict[str, list[float]], list[str | None]]:
+        codec, bs = self.codec, self.batch_size
+        stopping = Stopping(codec.stop_ids, tuple(spec.stop), spec.max_new_tokens, codec.decode,
+                            early_exit=spec.fast_path and spec.extract == "strip" and codec.prefix_stable)
+        for ex in examples:
+            ex.known, ex.output, ex.hopeless = [], None, False
+        open_ = lambda: [ex for ex in examples if ex.output is None and not ex.hopeless]  # noqa: E731
+        proven = verify(self.runner, first, smooth=examples)  # round 1: the target as the draft
+        if spec.fast_path:
+            self._settle(examples, proven, stopping, "target")
+        if spec.fast_path:  # round 2: re-drafted from the tokens greedy was proven to write first
+            plans = [(ex, p) for ex in open_() if (p := redraft(ex, codec.decode(ex.known))) is not None]
+            tails = codec.tails([p[0] for _, p in plans], [p[1] for _, p in plans])
+            eos = [codec.eos_id] if codec.eos_id is not None else []
+            todo = [(ex, ex.known + tail + eos) for (ex, _), tail in zip(plans, tails) if tail + eos]
+            for start in range(0, len(todo), bs):
+                part = [ex for ex, _ in todo[start:start + bs]]
+                second = draft_batch([ex.context for ex in part], [d for _, d in todo[start:start + bs]],
+                                     pad_id=codec.pad_id, device=self.runner.device)
+                self._settle(part, verify(self.runner, second), stopping, "redraft")
+        rest = sorted(open_(), key=lambda e: -len(e.context) - len(e.known))
+        for start in range(0, len(rest), bs):  # whatever the drafts left open: plain greedy decoding
+            decode(self.runner, rest[start:start + bs], stopping, pad_id=codec.pad_id)
+        self.stats["decoded"] += len(rest)
+        extract = extract_rules.extractor(spec.extract if isinstance(spec.extract, str) else spec.extract.model_dump())
+        texts = [None if ex.hopeless else stopping.text(ex.output) for ex in examples]
+        return {
+            "exact_match": [0.0 if text is None else extract_rules.exact_match(extract, text, ex.target)
+                            for text, ex in zip(texts, examples)],
+            "token_acc": [ex.token_acc for ex in examples],
+            "target_logprob": [ex.target_logprob for ex in examples],
+        }, texts
+
+    def _settle(self, examples: list[GenExample], proven: list[list[int]], stopping: Stopping, how: str) -> None:
+        for ex, known in zip(examples, proven):
+            if len(known) > len(ex.known) and known[:len(ex.known)] == ex.known:
+                ex.known = known
+            ex.output = stopping.settle(ex.known)
+            if ex.output is not None:
+                self.stats[how] += 1
+            elif stopping.hopeless(ex.known, ex.target):
+                ex.hopeless = True
+                self.stats["ruled out"] += 1
+
+    def _lm_task(self, name: str) -> Any:
+        if name not in self._lm_tasks:
+            from .lm_eval_backend import LmEvalTask, make_lm
+
+            if self._lm is None:
+                self._lm = make_lm(self.model, self.tokenizer, batch_size=self.batch_size)
+            self._lm_tasks[name] = LmEvalTask(self.suite.spec(name), self._lm, base_dir=self.suite.base_dir,
+                                              file=self.suite.path)
+        return self._lm_tasks[name]
+
+    def _run_lm_eval(self, name: str, split: str, indices: list[int], values: dict) -> None:
+        if name in values:  # the whole task ran in an earlier chunk
+            return
+        task = self._lm_task(name)
+        values[name] = task.run(task.documents(split, seed=self.seed, limit=self.limit))
+
+    def _weights(self, objective: Mapping[str, float] | None) -> dict[str, float] | None:
+        if objective is None:
+            return None
+        for name, weight in objective.items():
+            if name not in self.suite.names:
+                raise InputError(f"objective names unknown task '{name}'", field="objective",
+                                 fix=suggest(name, self.suite.names) or f"tasks: {', '.join(self.suite.names)}")
+            if weight < 0:
+                raise InputError(f"objective weight of '{name}' is negative", field=f"objective.{name}")
+        if not any(w > 0 for w in objective.values()):
+            raise InputError("objective gives no task a positive weight", field="objective")
+        return dict(objective)
+
+
+def evaluate(model: Any, tasks: Any, *, tokenizer: Any = None, split: str = "heldout", seed: int = 0,
+             limit: int | None = None) -> EvalResult:
+    """Score a model on a task file (or a loaded TaskSuite): ``evomerge.evaluate(model, tasks="tasks.yaml")``."""
+    from .tasks import load_tasks
+
+    suite = tasks if isinstance(tasks, TaskSuite) else load_tasks(tasks, seed=seed)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+    with Evaluator(suite, model, tokenizer, seed=seed, limit=limit) as evaluator:
+        return evaluator.evaluate(split)

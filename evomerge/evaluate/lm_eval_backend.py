@@ -1,0 +1,169 @@
+"""lm-evaluation-harness tasks, run in memory on the resident model.
+
+An ``lm_eval`` task names any lm-eval task or group (``task: arc_easy``), or a
+custom lm-eval YAML task found under ``include_path``. The task objects and
+lm-eval's HF wrapper around the resident model (``HFLM(pretrained=model)``) are
+built once per Evaluator; each evaluation re-runs only lm-eval's request loop,
+so in-place weight updates are seen. The evaluation documents are split into
+search / heldout with the task's ``split_seed`` and subsampled with ``limit``,
+and lm-eval is asked for exactly those documents (its ``samples`` argument).
+Per-example metric values come back through lm-eval's logged samples.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError, suggest
+from ..paths import resolve_path
+from .tasks import seeded_split, subsample
+
+_MANAGERS: dict[tuple[str, bool], Any] = {}  # task indexes: scanning lm-eval's 14k YAML files takes seconds
+
+
+def task_manager(include_path: Path | None, *, defaults: bool = True) -> Any:
+    key = (str(include_path), defaults)
+    if key not in _MANAGERS:
+        from lm_eval.tasks import TaskManager
+
+        _quiet()
+        _MANAGERS[key] = TaskManager(include_path=str(include_path) if include_path else None,
+                                     include_defaults=defaults)
+    return _MANAGERS[key]
+
+
+def _quiet() -> None:
+    for name in ("lm-eval", "lm_eval"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def include_dir(spec: Any, *, base_dir: Path, file: Path | None, field: str) -> Path | None:
+    if spec.include_path is None:
+        return None
+    found = resolve_path(spec.include_path, relative_to=base_dir)
+    if found is None or not found.is_dir():
+        raise InputError(f"include_path not found: '{spec.include_path}'", file=file, field=f"{field}.include_path",
+                         fix="a folder of lm-eval task YAML files, relative to the task file")
+    return found
+
+
+def check_task(spec: Any, *, base_dir: Path, file: Path | None, field: str) -> Any:
+    """The task manager that knows `spec.task`; an unknown name is an InputError with a suggestion."""
+    include = include_dir(spec, base_dir=base_dir, file=file, field=field)
+    if include is not None:  # a custom task is found without scanning lm-eval's own tree
+        manager = task_manager(include, defaults=False)
+        if spec.task in manager.all_tasks:
+            return manager
+    manager = task_manager(include)
+    if spec.task not in manager.all_tasks:
+        near = [n for n in manager.all_tasks if abs(len(n) - len(spec.task)) <= 3]  # difflib on 14k names is slow
+        raise InputError(f"unknown lm-eval task '{spec.task}'", file=file, field=f"{field}.task",
+                         fix=suggest(spec.task, near) or "see `lm-eval ls tasks`")
+    return manager
+
+
+class LmEvalTask:
+    """One lm_eval task of a suite, loaded once, evaluated on demand."""
+
+    def __init__(self, spec: Any, lm: Any, *, base_dir: Path, file: Path | None) -> None:
+        self.spec = spec
+        self.lm = lm
+        manager = check_task(spec, base_dir=base_dir, file=file, field=f"tasks.{spec.name}")
+        _quiet()
+        self.loaded = manager.load([spec.task])
+        for task in self.loaded["tasks"].values():
+            if spec.num_fewshot is not None:
+                task.set_config(key="num_fewshot", value=spec.num_fewshot)
+            elif task.get_config("num_fewshot") is None:
+                task.set_config(key="num_fewshot", value=0)
+            task.set_fewshot_seed(seed=1234)
+        self.sizes = {name: len(task.eval_docs) for name, task in sorted(self.loaded["tasks"].items())}
+        self.metric, _, self.filter = spec.metric.partition(",")
+
+    def documents(self, split: str, *, seed: int, limit: int | None) -> list[tuple[str, int]]:
+        """(subtask, document index) of a split, in a fixed order."""
+        out = []
+        for name, size in self.sizes.items():
+            if size < 2:
+                raise InputError(f"lm-eval task '{name}' has {size} document(s); cannot split it",
+                                 field=f"tasks.{self.spec.name}")
+            indices = seeded_split(size, self.spec.heldout_fraction, seed=self.spec.split_seed,
+                                   key=f"{self.spec.name}/{name}")[split]
+            indices = subsample(indices, self.spec.limit, seed=seed, key=f"{self.spec.name}/{name}/{split}")
+            out += [(name, i) for i in indices]
+        return subsample(out, limit, seed=seed, key=f"{self.spec.name}/{split}") if limit else out
+
+    def run(self, documents: list[tuple[str, int]]) -> dict[str, list[float]]:
+        """Per-document values of every numeric per-example metric, in the order of `documents`."""
+        from lm_eval.evaluator import evaluate
+
+        _quiet()
+        samples: dict[str, list[int]] = {}
+        for name, index in documents:
+            samples.setdefault(name, []).append(index)
+        tasks = {name: task for name, task in self.loaded["tasks"].items() if name in samples}
+        results = evaluate(lm=self.lm, task_dict={"tasks": tasks, "groups": {}}, samples=samples,
+                           bootstrap_iters=0, log_samples=True)
+        logged = results["samples"]
+        by_doc: dict[tuple[str, int], dict[str, Any]] = {}
+        for name, entries in logged.items():
+            filters = [e["filter"] for e in entries]
+            chosen = self.filter or ("none" if "none" in filters else filters[0])
+            if chosen not in filters:
+                raise InputError(f"lm-eval task '{name}' has no filter '{chosen}'", field=f"tasks.{self.spec.name}.metric",
+                                 fix=f"filters: {', '.join(sorted(set(filters)))}")
+            for entry in entries:
+                if entry["filter"] == chosen:
+                    by_doc[(name, entry["doc_id"])] = entry
+        first = by_doc[documents[0]]
+        numeric = [k for k in first if k not in ("doc_id", "filter") and isinstance(first[k], (int, float))
+                   and not isinstance(first[k], bool)]
+        if self.metric not in numeric:
+            raise InputError(f"lm-eval task '{self.spec.task}' gives no per-example metric '{self.metric}'",
+                             field=f"tasks.{self.spec.name}.metric",
+                             fix=suggest(self.metric, numeric) or f"metrics: {', '.join(numeric)}")
+        return {m: [float(by_doc[d][m]) for d in documents] for m in [self.metric] + [k for k in numeric if k != self.metric]}
+
+
+def make_lm(model: Any, tokenizer: Any, *, batch_size: int) -> Any:
+    """lm-eval's HF wrapper around the resident model object (it reads the weights at call time)."""
+    from lm_eval.models.huggingface import HFLM
+
+    _quiet()
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def task_yaml(spec: Any, data_file: str | Path, *, task: str | None = None) -> dict[str, Any]:
+    """An lm-eval task config equivalent to a built-in `choice` or `generate` task on one JSONL file.
+
+    The same data scored by lm-eval: the agreement tests and the benchmark run it next to the built-in harness.
+    """
+    config: dict[str, Any] = {
+        "task": task or spec.name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data_file)}},
+        "test_split": "test",
+        "doc_to_text": "prompt",
+        "num_fewshot": 0,
+    }
+    if spec.type == "choice":
+        return config | {"output_type": "multiple_choice", "doc_to_choice": "choices", "doc_to_target": "answer",
+                         "target_delimiter": "",
+                         "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]}
+    if spec.type != "generate":
+        raise ValueError(f"no lm-eval equivalent for a {spec.type} task")
+    rule = spec.extract if isinstance(spec.extract, str) else None
+    pattern = {"first_line": r"[^\n]*\S[^\n]*", "last_number": r"-?\d[\d,]*(?:\.\d+)?"}.get(rule or "",
+                                                                                       getattr(spec.extract, "regex", None))
+    steps = [{"function": "remove_whitespace"}] if rule == "strip" else [
+        {"function": "regex", "regex_pattern": pattern, "group_select": -1 if rule == "last_number" else 0,
+         "fallback": "\u0000no match"}]
+    return config | {
+        "output_type": "generate_until",
+        "doc_to_target": "{{target | trim}}",
+        "generation_kwargs": {"until": list(spec.stop), "max_gen_toks": spec.max_new_tokens, "do_sample": False},
+        "filter_list": [{"name": "none", "filter": steps + [{"function": "take_first"}]}],
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+    }

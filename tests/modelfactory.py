@@ -51,3 +51,56 @@ def make_family(root: Path, *, arch: str = "llama", k: int = 3, seed: int = 0, s
         model.save_pretrained(root / f"s{i}")
         paths.append(root / f"s{i}")
     return root / "base", paths
+
+
+SYMBOLS = "abcdefghijklmnopqrstuvwxyz0123456789="
+
+
+def save_tokenizer(folders: list[Path]) -> None:
+    """A WordLevel tokenizer over single symbols (made with `tokenizers`), saved into each folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for ch in SYMBOLS:
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    for folder in folders:
+        fast.save_pretrained(folder)
+
+
+def make_search_fixture(root: Path, *, k: int = 2, seed: int = 0, n_trials: int = 6, methods=("task_arithmetic", "ties"),
+                        sampler: str = "tpe", layer_groups: int = 2, extra: str = "") -> Path:
+    """A family with a tokenizer, a perplexity + a choice task, and a search config; returns the config path."""
+    import json
+    import random
+
+    base, sources = make_family(root, k=k, seed=seed, vocab=48)
+    save_tokenizer([base, *sources])
+    rnd = random.Random(seed)
+    data = root / "data"
+    data.mkdir(exist_ok=True)
+    for split in ("search", "heldout"):
+        with open(data / f"ppl.{split}.jsonl", "w") as fh:
+            for _ in range(12):
+                fh.write(json.dumps({"text": " ".join(rnd.choice("abcdef") for _ in range(10))}) + "\n")
+        with open(data / f"pick.{split}.jsonl", "w") as fh:
+            for _ in range(12):
+                fh.write(json.dumps({"prompt": "a b =", "choices": ["c", "d e"], "answer": rnd.randint(0, 1)}) + "\n")
+    (root / "tasks.yaml").write_text(
+        "tasks:\n"
+        "  - {name: ppl, type: perplexity, data: {search: data/ppl.search.jsonl, heldout: data/ppl.heldout.jsonl},"
+        " metric: neg_log_ppl}\n"
+        "  - {name: pick, type: choice, data: {search: data/pick.search.jsonl, heldout: data/pick.heldout.jsonl},"
+        " metric: acc}\n")
+    names = ", ".join(p.name for p in sources)
+    config = root / "search.yaml"
+    config.write_text(
+        f"name: fixture\nbase: base\nsources: [{names}]\n"
+        f"search:\n  methods: [{', '.join(methods)}]\n  layer_groups: {layer_groups}\n  sampler: {sampler}\n"
+        f"  n_trials: {n_trials}\n  seed: {seed}\n"
+        f"tasks: tasks.yaml\nobjective: {{ppl: 1.0, pick: 1.0}}\ndevice: cpu\n{extra}")
+    return config

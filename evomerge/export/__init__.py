@@ -17,8 +17,9 @@ __all__ = ["export_model", "merge_to_folder", "mergekit_yaml", "atomic_dir", "at
 
 def mergekit_yaml(recipe: Recipe, sources: SourceSet) -> str | None:
     """mergekit YAML for the recipe, with local paths resolved; None where not representable."""
-    folders = ([sources.base] if sources.base is not None else []) + list(sources.sources)
-    paths = {f.spec: str(f.path) for f in folders}
+    paths = {spec: str(folder.path) for spec, folder in zip(recipe.sources, sources.sources)}
+    if recipe.base is not None and sources.base is not None:
+        paths[recipe.base] = str(sources.base.path)
     config = to_mergekit(recipe, sources.layout, paths)
     return None if config is None else dump_yaml(config)
 

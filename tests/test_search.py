@@ -1,0 +1,227 @@
+"""The search end to end on tiny real models: space, loop, resume, export, bad configs."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from modelfactory import make_search_fixture
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "evomerge", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def fixture_config(tmp_path_factory) -> Path:
+    return make_search_fixture(tmp_path_factory.mktemp("family"), n_trials=7)
+
+
+@pytest.fixture(scope="module")
+def finished_run(fixture_config, tmp_path_factory):
+    from evomerge.search import search
+
+    out = tmp_path_factory.mktemp("run") / "run"
+    result = search(fixture_config, out=out, progress=False)
+    return result
+
+
+def test_space_names_are_readable_and_decode_to_valid_recipes(fixture_config):
+    import optuna
+
+    from evomerge.config import load_config
+    from evomerge.recipe import Recipe
+    from evomerge.sources import open_sources
+    from evomerge.space import SearchSpace
+
+    config = load_config(fixture_config)
+    sources = open_sources(config.base, config.sources, relative_to=config.relative_to)
+    space = SearchSpace(config, sources.sources, sources.layout)
+    names = {d.name for d in space.dims["ties"]}
+    assert {"ties.lambda", "ties.s0.weight.g0", "ties.s0.weight.g1", "ties.s0.weight.io",
+            "ties.s1.density.g1"} <= names
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=3))
+    for _ in range(20):
+        trial = study.ask()
+        method = space.suggest(trial)
+        recipe = space.decode(trial.params)
+        assert recipe.method == method
+        again = Recipe.from_dict(recipe.to_dict())          # every decoded recipe passes validation
+        assert again.sha256() == recipe.sha256()
+        for src, params in recipe.parameters.items():
+            for value in (params.get("density") or ()):
+                assert round(value, 2) == value                 # on the threshold table's grid
+        study.tell(trial, 0.0)
+    # the baselines really are the sources and the defaults
+    alone = space.decode(space.source_alone(1))
+    assert alone.value(config.sources[1], "weight", 0, "mlp") == 1.0
+    assert alone.value(config.sources[0], "weight", "io", "embed") == 0.0
+
+
+def test_search_exports_the_model_it_scored(finished_run, fixture_config, tmp_path):
+    """merge(recipe.yaml) is byte-identical to best/, and re-scoring best/ gives the recorded held-out score."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import evomerge
+    from evomerge.recipe import Recipe
+
+    run = finished_run.run_dir
+    for name in ("summary.md", "trials.csv", "recipe.yaml", "study.db", "history.png", "profile.png",
+                 "comparison.png", "best/config.json", "best/README.md", "best/tokenizer.json"):
+        assert (run / name).is_file(), name
+    result = run_cli("merge", str(run / "recipe.yaml"), "-o", str(tmp_path / "again"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (run / "best" / "model.safetensors").read_bytes()
+
+    recipe = Recipe.from_yaml(run / "recipe.yaml")
+    recorded = recipe.provenance["score"]["heldout"]
+    model = AutoModelForCausalLM.from_pretrained(run / "best")
+    tokenizer = AutoTokenizer.from_pretrained(run / "best")
+    tasks = fixture_config.parent / "tasks.yaml"
+    scores = evomerge.evaluate(model, tasks=tasks, tokenizer=tokenizer, split="heldout")
+    assert scores.objective({"ppl": 1.0, "pick": 1.0}) == pytest.approx(recorded, abs=1e-6)
+
+
+def test_trials_csv_and_summary_match_the_storage(finished_run):
+    import optuna
+
+    run = finished_run.run_dir
+    study = optuna.load_study(study_name="fixture", storage=f"sqlite:///{run / 'study.db'}")
+    trials = study.get_trials()
+    rows = list(csv.DictReader((run / "trials.csv").open()))
+    assert [int(r["number"]) for r in rows] == [t.number for t in trials]
+    for row, trial in zip(rows, trials):
+        assert row["state"] == trial.state.name
+        if trial.state.name == "COMPLETE":
+            assert float(row["value"]) == pytest.approx(trial.value)
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 7
+    labels = {t.user_attrs.get("baseline") for t in trials}
+    assert {"source:s0", "source:s1", "default:task_arithmetic", "default:ties"} <= labels
+    summary = (run / "summary.md").read_text()
+    for label in ("source:s0", "source:s1", "default:ties", "best (trial"):
+        assert label in summary
+    best = max((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: (t.value, -t.number))
+    assert f"Best: trial {best.number}" in summary
+
+
+def test_rerun_resumes_and_reexport_is_stable(finished_run, fixture_config):
+    from evomerge.search import search
+
+    run = finished_run.run_dir
+    before = (run / "best" / "model.safetensors").read_bytes()
+    again = search(fixture_config, out=run, progress=False)       # nothing left to do: export again
+    assert again.best_trial == finished_run.best_trial
+    assert (run / "best" / "model.safetensors").read_bytes() == before
+    more = search(fixture_config, out=run, n_trials=9, progress=False)   # a larger budget resumes
+    import optuna
+
+    study = optuna.load_study(study_name="fixture", storage=f"sqlite:///{run / 'study.db'}")
+    assert sum(t.state.name == "COMPLETE" for t in study.get_trials()) == 9
+    assert more.best_trial is not None
+
+
+def test_export_a_given_trial(finished_run, tmp_path):
+    result = run_cli("export", str(finished_run.run_dir), "--trial", "0")
+    assert result.returncode == 0, result.stderr
+    from evomerge.recipe import Recipe
+
+    recipe = Recipe.from_yaml(finished_run.run_dir / "recipe.yaml")
+    assert recipe.provenance["trial"] == 0
+    assert run_cli("export", str(finished_run.run_dir), "--trial", "999").returncode == 2
+
+
+def test_a_failing_candidate_fails_its_trial_not_the_study(tmp_path, monkeypatch):
+    from evomerge.kernel import ResidentMerger
+    from evomerge.search import search
+
+    config = make_search_fixture(tmp_path / "fam", n_trials=5)
+    real = ResidentMerger.materialize
+    calls = {"n": 0}
+
+    def flaky(self, recipe, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(self, recipe, **kw)
+
+    monkeypatch.setattr(ResidentMerger, "materialize", flaky)
+    result = search(config, out=tmp_path / "run", progress=False)
+    rows = list(csv.DictReader((result.run_dir / "trials.csv").open()))
+    failed = [r for r in rows if r["state"] == "FAIL"]
+    assert len(failed) == 1 and "out of memory" in failed[0]["error"]
+    assert sum(r["state"] == "COMPLETE" for r in rows) == 5
+
+
+def _complete(db: Path) -> list[tuple[int, float]]:
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(db) as conn:
+            return conn.execute("select t.number, v.value from trials t join trial_values v using (trial_id) "
+                                "where t.state = 'COMPLETE' order by t.number").fetchall()
+    except sqlite3.Error:
+        return []
+
+
+def test_killed_search_resumes_without_losing_trials(tmp_path):
+    config = make_search_fixture(tmp_path / "fam", n_trials=10)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "evomerge", "search", str(config), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while len(_complete(out / "study.db")) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = _complete(out / "study.db")
+    assert 3 <= len(before) < 10
+    result = run_cli("search", str(config), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    after = _complete(out / "study.db")
+    assert len(after) == 10
+    assert set(before) <= set(after)                   # every completed trial kept, with its value
+    assert (out / "best" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("patch, expect", [
+    ({"bogus": 1}, "unknown key 'bogus'"),
+    ({"search": {"methods": ["tiez"]}}, "did you mean 'ties'"),
+    ({"search": {"sampler": "tpx"}}, "unknown sampler"),
+    ({"search": {"sampler": "cmaes", "methods": ["ties", "task_arithmetic"]}}, "cmaes searches one method only"),
+    ({"search": {"layer_groups": 9}}, "9 groups but the model has 4 layers"),
+    ({"objective": {}}, "objective"),
+    ({"objective": {"nope": 1.0}}, "unknown task 'nope'"),
+    ({"search": {"methods": ["slerp"]}}, "slerp"),
+    ({"search": {"n_trials": 0}}, "n_trials"),
+    ({"tasks": "missing.yaml"}, "missing.yaml"),
+])
+def test_bad_configs_exit_2_with_one_line_and_write_nothing(tmp_path, patch, expect):
+    import yaml
+
+    config = make_search_fixture(tmp_path / "fam")
+    data = yaml.safe_load(config.read_text())
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict) and value:
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    config.write_text(yaml.safe_dump(data))
+    out = tmp_path / "run"
+    result = run_cli("search", str(config), "--out", str(out))
+    assert result.returncode == 2, result.stderr
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and expect in err[0], err
+    assert str(config) in err[0]
+    assert not out.exists()

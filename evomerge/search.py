@@ -9,6 +9,7 @@ Rerunning the same command resumes the study until `n_trials` trials are done
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -83,11 +84,15 @@ def search(config: SearchConfig | str | Path, *, n_trials: int | None = None, st
     with SearchSession(config, storage_url=storage_url, device=device or config.device, progress=progress) as session:
         session.run(config.search.n_trials)
         result = RunResult(run_dir=run_dir, study_name=config.name, storage=storage_url)
-        if export:
-            from .export.run import export_run
+        if not export:
+            return result
+        if session.counts().get("RUNNING", 0):
+            print("other workers are still running trials: the last one to finish exports", flush=True)
+            return result
+        from .export.run import export_run
 
+        with _export_lock(run_dir):
             return export_run(session, run_dir, result=result)
-        return result
 
 
 class Workbench:
@@ -267,6 +272,19 @@ class SearchSession:
         if not done:
             return None
         return max(done, key=lambda t: (t.values[0], -t.number))
+
+
+@contextlib.contextmanager
+def _export_lock(run_dir: Path):
+    """One export at a time into a run folder (workers sharing a machine may finish together)."""
+    import fcntl
+
+    with open(run_dir / ".export.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _check_writable(run_dir: Path) -> None:

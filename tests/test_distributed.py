@@ -1,0 +1,88 @@
+"""Many workers on one PostgreSQL study (issue 7): exact budget, unique trials, a dead worker's trial retried.
+
+Needs the private server that .ci/run starts (EVOMERGE_TEST_POSTGRES); in CI a missing
+server fails these tests instead of skipping them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from modelfactory import make_search_fixture
+
+URL = os.environ.get("EVOMERGE_TEST_POSTGRES")
+
+if not URL:
+    if os.environ.get("CI"):
+        pytest.fail("CI must start PostgreSQL (.ci/postgres.sh) for the distributed tests", pytrace=False)
+    pytest.skip("no EVOMERGE_TEST_POSTGRES: run under .ci/run or source .ci/postgres.sh",
+                allow_module_level=True)
+
+pytestmark = pytest.mark.postgres
+
+
+def _worker(config, out, *extra):
+    return subprocess.Popen([sys.executable, "-m", "evomerge", "search", str(config), "--storage", URL,
+                             "--out", str(out), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _study(name):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=URL)
+
+
+def _config(tmp_path, n_trials):
+    name = f"dist-{uuid.uuid4().hex[:8]}"
+    config = make_search_fixture(tmp_path / "fam", n_trials=n_trials)
+    config.write_text(config.read_text().replace("name: fixture", f"name: {name}"))
+    return config, name
+
+
+def test_three_workers_share_one_budget(tmp_path):
+    config, name = _config(tmp_path, n_trials=12)
+    workers = [_worker(config, tmp_path / f"run{i}") for i in range(3)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), outputs
+    trials = _study(name).get_trials()
+    states = [t.state.name for t in trials]
+    assert states.count("COMPLETE") == 12
+    assert "RUNNING" not in states and "WAITING" not in states
+    assert len({t.number for t in trials}) == len(trials)
+    exported = [i for i in range(3) if (tmp_path / f"run{i}" / "best" / "model.safetensors").is_file()]
+    assert exported, "the last worker to finish exports"
+
+
+def test_a_killed_workers_trial_is_retried(tmp_path):
+    config, name = _config(tmp_path, n_trials=10)
+    first = _worker(config, tmp_path / "run0")
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            trials = _study(name).get_trials()
+        except KeyError:
+            trials = []
+        if sum(t.state.name == "COMPLETE" for t in trials) >= 2 and any(t.state.name == "RUNNING" for t in trials):
+            break
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)       # the only worker, so it dies mid-trial
+    first.wait()
+    killed = [t.number for t in _study(name).get_trials() if t.state.name == "RUNNING"]
+    assert killed
+    others = [_worker(config, tmp_path / f"run{i}") for i in (1, 2)]
+    outputs = [w.communicate(timeout=600)[0] for w in others]
+    assert all(w.returncode == 0 for w in others), outputs
+    trials = _study(name).get_trials()
+    by_number = {t.number: t for t in trials}
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 10
+    assert all(by_number[n].state.name == "FAIL" for n in killed)
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") in killed]
+    assert retried and all(t.state.name == "COMPLETE" for t in retried)
+    assert all(t.params == by_number[killed[0]].params for t in retried if t.system_attrs["failed_trial"] == killed[0])

@@ -153,7 +153,8 @@ def _eval(args: argparse.Namespace) -> int:
         from .sources import open_folder
 
         folder = open_folder(args.target, field="MODEL_OR_RECIPE")
-        model = AutoModelForCausalLM.from_pretrained(str(folder.path)).to(pick_device(args.device)).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(folder.path), use_safetensors=True,
+                                                     trust_remote_code=False).to(pick_device(args.device)).eval()
         tokenizer_path = folder.path
     from transformers import AutoTokenizer
 

@@ -50,6 +50,7 @@ class SearchConfig(_Frozen):
     vocab: Literal["error", "base"] = "error"
     limit: int | None = Field(None, ge=1)      # examples per task and split, subsampled with the seed
     memory_budget: int | str | None = None     # e.g. 2GB or auto: stream tensors from disk when sources exceed it
+    trust_remote_code: bool = False            # run a model's own Python code (only for sources you trust)
     out: str | None = None
     path: Path | None = Field(None, exclude=True)
 

@@ -47,8 +47,9 @@ class ResidentMerger:
     def __init__(self, sources: SourceSet, *, device: str | torch.device | None = "cpu",
                  dtype: str | None = None, seed: int = 0, methods: Iterable[str] = (),
                  build_model: bool = True, progress: bool = False,
-                 memory_budget: int | str | None = None) -> None:
+                 memory_budget: int | str | None = None, trust_remote_code: bool = False) -> None:
         self.sources = sources
+        self.trust_remote_code = trust_remote_code
         self.device = pick_device(device)
         self.seed = seed
         first = next(iter(sources.layout.tensors.values()))
@@ -103,7 +104,8 @@ class ResidentMerger:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=self.out_dtype, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=self.out_dtype, use_safetensors=True,
+                                                     trust_remote_code=self.trust_remote_code)
         return model.to(self.device).eval()
 
     def _output_slot(self, name: str, targets: dict, shape: torch.Size) -> torch.Tensor:

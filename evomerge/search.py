@@ -51,7 +51,10 @@ def open_study(config: SearchConfig, storage_url: str, *, sampler=None, pruner=N
                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
                              engine_kwargs={"pool_pre_ping": True})
     except Exception as err:  # bad URL, unreachable server, missing driver
-        raise InputError(f"cannot open the study storage: {type(err).__name__}: {str(err).splitlines()[0][:200]}",
+        from .export.run import safe_url
+
+        message = str(err).splitlines()[0][:200].replace(storage_url, safe_url(storage_url))
+        raise InputError(f"cannot open the study storage {safe_url(storage_url)}: {type(err).__name__}: {message}",
                          field="storage", fix="check the URL (sqlite:///path or postgresql://user@host/db)") from None
     directions = ["maximize"] * len(config.objectives)
     if create:
@@ -78,8 +81,10 @@ def search(config: SearchConfig | str | Path, *, n_trials: int | None = None, st
     _check_writable(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     storage_url = config.storage_url(run_dir, storage)
+    from .export.run import safe_url
+
     (run_dir / "run.json").write_text(json.dumps({"config": str(config.path.resolve()) if config.path else None,
-                                                  "storage": storage_url, "study": config.name,
+                                                  "storage": safe_url(storage_url), "study": config.name,
                                                   "device": device or config.device}, indent=2) + "\n")
     with SearchSession(config, storage_url=storage_url, device=device or config.device, progress=progress) as session:
         session.run(config.search.n_trials)
@@ -110,8 +115,10 @@ class Workbench:
         self.suite = load_tasks(tasks_path(config), seed=config.search.seed)
         self.merger = ResidentMerger(self.sources, device=device, dtype=config.dtype, seed=config.search.seed,
                                      methods=config.search.methods, progress=progress,
-                                     memory_budget=config.memory_budget)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.sources.anchor.path))
+                                     memory_budget=config.memory_budget,
+                                     trust_remote_code=config.trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.sources.anchor.path),
+                                                       trust_remote_code=config.trust_remote_code)
         self.evaluator = Evaluator(self.suite, self.merger.model, self.tokenizer, seed=config.search.seed,
                                    limit=config.limit)
 

@@ -23,11 +23,14 @@ Its continuation is then not known (None), only that it misses.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
+from . import extract as extract_rules
+from .codec import Codec
 from .forward import Batch, Runner, left_pad
 
 # Margin a drafted argmax needs over the runner-up, relative to max(1, |logit|): well above the difference
@@ -41,7 +44,6 @@ class GenExample:
     target: str
     context: list[int]
     draft: list[int]  # the target's tokens after the prompt, then EOS
-    n_target: int  # how many draft tokens belong to the target
     # filled in by a run; reset each call
     known: list[int] = field(default_factory=list)  # greedy's first tokens, proven
     output: list[int] | None = None  # greedy's whole output once settled
@@ -182,3 +184,57 @@ def redraft(ex: GenExample, text_so_far: str) -> tuple[str, str] | None:
     if head.startswith(want) and not head[len(want):].strip():  # the target and some whitespace: draft the end
         return ex.prompt + text_so_far, ""
     return None
+
+
+def generate(runner: Runner, codec: Codec, spec: Any, examples: list[GenExample], first: DraftBatch, *,
+             batch_size: int, stats: Counter[str]) -> tuple[dict[str, list[float]], list[str | None]]:
+    """Greedy generation for one batch of a task's examples: metrics per example and each continuation.
+
+    Round 1 verifies the target drafts (`first`, prebuilt) and gives the smooth metrics; round 2 re-drafts
+    from what round 1 proved; plain decoding finishes the rest. With `fast_path` off only decoding decides.
+    """
+    stopping = Stopping(codec.stop_ids, tuple(spec.stop), spec.max_new_tokens, codec.decode,
+                        early_exit=spec.fast_path and spec.extract == "strip" and codec.prefix_stable)
+    for ex in examples:
+        ex.known, ex.output, ex.hopeless = [], None, False
+    proven = verify(runner, first, smooth=examples)
+    if spec.fast_path:
+        _settle(examples, proven, stopping, stats, "target")
+        eos = [codec.eos_id] if codec.eos_id is not None else []
+        plans = [(ex, p) for ex in _open(examples) if (p := redraft(ex, codec.decode(ex.known))) is not None]
+        tails = codec.tails([p[0] for _, p in plans], [p[1] for _, p in plans])
+        todo = [(ex, ex.known + tail + eos) for (ex, _), tail in zip(plans, tails) if tail + eos]
+        for start in range(0, len(todo), batch_size):
+            part = todo[start:start + batch_size]
+            second = draft_batch([ex.context for ex, _ in part], [d for _, d in part], pad_id=codec.pad_id,
+                                 device=runner.device)
+            _settle([ex for ex, _ in part], verify(runner, second), stopping, stats, "redraft")
+    rest = sorted(_open(examples), key=lambda e: -len(e.context) - len(e.known))
+    for start in range(0, len(rest), batch_size):
+        decode(runner, rest[start:start + batch_size], stopping, pad_id=codec.pad_id)
+    stats["decoded"] += len(rest)
+    extract = extract_rules.extractor(spec.extract if isinstance(spec.extract, str) else spec.extract.model_dump())
+    texts = [None if ex.hopeless else stopping.text(ex.output) for ex in examples]
+    return {
+        "exact_match": [0.0 if text is None else extract_rules.exact_match(extract, text, ex.target)
+                        for text, ex in zip(texts, examples)],
+        "token_acc": [ex.token_acc for ex in examples],
+        "target_logprob": [ex.target_logprob for ex in examples],
+    }, texts
+
+
+def _open(examples: list[GenExample]) -> list[GenExample]:
+    return [ex for ex in examples if ex.output is None and not ex.hopeless]
+
+
+def _settle(examples: list[GenExample], proven: list[list[int]], stopping: Stopping, stats: Counter[str],
+            how: str) -> None:
+    for ex, known in zip(examples, proven):
+        if len(known) > len(ex.known) and known[:len(ex.known)] == ex.known:
+            ex.known = known
+        ex.output = stopping.settle(ex.known)
+        if ex.output is not None:
+            stats[how] += 1
+        elif stopping.hopeless(ex.known, ex.target):
+            ex.hopeless = True
+            stats["ruled out"] += 1

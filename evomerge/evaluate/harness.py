@@ -21,17 +21,16 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..errors import InputError, suggest
-from . import extract as extract_rules
 from .codec import Codec
 from .forward import Runner
-from .generate import DraftBatch, GenExample, Stopping, decode, draft_batch, redraft, verify
+from .generate import GenExample, draft_batch, generate
 from .result import EvalResult
-from .rows import ChoiceRow
 from .score import (ChoiceExample, build_choice_batch, build_text_batch, choice_loglikelihoods, choice_metrics,
                     text_nll, text_windows)
 from .tasks import SPLITS, TaskSuite, check_split, subsample
 
-DEFAULT_BATCH_SIZE = 64
+DEFAULT_BATCH_SIZE = 64  # rows per forward pass
+MAX_BATCH_TOKENS = 64 * 512  # fewer rows when they are long (a padded batch's tokens, roughly)
 
 
 @dataclass
@@ -126,7 +125,7 @@ class Evaluator:
             contexts = codec.prompts([r.prompt for r in rows])
             targets = codec.tails([r.prompt for r in rows], [r.target for r in rows])
             eos = [codec.eos_id] if codec.eos_id is not None else []
-            return [GenExample(r.prompt, r.target, ctx, t + eos, len(t)) for r, ctx, t in zip(rows, contexts, targets)]
+            return [GenExample(r.prompt, r.target, ctx, t + eos) for r, ctx, t in zip(rows, contexts, targets)]
         width = getattr(self.model.config, "max_position_embeddings", None) or 2048
         return [text_windows(codec.text_tokens(r.text), min(width, 2048)) for r in rows]
 
@@ -176,10 +175,15 @@ class Evaluator:
                       "generate": lambda e: len(e.context) + len(e.draft),
                       "perplexity": lambda e: sum(len(i) for i, _ in e)}[kind]
             indices = sorted(indices, key=lambda i: -length(examples[i]))
-            per_batch = self.batch_size
+            per_row = 1
             if kind == "choice" and not self.shared_prompt:
-                per_batch = max(1, self.batch_size // max(len(examples[i].continuations) for i in indices))
-            groups = [indices[i:i + per_batch] for i in range(0, len(indices), per_batch)]
+                per_row = max(len(examples[i].continuations) for i in indices)
+            groups, start = [], 0
+            while start < len(indices):  # at most batch_size rows, and a token budget for long rows
+                longest = max(length(examples[indices[start]]), 1)
+                take = max(1, min(self.batch_size, MAX_BATCH_TOKENS // longest) // per_row)
+                groups.append(indices[start:start + take])
+                start += take
             if kind == "choice":
                 work[name] = [(g, build_choice_batch([examples[i] for i in g], pad_id=self.codec.pad_id,
                                                      shared_prompt=self.shared_prompt, device=self.runner.device))
@@ -211,7 +215,8 @@ class Evaluator:
                 total[0] += sum(nll)
                 total[1] += sum(count)
             else:
-                found, texts = self._generate(spec, [examples[i] for i in indices], batch)
+                found, texts = generate(self.runner, self.codec, spec, [examples[i] for i in indices], batch,
+                                        batch_size=self.batch_size, stats=self.stats)
                 column = outputs.setdefault(name, [""] * n)
                 for i, text in zip(indices, texts):
                     column[i] = text
@@ -220,51 +225,6 @@ class Evaluator:
                 column = task_values.setdefault(metric, [0.0] * n)
                 for i, v in zip(indices, vals):
                     column[i] = v
-
-    def _generate(self, spec: Any, examples: list[GenExample], first: DraftBatch
-                  ) -> tuple[dict[str, list[float]], list[str | None]]:
-        codec, bs = self.codec, self.batch_size
-        stopping = Stopping(codec.stop_ids, tuple(spec.stop), spec.max_new_tokens, codec.decode,
-                            early_exit=spec.fast_path and spec.extract == "strip" and codec.prefix_stable)
-        for ex in examples:
-            ex.known, ex.output, ex.hopeless = [], None, False
-        open_ = lambda: [ex for ex in examples if ex.output is None and not ex.hopeless]  # noqa: E731
-        proven = verify(self.runner, first, smooth=examples)  # round 1: the target as the draft
-        if spec.fast_path:
-            self._settle(examples, proven, stopping, "target")
-        if spec.fast_path:  # round 2: re-drafted from the tokens greedy was proven to write first
-            plans = [(ex, p) for ex in open_() if (p := redraft(ex, codec.decode(ex.known))) is not None]
-            tails = codec.tails([p[0] for _, p in plans], [p[1] for _, p in plans])
-            eos = [codec.eos_id] if codec.eos_id is not None else []
-            todo = [(ex, ex.known + tail + eos) for (ex, _), tail in zip(plans, tails) if tail + eos]
-            for start in range(0, len(todo), bs):
-                part = [ex for ex, _ in todo[start:start + bs]]
-                second = draft_batch([ex.context for ex in part], [d for _, d in todo[start:start + bs]],
-                                     pad_id=codec.pad_id, device=self.runner.device)
-                self._settle(part, verify(self.runner, second), stopping, "redraft")
-        rest = sorted(open_(), key=lambda e: -len(e.context) - len(e.known))
-        for start in range(0, len(rest), bs):  # whatever the drafts left open: plain greedy decoding
-            decode(self.runner, rest[start:start + bs], stopping, pad_id=codec.pad_id)
-        self.stats["decoded"] += len(rest)
-        extract = extract_rules.extractor(spec.extract if isinstance(spec.extract, str) else spec.extract.model_dump())
-        texts = [None if ex.hopeless else stopping.text(ex.output) for ex in examples]
-        return {
-            "exact_match": [0.0 if text is None else extract_rules.exact_match(extract, text, ex.target)
-                            for text, ex in zip(texts, examples)],
-            "token_acc": [ex.token_acc for ex in examples],
-            "target_logprob": [ex.target_logprob for ex in examples],
-        }, texts
-
-    def _settle(self, examples: list[GenExample], proven: list[list[int]], stopping: Stopping, how: str) -> None:
-        for ex, known in zip(examples, proven):
-            if len(known) > len(ex.known) and known[:len(ex.known)] == ex.known:
-                ex.known = known
-            ex.output = stopping.settle(ex.known)
-            if ex.output is not None:
-                self.stats[how] += 1
-            elif stopping.hopeless(ex.known, ex.target):
-                ex.hopeless = True
-                self.stats["ruled out"] += 1
 
     def _lm_task(self, name: str) -> Any:
         if name not in self._lm_tasks:

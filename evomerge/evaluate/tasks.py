@@ -188,7 +188,7 @@ def load_tasks(path: str | Path, *, seed: int = 0) -> TaskSuite:
     raw = load_yaml(path)
     file = parse_task_file(raw, file=path)
     rows: dict[tuple[str, str], tuple[Any, ...]] = {}
-    for index, spec in enumerate(file.tasks):
+    for spec in file.tasks:
         where = f"tasks.{spec.name}"
         if spec.type == "lm_eval":
             from .lm_eval_backend import check_task

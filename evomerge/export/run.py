@@ -62,6 +62,9 @@ def reexport(run_dir: Path, *, trial: int | None = None, storage: str | None = N
     record = json.loads(record_path.read_text())
     config = load_config(record["config"])
     url = storage or record["storage"]
+    if ":***@" in url:
+        raise InputError("the run's storage URL has a password, which evomerge never writes down", file=record_path,
+                         fix="pass --storage with the full URL")
     with SearchSession(config, storage_url=url, device=record.get("device"), progress=False) as session:
         return export_run(session, run_dir, result=RunResult(run_dir=run_dir, study_name=config.name, storage=url),
                           trial=trial)
@@ -186,7 +189,7 @@ def summary_markdown(session, rows, best, recipe, plots: list[str]) -> str:
               f"other {max(total - merge - evaluation, 0):.1f} s); median {median:.2f} s per trial",
               f"- device: {session.merger.device} ({_device_name(session.merger.device)}), torch {torch.__version__}, "
               f"{platform.machine()} {platform.system()}",
-              f"- written {time.strftime('%Y-%m-%d %H:%M:%S')}; storage `{_safe_url(session.storage_url)}`",
+              f"- written {time.strftime('%Y-%m-%d %H:%M:%S')}; storage `{safe_url(session.storage_url)}`",
               "- rebuild the best model bit for bit: `evomerge merge recipe.yaml -o OUT`", ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
@@ -227,10 +230,11 @@ def _device_name(device) -> str:
     return platform.processor() or "cpu"
 
 
-def _safe_url(url: str) -> str:
+def safe_url(url: str) -> str:
     """A storage URL without its password."""
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
         creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':')[0]}:***@{host}"
+        if ":" in creds:
+            return f"{scheme}://{creds.split(':')[0]}:***@{host}"
     return url

@@ -134,6 +134,7 @@ def check_config(config: SearchConfig) -> None:
                                  fix=suggest(task, suite.names) or f"tasks in {config.tasks}: {', '.join(suite.names)}")
     sources = open_sources(config.base, config.sources, relative_to=config.relative_to, vocab=config.vocab, file=file)
     sources.layout.check_groups(config.search.layer_groups, file=file, field="search.layer_groups")
+    sources.anchor.require_tokenizer(file=file)
 
 
 def tasks_path(config: SearchConfig) -> Path:

@@ -237,7 +237,7 @@ def _float_dtype_of(sources: SourceSet) -> torch.dtype:
 def _progress(items: list, desc: str):
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=desc, leave=False)
+    return tqdm(items, desc=desc, leave=False, disable=None)   # shown on a terminal, silent in logs
 
 
 def open_recipe_sources(recipe: Recipe) -> SourceSet:

@@ -79,8 +79,10 @@ def search(config: SearchConfig | str | Path, *, n_trials: int | None = None, st
         config = config.model_copy(update={"search": config.search.model_copy(update=overrides)})
     run_dir = config.run_dir(str(out) if out else None)
     _check_writable(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     storage_url = config.storage_url(run_dir, storage)
+    if not storage_url.startswith("sqlite"):
+        open_study(config, storage_url)       # an unreachable server is bad input: found before anything is written
+    run_dir.mkdir(parents=True, exist_ok=True)
     from .export.run import safe_url
 
     (run_dir / "run.json").write_text(json.dumps({"config": str(config.path.resolve()) if config.path else None,

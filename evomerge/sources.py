@@ -32,6 +32,8 @@ _MLP = ("mlp", "ffn", "feed_forward", "fc1", "fc2", "gate_proj", "up_proj", "dow
         "intermediate", "dense_h_to_4h", "dense_4h_to_h", "experts", "w1", "w2", "w3")
 _EMBED = ("embed_tokens", "embed", "wte", "wpe", "word_embeddings", "tok_embeddings", "position_embeddings")
 _HEAD = ("lm_head", "embed_out", "output.weight", "score.weight")
+_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                   "spiece.model", "merges.txt")
 _PICKLE = ("pytorch_model.bin", "model.pt", "model.pth", "model.ckpt", "pytorch_model.bin.index.json")
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -131,6 +133,14 @@ class ModelFolder:
         for name, file in self.files.items():
             out[name] = _header_of(file)[name]
         return out
+
+    def has_tokenizer(self) -> bool:
+        return any((self.path / name).is_file() for name in _TOKENIZER_MARKERS)
+
+    def require_tokenizer(self, *, file: str | None = None) -> None:
+        if not self.has_tokenizer():
+            raise InputError(f"no tokenizer files in '{self.spec}' ({self.path})", file=file, field="base",
+                             fix="save the tokenizer into the model folder (tokenizer.save_pretrained)")
 
     def weight_files(self) -> list[Path]:
         return sorted(set(self.files.values()))

@@ -28,6 +28,7 @@ study seed, nested (the rows for limit 50 are among those for limit 100).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from dataclasses import dataclass, field
@@ -170,6 +171,12 @@ class TaskSuite:
 
     def primary_metric(self, name: str) -> str:
         return self.spec(name).metric
+
+    def with_options(self, name: str, **changes: Any) -> "TaskSuite":
+        """The same suite with one task's options changed (e.g. ``fast_path=False``), re-validated."""
+        spec = self.spec(name)
+        updated = type(spec).model_validate(spec.model_dump() | changes)
+        return dataclasses.replace(self, specs=tuple(updated if s.name == name else s for s in self.specs))
 
     def rows(self, name: str, split: str) -> tuple[Any, ...]:
         """The rows of one split of a data task, after `limit`."""

@@ -1,0 +1,410 @@
+"""The Evaluator on a real (tiny, trained) model: agreement with lm-eval example by example, the
+teacher-forced fast path against real decoding, determinism, report order, pruning, in-place weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import evomerge
+from evomerge.errors import InputError
+from evomerge.evaluate import Evaluator, EvalResult, load_tasks
+from evomerge.evaluate.lm_eval_backend import task_yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+GENERATE_VARIANTS = {  # one data file, several stopping and extraction rules
+    "inc": "max_new_tokens: 8",
+    "inc_short": "max_new_tokens: 2",
+    "inc_stop": 'max_new_tokens: 8\n    stop: ["5", " 0"]',
+    "inc_num": "max_new_tokens: 8\n    extract: last_number",
+    "inc_re": 'max_new_tokens: 8\n    extract: {regex: "(\\\\d) (\\\\d)"}',
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is many times faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def inc_example(rng: random.Random) -> tuple[str, str]:
+    xs = [rng.randrange(10) for _ in range(rng.randrange(1, 4))]
+    return f"inc {' '.join(map(str, xs))} =", " " + " ".join(str((x + 1) % 10) for x in xs)
+
+
+def train_toy(out: Path) -> None:
+    """A 2-layer Llama and a char-level WordLevel tokenizer, trained ~10 s on `inc`: right on most examples."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for c in "0123456789abcdefghijklmnopqrstuvwxyz =":
+        vocab[c] = len(vocab)
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                         eos_token_id=1, pad_token_id=0, bos_token_id=None, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    rng = random.Random(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        batch = [inc_example(rng) for _ in range(32)]
+        full = [tok(p + t)["input_ids"] + [1] for p, t in batch]
+        ids = torch.zeros(32, max(map(len, full)), dtype=torch.long)
+        labels = torch.full(ids.shape, -100)
+        for i, ((p, _), f) in enumerate(zip(batch, full)):
+            ids[i, :len(f)] = torch.tensor(f)
+            labels[i, len(p):len(f)] = ids[i, len(p):len(f)]
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("eval_toy")
+    train_toy(root / "model")
+    rng = random.Random(7)
+    gen = [dict(zip(("prompt", "target"), inc_example(rng))) for _ in range(120)]
+    for row in gen[::2]:
+        row["target"] = row["target"].strip()  # half written without the leading space the model emits
+    choices = []
+    for _ in range(80):
+        prompt, target = inc_example(rng)
+        wrong = {" " + " ".join(str(rng.randrange(10)) for _ in target.split()) for _ in range(4)} - {target}
+        options = sorted(wrong)[:3] + [target]
+        rng.shuffle(options)
+        choices.append({"prompt": prompt, "choices": options, "answer": options.index(target)})
+    texts = [{"text": p + t} for p, t in (inc_example(rng) for _ in range(24))]
+    write_jsonl(root / "data/inc.jsonl", gen)
+    write_jsonl(root / "data/pick.jsonl", choices)
+    write_jsonl(root / "data/text.jsonl", texts)
+    lines = ["tasks:"]
+    for name, extra in GENERATE_VARIANTS.items():
+        lines += [f"  - name: {name}", "    type: generate", "    data: data/inc.jsonl", f"    {extra}"]
+    lines += ["  - {name: pick, type: choice, data: data/pick.jsonl}",
+              "  - {name: text, type: perplexity, data: data/text.jsonl}"]
+    (root / "tasks.yaml").write_text("\n".join(lines) + "\n")
+    (root / "tasks_slow.yaml").write_text((root / "tasks.yaml").read_text().replace(
+        "type: generate", "type: generate\n    fast_path: false"))
+    model = AutoModelForCausalLM.from_pretrained(root / "model")
+    tokenizer = AutoTokenizer.from_pretrained(root / "model")
+    return {"root": root, "model": model, "tokenizer": tokenizer, "suite": load_tasks(root / "tasks.yaml")}
+
+
+@pytest.fixture(scope="module")
+def scored(toy) -> tuple[EvalResult, dict[str, int]]:
+    with Evaluator(toy["suite"], toy["model"], toy["tokenizer"], batch_size=16) as evaluator:
+        return evaluator.evaluate("heldout"), dict(evaluator.stats)
+
+
+@pytest.fixture(scope="module")
+def heldout(scored) -> EvalResult:
+    return scored[0]
+
+
+def run_lm_eval(toy: dict, tmp_path: Path, names: list[str]) -> dict:
+    """lm-eval, offline, on the same in-memory model and the same heldout rows (custom YAML tasks)."""
+    from lm_eval.evaluator import evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    suite = toy["suite"]
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        rows = [r.__dict__ | {"choices": list(r.choices)} if hasattr(r, "choices") else r.__dict__
+                for r in suite.rows(name, "heldout")]
+        data = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(task_yaml(suite.spec(name), data, task=f"lme_{name}")))
+    manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
+    lm = HFLM(pretrained=toy["model"], tokenizer=toy["tokenizer"], batch_size=16)
+    out = evaluate(lm=lm, task_dict=manager.load([f"lme_{n}" for n in names]), bootstrap_iters=0, log_samples=True)
+    return {name: sorted(out["samples"][f"lme_{name}"], key=lambda s: s["doc_id"]) for name in names}
+
+
+def test_toy_model_is_right_and_wrong(heldout: EvalResult) -> None:
+    assert 0.3 < heldout.primary("inc") < 1.0  # both paths of the generate code run
+    assert 0.5 < heldout.primary("pick") <= 1.0
+
+
+def test_choice_agrees_with_lm_eval(toy, heldout, tmp_path: Path) -> None:
+    from evomerge.evaluate.score import choice_loglikelihoods
+
+    samples = run_lm_eval(toy, tmp_path, ["pick"])["pick"]
+    assert [s["acc"] for s in samples] == heldout.examples["pick"]["acc"]
+    assert [s["acc_norm"] for s in samples] == heldout.examples["pick"]["acc_norm"]
+    # and the log-likelihoods themselves, choice by choice
+    evaluator = Evaluator(toy["suite"], toy["model"], toy["tokenizer"], batch_size=16)
+    with torch.inference_mode():
+        for indices, batch in evaluator._chunk("heldout", [("pick", i) for i in range(len(samples))]).work["pick"]:
+            ours = choice_loglikelihoods(evaluator.runner, batch)
+            for row, i in enumerate(indices):
+                theirs = torch.tensor([ll for (ll, _), in samples[i]["resps"]], dtype=torch.float64)
+                torch.testing.assert_close(ours[row, :len(theirs)], theirs, rtol=0, atol=1e-4)
+
+
+def test_generate_agrees_with_lm_eval(toy, heldout, tmp_path: Path) -> None:
+    samples = run_lm_eval(toy, tmp_path, list(GENERATE_VARIANTS))
+    for name, entries in samples.items():
+        assert [s["exact_match"] for s in entries] == heldout.examples[name]["exact_match"], name
+        texts = [s["resps"][0][0] for s in entries]  # and the continuations themselves, where decoded
+        assert [t if o is not None else None for t, o in zip(texts, heldout.outputs[name])] == heldout.outputs[name]
+
+
+def reference_generations(toy: dict, name: str) -> list[str]:
+    """HF `generate`, one example at a time, pure greedy (a clean GenerationConfig), then the stop-string cut."""
+    from transformers import GenerationConfig
+
+    spec, tok, model = toy["suite"].spec(name), toy["tokenizer"], toy["model"]
+    config = GenerationConfig(max_new_tokens=spec.max_new_tokens, do_sample=False, num_beams=1,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    out = []
+    for row in toy["suite"].rows(name, "heldout"):
+        ids = tok(row.prompt, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            tokens = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        text = tok.decode(tokens[0, ids.shape[1]:], skip_special_tokens=True)
+        for stop in spec.stop:
+            text = text.split(stop)[0]
+        out.append(text)
+    return out
+
+
+def test_fast_path_equals_real_decoding(toy, heldout, scored) -> None:
+    slow_suite = load_tasks(toy["root"] / "tasks_slow.yaml")
+    with Evaluator(slow_suite, toy["model"], toy["tokenizer"], batch_size=16) as evaluator:
+        slow = evaluator.evaluate("heldout")
+        assert set(evaluator.stats) == {"decoded"}
+    stats = scored[1]  # every way of settling an example was taken
+    assert min(stats["target"], stats["redraft"], stats["ruled out"], stats["decoded"]) > 0, stats
+    assert stats["target"] + stats["redraft"] + stats["ruled out"] > 3 * stats["decoded"], stats
+    for name in GENERATE_VARIANTS:
+        reference = reference_generations(toy, name)
+        assert slow.outputs[name] == reference, name
+        assert [r if o is not None else None for r, o in zip(reference, heldout.outputs[name])] == heldout.outputs[name]
+        assert heldout.examples[name] == slow.examples[name], name  # exact_match, token_acc, target_logprob
+
+
+def test_fast_path_equals_decoding_in_bfloat16(toy) -> None:
+    """bfloat16 logits are coarse: near ties are common, and the margin sends them to real decoding."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(toy["root"] / "model", dtype=torch.bfloat16).eval()
+    evaluator = Evaluator(toy["suite"], model, toy["tokenizer"], batch_size=16)
+    fast = evaluator.evaluate("heldout")
+    slow = Evaluator(load_tasks(toy["root"] / "tasks_slow.yaml"), model, toy["tokenizer"], batch_size=16).evaluate(
+        "heldout")
+    assert evaluator.stats["target"] > evaluator.stats["decoded"] > 0
+    for name in GENERATE_VARIANTS:
+        assert fast.examples[name]["exact_match"] == slow.examples[name]["exact_match"], name
+        assert all(f is None or f == s for f, s in zip(fast.outputs[name], slow.outputs[name])), name
+
+
+def test_shared_prompt_layout_equals_one_row_per_choice(toy) -> None:
+    results = {}
+    for shared in (True, False):
+        with Evaluator(toy["suite"], toy["model"], toy["tokenizer"], batch_size=8, shared_prompt=shared) as ev:
+            assert ev.shared_prompt is shared
+            results[shared] = ev.evaluate("search")
+    assert results[True].examples["pick"] == results[False].examples["pick"]
+    assert Evaluator(toy["suite"], toy["model"], toy["tokenizer"]).shared_prompt  # detected for Llama
+
+
+def test_perplexity_matches_the_model_loss(toy, heldout) -> None:
+    tok, model = toy["tokenizer"], toy["model"]
+    nll = count = 0.0
+    for row in toy["suite"].rows("text", "heldout"):
+        ids = torch.tensor([[tok.eos_token_id] + tok(row.text)["input_ids"]])  # no BOS: EOS leads, as in lm-eval
+        with torch.inference_mode():
+            loss = model(input_ids=ids, labels=ids).loss.item()
+        nll += loss * (ids.shape[1] - 1)
+        count += ids.shape[1] - 1
+    assert heldout.primary("text") == pytest.approx(-nll / count, rel=1e-5)
+
+
+def test_deterministic_with_seeded_interleaved_reports(toy, heldout) -> None:
+    def run(seed: int, limit: int | None = None):
+        steps: list[tuple[int, float]] = []
+        with Evaluator(toy["suite"], toy["model"], toy["tokenizer"], seed=seed, limit=limit, batch_size=16) as ev:
+            result = ev.evaluate("heldout", report=lambda step, value: steps.append((step, value)))
+            again = ev.evaluate("heldout")
+        assert again.to_json() == result.to_json()
+        return result, steps
+
+    first, steps = run(0)
+    second, steps_again = run(0)
+    assert first.to_json() == second.to_json() == heldout.to_json() and steps == steps_again
+    assert [s for s, _ in steps] == list(range(sum(int(t["n"]) for t in first.tasks.values())))
+    other, other_steps = run(1)  # another order and other batches: the same scores, up to float rounding
+    assert other_steps != steps and other.tasks.keys() == first.tasks.keys()
+    for name, metrics in first.tasks.items():
+        assert other.tasks[name] == pytest.approx(metrics, rel=1e-6), name
+    # the first batch's worth of reports already mixes tasks
+    evaluator = Evaluator(toy["suite"], toy["model"], toy["tokenizer"], batch_size=16)
+    assert len({name for name, _ in evaluator._plan("heldout", tuple(toy["suite"].names))[0].order[:16]}) >= 4
+    # a limit draws the same subset on every call and for every Evaluator
+    limited, _ = run(0, limit=10)
+    again, _ = run(0, limit=10)
+    assert limited.to_json() == again.to_json() and limited.tasks["inc"]["n"] == 10
+
+
+def test_objective_weights_reports_and_pruning(toy) -> None:
+    import optuna
+
+    steps: list[float] = []
+    with Evaluator(toy["suite"], toy["model"], toy["tokenizer"], batch_size=16) as evaluator:
+        result = evaluator.evaluate("search", report=lambda s, v: steps.append(v), objective={"inc": 2.0, "pick": 1.0})
+        assert len(steps) == result.tasks["inc"]["n"] + result.tasks["pick"]["n"]
+        assert set(steps) <= {0.0, 1.0, 2.0} and 2.0 in steps
+        assert set(result.tasks) == set(toy["suite"].names)  # every task is scored; only weighted ones reported
+        assert result.objective({"inc": 2.0, "pick": 1.0}) == pytest.approx(
+            (2 * result.primary("inc") + result.primary("pick")) / 3)
+
+        def prune(step: int, value: float) -> None:
+            if step == 5:
+                raise optuna.TrialPruned()
+
+        with pytest.raises(optuna.TrialPruned):
+            evaluator.evaluate("search", report=prune)
+        with pytest.raises(InputError, match="objective names unknown task 'incc'.*did you mean"):
+            evaluator.evaluate("search", objective={"incc": 1.0})
+
+
+def test_weights_overwritten_in_place_are_seen(toy, heldout) -> None:
+    model, tokenizer = toy["model"], toy["tokenizer"]
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    evaluator = Evaluator(toy["suite"], model, tokenizer, batch_size=16)
+    try:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.2)
+        changed = evaluator.evaluate("heldout")
+        fresh = Evaluator(toy["suite"], model, tokenizer, batch_size=16).evaluate("heldout")
+        assert changed.to_json() == fresh.to_json() != heldout.to_json()
+    finally:
+        model.load_state_dict(saved)
+    assert evaluator.evaluate("heldout").to_json() == heldout.to_json()
+
+
+def test_lm_eval_task_type_in_the_suite(toy, tmp_path: Path) -> None:
+    full = [json.loads(line) for line in (toy["root"] / "data/pick.jsonl").read_text().splitlines()]
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    spec = toy["suite"].spec("pick")
+    (custom / "pick.yaml").write_text(yaml.safe_dump(task_yaml(spec, toy["root"] / "data/pick.jsonl", task="toy_pick")))
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text("tasks:\n  - {name: lme, type: lm_eval, task: toy_pick, include_path: custom, metric: acc_norm}\n"
+                     "  - {name: same, type: choice, data: {search: same.jsonl, heldout: same.jsonl}}\n")
+    write_jsonl(tmp_path / "same.jsonl", full)
+    evaluator = Evaluator(load_tasks(tasks), toy["model"], toy["tokenizer"], batch_size=16)
+    documents = evaluator._lm_task("lme").documents("heldout", seed=0, limit=None)
+    write_jsonl(tmp_path / "same.jsonl", [full[i] for _, i in documents])  # the built-in task on those rows
+    evaluator = Evaluator(load_tasks(tasks), toy["model"], toy["tokenizer"], batch_size=16)
+    steps: list[tuple[int, float]] = []
+    result = evaluator.evaluate("heldout", report=lambda s, v: steps.append((s, v)))
+    assert result.tasks["lme"]["n"] == len(documents) == result.tasks["same"]["n"]
+    assert result.examples["lme"]["acc_norm"] == result.examples["same"]["acc_norm"]
+    assert result.examples["lme"]["acc"] == result.examples["same"]["acc"]
+    assert result.primary("lme") == result.tasks["same"]["acc_norm"]
+    assert len(steps) == 2 * len(documents)
+
+
+def test_evaluate_function_and_result_format(toy) -> None:
+    result = evomerge.evaluate(toy["model"], tasks=toy["root"] / "tasks.yaml", split="heldout", limit=5)
+    data = result.to_json()
+    assert data["split"] == "heldout" and data["tasks"]["inc"]["n"] == 5
+    assert set(data["tasks"]["inc"]) == {"exact_match", "token_acc", "target_logprob", "n"}
+    json.dumps(data)
+    table = result.format_table()
+    assert "exact_match*" in table and "neg_log_ppl*" in table and "split: heldout" in table
+
+
+def test_import_is_light() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, evomerge.evaluate as e; e.load_tasks; heavy = {'torch', 'lm_eval', 'datasets', 'transformers'}; "
+            "loaded = sorted(m for m in sys.modules if m.split('.')[0] in heavy); assert not loaded, loaded[:5]")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_on_cuda_fast_path_equals_decoding(toy, heldout, dtype) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(toy["root"] / "model", dtype=dtype).cuda().eval()
+    fast = Evaluator(toy["suite"], model, toy["tokenizer"], batch_size=16).evaluate("heldout")
+    slow = Evaluator(load_tasks(toy["root"] / "tasks_slow.yaml"), model, toy["tokenizer"], batch_size=16).evaluate(
+        "heldout")
+    for name in GENERATE_VARIANTS:
+        assert fast.examples[name]["exact_match"] == slow.examples[name]["exact_match"], name
+        assert all(f is None or f == s for f, s in zip(fast.outputs[name], slow.outputs[name])), name
+    if dtype == torch.float32:  # the same decisions as on the CPU
+        for name in [*GENERATE_VARIANTS, "pick"]:
+            assert fast.examples[name][fast.primary_metrics[name]] == heldout.examples[name][heldout.primary_metrics[name]]
+
+
+@pytest.fixture(scope="module")
+def zoo_root(request) -> Path:
+    try:
+        zoo = request.getfixturevalue("zoo")  # tests/conftest.py: the local model zoo, built once per session
+    except pytest.FixtureLookupError:
+        pytest.skip("no `zoo` fixture in tests/conftest.py yet")
+    return Path(zoo if isinstance(zoo, (str, os.PathLike)) else zoo.root)
+
+
+def test_zoo_tasks_agree_with_lm_eval_and_decoding(zoo_root: Path, tmp_path: Path) -> None:
+    """The zoo's own task file: every choice and generate task, scored by its expert (else the base), equals
+    lm-eval example by example; the fast path equals plain decoding."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    suite = load_tasks(zoo_root / "tasks.yaml")
+    names = [n for n in suite.names if suite.spec(n).type in ("choice", "generate")]
+    assert names
+    for name in names:
+        folder = zoo_root / name if (zoo_root / name / "config.json").is_file() else zoo_root / "base"
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        toy = {"suite": suite, "model": model, "tokenizer": tokenizer}
+        ours = Evaluator(suite, model, tokenizer, batch_size=32).evaluate("heldout")
+        samples = run_lm_eval(toy, tmp_path / name, [name])[name]
+        metric = suite.primary_metric(name)
+        if suite.spec(name).type == "choice":
+            assert [s["acc"] for s in samples] == ours.examples[name]["acc"], name
+            assert [s["acc_norm"] for s in samples] == ours.examples[name]["acc_norm"], name
+        else:
+            assert [s["exact_match"] for s in samples] == ours.examples[name]["exact_match"], name
+            slow = Evaluator(suite.with_options(name, fast_path=False), model, tokenizer, batch_size=32).evaluate(
+                "heldout")
+            assert slow.examples[name]["exact_match"] == ours.examples[name]["exact_match"], name
+            assert slow.examples[name]["token_acc"] == ours.examples[name]["token_acc"], name
+            assert all(o is None or o == s for o, s in zip(ours.outputs[name], slow.outputs[name])), name
+        assert ours.tasks[name][metric] == pytest.approx(sum(s[metric] for s in samples) / len(samples)), name

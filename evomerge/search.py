@@ -56,6 +56,8 @@ def open_study(config: SearchConfig, storage_url: str, *, sampler=None, pruner=N
         message = str(err).splitlines()[0][:200].replace(storage_url, safe_url(storage_url))
         raise InputError(f"cannot open the study storage {safe_url(storage_url)}: {type(err).__name__}: {message}",
                          field="storage", fix="check the URL (sqlite:///path or postgresql://user@host/db)") from None
+    if storage_url.startswith("sqlite"):
+        _fast_sqlite(storage)
     directions = ["maximize"] * len(config.objectives)
     if create:
         return optuna.create_study(study_name=config.name, storage=storage, sampler=sampler, pruner=pruner,
@@ -281,6 +283,24 @@ class SearchSession:
         if not done:
             return None
         return max(done, key=lambda t: (t.values[0], -t.number))
+
+
+def _fast_sqlite(storage) -> None:
+    """WAL journal with normal sync: a commit per suggested parameter costs ~0.1 ms instead of ~10 ms.
+
+    A killed process loses nothing it committed; only a power cut can drop the last commits.
+    """
+    from sqlalchemy import event
+
+    def pragmas(connection, _record) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    event.listen(storage.engine, "connect", pragmas)
+    storage.engine.dispose()
 
 
 @contextlib.contextmanager

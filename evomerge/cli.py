@@ -149,8 +149,11 @@ def _eval(args: argparse.Namespace) -> int:
         model, tokenizer_path = merger.model, merger.sources.anchor.path
     else:
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
 
         from .sources import open_folder
+
+        hf_logging.disable_progress_bar()
 
         folder = open_folder(args.target, field="MODEL_OR_RECIPE")
         model = AutoModelForCausalLM.from_pretrained(str(folder.path), use_safetensors=True,

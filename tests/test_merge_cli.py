@@ -1,0 +1,352 @@
+"""`evomerge merge` and `evomerge validate`: reproducible bytes, a loadable folder equal to the kernel's
+tensors, provenance in the metadata, in-place candidates without residue, and bad input refused with
+exit code 2, one line on stderr and nothing written."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import evomerge
+from evomerge.cli import main
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(__file__))
+
+from modelfactory import make_family  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return make_family(tmp_path_factory.mktemp("models"), arch="llama", k=3, layers=4)
+
+
+def write_recipe(folder: Path, family, **changes) -> Path:
+    base, sources = family
+    recipe = {
+        "evomerge_recipe": 1, "method": "ties", "base": str(base), "sources": [str(s) for s in sources],
+        "seed": 1234, "layer_groups": 2, "lambda": 1.0,
+        "parameters": {"s0": {"weight": [0.8, 0.6], "density": [0.5, 0.7]},
+                       "s1": {"weight": 0.7, "density": 0.5},
+                       "s2": {"weight": [0.3, 1.1], "density": 0.3}},
+        "filters": {"attn": {"s1": {"density": [0.2, 0.4]}}},
+    }
+    for key, value in changes.items():
+        if value is None:
+            recipe.pop(key, None)
+        else:
+            recipe[key] = value
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "evomerge", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=300)
+
+
+def listing(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+# ------------------------------------------------------------------------------------------------
+# Reproducible, loadable, traceable output
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_merge_twice_gives_identical_bytes(family, tmp_path, method):
+    recipe = write_recipe(tmp_path, family, method=method)
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "a")]) == 0
+    if method == "dare_ties":   # the second run in another process: the random masks reproduce there too
+        done = cli("merge", str(recipe), "-o", str(tmp_path / "b"), cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    else:
+        assert main(["merge", str(recipe), "-o", str(tmp_path / "b")]) == 0
+    first = sorted((tmp_path / "a").glob("*.safetensors"))
+    assert [p.name for p in first] == ["model.safetensors"]
+    for file in first:
+        one, two = file.read_bytes(), (tmp_path / "b" / file.name).read_bytes()
+        head_one, head_two = 8 + int.from_bytes(one[:8], "little"), 8 + int.from_bytes(two[:8], "little")
+        assert one[head_one:] == two[head_two:], "tensor data differ"
+        assert one[:head_one] == two[:head_two], f"headers differ: {one[8:head_one]!r} != {two[8:head_two]!r}"
+    for name in ("config.json", "recipe.yaml", "README.md"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_folder_loads_and_equals_the_kernel(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.kernel import merger_for
+    from evomerge.recipe import Recipe
+
+    path = write_recipe(tmp_path, family, method="della", parameters={
+        "s0": {"weight": 0.9, "density": 0.5, "epsilon": 0.1},
+        "s1": {"weight": [0.4, 0.8], "density": 0.6},
+        "s2": {"weight": 0.5, "density": [0.4, 0.3], "epsilon": [0.1, 0.2]}})
+    assert main(["merge", str(path), "-o", str(tmp_path / "out")]) == 0
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+    state = model.state_dict()
+    recipe = Recipe.from_yaml(path)
+    with merger_for(recipe) as merger:
+        expected = merger.state_dict()
+        assert set(expected) <= set(state)
+        for name, tensor in expected.items():
+            assert torch.equal(state[name], tensor), name
+            assert not torch.equal(tensor, merger.sources.base.read(name)) or "norm" in name
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 3, 4]])).logits
+    assert bool(torch.isfinite(logits).all())
+
+
+def test_metadata_holds_recipe_hash_and_version(family, tmp_path):
+    from evomerge.recipe import Recipe
+
+    path = write_recipe(tmp_path, family)
+    assert main(["merge", str(path), "-o", str(tmp_path / "out")]) == 0
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="pt") as fh:
+        metadata = fh.metadata()
+    recipe = Recipe.from_yaml(path)
+    assert metadata["evomerge_recipe_sha256"] == recipe.sha256()
+    assert len(recipe.sha256()) == 64
+    assert metadata["evomerge_version"] == evomerge.__version__
+    written = Recipe.from_yaml(tmp_path / "out" / "recipe.yaml")      # the folder's recipe rebuilds the model
+    assert written.sha256() == recipe.sha256()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "ties" in card and "evomerge merge" in card
+
+
+def test_resident_kernel_leaves_no_residue(family):
+    """materialize(A), then B, then A again: the parameters equal a fresh merge of A, in the same storage."""
+    from evomerge.kernel import ResidentMerger, merger_for
+    from evomerge.recipe import Recipe
+    from evomerge.sources import open_sources
+
+    base, sources = family
+    common = {"base": str(base), "sources": [str(s) for s in sources], "layer_groups": 2}
+    a = Recipe.from_dict({**common, "method": "ties", "seed": 1,
+                          "parameters": {"s0": {"weight": [0.8, 0.6], "density": [0.5, 0.7]},
+                                         "s2": {"density": 0.123}}})
+    b = Recipe.from_dict({**common, "method": "dare_ties", "seed": 2, "lambda": 1.4,
+                          "parameters": {"s1": {"weight": -0.5, "density": 0.3}}})
+    c = Recipe.from_dict({**common, "method": "task_arithmetic", "parameters": {"s0": {"weight": 3.0}}})
+    merger = ResidentMerger(open_sources(a.base, a.sources), seed=a.seed, methods=["ties", "dare_ties"])
+    params = dict(merger.model.named_parameters())
+    pointers = {n: p.data_ptr() for n, p in params.items()}
+    merger.materialize(a)
+    first = {n: p.detach().clone() for n, p in params.items()}
+    for recipe in (b, c, a):
+        merger.materialize(recipe)
+        if recipe is not a:
+            assert any(not torch.equal(p, first[n]) for n, p in params.items())
+    fresh = merger_for(a).model.state_dict()
+    for name, param in params.items():
+        assert param.data_ptr() == pointers[name], f"{name} was reallocated, not written in place"
+        assert torch.equal(param, first[name]), name
+        assert torch.equal(param, fresh[name]), name
+
+
+def test_validate_reads_no_weights(family, tmp_path, monkeypatch, capsys):
+    import safetensors
+    import safetensors.torch
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(safetensors, "safe_open", forbidden)
+    monkeypatch.setattr(safetensors.torch, "load_file", forbidden)
+    monkeypatch.setattr(torch, "load", forbidden)
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", forbidden)
+    path = write_recipe(tmp_path, family)
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "valid recipe" in out and "4 layers" in out
+    assert listing(tmp_path) == {"recipe.yaml"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: exit code 2, one line on stderr, nothing written
+
+
+def assert_refused(rc: int, stderr: str, *needles: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert rc == 2, stderr
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("evomerge: error:") and "Traceback" not in stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def refused_in_process(capsys, recipe: Path, *needles: str, command: str = "merge") -> str:
+    folder = recipe.parent
+    before = listing(folder)
+    args = ["merge", str(recipe), "-o", str(folder / "out")] if command == "merge" else ["validate", str(recipe)]
+    rc = main(args)
+    captured = capsys.readouterr()
+    line = assert_refused(rc, captured.err, *needles)
+    assert listing(folder) == before, "something was written"
+    return line
+
+
+def _pickled_copy(folder: Path, target: Path) -> Path:
+    target.mkdir(parents=True)
+    shutil.copy(folder / "config.json", target / "config.json")
+    torch.save(load_file(str(folder / "model.safetensors")), target / "pytorch_model.bin")
+    return target
+
+
+def _edited_copy(folder: Path, target: Path, edit) -> Path:
+    shutil.copytree(folder, target)
+    tensors = load_file(str(target / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+    return target
+
+
+def test_missing_source_subprocess(family, tmp_path):
+    base, sources = family
+    recipe = write_recipe(tmp_path / "r", family, sources=[str(sources[0]), str(tmp_path / "no_such_model")],
+                          parameters={"s0": {"weight": 1.0}}, filters=None)
+    before = listing(tmp_path)
+    done = cli("merge", str(recipe), "-o", str(tmp_path / "out"), cwd=tmp_path)
+    assert_refused(done.returncode, done.stderr, "no_such_model", "sources[1]")
+    assert listing(tmp_path) == before
+
+
+def test_unknown_method_subprocess_suggests(family, tmp_path):
+    recipe = write_recipe(tmp_path / "r", family, method="tie")
+    done = cli("merge", str(recipe), "-o", str(tmp_path / "out"), cwd=tmp_path)
+    assert_refused(done.returncode, done.stderr, "unknown merge method 'tie'", "did you mean 'ties'", "recipe.yaml")
+    assert not (tmp_path / "out").exists()
+    done = cli("validate", str(recipe), cwd=tmp_path)
+    assert_refused(done.returncode, done.stderr, "did you mean 'ties'")
+
+
+def test_output_exists_subprocess_then_force(family, tmp_path):
+    recipe = write_recipe(tmp_path / "r", family)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("keep me")
+    done = cli("merge", str(recipe), "-o", str(out), cwd=tmp_path)
+    assert_refused(done.returncode, done.stderr, "already exists", "--force")
+    assert listing(out) == {"old.txt"}
+    assert main(["merge", str(recipe), "-o", str(out), "--force"]) == 0
+    assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no partial or old folders left
+
+
+def test_shape_mismatch_names_the_tensor(family, tmp_path, capsys):
+    base, sources = family
+    name = "model.layers.1.self_attn.k_proj.weight"
+    odd = _edited_copy(sources[2], tmp_path / "models" / "s2", lambda t: t.__setitem__(name, torch.zeros(8, 32)))
+    recipe = write_recipe(tmp_path / "r", family, sources=[str(sources[0]), str(sources[1]), str(odd)])
+    refused_in_process(capsys, recipe, name, "shape mismatch", "[8, 32]", "[16, 32]")
+
+
+def test_vocabulary_mismatch(family, tmp_path, capsys):
+    base, sources = family
+
+    def grow(tensors):
+        for n in ("model.embed_tokens.weight", "lm_head.weight"):
+            tensors[n] = torch.cat([tensors[n], torch.zeros(2, 32)])
+
+    odd = _edited_copy(sources[1], tmp_path / "models" / "s1", grow)
+    specs = [str(sources[0]), str(odd), str(sources[2])]
+    recipe = write_recipe(tmp_path / "r", family, sources=specs)
+    refused_in_process(capsys, recipe, "vocabulary", "vocab: base")
+    # and with the policy stated, the merge goes through with the base's vocabulary
+    recipe = write_recipe(tmp_path / "ok", family, sources=specs, vocab="base")
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "ok" / "out")]) == 0
+    merged = load_file(str(tmp_path / "ok" / "out" / "model.safetensors"))
+    assert merged["model.embed_tokens.weight"].shape == (48, 32)
+
+
+def test_pickle_only_checkpoint(family, tmp_path, capsys):
+    base, sources = family
+    pickled = _pickled_copy(sources[0], tmp_path / "models" / "s0")
+    recipe = write_recipe(tmp_path / "r", family, sources=[str(pickled), str(sources[1]), str(sources[2])])
+    refused_in_process(capsys, recipe, "pickle-only", "safetensors")
+    refused_in_process(capsys, recipe, "pickle-only", command="validate")
+
+
+@pytest.mark.parametrize("density", [0, -0.1, 1.5])
+def test_density_outside_zero_one(family, tmp_path, capsys, density):
+    recipe = write_recipe(tmp_path / "r", family, parameters={"s0": {"density": density}})
+    refused_in_process(capsys, recipe, "parameters.s0.density", "(0, 1]")
+
+
+def test_density_in_a_group_list_outside_zero_one(family, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r", family, parameters={"s1": {"density": [0.5, 1.01]}})
+    refused_in_process(capsys, recipe, "parameters.s1.density[1]")
+
+
+def test_weights_summing_to_zero_under_normalize(family, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r", family, method="linear", base=None, filters=None, **{"lambda": None},
+                          parameters={"s0": {"weight": 1.0}, "s1": {"weight": -0.5}, "s2": {"weight": -0.5}})
+    refused_in_process(capsys, recipe, "sum to 0", "normalize")
+    # normalize off: a legal (if odd) recipe
+    recipe = write_recipe(tmp_path / "ok", family, method="linear", base=None, filters=None, normalize=False,
+                          **{"lambda": None}, parameters={"s0": {"weight": 1.0}, "s1": {"weight": -0.5}, "s2": {"weight": -0.5}})
+    assert main(["validate", str(recipe)]) == 0
+
+
+def test_weights_summing_to_zero_in_one_filter_slot(family, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r", family, method="linear", base=None, **{"lambda": None},
+                          parameters={"s0": {"weight": 1.0}, "s1": {"weight": 1.0}, "s2": {"weight": 1.0}},
+                          filters={"io": {"s0": {"weight": -2.0}}})
+    refused_in_process(capsys, recipe, "sum to 0", "io")
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_slerp_needs_exactly_two_models(family, tmp_path, capsys, count):
+    base, sources = family
+    recipe = write_recipe(tmp_path / "r", family, method="slerp", parameters=None, filters=None,
+                          **{"lambda": None, "t": 0.5}, sources=[str(s) for s in sources[:count]])
+    refused_in_process(capsys, recipe, "slerp", "two models")
+
+
+@pytest.mark.parametrize("density, epsilon", [(0.9, 0.15), (0.1, 0.1), (0.05, 0.2)])
+def test_della_density_plus_minus_epsilon(family, tmp_path, capsys, density, epsilon):
+    recipe = write_recipe(tmp_path / "r", family, method="della",
+                          parameters={"s0": {"density": density, "epsilon": epsilon}})
+    refused_in_process(capsys, recipe, "epsilon", "(0, 1]")
+
+
+def test_more_layer_groups_than_layers(family, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r", family, layer_groups=5, parameters={"s0": {"weight": [1, 1, 1, 1, 1]}},
+                          filters=None)
+    refused_in_process(capsys, recipe, "layer_groups", "5 groups", "4 layers")
+
+
+def test_unknown_recipe_key(family, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r", family, lamda=0.5)
+    refused_in_process(capsys, recipe, "unknown key 'lamda'", "did you mean 'lambda'")
+    recipe = write_recipe(tmp_path / "p", family, parameters={"s0": {"weight": 1.0, "densty": 0.5}})
+    refused_in_process(capsys, recipe, "parameters.s0.densty")
+
+
+def test_duplicate_yaml_key(family, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r", family)
+    recipe.write_text(recipe.read_text() + "method: linear\n")
+    refused_in_process(capsys, recipe, "duplicate key 'method'")
+
+
+def test_missing_recipe_file(tmp_path, capsys):
+    rc = main(["merge", str(tmp_path / "nope.yaml"), "-o", str(tmp_path / "out")])
+    assert_refused(rc, capsys.readouterr().err, "nope.yaml")
+    assert listing(tmp_path) == set()

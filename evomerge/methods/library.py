@@ -15,8 +15,8 @@ import torch
 from .base import (DENSITY, EPSILON, GAMMA, LAMBDA, REGISTRY, RESCALE, SLERP_T, WEIGHT, MethodSpec,
                    normalize)
 from .context import TensorContext
-from .primitives import (breadcrumbs_counts, elect_and_merge, l1_rescale, per_source, ties_keep_count,
-                         weighted_sum)
+from .primitives import (breadcrumbs_counts, elect_and_merge, ge_mask_, l1_rescale, lt_mask, per_source,
+                         ties_keep_count, weighted_sum)
 
 # ---------------------------------------------------------------------------------------------
 # Sparsifications: (K, *S) task vectors -> (K, *S) kept (and rescaled) task vectors
@@ -27,7 +27,7 @@ def magnitude_trim(ctx: TensorContext, density: Sequence[float]) -> torch.Tensor
     taus = [0.0 if d >= 1 else ctx.kth_largest(i, ties_keep_count(d, ctx.numel))
             for i, d in enumerate(density)]
     tau = per_source(torch.tensor(taus, dtype=ctx.deltas.dtype, device=ctx.deltas.device), ctx.deltas)
-    return torch.where(ctx.deltas.abs() >= tau, ctx.deltas, 0.0)
+    return ge_mask_(ctx.deltas.abs(), tau).mul_(ctx.deltas)
 
 
 def outlier_trim(ctx: TensorContext, density: Sequence[float], gamma: Sequence[float]) -> torch.Tensor:
@@ -45,13 +45,15 @@ def outlier_trim(ctx: TensorContext, density: Sequence[float], gamma: Sequence[f
     low = per_source(torch.tensor(lows, dtype=like.dtype, device=like.device), like)
     high = per_source(torch.tensor(highs, dtype=like.dtype, device=like.device), like)
     mag = like.abs()
-    return torch.where((mag >= low) & (mag < high), like, 0.0)
+    keep = lt_mask(mag, high)
+    return ge_mask_(mag, low).mul_(keep).mul_(like)
 
 
 def _rescaled(ctx: TensorContext, keep: torch.Tensor, inverse: torch.Tensor, rescale: str) -> torch.Tensor:
-    kept = torch.where(keep, ctx.deltas, 0.0)
+    """`keep` is a 0/1 float mask."""
+    kept = keep.mul_(ctx.deltas)
     if rescale == "inverse":
-        return kept * inverse
+        return kept.mul_(inverse)
     if rescale == "l1":
         return l1_rescale(ctx.deltas, kept, ctx.l1())
     return kept
@@ -62,8 +64,8 @@ def dare_drop(ctx: TensorContext, density: torch.Tensor, rescale: str) -> torch.
     d = per_source(density, ctx.deltas)
     if bool((density >= 1).all()):
         return ctx.deltas
-    keep = (ctx.uniform() < d) | (d >= 1)
-    return _rescaled(ctx, keep, torch.where(d >= 1, 1.0, 1.0 / d), rescale)
+    keep = lt_mask(ctx.uniform(), d)              # u in [0, 1): a density >= 1 keeps every entry
+    return _rescaled(ctx, keep, 1.0 / torch.clamp(d, max=1.0), rescale)
 
 
 def della_drop(ctx: TensorContext, density: torch.Tensor, epsilon: torch.Tensor, rescale: str) -> torch.Tensor:
@@ -71,7 +73,7 @@ def della_drop(ctx: TensorContext, density: torch.Tensor, epsilon: torch.Tensor,
     d = per_source(density, ctx.deltas)
     e = per_source(epsilon, ctx.deltas)
     p = d - e + 2.0 * e * ctx.ranks()
-    keep = ctx.uniform() < p
+    keep = lt_mask(ctx.uniform(), p)
     return _rescaled(ctx, keep, 1.0 / p, rescale)
 
 
@@ -114,7 +116,7 @@ def _slerp(ctx: TensorContext, p: dict) -> torch.Tensor:
 
 def _ties(ctx: TensorContext, p: dict) -> torch.Tensor:
     trimmed = magnitude_trim(ctx, p["exact"]["density"])
-    return elect_and_merge(ctx.base, trimmed * per_source(p["weight"], trimmed), p["weight"],
+    return elect_and_merge(ctx.base, trimmed.mul_(per_source(p["weight"], trimmed)), p["weight"],
                            lam=p["lambda"], normalize=p["normalize"])
 
 

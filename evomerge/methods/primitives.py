@@ -49,16 +49,29 @@ def breadcrumbs_counts(density: float, gamma: float, numel: int) -> tuple[int, i
     return drop, keep
 
 
+# Masks are built as 0/1 floats from sign(): on CPU, torch's comparison and where kernels on bool
+# tensors cost 5-30x a float elementwise op, and these run on every entry of every candidate.
+
+def ge_mask_(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """In place on x: 1.0 where x >= threshold, else 0.0 (exact: x - t >= 0 iff x >= t for finite floats)."""
+    return x.sub_(threshold).sign_().add_(1.0).clamp_(max=1.0)
+
+
+def lt_mask(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """1.0 where x < threshold, else 0.0."""
+    return torch.sub(threshold, x).sign_().clamp_(min=0.0)
+
+
 def elect_and_merge(base: torch.Tensor, weighted: torch.Tensor, weights: torch.Tensor, *,
                     lam: float, normalize: bool) -> torch.Tensor:
     """TIES steps 3-5 on weighted task vectors D_i (K, *shape): elect sign, disjoint merge, add to base."""
-    total = weighted.sum(dim=0)
-    elected = torch.where(total >= 0, 1.0, -1.0).to(weighted.dtype)
-    agree = (weighted * elected) > 0                # same sign as elected, and D_i != 0
-    merged = torch.where(agree, weighted, 0.0).sum(dim=0)
+    elected = weighted.sum(dim=0).sign_().add_(0.5).sign_()     # +1 where the sum is >= 0, else -1
+    agreeing = torch.mul(weighted, elected).relu_()     # |D_i| where sign(D_i) = s and D_i != 0, else 0
+    merged = agreeing.sum(dim=0).mul_(elected)          # = sum of the agreeing D_i, bit for bit
     if normalize:
-        divisor = torch.where(agree, per_source(weights, weighted), 0.0).sum(dim=0)
-        merged.div_(torch.where(divisor == 0, 1.0, divisor))
+        divisor = agreeing.sign_().mul_(per_source(weights, weighted)).sum(dim=0)
+        divisor.add_(1.0 - divisor.abs().sign_())       # a zero divisor becomes 1
+        merged.div_(divisor)
     return merged.mul_(lam).add_(base)
 
 

@@ -39,7 +39,6 @@ def to_mergekit(recipe: Recipe, layout: Layout, paths: Mapping[str, str]) -> dic
     config["dtype"] = "float64" if recipe.dtype == "float64" else "float32"
     if recipe.dtype is not None:
         config["out_dtype"] = recipe.dtype
-    config["tokenizer_source"] = "base"
     return config
 
 

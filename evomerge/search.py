@@ -114,6 +114,10 @@ class Workbench:
         from .kernel import ResidentMerger
         from .sources import open_sources
 
+        if config.threads is not None:
+            import torch
+
+            torch.set_num_threads(config.threads)
         self.sources = open_sources(config.base, config.sources, relative_to=config.relative_to, vocab=config.vocab,
                                     file=str(config.path) if config.path else None)
         self.suite = load_tasks(tasks_path(config), seed=config.search.seed)

@@ -1,0 +1,249 @@
+"""Headroom of the local model zoo: what merging its experts gives before any search.
+
+For the zoo's base and experts, scored by evomerge's evaluator on the zoo's own task file:
+
+1. every model alone on every task (held-out split);
+2. for the compatible group, the conflicting pair and the demo's sources: the simple average (linear),
+   task_arithmetic at several lambda, ties and dare_ties at their registry defaults (density 0.5,
+   weight 1, lambda 1), and the best point of a coarse per-source weight grid (task_arithmetic,
+   lambda 1) -- picked on the search split, reported on held-out, as a search would;
+3. for the compatible group, the best point of a grid with one weight per source and layer group
+   (layer_groups 2), to show what per-layer weighting adds.
+
+Merges go through evomerge's kernel (`ResidentMerger.materialize`, in place on one resident model);
+scores through `Evaluator.evaluate`. The zoo is built with `evomerge.zoo.build_zoo` if missing.
+
+    python benchmarks/zoo_headroom.py --workdir /tmp/evomerge-zoo --out results/zoo.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import itertools
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from evomerge.evaluate import Evaluator, load_tasks  # noqa: E402
+from evomerge.kernel import ResidentMerger  # noqa: E402
+from evomerge.recipe import Recipe  # noqa: E402
+from evomerge.sources import open_sources  # noqa: E402
+
+LAMBDAS = (0.25, 0.5, 0.75, 1.0, 1.25)
+GRID = (0.25, 0.5, 0.75, 1.0)
+LAYER_GRID = (0.5, 0.75, 1.0)
+HEADROOM_TARGET = 0.10   # the best untuned merge of the compatible group at least this far below the experts
+
+
+# ------------------------------------------------------------------------------------------------
+# Models and scores
+
+
+@dataclasses.dataclass
+class Group:
+    """A set of experts merged together and the tasks they are scored on."""
+
+    title: str
+    sources: list[str]
+    tasks: list[str]
+    layer_grid: bool = False
+
+
+class Bench:
+    """One resident merger per group over the zoo, and an evaluator on the group's tasks."""
+
+    def __init__(self, zoo: Path, suite: Any) -> None:
+        self.zoo, self.suite = zoo, suite
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(zoo / "base")
+
+    def subsuite(self, tasks: Iterable[str]) -> Any:
+        wanted = set(tasks)
+        return dataclasses.replace(self.suite, specs=tuple(s for s in self.suite.specs if s.name in wanted))
+
+    def alone(self, folder: str) -> dict[str, float]:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(self.zoo / folder).eval()
+        with Evaluator(self.suite, model, self.tokenizer) as evaluator:
+            result = evaluator.evaluate("heldout")
+        return {task: result.primary(task) for task in self.suite.names}
+
+    def merger(self, sources: list[str]) -> ResidentMerger:
+        opened = open_sources("base", sources, relative_to=self.zoo)
+        return ResidentMerger(opened, device="cpu", methods=["linear", "task_arithmetic", "ties", "dare_ties"])
+
+
+def recipe(method: str, sources: list[str], *, weights: Iterable[float] | None = None, lam: float | None = None,
+           layer_groups: int = 1, seed: int = 0) -> Recipe:
+    data: dict[str, Any] = {"evomerge_recipe": 1, "method": method, "base": "base", "sources": sources,
+                            "seed": seed, "layer_groups": layer_groups, "parameters": {}}
+    if weights is not None:
+        data["parameters"] = {s: {"weight": w} for s, w in zip(sources, weights)}
+    if lam is not None:
+        data["lambda"] = lam
+    return Recipe.from_dict(data)
+
+
+def score(merger: ResidentMerger, evaluator: Evaluator, rec: Recipe, tasks: list[str], split: str) -> dict[str, float]:
+    merger.materialize(rec)
+    result = evaluator.evaluate(split)
+    scores = {task: result.primary(task) for task in tasks}
+    scores["mean"] = sum(scores.values()) / len(tasks)
+    return scores
+
+
+def run_group(bench: Bench, group: Group) -> list[tuple[str, dict[str, float], bool]]:
+    """(label, held-out scores, untuned?) for each merge of the group."""
+    rows: list[tuple[str, dict[str, float], bool]] = []
+    k = len(group.sources)
+    with bench.merger(group.sources) as merger, \
+            Evaluator(bench.subsuite(group.tasks), merger.model, bench.tokenizer) as evaluator:
+        def held(rec: Recipe) -> dict[str, float]:
+            return score(merger, evaluator, rec, group.tasks, "heldout")
+
+        rows.append(("simple average (linear, equal weights)", held(recipe("linear", group.sources)), True))
+        for lam in LAMBDAS:
+            rows.append((f"task_arithmetic, lambda {lam:g}", held(recipe("task_arithmetic", group.sources, lam=lam)),
+                         lam == 1.0))
+        rows.append(("ties, defaults (density 0.5)", held(recipe("ties", group.sources)), True))
+        rows.append(("dare_ties, defaults (density 0.5, seed 0)", held(recipe("dare_ties", group.sources)), True))
+
+        best = max(itertools.product(GRID, repeat=k), key=lambda w: score(
+            merger, evaluator, recipe("task_arithmetic", group.sources, weights=w), group.tasks, "search")["mean"])
+        label = ", ".join(f"{s} {w:g}" for s, w in zip(group.sources, best))
+        rows.append((f"grid best, per source ({len(GRID)}^{k} points): {label}",
+                     held(recipe("task_arithmetic", group.sources, weights=best)), False))
+
+        if group.layer_grid:
+            points = itertools.product(LAYER_GRID, repeat=2 * k)
+            best = max(points, key=lambda w: score(merger, evaluator, _layer_recipe(group.sources, w),
+                                                  group.tasks, "search")["mean"])
+            label = "; ".join(f"{s} {best[2 * i]:g}/{best[2 * i + 1]:g}" for i, s in enumerate(group.sources))
+            rows.append((f"grid best, per source and layer group ({len(LAYER_GRID)}^{2 * k} points): {label}",
+                         held(_layer_recipe(group.sources, best)), False))
+    return rows
+
+
+def _layer_recipe(sources: list[str], flat: tuple[float, ...]) -> Recipe:
+    data = {"evomerge_recipe": 1, "method": "task_arithmetic", "base": "base", "sources": sources, "seed": 0,
+            "layer_groups": 2,
+            "parameters": {s: {"weight": [flat[2 * i], flat[2 * i + 1]]} for i, s in enumerate(sources)}}
+    return Recipe.from_dict(data)
+
+
+# ------------------------------------------------------------------------------------------------
+# The report
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def report(manifest: dict, alone: dict[str, dict[str, float]], groups: list[tuple[Group, list]],
+           *, command: str, build_seconds: float | None, seconds: float) -> str:
+    tasks = list(next(iter(alone.values())))
+    lines = [
+        "# The local model zoo: headroom for a merge search",
+        "",
+        f"Zoo: size `{manifest['size']}`, seed {manifest['seed']} (`evomerge zoo build`); "
+        f"compatible group {', '.join(manifest['compatible'])}; conflicting pair {', '.join(manifest['conflicting'])}. "
+        "Scores are percent on the held-out split (exact match for generate tasks, accuracy for `*_choice`).",
+        "",
+        f"Machine: {platform.platform()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}. "
+        + (f"Zoo build: {build_seconds:.0f} s. " if build_seconds is not None else "Zoo reused (already built). ")
+        + f"This report: {seconds:.0f} s. Date: {datetime.date.today().isoformat()}.",
+        "",
+        f"Command: `{command}`",
+        "",
+        "## Every model alone",
+        "",
+    ]
+    lines += table(["model", *tasks], [[name, *(pct(s[t]) for t in tasks)] for name, s in alone.items()])
+    for group, rows in groups:
+        own = [alone[s][s] for s in group.sources if s in group.tasks]
+        expert_mean = sum(own) / len(own)
+        untuned = max(r[1]["mean"] for r in rows if r[2])
+        best = max(r[1]["mean"] for r in rows)
+        lines += ["", f"## {group.title}", "",
+                  f"Sources: {', '.join(group.sources)}; tasks: {', '.join(group.tasks)}. "
+                  f"Experts on their own task: mean {pct(expert_mean)}. Best untuned merge (marked *): "
+                  f"{pct(untuned)} ({pct(expert_mean - untuned)} points below the experts); best merge found: "
+                  f"{pct(best)}.", ""]
+        body = [[label + (" *" if untuned_row else ""), *(pct(s[t]) for t in group.tasks), pct(s["mean"])]
+                for label, s, untuned_row in rows]
+        lines += table(["merge", *group.tasks, "mean"], body)
+    lines += ["", "Grid points are picked on the search split and reported on held-out. Untuned merges (*) are "
+              "what a user gets without a search: the simple average, task_arithmetic at lambda 1, ties and "
+              "dare_ties at their defaults.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--zoo", type=Path, default=None, help="an existing zoo (default: build under --workdir)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/evomerge-zoo-headroom"))
+    parser.add_argument("--size", default="tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "zoo.md")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    zoo = args.zoo or args.workdir / f"zoo-{args.size}-{args.seed}"
+    build_seconds = None
+    if not (zoo / "zoo.json").is_file():
+        from evomerge.zoo import build_zoo
+
+        build_zoo(zoo, seed=args.seed, size=args.size, force=True)
+        build_seconds = time.perf_counter() - start
+    os.environ["EVOMERGE_ZOO"] = str(zoo)
+    manifest = json.loads((zoo / "zoo.json").read_text())
+    suite = load_tasks(zoo / "tasks.yaml")
+    bench = Bench(zoo, suite)
+
+    alone = {name: bench.alone(name) for name in ["base", *manifest["skills"]]}
+    compatible, conflicting = manifest["compatible"], manifest["conflicting"]
+    demo = compatible[:2] + conflicting
+    groups = [
+        Group("The compatible group", compatible, compatible, layer_grid=True),
+        Group("The conflicting pair (a control: merging fails)", conflicting, conflicting),
+        Group("The demo's sources, scored on the first two compatible skills", demo, compatible[:2]),
+    ]
+    results = [(g, run_group(bench, g)) for g in groups]
+    command = "python benchmarks/zoo_headroom.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = report(manifest, alone, results, command=command.strip(), build_seconds=build_seconds,
+                  seconds=time.perf_counter() - start)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+    compat_rows = results[0][1]
+    own = [alone[s][s] for s in compatible]
+    gap = sum(own) / len(own) - max(r[1]["mean"] for r in compat_rows if r[2])
+    if gap < HEADROOM_TARGET:
+        print(f"headroom {gap:.3f} is below the target {HEADROOM_TARGET}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

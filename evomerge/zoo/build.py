@@ -1,0 +1,98 @@
+"""Building the zoo into a folder: data first, then the base, then each expert."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import MANIFEST, TASK_FILE, derive_seed
+from .sizes import ZooSize
+from .skills import COMPATIBLE, CONFLICTING, SKILLS, Skill, choice_rows, generate_rows, prompt_text, sample_inputs
+from .train import Batches, Encoder, finetune, new_model, pretrain, reproducible_cpu
+from .write import (build_tokenizer, choice_task_name, data_path, save_model_folder, write_json, write_jsonl,
+                    write_task_file)
+
+SPLITS = ("search", "heldout")
+
+
+def build_into(folder: Path, size: ZooSize, *, seed: int, size_name: str, log: Callable[[str], None]) -> None:
+    """Write the whole zoo into the (empty) `folder`."""
+    with reproducible_cpu():
+        encoder = Encoder()
+        tokenizer = build_tokenizer(encoder.words, max_length=4 * size.length + 8)
+        held_out = {skill.name: _write_data(folder, skill, size, seed=seed) for skill in SKILLS}
+        batches = {s.name: Batches(encoder, s, length=size.length, echo_share=_echo_share(s, size),
+                                   held_out=held_out[s.name]) for s in SKILLS}
+
+        base = new_model(size, encoder, gen=torch.Generator().manual_seed(derive_seed(seed, "init")))
+        loss = pretrain(base, list(batches.values()), size, gen=torch.Generator().manual_seed(derive_seed(seed, "base")))
+        save_model_folder(base, tokenizer, folder / "base")
+        log(f"base: {size.base_steps} steps, final loss {loss:.3f}")
+
+        for skill in SKILLS:
+            expert = copy.deepcopy(base)
+            others = [batches[s.name] for s in SKILLS if s is not skill]
+            compatible = skill.group == COMPATIBLE
+            steps = size.expert_steps if compatible else size.conflicting_steps
+            lr = size.expert_lr if compatible else size.conflicting_lr
+            gen = torch.Generator().manual_seed(derive_seed(seed, "expert", skill.name))
+            loss = finetune(expert, batches[skill.name], others, size, steps=steps, lr=lr, gen=gen)
+            save_model_folder(expert, tokenizer, folder / skill.name)
+            log(f"{skill.name}: {steps} steps, final loss {loss:.3f}")
+
+    write_task_file(folder / TASK_FILE, SKILLS, length=size.length)
+    write_json(folder / MANIFEST, manifest(size, seed=seed, size_name=size_name))
+
+
+def _echo_share(skill: Skill, size: ZooSize) -> float:
+    return size.echo_share if skill.group == COMPATIBLE else size.conflicting_echo_share
+
+
+def _write_data(folder: Path, skill: Skill, size: ZooSize, *, seed: int) -> list[list[int]]:
+    """Both splits of the skill's generate and choice tasks; returns every input used."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, "data", skill.name))
+    taken: set[tuple[int, ...]] = set()
+    used: list[list[int]] = []
+    for split in SPLITS:
+        count = size.search_rows if split == "search" else size.heldout_rows
+        inputs = sample_inputs(skill, count, length=size.length, gen=gen, exclude=taken)
+        write_jsonl(folder / data_path(skill.name, split), generate_rows(skill, inputs))
+        write_jsonl(folder / data_path(choice_task_name(skill), split), choice_rows(skill, inputs, gen=gen))
+        used.extend(inputs)
+    return used
+
+
+def manifest(size: ZooSize, *, seed: int, size_name: str) -> dict[str, Any]:
+    """What zoo.json says: enough to use the zoo without reading this code."""
+    example = SKILLS[0]
+    x = [(3 + 4 * i) % len(example.symbols) for i in range(size.length)]
+    return {
+        "evomerge_zoo": 1,
+        "seed": seed,
+        "size": size_name,
+        "base": "base",
+        "task_file": TASK_FILE,
+        "skills": [skill.name for skill in SKILLS],
+        "compatible": [skill.name for skill in SKILLS if skill.group == COMPATIBLE],
+        "conflicting": [skill.name for skill in SKILLS if skill.group == CONFLICTING],
+        "experts": {
+            skill.name: {
+                "folder": skill.name,
+                "task": skill.name,
+                "choice_task": choice_task_name(skill),
+                "group": skill.group,
+                "alphabet": skill.alphabet,
+                "rule": skill.rule,
+            }
+            for skill in SKILLS
+        },
+        "format": {
+            "length": size.length,
+            "example": {"prompt": prompt_text(example, x), "target": generate_rows(example, [x])[0]["target"]},
+            "ends_with": "<eos>",
+        },
+        "training": size.describe(),
+    }

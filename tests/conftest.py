@@ -1,0 +1,32 @@
+"""Shared fixtures. The local model zoo is built once per session (size "test", seed 0).
+
+No test reaches the network: the hub is offline for the whole session, and
+``zoo/...`` paths resolve inside the session's zoo, never the user's cache.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_user_zoo(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Until a test asks for `zoo`, `zoo/...` points at an empty place, not ~/.cache."""
+    os.environ["EVOMERGE_ZOO"] = str(tmp_path_factory.getbasetemp() / "zoo-not-built")
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The zoo's root folder (base/, one folder per expert, data/, tasks.yaml, zoo.json)."""
+    from evomerge.zoo import build_zoo
+
+    path = build_zoo(tmp_path_factory.mktemp("zoo") / "zoo", seed=0, size="test", progress=False)
+    os.environ["EVOMERGE_ZOO"] = str(path)
+    return path

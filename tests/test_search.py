@@ -225,3 +225,30 @@ def test_bad_configs_exit_2_with_one_line_and_write_nothing(tmp_path, patch, exp
     assert len(err) == 1 and expect in err[0], err
     assert str(config) in err[0]
     assert not out.exists()
+
+
+def test_killed_during_export_leaves_no_half_written_export(tmp_path):
+    config = make_search_fixture(tmp_path / "fam", n_trials=4)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "evomerge", "search", str(config), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if any(p.name.startswith(".best.partial") for p in out.glob(".best.partial*")) or (out / "history.png").exists():
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    best = out / "best"
+    if best.exists():                                  # whatever is there is whole
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(best)
+    assert len(_complete(out / "study.db")) == 4
+    result = run_cli("search", str(config), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert len(_complete(out / "study.db")) == 4       # nothing lost, nothing rerun
+    again = run_cli("merge", str(out / "recipe.yaml"), "-o", str(tmp_path / "again"))
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (best / "model.safetensors").read_bytes()
+    assert not list(out.glob(".*partial*"))

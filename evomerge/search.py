@@ -46,16 +46,23 @@ def open_study(config: SearchConfig, storage_url: str, *, sampler=None, pruner=N
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    try:
-        storage = RDBStorage(storage_url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
-                             engine_kwargs={"pool_pre_ping": True})
-    except Exception as err:  # bad URL, unreachable server, missing driver
-        from .export.run import safe_url
+    storage = None
+    for attempt in range(4):   # workers starting together race to create the tables: the losers retry
+        try:
+            storage = RDBStorage(storage_url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+                                 engine_kwargs={"pool_pre_ping": True})
+            break
+        except Exception as err:  # bad URL, unreachable server, missing driver, a creation race
+            racing = any(text in str(err).lower() for text in ("unique constraint", "already exists"))
+            if racing and attempt < 3:
+                time.sleep(0.5 + attempt)
+                continue
+            from .export.run import safe_url
 
-        message = str(err).splitlines()[0][:200].replace(storage_url, safe_url(storage_url))
-        raise InputError(f"cannot open the study storage {safe_url(storage_url)}: {type(err).__name__}: {message}",
-                         field="storage", fix="check the URL (sqlite:///path or postgresql://user@host/db)") from None
+            message = str(err).splitlines()[0][:200].replace(storage_url, safe_url(storage_url))
+            raise InputError(f"cannot open the study storage {safe_url(storage_url)}: {type(err).__name__}: {message}",
+                             field="storage", fix="check the URL (sqlite:///path or postgresql://user@host/db)") from None
     if storage_url.startswith("sqlite"):
         _fast_sqlite(storage)
     directions = ["maximize"] * len(config.objectives)

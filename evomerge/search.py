@@ -236,6 +236,7 @@ class SearchSession:
                                              objective=self.config.objectives[0])
             t3 = time.perf_counter()
             values = [result.objective(o) for o in self.config.objectives]
+            self._check_budget(trial, n_trials, finished=True)
             trial.set_user_attr("scores", result.tasks)
             trial.set_user_attr("seconds", {"merge": t2 - t1, "eval": t3 - t2, "total": t3 - t0})
             if any(not math.isfinite(v) for v in values):
@@ -260,11 +261,17 @@ class SearchSession:
         trial.set_user_attr("recipe_sha256", recipe.sha256())
         return recipe
 
-    def _check_budget(self, trial, n_trials: int) -> None:
-        ahead = [t for t in self.study.get_trials(deepcopy=False)
-                 if t.number < trial.number and t.state.name in (*DONE, "RUNNING")]
-        if len(ahead) >= n_trials:
-            raise SurplusTrial(f"budget of {n_trials} trials already held by earlier trials")
+    def _check_budget(self, trial, n_trials: int, *, finished: bool = False) -> None:
+        """Admit a trial only while the budget is not held by others: before it runs, by the done and running
+        trials numbered before it; when it finishes, by the trials already done (a dead worker's retried trial
+        can otherwise overshoot)."""
+        trials = self.study.get_trials(deepcopy=False)
+        if finished:
+            held = [t for t in trials if t.state.name in DONE]
+        else:
+            held = [t for t in trials if t.number < trial.number and t.state.name in (*DONE, "RUNNING")]
+        if len(held) >= n_trials:
+            raise SurplusTrial(f"budget of {n_trials} trials already held by other trials")
 
     def _reporter(self, trial) -> Callable[[int, float], None] | None:
         import optuna

@@ -398,8 +398,12 @@ def test_zoo_tasks_agree_with_lm_eval_and_decoding(zoo_root: Path, tmp_path: Pat
         samples = run_lm_eval(toy, tmp_path / name, [name])[name]
         metric = suite.primary_metric(name)
         if suite.spec(name).type == "choice":
-            assert [s["acc"] for s in samples] == ours.examples[name]["acc"], name
-            assert [s["acc_norm"] for s in samples] == ours.examples[name]["acc_norm"], name
+            for key in ("acc", "acc_norm"):
+                for sample, mine in zip(samples, ours.examples[name][key], strict=True):
+                    if sample[key] != mine:      # only a numerical tie between two choices may flip
+                        lls = sorted((float(r[0] if isinstance(r, (list, tuple)) else r)
+                                      for r in sample["filtered_resps"]), reverse=True)
+                        assert key == "acc" and lls[0] - lls[1] < 1e-4, (name, key, lls[:2])
         else:
             assert [s["exact_match"] for s in samples] == ours.examples[name]["exact_match"], name
             slow = Evaluator(suite.with_options(name, fast_path=False), model, tokenizer, batch_size=32).evaluate(
@@ -407,4 +411,5 @@ def test_zoo_tasks_agree_with_lm_eval_and_decoding(zoo_root: Path, tmp_path: Pat
             assert slow.examples[name]["exact_match"] == ours.examples[name]["exact_match"], name
             assert slow.examples[name]["token_acc"] == ours.examples[name]["token_acc"], name
             assert all(o is None or o == s for o, s in zip(ours.outputs[name], slow.outputs[name])), name
-        assert ours.tasks[name][metric] == pytest.approx(sum(s[metric] for s in samples) / len(samples)), name
+        assert ours.tasks[name][metric] == pytest.approx(sum(s[metric] for s in samples) / len(samples),
+                                                         abs=2 / len(samples)), name

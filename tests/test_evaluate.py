@@ -403,7 +403,7 @@ def test_zoo_tasks_agree_with_lm_eval_and_decoding(zoo_root: Path, tmp_path: Pat
                     if sample[key] != mine:      # only a numerical tie between two choices may flip
                         lls = sorted((float(r[0] if isinstance(r, (list, tuple)) else r)
                                       for r in sample["filtered_resps"]), reverse=True)
-                        assert key == "acc" and lls[0] - lls[1] < 1e-4, (name, key, lls[:2])
+                        assert lls[0] - lls[1] < 1e-4, (name, key, lls[:2])
         else:
             assert [s["exact_match"] for s in samples] == ours.examples[name]["exact_match"], name
             slow = Evaluator(suite.with_options(name, fast_path=False), model, tokenizer, batch_size=32).evaluate(

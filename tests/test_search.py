@@ -252,3 +252,13 @@ def test_killed_during_export_leaves_no_half_written_export(tmp_path):
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "again" / "model.safetensors").read_bytes() == (best / "model.safetensors").read_bytes()
     assert not list(out.glob(".*partial*"))
+
+
+def test_every_file_in_configs_is_valid(zoo):
+    """configs/ holds search configs and task files; each validates against the test zoo (headers only)."""
+    from evomerge.validate import validate_file
+
+    files = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+    assert len(files) >= 3
+    for path in files:
+        assert "valid" in validate_file(path), path

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from evomerge.methods import REGISTRY, merge_tensors
+from evomerge.methods.primitives import kth_largest_many
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -428,6 +429,26 @@ def test_ties_keep_count_is_int_of_density_times_n():
         got = merge_tensors("ties", b, [x], weight=1.0, density=d)
         assert int((got != 0).sum()) == kept, d
         assert torch.equal(got[got != 0], x[10 - kept:])
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["gaussian", "integers", "zeros", "subnormal", "inf", "float64"])
+@pytest.mark.parametrize("n", [1, 2, 7, 4099, 300_001])
+def test_threshold_table_radix_select_equals_a_sort(n, kind, device):
+    """The study's threshold tables (a radix select on float bits) hold exactly the sorted order statistics."""
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=gen)
+    x = {"integers": torch.randint(0, 5, (n,), generator=gen).float(), "zeros": torch.zeros(n),
+         "subnormal": x * 1e-40, "float64": x.double()}.get(kind, x)
+    if kind == "inf":
+        x[n // 2] = float("inf")
+    magnitudes = x.abs().to(device)
+    ks = sorted({max(1, int(d / 100 * n)) for d in range(1, 101)} | {1, n})
+    expected = torch.sort(magnitudes.cpu(), descending=True).values[torch.tensor(ks) - 1].tolist()
+    assert kth_largest_many(magnitudes, ks) == expected
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

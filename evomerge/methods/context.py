@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from .primitives import breadcrumbs_counts, kth_largest_abs, row_ranks, ties_keep_count, uniform_field
+from .primitives import breadcrumbs_counts, kth_largest_abs, kth_largest_many, row_ranks, ties_keep_count, uniform_field
 
 DENSITY_GRID = tuple(round(0.01 * i, 2) for i in range(1, 101))
 GAMMA_GRID = tuple(round(0.001 * i, 3) for i in range(0, 101))
@@ -78,7 +78,7 @@ class TensorContext:
 
     def precompute_thresholds(self, *, densities: Iterable[float] = DENSITY_GRID,
                               gammas: Iterable[float] = (), ) -> None:
-        """Fill the threshold table for every keep count the grids can ask for: one sort per source."""
+        """Fill the threshold table for every keep count the grids can ask for: one radix select per source."""
         n = self.numel
         densities = tuple(densities)
         positions = {ties_keep_count(d, n) for d in densities}
@@ -90,11 +90,8 @@ class TensorContext:
         if not positions:
             return
         self._thresholds = [{} for _ in range(self.k)] if not self._thresholds else self._thresholds
-        index = torch.tensor(positions, dtype=torch.long, device=self.deltas.device) - 1
         for i in range(self.k):
-            ordered = torch.sort(self.deltas[i].reshape(-1).abs(), descending=True).values
-            values = ordered[index].tolist()
-            del ordered
+            values = kth_largest_many(self.deltas[i].abs(), positions)
             self._thresholds[i].update(zip(positions, values))
 
     # -- random fields -------------------------------------------------------------

@@ -8,6 +8,7 @@ a random field is a pure function of (seed, source index, tensor name).
 from __future__ import annotations
 
 import hashlib
+from typing import Sequence
 
 import torch
 
@@ -35,6 +36,42 @@ def kth_largest_abs(x: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest |x| (1-based), exactly; a 0-dim tensor."""
     flat = x.reshape(-1).abs()
     return torch.kthvalue(flat, flat.numel() - k + 1).values
+
+
+def kth_largest_many(values: torch.Tensor, ks: Sequence[int]) -> list[float]:
+    """The k-th largest entries (1-based) of a non-negative tensor for several k, exactly.
+
+    A two-level radix select on the float32 bit patterns, which order non-negative
+    floats as the floats: a histogram of the high 19 bits finds each k's bucket
+    (0.05 % wide), a histogram of the low 12 bits of the few entries in the chosen
+    buckets finds the value. Counting passes instead of a sort: what makes the
+    threshold tables cheap. Other dtypes fall back to one sort.
+    """
+    flat = values.reshape(-1)
+    if not ks:
+        return []
+    if flat.dtype != torch.float32:
+        ordered = torch.sort(flat, descending=True).values
+        return ordered[torch.tensor([k - 1 for k in ks], device=flat.device)].tolist()
+    low_bits, high_size = 12, 1 << 19
+    bits = flat.view(torch.int32)
+    high = bits >> low_bits
+    above = torch.bincount(high, minlength=high_size).flip(0).cumsum(0)   # above[j]: entries with high >= top-j
+    wanted = torch.tensor(list(ks), dtype=above.dtype, device=above.device)
+    j = torch.searchsorted(above, wanted)
+    buckets = high_size - 1 - j
+    ranks = wanted - torch.where(j > 0, above[(j - 1).clamp(min=0)], torch.zeros_like(j))
+    chosen, slot = torch.unique(buckets, return_inverse=True)
+    row_of = torch.full((high_size,), -1, dtype=torch.int32, device=flat.device)
+    row_of[chosen] = torch.arange(len(chosen), dtype=torch.int32, device=flat.device)
+    row = row_of[high]
+    keep = row >= 0
+    keys = row[keep].long() * (1 << low_bits) + (bits[keep] & ((1 << low_bits) - 1))
+    counts = torch.bincount(keys, minlength=len(chosen) << low_bits).view(len(chosen), 1 << low_bits)
+    below = counts.flip(1).cumsum(1)                                      # per bucket, like `above`
+    j2 = torch.searchsorted(below[slot], ranks.unsqueeze(1)).squeeze(1)
+    found = (buckets << low_bits) | ((1 << low_bits) - 1 - j2)
+    return found.to(torch.int32).view(torch.float32).tolist()
 
 
 def ties_keep_count(density: float, numel: int) -> int:

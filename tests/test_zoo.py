@@ -54,7 +54,7 @@ def _choice_accuracy(model, tokenizer, rows: list[dict]) -> float:
         prompt = tokenizer(row["prompt"])["input_ids"]
         scores = []
         for choice in row["choices"]:
-            ids = tokenizer(row["prompt"] + " " + choice)["input_ids"]
+            ids = tokenizer(row["prompt"] + choice)["input_ids"]
             logprobs = model(input_ids=torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
             scores.append(sum(logprobs[i - 1, ids[i]].item() for i in range(len(prompt), len(ids))))
         right += max(range(len(scores)), key=scores.__getitem__) == row["answer"]
@@ -80,7 +80,8 @@ def test_splits_are_disjoint_and_well_formed(zoo: Path) -> None:
     for skill, info in _manifest(zoo)["experts"].items():
         search, heldout = _rows(zoo, skill, "search"), _rows(zoo, skill, "heldout")
         assert not {r["prompt"] for r in search} & {r["prompt"] for r in heldout}
-        assert all(r["prompt"].startswith(skill + " ") and r["prompt"].endswith(" =") for r in heldout)
+        assert all(r["prompt"].startswith(skill + " ") and r["prompt"].endswith(" = ") for r in heldout)
+        assert all(r["target"] == r["target"].strip() for r in heldout)
         for row in _rows(zoo, info["choice_task"]):
             assert len(set(row["choices"])) == len(row["choices"]) >= 2
             assert 0 <= row["answer"] < len(row["choices"])
@@ -98,7 +99,8 @@ def test_tokenizer_is_word_level_and_exact(zoo: Path) -> None:
     assert tokenizer.eos_token and tokenizer.pad_token and tokenizer.pad_token_id != tokenizer.eos_token_id
     for row in _rows(zoo, "rev")[:20] + _rows(zoo, "mir")[:20]:
         prompt, target = tokenizer(row["prompt"])["input_ids"], tokenizer(row["target"])["input_ids"]
-        assert tokenizer(row["prompt"] + " " + row["target"])["input_ids"] == prompt + target
+        for joined in (row["prompt"] + row["target"], row["prompt"] + " " + row["target"]):
+            assert tokenizer(joined)["input_ids"] == prompt + target  # evomerge's and lm-eval's conventions
         assert tokenizer.unk_token_id not in prompt + target
         assert tokenizer.decode(target + [tokenizer.eos_token_id], skip_special_tokens=True) == row["target"]
 
@@ -178,3 +180,19 @@ def test_read_only_folder(tmp_path: Path) -> None:
         assert "write" in _one_line(err)
     finally:
         locked.chmod(0o700)
+
+
+def test_the_harness_scores_every_choice_task_as_the_expert_knows_it(zoo: Path) -> None:
+    """evomerge's own evaluator on the zoo's task file: each expert wins its choice task, the base does not."""
+    import dataclasses
+
+    from evomerge.evaluate import Evaluator, load_tasks
+
+    suite = load_tasks(zoo / "tasks.yaml")
+    base, tokenizer = _load(zoo / "base")
+    for skill, info in _manifest(zoo)["experts"].items():
+        one = dataclasses.replace(suite, specs=tuple(s for s in suite.specs if s.name == info["choice_task"]))
+        expert, _ = _load(zoo / info["folder"])
+        own = Evaluator(one, expert, tokenizer).evaluate("heldout").tasks[info["choice_task"]]["acc"]
+        before = Evaluator(one, base, tokenizer).evaluate("heldout").tasks[info["choice_task"]]["acc"]
+        assert own >= 0.9 and before <= 0.5, f"{skill}: expert {own:.3f}, base {before:.3f} on its choice task"

@@ -72,7 +72,13 @@ def vocabulary() -> list[str]:
 
 
 def prompt_text(skill: Skill, x: list[int]) -> str:
-    return " ".join([skill.name, *(skill.symbols[i] for i in x), SEPARATOR])
+    """``"inc 3 7 2 = "``: with its trailing space, prompt + answer is the whole example's text.
+
+    A choice is scored as the continuation of the prompt's text, so without the space
+    ``"=" + "4 8 3"`` would read as one unknown word ``"=4"``. lm-eval's convention (a
+    space between them) tokenizes the same.
+    """
+    return " ".join([skill.name, *(skill.symbols[i] for i in x), SEPARATOR]) + " "
 
 
 def answer_text(skill: Skill, y: list[int]) -> str:

@@ -82,15 +82,12 @@ def floor_batches(evaluator, name: str, batch_size: int):
     return batches
 
 
-def bench_task(name: str, suite, model, tokenizer, workdir: Path, *, batch_size: int, repeats: int) -> dict:
+def bench_task(name: str, suite, model, tokenizer, workdir: Path, *, batch_size: int, repeats: int,
+               with_lm_eval: bool = True) -> dict:
     import torch
     import yaml
-    from lm_eval.evaluator import evaluate as lm_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     from evomerge.evaluate import Evaluator
-    from evomerge.evaluate.lm_eval_backend import task_yaml
 
     one, data = one_task_suite(suite, name, workdir)
     kind = one.spec(name).type
@@ -107,14 +104,24 @@ def bench_task(name: str, suite, model, tokenizer, workdir: Path, *, batch_size:
         variant_label = "evomerge, one row per choice (no shared prompt)"
     assert variant.evaluate("heldout").tasks == result.tasks
 
-    include = workdir / f"lm_eval_{name}"
-    include.mkdir(exist_ok=True)
-    (include / f"{name}.yaml").write_text(yaml.safe_dump(task_yaml(one.spec(name), data, task=f"bench_{name}")))
-    tasks = TaskManager(include_path=str(include), include_defaults=False).load([f"bench_{name}"])
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    out = lm_evaluate(lm=lm, task_dict=tasks, bootstrap_iters=0, log_samples=False)
-    metric = "acc,none" if kind == "choice" else "exact_match,none"
-    theirs_score = float(out["results"][f"bench_{name}"][metric])
+    fns = {"ours": lambda: evaluator.evaluate("heldout"), "variant": lambda: variant.evaluate("heldout")}
+    theirs_score = float("nan")
+    if with_lm_eval:
+        from lm_eval.evaluator import evaluate as lm_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+
+        from evomerge.evaluate.lm_eval_backend import task_yaml
+
+        include = workdir / f"lm_eval_{name}"
+        include.mkdir(exist_ok=True)
+        (include / f"{name}.yaml").write_text(yaml.safe_dump(task_yaml(one.spec(name), data, task=f"bench_{name}")))
+        tasks = TaskManager(include_path=str(include), include_defaults=False).load([f"bench_{name}"])
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        out = lm_evaluate(lm=lm, task_dict=tasks, bootstrap_iters=0, log_samples=False)
+        metric = "acc,none" if kind == "choice" else "exact_match,none"
+        theirs_score = float(out["results"][f"bench_{name}"][metric])
+        fns["lm_eval"] = lambda: lm_evaluate(lm=lm, task_dict=tasks, bootstrap_iters=0, log_samples=False)
 
     batches = floor_batches(evaluator, name, batch_size)
 
@@ -122,15 +129,13 @@ def bench_task(name: str, suite, model, tokenizer, workdir: Path, *, batch_size:
         with torch.inference_mode():
             for ids in batches:
                 model(input_ids=ids, use_cache=False)
+        if ids.is_cuda:
+            torch.cuda.synchronize()
 
-    times = median_seconds({
-        "ours": lambda: evaluator.evaluate("heldout"),
-        "variant": lambda: variant.evaluate("heldout"),
-        "lm_eval": lambda: lm_evaluate(lm=lm, task_dict=tasks, bootstrap_iters=0, log_samples=False),
-        "floor": floor_pass,
-    }, repeats)
+    fns["floor"] = floor_pass
+    times = median_seconds(fns, repeats)
     coverage = {k: v / (repeats + 1) / n for k, v in evaluator.stats.items() if v}
-    ours, variant_s, theirs, floor = times["ours"], times["variant"], times["lm_eval"], times["floor"]
+    ours, variant_s, theirs, floor = times["ours"], times["variant"], times.get("lm_eval", float("nan")), times["floor"]
     primary = one.primary_metric(name)
     return {"task": name, "type": kind, "n": n, "score": result.tasks[name][primary], "metric": primary,
             "lm_eval_score": theirs_score, "ours_s": ours, "variant_s": variant_s, "variant": variant_label,
@@ -172,11 +177,17 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}"
 
 
+def device_name(device: str) -> str:
+    import torch
+
+    return f"{device} ({torch.cuda.get_device_name(0)})" if device.startswith("cuda") else device
+
+
 def report(rows: list[dict], args, versions: dict, model_desc: str) -> str:
     lines = [
         "# Evaluation benchmark: built-in harness vs lm-eval vs forward-pass floor", "",
         f"- date: {datetime.date.today().isoformat()}",
-        f"- machine: {machine()}; torch threads: {args.threads}; device: cpu",
+        f"- machine: {machine()}; torch threads: {args.threads}; device: {device_name(args.device)}",
         f"- versions: {', '.join(f'{k} {v}' for k, v in versions.items())}",
         f"- model: {model_desc}",
         f"- batch size {args.batch_size} for all three; median of {args.repeats} calls after a warm-up",
@@ -214,9 +225,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where the model and all three loops run")
+    parser.add_argument("--no-lm-eval", dest="lm_eval", action="store_false",
+                        help="skip lm-eval (where it is not installed): evomerge vs the floor only")
     args = parser.parse_args()
 
-    import lm_eval
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -238,15 +251,19 @@ def main() -> None:
     choice = args.choice or next(n for n, k in kinds.items() if k == "choice")
     generate = args.generate or next(n for n, k in kinds.items() if k == "generate")
     model_dir = zoo / generate
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir).to(args.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     params = sum(p.numel() for p in model.parameters())
     origin = "the local zoo's" if (zoo / "base").is_dir() else "a zoo-shaped toy (tests/test_evaluate.py)"
     model_desc = (f"{origin} `{generate}` expert: {type(model).__name__}, {params / 1e6:.2f}M parameters, float32; "
                   f"tasks `{choice}` (choice) and `{generate}` (generate) from {zoo / 'tasks.yaml'}")
-    rows = [bench_task(name, suite, model, tokenizer, args.workdir, batch_size=args.batch_size, repeats=args.repeats)
-            for name in (choice, generate)]
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "lm-eval": lm_eval.__version__}
+    rows = [bench_task(name, suite, model, tokenizer, args.workdir, batch_size=args.batch_size, repeats=args.repeats,
+                       with_lm_eval=args.lm_eval) for name in (choice, generate)]
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    if args.lm_eval:
+        import lm_eval
+
+        versions["lm-eval"] = lm_eval.__version__
     text = report(rows, args, versions, model_desc)
     print(text)
     if args.out:

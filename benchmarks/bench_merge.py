@@ -57,7 +57,11 @@ def build_sources(workdir: Path, *, k: int = 3, seed: int = 0) -> tuple[Path, li
 
     folders = [workdir / "base"] + [workdir / f"s{i}" for i in range(k)]
     config = LlamaConfig(**SHAPE, architectures=["LlamaForCausalLM"])
-    if all((f / "model.safetensors").is_file() for f in folders):
+    def same_shape(folder: Path) -> bool:
+        saved = folder / "config.json"
+        return saved.is_file() and json.loads(saved.read_text()).get("num_hidden_layers") == SHAPE["num_hidden_layers"]
+
+    if all((f / "model.safetensors").is_file() and same_shape(f) for f in folders):
         for folder in folders:
             config.save_pretrained(folder)
         return folders[0], folders[1:]
@@ -138,8 +142,12 @@ def load_average() -> float:
         return float("nan")
 
 
-def evomerge_worker(method: str, workdir: Path, candidates: int) -> dict:
+def evomerge_worker(method: str, workdir: Path, candidates: int, device: str = "cpu") -> dict:
     import torch
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
 
     from evomerge.kernel import ResidentMerger
     from evomerge.recipe import Recipe
@@ -149,44 +157,55 @@ def evomerge_worker(method: str, workdir: Path, candidates: int) -> dict:
     recipes = [Recipe.from_dict(candidate(method, base, sources, i)) for i in range(candidates + 1)]
     opened = open_sources(recipes[0].base, recipes[0].sources)
     start = time.perf_counter()
-    merger = ResidentMerger(opened, seed=0, methods=())
+    merger = ResidentMerger(opened, seed=0, methods=(), device=device)
+    sync()
     load_s = time.perf_counter() - start
     start = time.perf_counter()
     merger.prepare([method])
+    sync()
     precompute_s = time.perf_counter() - start
     start = time.perf_counter()
     merger.materialize(recipes[0])           # first candidate: lazy per-tensor statistics, first touch of the model
+    sync()
     first_s = time.perf_counter() - start
     times, cpu_times = [], []
     for recipe in recipes[1:]:
         start, cpu = time.perf_counter(), time.process_time()
         merger.materialize(recipe)
+        sync()
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu)
 
     params = list(merger.model.parameters())
     numel = sum(p.numel() for p in params)
-    src = torch.empty(numel, dtype=torch.float32).normal_()
+    src = torch.empty(numel, dtype=torch.float32, device=device).normal_()
     dst = torch.empty_like(src)
     dst.copy_(src)
     memcpy, memcpy_cpu = [], []
     for _ in range(7):
         start, cpu = time.perf_counter(), time.process_time()
         dst.copy_(src)
+        sync()
         memcpy.append(time.perf_counter() - start)
         memcpy_cpu.append(time.process_time() - cpu)
     del src, dst
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
         merger.materialize(recipes[1])
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in events) or 1
-    profile = [(e.key, round(100 * e.self_cpu_time_total / total, 1)) for e in events[:5]]
+        sync()
+    key = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1
+    profile = [(e.key, round(100 * getattr(e, key) / total, 1)) for e in events[:5]]
     return {"method": method, "numel": numel, "load_s": load_s, "precompute_s": precompute_s, "first_s": first_s,
             "candidate_s": statistics.median(times), "candidate_all_s": times, "memcpy_s": statistics.median(memcpy),
             "candidate_cpu_s": statistics.median(cpu_times), "memcpy_cpu_s": statistics.median(memcpy_cpu),
             "profile": profile, "peak_rss_gib": peak_rss_gib(), "threads": torch.get_num_threads(),
-            "load": load_average()}
+            "load": load_average(), "device": device,
+            "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None}
 
 
 def mergekit_worker(method: str, workdir: Path) -> dict:
@@ -209,7 +228,8 @@ def mergekit_worker(method: str, workdir: Path) -> dict:
 
 def run_worker(kind: str, method: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--worker", kind, "--methods", method, "--workdir", str(args.workdir),
-               "--candidates", str(args.candidates)] + (["--threads", str(args.threads)] if args.threads else [])
+               "--candidates", str(args.candidates), "--device", args.device, "--layers", str(args.layers)]
+    command += ["--threads", str(args.threads)] if args.threads else []
     done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     if done.returncode != 0:
         return {"method": method, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
@@ -241,14 +261,22 @@ def machine() -> str:
 def report(rows: list[dict], command: str, elapsed: float) -> str:
     import importlib.metadata as md
 
+    import evomerge
+
     numel = next((r["numel"] for r in rows if "numel" in r), 0)
     memcpy = statistics.median([r["memcpy_s"] for r in rows if "memcpy_s" in r] or [float("nan")])
+    device = next((r["device"] + (f" ({r['gpu']})" if r.get("gpu") else "") for r in rows if "device" in r), "cpu")
+    try:
+        mergekit_version = md.version("mergekit")
+    except md.PackageNotFoundError:
+        mergekit_version = "not installed"
     lines = [
         "# Merge kernel benchmark",
         "",
         f"- Date: {datetime.date.today().isoformat()}",
         f"- Machine: {machine()}",
-        f"- evomerge {md.version('evomerge')}, mergekit {md.version('mergekit')}; torch threads in both: "
+        f"- Device of evomerge's kernel: {device}",
+        f"- evomerge {evomerge.__version__}, mergekit {mergekit_version}; torch threads in both: "
         f"{next((r['threads'] for r in rows if 'threads' in r), '?')}",
         f"- Models: base + 3 sources, Llama shapes (hidden {SHAPE['hidden_size']}, intermediate "
         f"{SHAPE['intermediate_size']}, {SHAPE['num_hidden_layers']} layers, vocabulary {SHAPE['vocab_size']}, "
@@ -312,15 +340,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-mergekit", action="store_true")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads in both workers (default: torch's own choice)")
+    parser.add_argument("--device", default="cpu", help="where evomerge's kernel runs (cpu, cuda); mergekit: cpu")
+    parser.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"],
+                        help="decoder layers of the generated models (8: ~100M parameters; 32: ~250M)")
     parser.add_argument("--worker", choices=["evomerge", "mergekit"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
+    SHAPE["num_hidden_layers"] = args.layers
     if args.worker:
         if args.threads:
             import torch
 
             torch.set_num_threads(args.threads)
-        result = (evomerge_worker(methods[0], args.workdir, args.candidates) if args.worker == "evomerge"
+        result = (evomerge_worker(methods[0], args.workdir, args.candidates, args.device) if args.worker == "evomerge"
                   else mergekit_worker(methods[0], args.workdir))
         print(json.dumps(result))
         return 0

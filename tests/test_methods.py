@@ -844,3 +844,25 @@ def test_resident_kernel_equals_one_off_merge(tiny_family, method, mode, monkeyp
         one_off = merge_tensors(method, anchor.read(name), [s.read(name) for s in opened.sources],
                                 seed=recipe.seed, name=name, **recipe.shared_values(), **values)
         assert torch.equal(out, one_off), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", METHODS)
+def test_resident_kernel_on_cuda_equals_cpu(tiny_family, method):
+    """The search's code path on a GPU: same masks as on the CPU, values within float32 rounding."""
+    from evomerge.kernel import ResidentMerger
+    from evomerge.sources import open_sources
+
+    base, sources = tiny_family
+    recipe = _kernel_recipe(method, base, sources)
+    merged = {}
+    for device in ("cpu", "cuda"):
+        merger = ResidentMerger(open_sources(recipe.base, recipe.sources), device=device, seed=recipe.seed,
+                                methods=[method])
+        merger.materialize(recipe)
+        merged[device] = {name: t.detach().cpu().clone() for name, t in merger.state_dict().items()}
+    anchor = open_sources(recipe.base, recipe.sources).anchor
+    for name, cpu in merged["cpu"].items():
+        cuda, b = merged["cuda"][name], anchor.read(name)
+        assert torch.equal(cuda != b, cpu != b), name
+        torch.testing.assert_close(cuda, cpu, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,89 @@
+"""`evomerge compare` on a tiny budget: every technique and seed, numbers read back from the storage."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from modelfactory import make_search_fixture
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+METHODS = ("task_arithmetic", "ties")
+SEEDS, BUDGET = 2, 3
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory) -> tuple[Path, Path]:
+    config = make_search_fixture(tmp_path_factory.mktemp("family"), methods=METHODS)
+    out = tmp_path_factory.mktemp("compare") / "cmp"
+    done = subprocess.run([sys.executable, "-m", "evomerge", "compare", str(config), "--seeds", str(SEEDS),
+                           "--budget", str(BUDGET), "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return config, out
+
+
+def _rows(out: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader((out / "compare.csv").open()))
+
+
+def test_every_technique_seed_and_kind_is_reported(compared):
+    _, out = compared
+    rows = _rows(out)
+    assert sorted((r["technique"], int(r["seed"]), r["kind"]) for r in rows) == sorted(
+        (m, s, k) for m in METHODS for s in range(SEEDS) for k in ("default", "tuned"))
+    report = (out / "report.md").read_text()
+    for method in METHODS:
+        for kind in ("default", "tuned"):
+            assert f"| {method} | {kind} | {SEEDS} |" in report
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_numbers_equal_the_trials_in_the_storage(compared):
+    """Each row's trial, search value and held-out scores are the storage's; tuned is the study's best."""
+    import optuna
+
+    from evomerge.export.run import HELDOUT_ATTR
+
+    _, out = compared
+    storage = f"sqlite:///{out / 'compare.db'}"
+    names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    assert names == {f"fixture.{m}.seed{s}" for m in METHODS for s in range(SEEDS)}
+    for row in _rows(out):
+        study = optuna.load_study(study_name=row["study"], storage=storage)
+        complete = [t for t in study.get_trials() if t.state.name == "COMPLETE"]
+        assert len(complete) == int(row["n_complete"]) == BUDGET
+        assert {t.params.get("method", row["technique"]) for t in complete} == {row["technique"]}
+        trial = next(t for t in complete if t.number == int(row["trial"]))
+        assert float(row["search_value"]) == trial.value
+        if row["kind"] == "default":
+            assert trial.user_attrs["baseline"] == f"default:{row['technique']}"
+        else:
+            assert trial.value == max(t.value for t in complete)
+        heldout = study.user_attrs[f"{HELDOUT_ATTR}{trial.number}"]
+        assert float(row["heldout:ppl"]) == pytest.approx(heldout["ppl"]["neg_log_ppl"], rel=1e-12)
+        assert float(row["heldout:pick"]) == pytest.approx(heldout["pick"]["acc"], rel=1e-12)
+        assert float(row["heldout_mean"]) == pytest.approx((heldout["ppl"]["neg_log_ppl"] + heldout["pick"]["acc"]) / 2)
+
+
+def test_a_held_out_number_recomputes_from_the_trial_recipe(compared):
+    """Merging a tuned trial's recipe again and scoring it gives the reported held-out number."""
+    from evomerge.compare import _restricted
+    from evomerge.config import load_config
+    from evomerge.search import SearchSession
+
+    config, out = compared
+    row = next(r for r in _rows(out) if r["kind"] == "tuned" and r["technique"] == "ties")
+    sub = _restricted(load_config(config), method="ties", seed=int(row["seed"]), budget=BUDGET)
+    with SearchSession(sub, storage_url=f"sqlite:///{out / 'compare.db'}", device="cpu", progress=False) as session:
+        trial = session.study.trials[int(row["trial"])]
+        session.merger.materialize(session.recipe_of(trial))
+        scores = session.evaluator.evaluate("heldout").tasks
+    assert scores["ppl"]["neg_log_ppl"] == pytest.approx(float(row["heldout:ppl"]), rel=1e-9)
+    assert scores["pick"]["acc"] == float(row["heldout:pick"])

@@ -72,18 +72,29 @@ class TpeThenCmaEs(BaseSampler):
                                               n_startup_trials=max(5, min(20, switch_after // 3)))
         self._cma: optuna.samplers.CmaEsSampler | None = None
         self._random = optuna.samplers.RandomSampler(seed=seed)
+        self._refined: str | None = None                    # the technique, once the switch is made
+        self._decided: tuple[int, str | None] | None = None  # (trial number, decision) for the trial sampled now
 
-    def refine_method(self, study: optuna.Study) -> str | None:
-        """The technique being refined, or None while TPE still explores."""
+    def refine_method(self, study: optuna.Study, trial_number: int | None = None) -> str | None:
+        """The technique being refined, or None while TPE still explores.
+
+        Decided once per trial (the sampler asks many times while it samples one) and
+        for good once the switch is made: each decision reads the storage.
+        """
+        if self._refined is not None:
+            return self._refined
+        if trial_number is not None and self._decided is not None and self._decided[0] == trial_number:
+            return self._decided[1]
         method = study.user_attrs.get(REFINE_ATTR)
-        if method is not None:
-            return method
-        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-        if len(done) < self.switch_after:
-            return None
-        best = max(done, key=lambda t: (t.value, -t.number))
-        method = self.space.method_of(best.params, best.user_attrs)
-        study.set_user_attr(REFINE_ATTR, method)
+        if method is None:
+            done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+            if len(done) >= self.switch_after:
+                best = max(done, key=lambda t: (t.value, -t.number))
+                method = self.space.method_of(best.params, best.user_attrs)
+                study.set_user_attr(REFINE_ATTR, method)
+        self._refined = method
+        if trial_number is not None:
+            self._decided = (trial_number, method)
         return method
 
     def _cma_for(self, study: optuna.Study, method: str) -> optuna.samplers.CmaEsSampler:
@@ -98,26 +109,27 @@ class TpeThenCmaEs(BaseSampler):
         return self._cma
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
-        method = self.refine_method(study)
+        method = self.refine_method(study, trial.number)
         if method is None:
             return self.tpe.infer_relative_search_space(study, trial)
         return self.space.distributions(method)
 
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
                         search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
-        method = self.refine_method(study)
+        method = self.refine_method(study, trial.number)
         if method is None:
             return self.tpe.sample_relative(study, trial, search_space)
         return self._cma_for(study, method).sample_relative(study, trial, search_space)
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
                            param_distribution: BaseDistribution) -> Any:
-        if self.refine_method(study) is None:
+        if self.refine_method(study, trial.number) is None:
             return self.tpe.sample_independent(study, trial, param_name, param_distribution)
         return self._random.sample_independent(study, trial, param_name, param_distribution)
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.tpe.before_trial(study, trial)
+        self.refine_method(study, trial.number)
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values) -> None:
         self.tpe.after_trial(study, trial, state, values)

@@ -51,7 +51,7 @@ def open_study(config: SearchConfig, storage_url: str, *, sampler=None, pruner=N
         try:
             storage = RDBStorage(storage_url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
-                                 engine_kwargs={"pool_pre_ping": True})
+                                 engine_kwargs={"pool_pre_ping": not storage_url.startswith("sqlite")})
             break
         except Exception as err:  # bad URL, unreachable server, missing driver, a creation race
             racing = any(text in str(err).lower() for text in ("unique constraint", "already exists"))
@@ -190,24 +190,25 @@ class SearchSession:
         self.study.set_user_attr("baselines_enqueued", True)
 
     # -- the loop ------------------------------------------------------------------
-    def counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for t in self.study.get_trials(deepcopy=False):
-            counts[t.state.name] = counts.get(t.state.name, 0) + 1
-        return counts
+    def counts(self, *, before: int | None = None) -> dict[str, int]:
+        """Trials per state (those numbered below `before`): one COUNT query on an RDB storage."""
+        return state_counts(self.study, before=before)
 
     def run(self, n_trials: int) -> None:
         """Run trials until `n_trials` are done in the whole study (all workers together)."""
         import optuna
 
         bar = _bar(n_trials, self.progress)
-        attempts = 0
+        attempts, shown = 0, 0.0
         try:
             while True:
                 optuna.storages.fail_stale_trials(self.study)
                 counts = self.counts()
                 done = sum(counts.get(s, 0) for s in DONE)
                 bar.update(done - bar.n)
+                if bar.n and time.monotonic() - shown >= 2.0:     # the best of all workers, read now and then
+                    _postfix(bar, self.study.get_trials(deepcopy=False))
+                    shown = time.monotonic()
                 if done >= n_trials:
                     break
                 if done + counts.get("RUNNING", 0) >= n_trials:
@@ -218,7 +219,6 @@ class SearchSession:
                 attempts += 1
                 self.study.optimize(lambda trial: self.objective(trial, n_trials), n_trials=1, catch=(Exception,),
                                     gc_after_trial=False, show_progress_bar=False)
-                _postfix(bar, self.study)
         finally:
             bar.close()
 
@@ -253,7 +253,7 @@ class SearchSession:
     def recipe_for_trial(self, trial):
         from .samplers import TpeThenCmaEs
 
-        fixed = self.sampler.refine_method(self.study) if isinstance(self.sampler, TpeThenCmaEs) else None
+        fixed = self.sampler.refine_method(self.study, trial.number) if isinstance(self.sampler, TpeThenCmaEs) else None
         if fixed is not None and "method" in trial.params:   # an enqueued trial names its own method
             fixed = None
         method = self.space.suggest(trial, method=fixed)
@@ -265,12 +265,9 @@ class SearchSession:
         """Admit a trial only while the budget is not held by others: before it runs, by the done and running
         trials numbered before it; when it finishes, by the trials already done (a dead worker's retried trial
         can otherwise overshoot)."""
-        trials = self.study.get_trials(deepcopy=False)
-        if finished:
-            held = [t for t in trials if t.state.name in DONE]
-        else:
-            held = [t for t in trials if t.number < trial.number and t.state.name in (*DONE, "RUNNING")]
-        if len(held) >= n_trials:
+        counts = self.counts() if finished else self.counts(before=trial.number)
+        held = sum(counts.get(s, 0) for s in (DONE if finished else (*DONE, "RUNNING")))
+        if held >= n_trials:
             raise SurplusTrial(f"budget of {n_trials} trials already held by other trials")
 
     def _reporter(self, trial) -> Callable[[int, float], None] | None:
@@ -360,10 +357,34 @@ def _bar(total: int, enabled: bool):
     return tqdm(total=total, desc="trials", unit="trial", disable=not enabled, dynamic_ncols=True)
 
 
-def _postfix(bar, study) -> None:
-    from optuna.trial import TrialState
+def state_counts(study, *, before: int | None = None) -> dict[str, int]:
+    """Trials of `study` per state name, only those numbered below `before` if given.
 
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    On an RDB storage (SQLite, PostgreSQL) one COUNT query; reading the trials instead
+    costs several queries and a decode of every unfinished trial, on every call.
+    """
+    engine = getattr(getattr(study._storage, "_backend", study._storage), "engine", None)
+    if engine is not None:
+        try:
+            from optuna.storages._rdb.models import TrialModel
+            from sqlalchemy import func, select
+
+            query = select(TrialModel.state, func.count()).where(TrialModel.study_id == study._study_id)
+            if before is not None:
+                query = query.where(TrialModel.number < before)
+            with engine.connect() as connection:
+                return {state.name: n for state, n in connection.execute(query.group_by(TrialModel.state))}
+        except Exception:  # an unexpected schema: read the trials
+            pass
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        if before is None or t.number < before:
+            counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    return counts
+
+
+def _postfix(bar, trials) -> None:
+    done = [t for t in trials if t.state.name == "COMPLETE"]
     if not done:
         return
     best = max(t.values[0] for t in done)

@@ -1,11 +1,11 @@
 """Streaming vs resident merges: identical bytes, and peak memory against the budget.
 
-Runs `evomerge merge` on one recipe twice in fresh processes — resident, and with
-`--memory-budget` below what the resident mode keeps — and records each process's peak
+Runs `evomerge merge` on one recipe twice in fresh processes — resident, and with a
+`--memory-budget` below what the resident mode needs — and records each process's peak
 resident memory (ru_maxrss), the wall time and whether the safetensors are identical.
 Writes results/bench_streaming.md.
 
-    python benchmarks/bench_streaming.py --models /tmp/evomerge-bench --budget 1GB
+    python benchmarks/bench_streaming.py --models /tmp/evomerge-bench
 (the model folders are the ones benchmarks/bench_merge.py writes: base, s0, s1, s2)
 """
 
@@ -48,45 +48,73 @@ def merge(recipe: Path, out: Path, *extra: str) -> tuple[float, float]:
     return float(wall), int(rss_kib) / 2**20
 
 
+def plan_for(recipe: Path):
+    """The kernel's memory plan for `recipe`, computed here without loading weights."""
+    from evomerge.kernel import MemoryPlan, ResidentMerger, open_recipe_sources
+    from evomerge.recipe import Recipe
+
+    parsed = Recipe.from_yaml(recipe)
+    merger = ResidentMerger(open_recipe_sources(parsed), methods=[parsed.method], build_model=False, streaming=True)
+    return MemoryPlan.of(merger, 1)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, default=Path("/tmp/evomerge-bench"))
-    parser.add_argument("--budget", default="1GB")
-    parser.add_argument("--methods", default="ties,dare_ties")
+    parser.add_argument("--budget", default=None,
+                        help="--memory-budget for the streaming run (default: per method, halfway between what "
+                             "streaming and what the resident mode need by the kernel's plan)")
+    parser.add_argument("--methods", default="ties,dare_ties,della")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results" / "bench_streaming.md")
     args = parser.parse_args()
     from evomerge.kernel import parse_bytes
 
-    budget = parse_bytes(args.budget, device=None)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for method in args.methods.split(","):
             recipe = tmp / f"{method}.yaml"
             recipe.write_text(RECIPE.format(method=method, models=args.models.resolve()))
+            plan = plan_for(recipe)
+            budget = args.budget or f"{round((plan.streaming_need + plan.resident_need) / 2e8) / 10:g}GB"
             resident = merge(recipe, tmp / "resident")
-            streaming = merge(recipe, tmp / "streaming", "--memory-budget", args.budget)
+            streaming = merge(recipe, tmp / "streaming", "--memory-budget", budget)
             same = (tmp / "resident" / "model.safetensors").read_bytes() == \
                 (tmp / "streaming" / "model.safetensors").read_bytes()
-            rows.append((method, resident, streaming, same))
-            print(method, resident, streaming, same, flush=True)
+            refused = subprocess.run([sys.executable, "-m", "evomerge", "merge", str(recipe), "-o", str(tmp / "no"),
+                                      "--memory-budget", f"{plan.streaming_need / 2e9:.2f}GB"],
+                                     capture_output=True, text=True)
+            rows.append((method, budget, plan, resident, streaming, same, refused))
+            print(method, budget, resident, streaming, same, refused.returncode, flush=True)
     size = sum(p.stat().st_size for p in (args.models / "base").glob("*.safetensors")) / 2**30
     lines = ["# Streaming vs resident merges", "",
              f"- {time.strftime('%Y-%m-%d %H:%M')}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
              "1 torch thread",
              f"- models: `{args.models}` (base + 3 sources, {size:.2f} GiB of float32 weights each)",
-             f"- budget: `--memory-budget {args.budget}` ({budget / 2**30:.2f} GiB) — what the budget bounds is the "
-             "sources' resident copies; the output model (one model's size) and the interpreter come on top",
-             f"- command: `python benchmarks/bench_streaming.py --models {args.models} --budget {args.budget}`", "",
-             "| method | resident: peak RSS, wall | streaming: peak RSS, wall | identical bytes |",
-             "|---|---|---|---|"]
-    for method, (rw, rm), (sw, sm), same in rows:
-        lines.append(f"| {method} | {rm:.2f} GiB, {rw:.0f} s | {sm:.2f} GiB, {sw:.0f} s | {'yes' if same else 'NO'} |")
+             "- `memory_budget` bounds the whole process: what it holds already (Python, torch, transformers), "
+             "the merged model, and the merge's tensors. The kernel plans before any weights load: resident if "
+             "everything fits, else streaming (one tensor's anchor, task vectors and temporaries at a time), "
+             "else exit 2 naming the smallest budget that works.",
+             f"- command: `python benchmarks/bench_streaming.py --models {args.models}"
+             + (f" --budget {args.budget}" if args.budget else "") + "`", "",
+             "| method | plan: streaming / resident need | budget | resident: peak RSS, wall | "
+             "streaming: peak RSS, wall | peak below budget | identical bytes | half the streaming need |",
+             "|---|---|---|---|---|---|---|---|"]
+    ok = True
+    for method, budget, plan, (rw, rm), (sw, sm), same, refused in rows:
+        below = sm * 2**30 < parse_bytes(budget, device=None)
+        ok &= below and same and refused.returncode == 2
+        lines.append(f"| {method} | {plan.streaming_need / 1e9:.2f} / {plan.resident_need / 1e9:.2f} GB | {budget} | "
+                     f"{rm * 2**30 / 1e9:.2f} GB, {rw:.0f} s | {sm * 2**30 / 1e9:.2f} GB, {sw:.0f} s | "
+                     f"{'yes' if below else '**no**'} | {'yes' if same else '**NO**'} | "
+                     f"exit {refused.returncode} |")
+    example = next((r[6].stderr.strip() for r in rows if r[6].returncode == 2), "")
     lines += ["", "Peak RSS is the whole process (Python, torch, the output model and the transient per-tensor "
-              "work), from `getrusage(RUSAGE_CHILDREN).ru_maxrss`.", ""]
+              "work), from `getrusage(RUSAGE_CHILDREN).ru_maxrss`. The last column runs the same merge with half "
+              f"the budget streaming needs; it is refused before any weights load:", "", f"    {example}", ""]
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out}")
-    return 0 if all(r[3] for r in rows) else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--memory-budget", default=None,
-                   help="e.g. 2GB or auto: stream tensors from disk when the sources exceed it")
+                   help="e.g. 2GB or auto: the most memory the merge may use; sources that do not fit stream from disk")
 
     p = sub.add_parser("eval", help="score a model folder or a recipe on tasks")
     p.add_argument("target", help="a model folder or a recipe YAML")

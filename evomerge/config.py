@@ -49,7 +49,7 @@ class SearchConfig(_Frozen):
     dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
     vocab: Literal["error", "base"] = "error"
     limit: int | None = Field(None, ge=1)      # examples per task and split, subsampled with the seed
-    memory_budget: int | str | None = None     # e.g. 2GB or auto: stream tensors from disk when sources exceed it
+    memory_budget: int | str | None = None     # e.g. 2GB or auto: the process's peak; stream tensors when sources don't fit
     trust_remote_code: bool = False            # run a model's own Python code (only for sources you trust)
     threads: int | None = Field(None, ge=1)    # CPU threads for torch (default: torch's); 1 suits tiny models
     out: str | None = None

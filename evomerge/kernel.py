@@ -10,6 +10,9 @@ exported model is the one that was scored.
 
 from __future__ import annotations
 
+import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -25,6 +28,75 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 
 
 CHUNK = 1 << 17   # elements per piece of an elementwise merge: temporaries stay in cache
+
+
+def in_use_bytes(device: torch.device) -> int:
+    """Memory this process holds now: device memory on a GPU, resident set (RSS) on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # peak so far: an upper bound
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What a merge needs at its peak, resident and streaming, against a memory budget.
+
+    The budget bounds the whole process (the device's memory on a GPU): what it holds
+    already (interpreter, libraries), the merged model, and the merge's own tensors —
+    every source's task vectors when resident; when streaming, one tensor's anchor,
+    stack and temporaries at a time.
+    """
+
+    budget: int | None
+    in_use: int
+    model: int
+    resident_need: int
+    streaming_need: int
+
+    @classmethod
+    def of(cls, merger: "ResidentMerger", budget: int | None) -> "MemoryPlan":
+        layout = merger.sources.layout
+        k = len(merger.sources.sources)
+        item = torch.empty((), dtype=merger.compute_dtype).element_size()
+        out_item = torch.empty((), dtype=merger.out_dtype).element_size()
+        largest = max(info.numel for info in layout.tensors.values())
+        if budget is not None:
+            import transformers  # noqa: F401  (what loading the model imports is part of what is in use)
+        in_use = in_use_bytes(merger.device) if budget is not None else 0
+        model = layout.numel * out_item
+        # One tensor at a time: its anchor, stack, fields and ranks (resident_bytes' copies, for this
+        # tensor alone), then as much again for one source's read and the method's temporaries. Measured
+        # on 3 sources of 100M parameters (results/bench_streaming.md): 6.4, 10.8 and 15.5 times the largest
+        # tensor for ties, dare_ties and della, against 9, 15 and 21 here. The model costs a tenth more
+        # than its weights (buffers, loading), the C heap 5 %.
+        copies = merger.resident_bytes() // max(1, layout.numel * item)
+        per_tensor = (2 * copies + 1) * largest * item
+        margin = 1.05
+        resident = int((in_use + 1.1 * model + merger.resident_bytes() + per_tensor) * margin)
+        streaming = int((in_use + 1.1 * model + per_tensor) * margin)
+        return cls(budget, in_use, model, resident, streaming)
+
+    @property
+    def streaming(self) -> bool:
+        return self.budget is not None and self.resident_need > self.budget
+
+    def check(self) -> None:
+        if self.streaming and self.streaming_need > self.budget:
+            raise InputError(
+                f"{_gb(self.budget)} is below the {_gb(self.streaming_need)} this merge needs even "
+                f"streaming (this process {_gb(self.in_use)}, the merged model {_gb(self.model)}, the largest "
+                f"tensor's work {_gb(self.streaming_need - self.in_use - self.model)})", field="memory_budget",
+                fix=f"raise it to at least {math.ceil(self.streaming_need / 1e8) / 10:g}GB")
 
 
 class NonFiniteMerge(RuntimeError):
@@ -47,7 +119,8 @@ class ResidentMerger:
     def __init__(self, sources: SourceSet, *, device: str | torch.device | None = "cpu",
                  dtype: str | None = None, seed: int = 0, methods: Iterable[str] = (),
                  build_model: bool = True, progress: bool = False,
-                 memory_budget: int | str | None = None, trust_remote_code: bool = False) -> None:
+                 memory_budget: int | str | None = None, trust_remote_code: bool = False,
+                 streaming: bool | None = None) -> None:
         self.sources = sources
         self.trust_remote_code = trust_remote_code
         self.device = pick_device(device)
@@ -57,7 +130,10 @@ class ResidentMerger:
         self.out_dtype = TORCH_DTYPES[dtype] if dtype else _float_dtype_of(sources)
         self.methods = [REGISTRY.get(m) for m in methods]
         budget = parse_bytes(memory_budget, device=self.device)
-        self.streaming = budget is not None and self.resident_bytes() > budget
+        self.plan = MemoryPlan.of(self, budget)
+        self.streaming = self.plan.streaming if streaming is None else streaming
+        if streaming is None:
+            self.plan.check()      # before any weights load
         self.model = self._load_model(sources.anchor.path) if build_model else None
         targets = dict(self.model.state_dict(keep_vars=True)) if self.model is not None else {}
         self.contexts: dict[str, TensorContext] = {}
@@ -84,10 +160,16 @@ class ResidentMerger:
         return copies * self.sources.layout.numel * itemsize
 
     def _read_context(self, name: str) -> TensorContext:
-        """Anchor and task vectors of one tensor, read (memory-mapped) from the safetensors files."""
+        """Anchor and task vectors of one tensor, read (memory-mapped) from the safetensors files.
+
+        One source at a time into the (K, *shape) stack: a tensor costs its stack, the
+        anchor and one source's read, no more.
+        """
         sources = self.sources
         base = self._checked(sources.anchor, name)
-        deltas = torch.stack([self._checked(s, name) for s in sources.sources])
+        deltas = torch.empty((len(sources.sources), *base.shape), dtype=self.compute_dtype, device=self.device)
+        for i, folder in enumerate(sources.sources):
+            deltas[i].copy_(self._checked(folder, name))
         deltas -= base
         return TensorContext(name=name, base=base, deltas=deltas, seed=self.seed)
 
@@ -171,6 +253,9 @@ class ResidentMerger:
                     target.copy_(merged.view(target.shape))
                     if check_finite:
                         sums.append(merged.sum())
+                if self.streaming:     # let this tensor's stack go before the next one is read
+                    del ctx, piece, merged, target
+                    _return_freed_memory()
             if check_finite and sums and not bool(torch.isfinite(torch.stack(sums)).all()):
                 bad = next(n for n, t in self.outputs.items() if not bool(torch.isfinite(t).all()))
                 raise NonFiniteMerge(f"{recipe.method} produced NaN/inf in tensor '{bad}'")
@@ -213,9 +298,7 @@ def parse_bytes(value: int | str | None, *, device: torch.device) -> int | None:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             return int(free * 0.8)
-        import psutil
-
-        return int(psutil.virtual_memory().available * 0.8)
+        return int(_available_ram() * 0.8)
     units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
     number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
@@ -225,6 +308,34 @@ def parse_bytes(value: int | str | None, *, device: torch.device) -> int | None:
     except (ValueError, KeyError):
         raise InputError(f"cannot read memory size {value!r}", field="memory_budget",
                          fix="write e.g. 2GB, 512MiB or auto") from None
+
+
+def _return_freed_memory() -> None:
+    """Hand memory freed by the C heap back to the OS (glibc keeps it otherwise), so RSS tracks what is held."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _float_dtype_of(sources: SourceSet) -> torch.dtype:

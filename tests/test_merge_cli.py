@@ -350,3 +350,40 @@ def test_missing_recipe_file(tmp_path, capsys):
     rc = main(["merge", str(tmp_path / "nope.yaml"), "-o", str(tmp_path / "out")])
     assert_refused(rc, capsys.readouterr().err, "nope.yaml")
     assert listing(tmp_path) == set()
+
+
+def test_memory_budget_below_what_streaming_needs_is_refused(family, tmp_path):
+    """A budget the merge cannot keep, even streaming tensor by tensor: exit 2 naming the minimum, nothing written."""
+    recipe = write_recipe(tmp_path, family)
+    done = cli("merge", str(recipe), "-o", str(tmp_path / "out"), "--memory-budget", "1MB", cwd=tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "memory_budget" in lines[0] and "at least" in lines[0], done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_memory_plan_streams_between_its_two_needs(family):
+    """Resident when everything fits; streaming when only one tensor at a time does; refused below that."""
+    from evomerge.kernel import MemoryPlan, ResidentMerger
+    from evomerge.sources import open_sources
+
+    base, sources = family
+    opened = open_sources(str(base), [str(s) for s in sources])
+    merger = ResidentMerger(opened, methods=["dare_ties"], build_model=False, streaming=True)
+    plan = MemoryPlan.of(merger, 10**12)
+    layout, k = opened.layout, len(sources)
+    largest = max(info.numel for info in layout.tensors.values())
+    assert plan.model == layout.numel * 4
+    # resident keeps the anchor, the task vectors and the random fields of every tensor; streaming does not
+    assert plan.resident_need - plan.streaming_need == pytest.approx(1.05 * (1 + 2 * k) * layout.numel * 4, abs=2)
+    assert plan.streaming_need - plan.in_use - plan.model >= (1 + k) * largest * 4
+    for budget, streams, refused in ((plan.resident_need, False, False),
+                                     ((plan.resident_need + plan.streaming_need) // 2, True, False),
+                                     (plan.streaming_need - 1, True, True)):
+        decided = MemoryPlan(budget, plan.in_use, plan.model, plan.resident_need, plan.streaming_need)
+        assert decided.streaming == streams
+        if refused:
+            with pytest.raises(evomerge.errors.InputError, match="memory_budget"):
+                decided.check()
+        else:
+            decided.check()

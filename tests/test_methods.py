@@ -437,8 +437,11 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["gaussian", "integers", "zeros", "subnormal", "inf", "float64"])
 @pytest.mark.parametrize("n", [1, 2, 7, 4099, 300_001])
-def test_threshold_table_radix_select_equals_a_sort(n, kind, device):
+def test_threshold_table_radix_select_equals_a_sort(n, kind, device, monkeypatch):
     """The study's threshold tables (a radix select on float bits) hold exactly the sorted order statistics."""
+    import evomerge.methods.primitives
+
+    monkeypatch.setattr(evomerge.methods.primitives, "RADIX_SLICE", 1 << 16)     # several slices
     gen = torch.Generator().manual_seed(n)
     x = torch.randn(n, generator=gen)
     x = {"integers": torch.randint(0, 5, (n,), generator=gen).float(), "zeros": torch.zeros(n),
@@ -449,6 +452,7 @@ def test_threshold_table_radix_select_equals_a_sort(n, kind, device):
     ks = sorted({max(1, int(d / 100 * n)) for d in range(1, 101)} | {1, n})
     expected = torch.sort(magnitudes.cpu(), descending=True).values[torch.tensor(ks) - 1].tolist()
     assert kth_largest_many(magnitudes, ks) == expected
+    assert kth_largest_many(x.to(device), ks, absolute=True) == expected
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -833,7 +837,7 @@ def test_resident_kernel_equals_one_off_merge(tiny_family, method, mode, monkeyp
     recipe = _kernel_recipe(method, base, sources)
     opened = open_sources(recipe.base, recipe.sources)
     merger = ResidentMerger(opened, seed=recipe.seed, methods=[method], build_model=mode == "streaming",
-                            memory_budget=1 if mode == "streaming" else None)
+                            streaming=mode == "streaming")
     assert merger.streaming == (mode == "streaming")
     merger.materialize(recipe)
     layout = opened.layout

@@ -91,7 +91,7 @@ class TensorContext:
             return
         self._thresholds = [{} for _ in range(self.k)] if not self._thresholds else self._thresholds
         for i in range(self.k):
-            values = kth_largest_many(self.deltas[i].abs(), positions)
+            values = kth_largest_many(self.deltas[i], positions, absolute=True)
             self._thresholds[i].update(zip(positions, values))
 
     # -- random fields -------------------------------------------------------------

@@ -32,31 +32,36 @@ def per_source(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(values.shape[0], *([1] * (like.dim() - 1)))
 
 
-def kth_largest_abs(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest |x| (1-based), exactly; a 0-dim tensor."""
-    flat = x.reshape(-1).abs()
-    return torch.kthvalue(flat, flat.numel() - k + 1).values
+RADIX_SLICE = 1 << 22   # elements per pass of the radix select: its temporaries stay small
 
 
-def kth_largest_many(values: torch.Tensor, ks: Sequence[int]) -> list[float]:
-    """The k-th largest entries (1-based) of a non-negative tensor for several k, exactly.
+def kth_largest_many(values: torch.Tensor, ks: Sequence[int], *, absolute: bool = False) -> list[float]:
+    """The k-th largest entries (1-based) of a non-negative tensor (of |values| with `absolute`) for several k.
 
-    A two-level radix select on the float32 bit patterns, which order non-negative
-    floats as the floats: a histogram of the high 19 bits finds each k's bucket
-    (0.05 % wide), a histogram of the low 12 bits of the few entries in the chosen
-    buckets finds the value. Counting passes instead of a sort: what makes the
-    threshold tables cheap. Other dtypes fall back to one sort.
+    Exact: a two-level radix select on the float32 bit patterns, which order
+    non-negative floats as the floats. A histogram of the high 19 bits finds each
+    k's bucket (0.05 % wide); a histogram of the low 12 bits of the entries in the
+    chosen buckets finds the value. Counting passes over slices instead of a sort:
+    cheap threshold tables, and temporaries of a slice's size, not the tensor's.
+    Other dtypes fall back to one sort.
     """
     flat = values.reshape(-1)
     if not ks:
         return []
     if flat.dtype != torch.float32:
-        ordered = torch.sort(flat, descending=True).values
+        ordered = torch.sort(flat.abs() if absolute else flat, descending=True).values
         return ordered[torch.tensor([k - 1 for k in ks], device=flat.device)].tolist()
     low_bits, high_size = 12, 1 << 19
-    bits = flat.view(torch.int32)
-    high = bits >> low_bits
-    above = torch.bincount(high, minlength=high_size).flip(0).cumsum(0)   # above[j]: entries with high >= top-j
+
+    def bit_slices():
+        for start in range(0, flat.numel(), RADIX_SLICE):
+            piece = flat[start:start + RADIX_SLICE]
+            yield (piece.abs() if absolute else piece.contiguous()).view(torch.int32)
+
+    counts = torch.zeros(high_size, dtype=torch.int64, device=flat.device)
+    for bits in bit_slices():
+        counts += torch.bincount(bits >> low_bits, minlength=high_size)
+    above = counts.flip(0).cumsum(0)                                    # above[j]: entries with high >= top-j
     wanted = torch.tensor(list(ks), dtype=above.dtype, device=above.device)
     j = torch.searchsorted(above, wanted)
     buckets = high_size - 1 - j
@@ -64,14 +69,21 @@ def kth_largest_many(values: torch.Tensor, ks: Sequence[int]) -> list[float]:
     chosen, slot = torch.unique(buckets, return_inverse=True)
     row_of = torch.full((high_size,), -1, dtype=torch.int32, device=flat.device)
     row_of[chosen] = torch.arange(len(chosen), dtype=torch.int32, device=flat.device)
-    row = row_of[high]
-    keep = row >= 0
-    keys = row[keep].long() * (1 << low_bits) + (bits[keep] & ((1 << low_bits) - 1))
-    counts = torch.bincount(keys, minlength=len(chosen) << low_bits).view(len(chosen), 1 << low_bits)
-    below = counts.flip(1).cumsum(1)                                      # per bucket, like `above`
+    low = torch.zeros(len(chosen) << low_bits, dtype=torch.int64, device=flat.device)
+    for bits in bit_slices():
+        row = row_of[bits >> low_bits]
+        keep = row >= 0
+        keys = row[keep].long() * (1 << low_bits) + (bits[keep] & ((1 << low_bits) - 1))
+        low += torch.bincount(keys, minlength=len(chosen) << low_bits)
+    below = low.view(len(chosen), 1 << low_bits).flip(1).cumsum(1)      # per bucket, like `above`
     j2 = torch.searchsorted(below[slot], ranks.unsqueeze(1)).squeeze(1)
     found = (buckets << low_bits) | ((1 << low_bits) - 1 - j2)
     return found.to(torch.int32).view(torch.float32).tolist()
+
+
+def kth_largest_abs(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest |x| (1-based), exactly; a 0-dim tensor."""
+    return torch.tensor(kth_largest_many(x, [k], absolute=True)[0], dtype=x.dtype, device=x.device)
 
 
 def ties_keep_count(density: float, numel: int) -> int:

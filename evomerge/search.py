@@ -91,24 +91,28 @@ def search(config: SearchConfig | str | Path, *, n_trials: int | None = None, st
     storage_url = config.storage_url(run_dir, storage)
     if not storage_url.startswith("sqlite"):
         open_study(config, storage_url)       # an unreachable server is bad input: found before anything is written
-    run_dir.mkdir(parents=True, exist_ok=True)
-    from .export.run import safe_url
+    bench = Workbench(config, device=device or config.device, progress=progress)   # bad input stops here, unwritten
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        from .export.run import safe_url
 
-    (run_dir / "run.json").write_text(json.dumps({"config": str(config.path.resolve()) if config.path else None,
-                                                  "storage": safe_url(storage_url), "study": config.name,
-                                                  "device": device or config.device}, indent=2) + "\n")
-    with SearchSession(config, storage_url=storage_url, device=device or config.device, progress=progress) as session:
-        session.run(config.search.n_trials)
-        result = RunResult(run_dir=run_dir, study_name=config.name, storage=storage_url)
-        if not export:
-            return result
-        if session.counts().get("RUNNING", 0):
-            print("other workers are still running trials: the last one to finish exports", flush=True)
-            return result
-        from .export.run import export_run
+        (run_dir / "run.json").write_text(json.dumps({"config": str(config.path.resolve()) if config.path else None,
+                                                      "storage": safe_url(storage_url), "study": config.name,
+                                                      "device": device or config.device}, indent=2) + "\n")
+        with SearchSession(config, storage_url=storage_url, device=None, progress=progress, bench=bench) as session:
+            session.run(config.search.n_trials)
+            result = RunResult(run_dir=run_dir, study_name=config.name, storage=storage_url)
+            if not export:
+                return result
+            if session.counts().get("RUNNING", 0):
+                print("other workers are still running trials: the last one to finish exports", flush=True)
+                return result
+            from .export.run import export_run
 
-        with _export_lock(run_dir):
-            return export_run(session, run_dir, result=result)
+            with _export_lock(run_dir):
+                return export_run(session, run_dir, result=result)
+    finally:
+        bench.close()
 
 
 class Workbench:
@@ -128,10 +132,13 @@ class Workbench:
         self.sources = open_sources(config.base, config.sources, relative_to=config.relative_to, vocab=config.vocab,
                                     file=str(config.path) if config.path else None)
         self.suite = load_tasks(tasks_path(config), seed=config.search.seed)
-        self.merger = ResidentMerger(self.sources, device=device, dtype=config.dtype, seed=config.search.seed,
-                                     methods=config.search.methods, progress=progress,
-                                     memory_budget=config.memory_budget,
-                                     trust_remote_code=config.trust_remote_code)
+        try:
+            self.merger = ResidentMerger(self.sources, device=device, dtype=config.dtype, seed=config.search.seed,
+                                         methods=config.search.methods, progress=progress,
+                                         memory_budget=config.memory_budget,
+                                         trust_remote_code=config.trust_remote_code)
+        except InputError as err:   # a config value the kernel refuses (memory_budget, device): name the file
+            raise err.at(file=err.file or (str(config.path) if config.path else None)) from None
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.sources.anchor.path),
                                                        trust_remote_code=config.trust_remote_code)
         self.evaluator = Evaluator(self.suite, self.merger.model, self.tokenizer, seed=config.search.seed,

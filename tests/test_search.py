@@ -206,6 +206,7 @@ def test_killed_search_resumes_without_losing_trials(tmp_path):
     ({"search": {"methods": ["slerp"]}}, "slerp"),
     ({"search": {"n_trials": 0}}, "n_trials"),
     ({"tasks": "missing.yaml"}, "missing.yaml"),
+    ({"memory_budget": "1MB"}, "memory_budget: 0.00 GB is below the"),
 ])
 def test_bad_configs_exit_2_with_one_line_and_write_nothing(tmp_path, patch, expect):
     import yaml

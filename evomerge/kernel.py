@@ -30,6 +30,24 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 CHUNK = 1 << 17   # elements per piece of an elementwise merge: temporaries stay in cache
 
 
+def _keep_chunk_temporaries_on_the_heap() -> None:
+    """glibc serves allocations above 128 KiB with a fresh mmap, and every page of it faults on first touch:
+    a chunk's temporaries (a few MiB) then cost more than the arithmetic on them (measured: ties 2.7x
+    slower). Raise the mmap threshold to 64 MiB so they are reused from the heap; whole tensors above
+    it still map and unmap. Linux/glibc only; elsewhere nothing changes."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 << 20)      # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 << 20)     # M_TRIM_THRESHOLD: keep up to 128 MiB freed at the heap's top
+    except (OSError, AttributeError):
+        pass
+
+
+_keep_chunk_temporaries_on_the_heap()
+
+
 def in_use_bytes(device: torch.device) -> int:
     """Memory this process holds now: device memory on a GPU, resident set (RSS) on the CPU."""
     if device.type == "cuda":

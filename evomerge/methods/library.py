@@ -15,7 +15,7 @@ import torch
 from .base import (DENSITY, EPSILON, GAMMA, LAMBDA, REGISTRY, RESCALE, SLERP_T, WEIGHT, MethodSpec,
                    normalize)
 from .context import TensorContext
-from .primitives import (breadcrumbs_counts, elect_and_merge, ge_mask_, l1_rescale, lt_mask, per_source,
+from .primitives import (breadcrumbs_counts, elect_and_merge, l1_rescale, lt_mask, per_source,
                          ties_keep_count, weighted_sum)
 
 # ---------------------------------------------------------------------------------------------
@@ -27,7 +27,7 @@ def magnitude_trim(ctx: TensorContext, density: Sequence[float]) -> torch.Tensor
     taus = [0.0 if d >= 1 else ctx.kth_largest(i, ties_keep_count(d, ctx.numel))
             for i, d in enumerate(density)]
     tau = per_source(torch.tensor(taus, dtype=ctx.deltas.dtype, device=ctx.deltas.device), ctx.deltas)
-    return ge_mask_(ctx.deltas.abs(), tau).mul_(ctx.deltas)
+    return ctx.deltas.abs().ge_(tau).mul_(ctx.deltas)      # ge_ on floats writes the 0/1 mask in place
 
 
 def outlier_trim(ctx: TensorContext, density: Sequence[float], gamma: Sequence[float]) -> torch.Tensor:
@@ -46,7 +46,7 @@ def outlier_trim(ctx: TensorContext, density: Sequence[float], gamma: Sequence[f
     high = per_source(torch.tensor(highs, dtype=like.dtype, device=like.device), like)
     mag = like.abs()
     keep = lt_mask(mag, high)
-    return ge_mask_(mag, low).mul_(keep).mul_(like)
+    return mag.ge_(low).mul_(keep).mul_(like)
 
 
 def _rescaled(ctx: TensorContext, keep: torch.Tensor, inverse: torch.Tensor, rescale: str) -> torch.Tensor:

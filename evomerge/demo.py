@@ -16,12 +16,15 @@ DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 
 
 def ensure_zoo(*, size: str = "tiny", progress: bool = True) -> Path:
-    """The zoo at $EVOMERGE_ZOO (default ~/.cache/evomerge/zoo), built on first use."""
-    root = zoo_root()
-    if not (root / "zoo.json").is_file():
-        from .zoo import build_zoo
+    """The zoo at $EVOMERGE_ZOO (default ~/.cache/evomerge/zoo), built on first use and rebuilt when it
+    was built by an older evomerge (another zoo version)."""
+    from .zoo import build_zoo, is_current
 
-        print(f"building the local model zoo in {root} (once; about a minute on a laptop CPU)")
+    root = zoo_root()
+    if not is_current(root, size=size):
+        stale = (root / "zoo.json").is_file()
+        print(f"{'rebuilding the outdated' if stale else 'building the'} local model zoo in {root} "
+              "(once; about a minute on a laptop CPU)")
         build_zoo(root, size=size, force=root.exists(), progress=progress)
     return root
 

@@ -196,3 +196,19 @@ def test_the_harness_scores_every_choice_task_as_the_expert_knows_it(zoo: Path) 
         own = Evaluator(one, expert, tokenizer).evaluate("heldout").tasks[info["choice_task"]]["acc"]
         before = Evaluator(one, base, tokenizer).evaluate("heldout").tasks[info["choice_task"]]["acc"]
         assert own >= 0.9 and before <= 0.5, f"{skill}: expert {own:.3f}, base {before:.3f} on its choice task"
+
+
+def test_a_zoo_from_another_version_is_not_current(zoo: Path, tmp_path: Path) -> None:
+    """The demo rebuilds a cached zoo that an older evomerge built (`ensure_zoo` asks `is_current`)."""
+    import shutil
+
+    from evomerge.zoo import ZOO_VERSION, is_current
+
+    assert _manifest(zoo)["evomerge_zoo"] == ZOO_VERSION
+    assert is_current(zoo, size="test") and not is_current(zoo, size="tiny") and not is_current(tmp_path)
+    old = tmp_path / "old"
+    shutil.copytree(zoo, old)
+    manifest = _manifest(old)
+    manifest["evomerge_zoo"] = ZOO_VERSION - 1
+    (old / "zoo.json").write_text(json.dumps(manifest))
+    assert not is_current(old, size="test")

@@ -11,7 +11,8 @@
 Each model folder is a real Hugging Face folder (Llama config, safetensors,
 a WordLevel tokenizer), loadable offline with ``AutoModelForCausalLM`` and
 ``AutoTokenizer``. The compatible skills (``inc``, ``rot``, ``mir``) each rewrite
-a disjoint alphabet, so merging them can recover most of each skill; the
+a disjoint alphabet, so a merge with tuned weights recovers most of each skill
+(an untuned one does not: the headroom a merge search is for); the
 conflicting pair (``rev``, ``sort``) reorders the same digits in two ways, a
 control where merging fails. Same seed and size, same bytes.
 """
@@ -28,10 +29,25 @@ from pathlib import Path
 from ..errors import InputError, suggest
 from .sizes import ZOO_SIZES, ZooSize
 
-__all__ = ["ZOO_SIZES", "ZooSize", "build_zoo", "MANIFEST"]
+__all__ = ["ZOO_SIZES", "ZooSize", "build_zoo", "MANIFEST", "ZOO_VERSION", "is_current"]
 
 MANIFEST = "zoo.json"
 TASK_FILE = "tasks.yaml"
+# The zoo's own version, in zoo.json: raise it whenever training or the task data change, so that a
+# zoo cached by an older evomerge is rebuilt rather than silently reused (2: AdamW experts with
+# headroom; prompts that end with a space).
+ZOO_VERSION = 2
+
+
+def is_current(root: str | Path, *, size: str = "tiny", seed: int = 0) -> bool:
+    """Whether `root` holds a complete zoo this version of evomerge would build for `size` and `seed`."""
+    import json
+
+    try:
+        manifest = json.loads((Path(root) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return (manifest.get("evomerge_zoo"), manifest.get("size"), manifest.get("seed")) == (ZOO_VERSION, size, seed)
 
 
 def build_zoo(out: str | Path, *, seed: int = 0, size: str = "tiny", force: bool = False,

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import MANIFEST, TASK_FILE, derive_seed
+from . import MANIFEST, TASK_FILE, ZOO_VERSION, derive_seed
 from .sizes import ZooSize
 from .skills import COMPATIBLE, CONFLICTING, SKILLS, Skill, choice_rows, generate_rows, prompt_text, sample_inputs
 from .train import Batches, Encoder, finetune, new_model, pretrain, reproducible_cpu
@@ -39,7 +39,9 @@ def build_into(folder: Path, size: ZooSize, *, seed: int, size_name: str, log: C
             steps = size.expert_steps if compatible else size.conflicting_steps
             lr = size.expert_lr if compatible else size.conflicting_lr
             gen = torch.Generator().manual_seed(derive_seed(seed, "expert", skill.name))
-            loss = finetune(expert, batches[skill.name], others, size, steps=steps, lr=lr, gen=gen)
+            optimizer = size.expert_optimizer if compatible else "sgd"
+            loss = finetune(expert, batches[skill.name], others, size, steps=steps, lr=lr, optimizer=optimizer,
+                            gen=gen)
             save_model_folder(expert, tokenizer, folder / skill.name)
             log(f"{skill.name}: {steps} steps, final loss {loss:.3f}")
 
@@ -70,7 +72,7 @@ def manifest(size: ZooSize, *, seed: int, size_name: str) -> dict[str, Any]:
     example = SKILLS[0]
     x = [(3 + 4 * i) % len(example.symbols) for i in range(size.length)]
     return {
-        "evomerge_zoo": 1,
+        "evomerge_zoo": ZOO_VERSION,
         "seed": seed,
         "size": size_name,
         "base": "base",

@@ -3,9 +3,17 @@
 The base is pretrained on every skill's format with a mixed answer: the echo of
 the input most of the time and the skill's answer otherwise, so it knows each
 skill but prefers to echo (greedy decoding echoes, and scores nothing). An
-expert is the base fine-tuned on one skill (plus replay of the base's own
-mixture on the other skills) with plain SGD: a small task vector that moves
-what that skill needs, as a real fine-tune does.
+expert is the base fine-tuned on one skill, a fifth of each batch replaying the
+other skills' prompts with (mostly) echo answers, as instruction tuning mixes
+in pretraining data. The compatible experts are tuned with AdamW, which spreads
+a fine-tune's change over every parameter as a real one does; their task
+vectors are dense and overlap in the machinery every skill shares (choosing
+between echo and skill). So untuned merges fall short (measured on the tiny
+zoo, see benchmarks/zoo_headroom.py): adding the vectors at full weight
+overshoots, the simple average undershoots, and TIES and DARE-TIES at their
+defaults lose most of a skill, while tuned weights (about 0.75 each, or one per
+source and layer group) recover the skills. That gap is the headroom a merge
+search is for. The conflicting pair is tuned with SGD.
 
 All randomness comes from explicit ``torch.Generator`` objects; the batch order
 is fixed; training runs on one thread with denormals flushed, so the same seed
@@ -70,10 +78,10 @@ class Batches:
         size = len(skill.symbols)
         self.held_out = input_keys(torch.tensor(held_out), size) if held_out else torch.empty(0, dtype=torch.int64)
 
-    def draw(self, rows: int, *, mixed: bool, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """`rows` examples: the base's mixture of echo and skill answers (`mixed`), else skill answers."""
+    def draw(self, rows: int, *, echo_share: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rows` examples whose answer is the echo with probability `echo_share`, else the skill's."""
         x = torch.randint(len(self.skill.symbols), (rows, self.length), generator=gen)
-        echo = torch.rand(rows, 1, generator=gen) < (self.echo_share if mixed else 0.0)
+        echo = torch.rand(rows, 1, generator=gen) < echo_share
         y = torch.where(echo, x, self.skill.apply(x))
         ids, labels = self.encoder.examples(self.skill, x, y)
         labels[torch.isin(input_keys(x, len(self.skill.symbols)), self.held_out)] = -100
@@ -127,27 +135,34 @@ def pretrain(model: LlamaForCausalLM, batches: list[Batches], size: ZooSize, *, 
     for step in range(size.base_steps):
         for group in optimizer.param_groups:
             group["lr"] = size.base_lr * _schedule(step, size.base_steps, warmup=50)
-        parts = [b.draw(rows, mixed=True, gen=gen) for b in batches]
+        parts = [b.draw(rows, echo_share=b.echo_share, gen=gen) for b in batches]
         ids, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         loss = _step(model, optimizer, ids, labels, clip=None)
     return loss
 
 
 def finetune(model: LlamaForCausalLM, own: Batches, others: list[Batches], size: ZooSize, *, steps: int,
-             lr: float, gen: torch.Generator) -> float:
-    """An expert: SGD on its skill, with part of each batch replaying the base's mixture on the others."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+             lr: float, optimizer: str = "sgd", gen: torch.Generator) -> float:
+    """An expert: `optimizer` ("adamw" or "sgd") on its skill, part of each batch replaying the others.
+
+    The replay draws one other skill per step, answers echoed with probability `size.replay_echo_share`.
+    """
+    if optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98),
+                                                       weight_decay=0.0)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     replay = int(size.batch * size.replay)
     loss = float("nan")
     for step in range(steps):
-        for group in optimizer.param_groups:
+        for group in opt.param_groups:
             group["lr"] = lr * _schedule(step, steps, warmup=10)
-        ids, labels = own.draw(size.batch - replay, mixed=False, gen=gen)
+        ids, labels = own.draw(size.batch - replay, echo_share=0.0, gen=gen)
         if replay:
             other = others[int(torch.randint(len(others), (1,), generator=gen))]
-            more_ids, more_labels = other.draw(replay, mixed=True, gen=gen)
+            more_ids, more_labels = other.draw(replay, echo_share=size.replay_echo_share, gen=gen)
             ids, labels = torch.cat([ids, more_ids]), torch.cat([labels, more_labels])
-        loss = _step(model, optimizer, ids, labels, clip=1.0)
+        loss = _step(model, opt, ids, labels, clip=1.0)
     return loss
 
 

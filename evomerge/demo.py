@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 
 
-def ensure_zoo(*, size: str = "tiny", progress: bool = True) -> Path:
+def ensure_zoo(*, size: str = "tiny", progress: bool = True) -> tuple[Path, bool]:
     """The zoo at $EVOMERGE_ZOO (default ~/.cache/evomerge/zoo), built on first use and rebuilt when it
     was built by an older evomerge (another zoo version)."""
     from .zoo import build_zoo, is_current
@@ -26,7 +26,8 @@ def ensure_zoo(*, size: str = "tiny", progress: bool = True) -> Path:
         print(f"{'rebuilding the outdated' if stale else 'building the'} local model zoo in {root} "
               "(once; about a minute on a laptop CPU)")
         build_zoo(root, size=size, force=root.exists(), progress=progress)
-    return root
+        return root, True
+    return root, False
 
 
 def run_demo(*, out: str | None = None, n_trials: int | None = None, config: str | None = None):
@@ -35,6 +36,11 @@ def run_demo(*, out: str | None = None, n_trials: int | None = None, config: str
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    ensure_zoo()
+    _, rebuilt = ensure_zoo()
     cfg = load_config(config or DEMO_CONFIG)
-    return search(cfg, n_trials=n_trials, out=out or str(Path.cwd() / "results" / "demo"))
+    out = Path(out or Path.cwd() / "results" / "demo")
+    if rebuilt and (out / "study.db").is_file():     # its trials were scored on the old zoo's models
+        for old in out.glob("study.db*"):
+            old.rename(old.with_name(old.name.replace("study.db", "study-previous-zoo.db")))
+        print(f"the zoo changed: the earlier demo study is kept as {out / 'study-previous-zoo.db'}")
+    return search(cfg, n_trials=n_trials, out=str(out))

@@ -22,6 +22,7 @@ from .config import SearchConfig, load_config, tasks_path
 from .errors import InputError
 
 DONE = ("COMPLETE", "PRUNED")
+FINGERPRINT_ATTR = "sources_fingerprint"
 HEARTBEAT_S = 5
 GRACE_S = 20
 
@@ -167,6 +168,7 @@ class SearchSession:
         self.study = open_study(config, storage_url, sampler=self.sampler, pruner=make_pruner(config))
         self.storage_url = storage_url
         self.started = time.time()
+        self._check_same_weights()
         if config.search.baselines:
             self._enqueue_baselines()
 
@@ -188,6 +190,22 @@ class SearchSession:
         for method in self.space.methods:
             out.append((f"default:{method}", self.space.defaults(method)))
         return out
+
+    def _check_same_weights(self) -> None:
+        """A study resumes only over the weights it started on: trials scored on other models would mix in."""
+        from .export.run import safe_url
+
+        folders = ([self.sources.base] if self.sources.base is not None else []) + list(self.sources.sources)
+        now = {folder.spec: folder.fingerprint() for folder in folders}
+        before = self.study.user_attrs.get(FINGERPRINT_ATTR)
+        if before is None:
+            self.study.set_user_attr(FINGERPRINT_ATTR, now)
+            return
+        changed = [spec for spec in now if before.get(spec) != now[spec]] + [s for s in before if s not in now]
+        if changed:
+            raise InputError(f"study '{self.study.study_name}' in {safe_url(self.storage_url)} was run on other "
+                             f"weights: {', '.join(changed)} changed since", field="storage",
+                             fix="search into a new --out folder (or storage), or delete the old study")
 
     def _enqueue_baselines(self) -> None:
         if self.study.user_attrs.get("baselines_enqueued"):

@@ -263,3 +263,23 @@ def test_every_file_in_configs_is_valid(zoo):
     assert len(files) >= 3
     for path in files:
         assert "valid" in validate_file(path), path
+
+
+def test_resuming_over_other_weights_is_refused(tmp_path):
+    """Trials scored on one set of models never mix with another's: a rerun over changed weights exits 2."""
+    from safetensors.torch import load_file, save_file
+
+    config = make_search_fixture(tmp_path / "fam", n_trials=3)
+    out = tmp_path / "run"
+    assert run_cli("search", str(config), "--out", str(out), "--no-export").returncode == 0
+    before = _complete(out / "study.db")
+    weights = tmp_path / "fam" / "s1" / "model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(tensors)[len(tensors) // 2]
+    tensors[name] = tensors[name] + 0.01
+    save_file(tensors, weights, metadata={"format": "pt"})
+    result = run_cli("search", str(config), "--out", str(out), "--n-trials", "5")
+    assert result.returncode == 2, result.stderr
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and "was run on other weights" in err[0] and "s1" in err[0], err
+    assert _complete(out / "study.db") == before

@@ -30,19 +30,34 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 CHUNK = 1 << 17   # elements per piece of an elementwise merge: temporaries stay in cache
 
 
-def _keep_chunk_temporaries_on_the_heap() -> None:
-    """glibc serves allocations above 128 KiB with a fresh mmap, and every page of it faults on first touch:
-    a chunk's temporaries (a few MiB) then cost more than the arithmetic on them (measured: ties 2.7x
-    slower). Raise the mmap threshold to 64 MiB so they are reused from the heap; whole tensors above
-    it still map and unmap. Linux/glibc only; elsewhere nothing changes."""
+def _glibc():
+    """The C library's handle where it is glibc (Linux), else None."""
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 << 20)      # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 128 << 20)     # M_TRIM_THRESHOLD: keep up to 128 MiB freed at the heap's top
-    except (OSError, AttributeError):
-        pass
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _glibc()
+
+
+def _keep_chunk_temporaries_on_the_heap() -> None:
+    """glibc serves allocations above 128 KiB with a fresh mmap, and every page of it faults on first touch:
+    a chunk's temporaries (a few MiB) then cost more than the arithmetic on them (measured: ties 2.7x
+    slower). Raise the mmap threshold to 64 MiB so they are reused from the heap; whole tensors above
+    it still map and unmap. Elsewhere than glibc nothing changes."""
+    if _LIBC is not None:
+        _LIBC.mallopt(-3, 64 << 20)      # M_MMAP_THRESHOLD
+        _LIBC.mallopt(-1, 128 << 20)     # M_TRIM_THRESHOLD: keep up to 128 MiB freed at the heap's top
+
+
+def _return_freed_memory() -> None:
+    """Hand memory freed to the C heap back to the OS, so the process's RSS tracks what it holds."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 _keep_chunk_temporaries_on_the_heap()
@@ -326,23 +341,6 @@ def parse_bytes(value: int | str | None, *, device: torch.device) -> int | None:
     except (ValueError, KeyError):
         raise InputError(f"cannot read memory size {value!r}", field="memory_budget",
                          fix="write e.g. 2GB, 512MiB or auto") from None
-
-
-def _return_freed_memory() -> None:
-    """Hand memory freed by the C heap back to the OS (glibc keeps it otherwise), so RSS tracks what is held."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            import ctypes
-
-            _LIBC = ctypes.CDLL("libc.so.6")
-        except OSError:
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
 
 
 def _available_ram() -> int:

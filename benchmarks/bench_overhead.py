@@ -92,7 +92,11 @@ def measure(config_path: Path, trials: int, *, profile: bool) -> dict:
         buf = io.StringIO()
         pstats.Stats(profiler, stream=buf).sort_stats("cumulative").print_stats(40)
         top = buf.getvalue()
-    return {"trials": len(seconds), "wall": wall, "merge": merge, "eval": evaluate, "profile": top, "parts": parts}
+    search = config.search
+    setup = (f"{config_path.name}: {len(config.sources)} sources, {len(search.methods)} techniques, "
+             f"{search.layer_groups} layer groups, sampler {search.sampler}, SQLite storage")
+    return {"trials": len(seconds), "wall": wall, "merge": merge, "eval": evaluate, "profile": top, "parts": parts,
+            "setup": setup}
 
 
 def report(r: dict, command: str) -> str:
@@ -105,8 +109,7 @@ def report(r: dict, command: str) -> str:
         f"- Date: {datetime.date.today().isoformat()}; machine: {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, Python {platform.python_version()}",
         f"- Command: `{command}`",
-        f"- The demo's search (configs/demo.yaml: 3 experts of the zoo, 3 techniques, 2 layer groups, "
-        f"sampler tpe+cmaes, SQLite storage), {n} trials, one process, CPU", "",
+        f"- The search of {r['setup']}; {n} trials, one process, CPU", "",
         "| | total (s) | per trial (ms) | share of the loop |",
         "|---|---|---|---|",
         f"| merge (`materialize`) | {r['merge']:.2f} | {1000 * r['merge'] / n:.1f} | {r['merge'] / r['wall']:.1%} |",

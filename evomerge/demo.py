@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .errors import InputError
 from .paths import zoo_root
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,6 +24,13 @@ def ensure_zoo(*, size: str = "tiny", progress: bool = True) -> tuple[Path, bool
     root = zoo_root()
     if not is_current(root, size=size):
         stale = (root / "zoo.json").is_file()
+        if stale:
+            import json
+
+            built = json.loads((root / "zoo.json").read_text()).get("size")
+            if built != size:     # somebody's own zoo of another size: never overwrite it
+                raise InputError(f"holds a '{built}' zoo; the demo needs the '{size}' one", file=root / "zoo.json",
+                                 fix="unset EVOMERGE_ZOO, or point it at an empty folder")
         print(f"{'rebuilding the outdated' if stale else 'building the'} local model zoo in {root} "
               "(once; about a minute on a laptop CPU)")
         build_zoo(root, size=size, force=root.exists(), progress=progress)

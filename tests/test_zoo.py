@@ -212,3 +212,26 @@ def test_a_zoo_from_another_version_is_not_current(zoo: Path, tmp_path: Path) ->
     manifest["evomerge_zoo"] = ZOO_VERSION - 1
     (old / "zoo.json").write_text(json.dumps(manifest))
     assert not is_current(old, size="test")
+
+
+def test_the_demo_rebuilds_an_outdated_zoo_and_leaves_other_sizes_alone(zoo: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    import evomerge.zoo
+    from evomerge.demo import ensure_zoo
+
+    built: list[tuple[Path, str]] = []
+    monkeypatch.setattr(evomerge.zoo, "build_zoo", lambda root, *, size, force, progress: built.append((root, size)))
+    monkeypatch.setenv("EVOMERGE_ZOO", str(zoo))
+    assert ensure_zoo(size="test") == (zoo, False) and not built           # current: reused as it is
+    with pytest.raises(InputError, match="holds a 'test' zoo; the demo needs the 'tiny' one"):
+        ensure_zoo(size="tiny")                                              # somebody's own zoo: never replaced
+    assert not built
+    old = tmp_path / "old"
+    shutil.copytree(zoo, old)
+    manifest = _manifest(old)
+    manifest["evomerge_zoo"] -= 1
+    (old / "zoo.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv("EVOMERGE_ZOO", str(old))
+    assert ensure_zoo(size="test") == (old, True) and built == [(old, "test")]   # an older version: rebuilt

@@ -22,11 +22,12 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from machine import describe  # benchmarks/machine.py: run as scripts, this folder is on sys.path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -165,18 +166,6 @@ def toy_zoo(out: Path, *, seed: int = 0, size: str = "test") -> None:
                                     "  - {name: inc, type: generate, data: data/inc.jsonl, max_new_tokens: 8}\n")
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}"
-
-
 def device_name(device: str) -> str:
     import torch
 
@@ -187,7 +176,7 @@ def report(rows: list[dict], args, versions: dict, model_desc: str) -> str:
     lines = [
         "# Evaluation benchmark: built-in harness vs lm-eval vs forward-pass floor", "",
         f"- date: {datetime.date.today().isoformat()}",
-        f"- machine: {machine()}; torch threads: {args.threads}; device: {device_name(args.device)}",
+        f"- machine: {describe()}; torch threads: {args.threads}; device: {device_name(args.device)}",
         f"- versions: {', '.join(f'{k} {v}' for k, v in versions.items())}",
         f"- model: {model_desc}",
         f"- batch size {args.batch_size} for all three; median of {args.repeats} calls after a warm-up",

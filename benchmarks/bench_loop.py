@@ -39,6 +39,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import describe  # benchmarks/machine.py: run as scripts, this folder is on sys.path
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -330,21 +332,6 @@ def score_difference(ours: dict, theirs: dict) -> float:
 # The report
 
 
-def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        mem_kib = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))
-                      .split()[1])
-        ram = f"{mem_kib / 1024**2:.1f} GiB RAM"
-    except (OSError, StopIteration, ValueError):
-        ram = "RAM unknown"
-    return f"{cpu}, {os.cpu_count()} logical cores, {ram}, {platform.system()} {platform.release()}"
-
-
 def load_average() -> str:
     try:
         return " / ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -406,7 +393,7 @@ def report(run: dict) -> str:
         "# Search-loop benchmark: evomerge vs a mergekit-based loop",
         "",
         f"- Date: {run['date']}",
-        f"- Machine: {machine()}; no GPU; torch threads: {run['threads']} in every loop "
+        f"- Machine: {describe()}; no GPU; torch threads: {run['threads']} in every loop "
         "(`torch.set_num_threads`; `--num-threads` and OMP_NUM_THREADS for the mergekit-yaml command)",
         f"- Load average: {run['load_start']} (1 / 5 / 15 min) at the start, {run['load_end']} at the end; "
         f"1-minute load after each candidate: min {min(loads):.2f}, median {statistics.median(loads):.2f}, "

@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import describe  # benchmarks/machine.py: run as scripts, this folder is on sys.path
+
 METHODS = ("linear", "task_arithmetic", "slerp", "ties", "dare_linear", "dare_ties", "breadcrumbs",
            "breadcrumbs_ties", "della", "della_linear", "model_stock")
 TARGETS = {"linear": 3.0, "task_arithmetic": 3.0, "ties": 6.0, "dare_linear": 6.0, "dare_ties": 6.0,
@@ -243,19 +245,7 @@ def run_worker(kind: str, method: str, args: argparse.Namespace) -> dict:
 def machine() -> str:
     import torch
 
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        mem_kib = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))
-                      .split()[1])
-        ram = f"{mem_kib / 1024**2:.1f} GiB RAM"
-    except (OSError, StopIteration, ValueError):
-        ram = "RAM unknown"
-    return (f"{cpu}, {os.cpu_count()} cores, {ram}; torch {torch.__version__}, "
-            f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
+    return f"{describe()}; torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def report(rows: list[dict], command: str, elapsed: float) -> str:

@@ -19,18 +19,15 @@ DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 def ensure_zoo(*, size: str = "tiny", progress: bool = True) -> tuple[Path, bool]:
     """The zoo at $EVOMERGE_ZOO (default ~/.cache/evomerge/zoo), built on first use and rebuilt when it
     was built by an older evomerge (another zoo version)."""
-    from .zoo import build_zoo, is_current
+    from .zoo import build_zoo, is_current, read_manifest
 
     root = zoo_root()
-    if not is_current(root, size=size):
-        stale = (root / "zoo.json").is_file()
-        if stale:
-            import json
-
-            built = json.loads((root / "zoo.json").read_text()).get("size")
-            if built != size:     # somebody's own zoo of another size: never overwrite it
-                raise InputError(f"holds a '{built}' zoo; the demo needs the '{size}' one", file=root / "zoo.json",
-                                 fix="unset EVOMERGE_ZOO, or point it at an empty folder")
+    manifest = read_manifest(root)
+    if not is_current(manifest, size=size):
+        stale = manifest is not None
+        if stale and manifest.get("size") != size:     # somebody's own zoo of another size: never overwrite it
+            raise InputError(f"holds a '{manifest.get('size')}' zoo; the demo needs the '{size}' one",
+                             file=root / "zoo.json", fix="unset EVOMERGE_ZOO, or point it at an empty folder")
         print(f"{'rebuilding the outdated' if stale else 'building the'} local model zoo in {root} "
               "(once; about a minute on a laptop CPU)")
         build_zoo(root, size=size, force=root.exists(), progress=progress)

@@ -10,6 +10,7 @@ Rerunning the same command resumes the study until `n_trials` trials are done
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -145,6 +146,12 @@ class Workbench:
         self.evaluator = Evaluator(self.suite, self.merger.model, self.tokenizer, seed=config.search.seed,
                                    limit=config.limit)
 
+    @functools.cached_property
+    def fingerprints(self) -> dict[str, str]:
+        """A content fingerprint of every model (spec -> hash): once, for every study run on this workbench."""
+        folders = ([self.sources.base] if self.sources.base is not None else []) + list(self.sources.sources)
+        return {folder.spec: folder.fingerprint() for folder in folders}
+
     def close(self) -> None:
         self.merger.close()
 
@@ -195,8 +202,7 @@ class SearchSession:
         """A study resumes only over the weights it started on: trials scored on other models would mix in."""
         from .export.run import safe_url
 
-        folders = ([self.sources.base] if self.sources.base is not None else []) + list(self.sources.sources)
-        now = {folder.spec: folder.fingerprint() for folder in folders}
+        now = self.bench.fingerprints
         before = self.study.user_attrs.get(FINGERPRINT_ATTR)
         if before is None:
             self.study.set_user_attr(FINGERPRINT_ATTR, now)

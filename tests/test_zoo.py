@@ -202,16 +202,18 @@ def test_a_zoo_from_another_version_is_not_current(zoo: Path, tmp_path: Path) ->
     """The demo rebuilds a cached zoo that an older evomerge built (`ensure_zoo` asks `is_current`)."""
     import shutil
 
-    from evomerge.zoo import ZOO_VERSION, is_current
+    from evomerge.zoo import ZOO_VERSION, is_current, read_manifest
 
     assert _manifest(zoo)["evomerge_zoo"] == ZOO_VERSION
-    assert is_current(zoo, size="test") and not is_current(zoo, size="tiny") and not is_current(tmp_path)
+    current = read_manifest(zoo)
+    assert is_current(current, size="test") and not is_current(current, size="tiny")
+    assert read_manifest(tmp_path) is None and not is_current(read_manifest(tmp_path))
     old = tmp_path / "old"
     shutil.copytree(zoo, old)
     manifest = _manifest(old)
     manifest["evomerge_zoo"] = ZOO_VERSION - 1
     (old / "zoo.json").write_text(json.dumps(manifest))
-    assert not is_current(old, size="test")
+    assert not is_current(read_manifest(old), size="test")
 
 
 def test_the_demo_rebuilds_an_outdated_zoo_and_leaves_other_sizes_alone(zoo: Path, tmp_path: Path,

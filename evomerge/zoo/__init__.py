@@ -29,7 +29,7 @@ from pathlib import Path
 from ..errors import InputError, suggest
 from .sizes import ZOO_SIZES, ZooSize
 
-__all__ = ["ZOO_SIZES", "ZooSize", "build_zoo", "MANIFEST", "ZOO_VERSION", "is_current"]
+__all__ = ["ZOO_SIZES", "ZooSize", "build_zoo", "MANIFEST", "ZOO_VERSION", "is_current", "read_manifest"]
 
 MANIFEST = "zoo.json"
 TASK_FILE = "tasks.yaml"
@@ -39,15 +39,20 @@ TASK_FILE = "tasks.yaml"
 ZOO_VERSION = 2
 
 
-def is_current(root: str | Path, *, size: str = "tiny", seed: int = 0) -> bool:
-    """Whether `root` holds a complete zoo this version of evomerge would build for `size` and `seed`."""
+def read_manifest(root: str | Path) -> dict | None:
+    """The zoo.json of the zoo at `root`, or None where there is no readable one."""
     import json
 
     try:
-        manifest = json.loads((Path(root) / MANIFEST).read_text())
+        return json.loads((Path(root) / MANIFEST).read_text())
     except (OSError, ValueError):
-        return False
-    return (manifest.get("evomerge_zoo"), manifest.get("size"), manifest.get("seed")) == (ZOO_VERSION, size, seed)
+        return None
+
+
+def is_current(manifest: dict | None, *, size: str = "tiny", seed: int = 0) -> bool:
+    """Whether a zoo's manifest is what this version of evomerge would build for `size` and `seed`."""
+    return manifest is not None and \
+        (manifest.get("evomerge_zoo"), manifest.get("size"), manifest.get("seed")) == (ZOO_VERSION, size, seed)
 
 
 def build_zoo(out: str | Path, *, seed: int = 0, size: str = "tiny", force: bool = False,

@@ -293,11 +293,11 @@ class SearchSession:
         return recipe
 
     def _check_budget(self, trial, n_trials: int, *, finished: bool = False) -> None:
-        """Admit a trial only while the budget is not held by others: before it runs, by the done and running
-        trials numbered before it; when it finishes, by the trials already done (a dead worker's retried trial
-        can otherwise overshoot)."""
+        """Admit a trial only while the budget is not held by others: before it runs, by the done, running and
+        queued (a dead worker's trial, re-queued for a retry) trials numbered before it; when it finishes, by the
+        trials already done (a retried trial can otherwise overshoot)."""
         counts = self.counts() if finished else self.counts(before=trial.number)
-        held = sum(counts.get(s, 0) for s in (DONE if finished else (*DONE, "RUNNING")))
+        held = sum(counts.get(s, 0) for s in (DONE if finished else (*DONE, "RUNNING", "WAITING")))
         if held >= n_trials:
             raise SurplusTrial(f"budget of {n_trials} trials already held by other trials")
 

@@ -62,29 +62,35 @@ def test_three_workers_share_one_budget(tmp_path):
 
 def test_a_killed_workers_trial_is_retried(tmp_path):
     config, name = _config(tmp_path, n_trials=10)
-    first = _worker(config, tmp_path / "run0")
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            trials = _study(name).get_trials()
-        except KeyError:
-            trials = []
-        if sum(t.state.name == "COMPLETE" for t in trials) >= 2 and any(t.state.name == "RUNNING" for t in trials):
+    killed = []
+    for attempt in range(3):   # a trial takes ~0.1 s: the one seen running may end before the signal lands
+        first = _worker(config, tmp_path / "run0")
+        deadline = time.time() + 300
+        while time.time() < deadline and first.poll() is None:
+            try:
+                trials = _study(name).get_trials()
+            except KeyError:
+                trials = []
+            if sum(t.state.name == "COMPLETE" for t in trials) >= 2 and any(t.state.name == "RUNNING" for t in trials):
+                break
+            time.sleep(0.005)
+        first.send_signal(signal.SIGKILL)       # the only worker, so it dies mid-trial
+        first.wait()
+        killed = [t.number for t in _study(name).get_trials() if t.state.name == "RUNNING"]
+        if killed:
             break
-        time.sleep(0.05)
-    first.send_signal(signal.SIGKILL)       # the only worker, so it dies mid-trial
-    first.wait()
-    killed = [t.number for t in _study(name).get_trials() if t.state.name == "RUNNING"]
     assert killed
     others = [_worker(config, tmp_path / f"run{i}") for i in (1, 2)]
     outputs = [w.communicate(timeout=600)[0] for w in others]
     assert all(w.returncode == 0 for w in others), outputs
     trials = _study(name).get_trials()
     by_number = {t.number: t for t in trials}
-    assert sum(t.state.name == "COMPLETE" for t in trials) == 10
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 10, \
+        [(t.number, t.state.name, t.user_attrs.get("error"), t.system_attrs, str(t.datetime_complete)) for t in trials]
     assert all(by_number[n].state.name == "FAIL" for n in killed)
     retried = [t for t in trials if t.system_attrs.get("failed_trial") in killed]
-    assert retried and all(t.state.name == "COMPLETE" for t in retried)
+    assert retried and all(t.state.name == "COMPLETE" for t in retried), \
+        [(t.number, t.state.name, t.user_attrs.get("error"), t.system_attrs) for t in trials]
     # the retry keeps every parameter the dead trial had drawn (all of them, unless it died while sampling)
     assert all(by_number[killed[0]].params.items() <= t.params.items()
                for t in retried if t.system_attrs["failed_trial"] == killed[0])

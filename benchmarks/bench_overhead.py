@@ -64,6 +64,7 @@ def _timed(obj: object, name: str, label: str, totals: collections.Counter) -> N
 def measure(config_path: Path, trials: int, *, profile: bool) -> dict:
     from evomerge.config import load_config
     from evomerge.demo import ensure_zoo
+    from evomerge.propose import AheadProposer, InlineProposer
     from evomerge.search import SearchSession
 
     ensure_zoo()
@@ -76,6 +77,8 @@ def measure(config_path: Path, trials: int, *, profile: bool) -> dict:
                 _timed(session.sampler, name, f"sampler `{name}`", parts)
             for name in STORAGE_CALLS:
                 _timed(session.study._storage, name, f"storage `{name}`", parts)
+            for cls in (AheadProposer, InlineProposer):   # waiting for (or running) the sampler
+                _timed(cls, "take", f"`{cls.__name__}.take`", parts)
             profiler = cProfile.Profile() if profile else None
             start = time.perf_counter()
             if profiler:

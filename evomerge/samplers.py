@@ -7,6 +7,7 @@ trials of that technique (see results/bench_search.md for why this is an option)
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any
 
@@ -19,11 +20,19 @@ from .config import SearchConfig
 from .space import SearchSpace
 
 REFINE_ATTR = "refine_method"
+LAG = 1     # a trial is sampled from the trials numbered at least LAG + 1 before it (see LaggedSampler)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 def make_sampler(config: SearchConfig, space: SearchSpace) -> BaseSampler:
+    """The config's sampler, seeded, behind a LaggedSampler (one trial of lag)."""
+    return LaggedSampler(_sampler(config, space), lag=LAG)
+
+
+def _sampler(config: SearchConfig, space: SearchSpace) -> BaseSampler:
     s = config.search
+    if s.sampler in ("tpe", "tpe+cmaes"):
+        use_vectorized_truncnorm()
     seed = s.seed
     startup = max(5, min(20, s.n_trials // 10))
     if s.sampler == "tpe":
@@ -44,6 +53,99 @@ def make_sampler(config: SearchConfig, space: SearchSpace) -> BaseSampler:
     if s.sampler == "tpe+cmaes":
         return TpeThenCmaEs(space, seed=seed, switch_after=max(startup + 1, int(s.n_trials * s.refine_after)))
     raise ValueError(s.sampler)  # unreachable: the config validates the name
+
+
+def use_vectorized_truncnorm() -> None:
+    """TPE's truncated-normal masses through scipy's vectorized `log_ndtr`/`ndtr`.
+
+    Optuna evaluates them one Python call per element (np.frompyfunc); at a few hundred
+    trials of a 20-parameter space that was half of TPE's time. Same functions, to the
+    last few bits (tests/test_samplers.py compares them).
+    """
+    import numpy as np
+    import scipy.special
+    from optuna.samplers._tpe import _truncnorm
+
+    if getattr(_truncnorm, "_evomerge_vectorized", False):
+        return
+    _truncnorm._log_ndtr = lambda a: scipy.special.log_ndtr(np.asarray(a, dtype=float))
+    _truncnorm._ndtr = lambda a: scipy.special.ndtr(np.asarray(a, dtype=float))
+    _truncnorm._evomerge_vectorized = True
+
+
+class LaggedSampler(BaseSampler):
+    """A sampler that sees only the trials numbered more than `lag` before the one it samples.
+
+    The search samples trial n+1 while trial n is still merged and scored (in a second
+    process, see evomerge/propose.py). Whether trial n has finished by then depends on
+    timing; hiding it always makes the study the same for one seed, sampled ahead or not.
+    """
+
+    def __init__(self, inner: BaseSampler, *, lag: int) -> None:
+        self.inner = inner
+        self.lag = lag
+        self._last_view: tuple[int, int, _StudyBefore] | None = None
+
+    def _view(self, study: optuna.Study, trial: FrozenTrial) -> optuna.Study:
+        """The study as the trial's sampling sees it: one snapshot for all of that trial's calls."""
+        if self._last_view is None or self._last_view[:2] != (study._study_id, trial.number):
+            self._last_view = (study._study_id, trial.number, _StudyBefore(study, trial.number - self.lag))
+        return self._last_view[2]
+
+    def refine_method(self, study: optuna.Study, trial_number: int) -> str | None:
+        """tpe+cmaes: the technique being refined (TpeThenCmaEs.refine_method), from the same view."""
+        refine = getattr(self.inner, "refine_method", None)
+        return refine(_StudyBefore(study, trial_number - self.lag), trial_number) if refine else None
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self.inner.infer_relative_search_space(self._view(study, trial), trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        return self.inner.sample_relative(self._view(study, trial), trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        return self.inner.sample_independent(self._view(study, trial), trial, param_name, param_distribution)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.inner.before_trial(self._view(study, trial), trial)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values) -> None:
+        self.inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
+
+
+class _StudyBefore:
+    """A read view of a study that holds only the trials numbered below `limit`.
+
+    The trials are read once, when first asked for: a sampler reads them several times
+    while it samples one trial (TPE: the search space, then each group), each a storage read.
+    """
+
+    def __init__(self, study: optuna.Study, limit: int) -> None:
+        self._study = study
+        self._limit = limit
+        self._snapshot: list[FrozenTrial] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False) -> list[FrozenTrial]:
+        if self._snapshot is None:
+            trials = self._study._get_trials(deepcopy=False, use_cache=True)
+            self._snapshot = [t for t in trials if t.number < self._limit]
+        kept = self._snapshot if states is None else [t for t in self._snapshot if t.state in states]
+        return copy.deepcopy(kept) if deepcopy else kept
+
+    def get_trials(self, deepcopy: bool = True, states=None) -> list[FrozenTrial]:
+        return self._get_trials(deepcopy=deepcopy, states=states)
+
+    @property
+    def trials(self) -> list[FrozenTrial]:
+        return self.get_trials()
 
 
 def make_pruner(config: SearchConfig) -> optuna.pruners.BasePruner:
@@ -103,6 +205,8 @@ class TpeThenCmaEs(BaseSampler):
             source = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                       if self.space.method_of(t.params, t.user_attrs) == method and names <= set(t.params)]
             source = [_restricted(t, names) for t in source]
+            if len(source) < 10:   # the warm start fits its top tenth: fewer trials would leave none
+                source = []
             self._cma = optuna.samplers.CmaEsSampler(seed=self.seed, with_margin=True, n_startup_trials=0,
                                                      warn_independent_sampling=False, source_trials=source or None,
                                                      independent_sampler=self._random)

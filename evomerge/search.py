@@ -21,11 +21,10 @@ from typing import Any, Callable
 
 from .config import SearchConfig, load_config, tasks_path
 from .errors import InputError
+from .storage import HEARTBEAT_S, state_counts
 
 DONE = ("COMPLETE", "PRUNED")
 FINGERPRINT_ATTR = "sources_fingerprint"
-HEARTBEAT_S = 5
-GRACE_S = 20
 
 
 @dataclass
@@ -44,29 +43,12 @@ class SurplusTrial(RuntimeError):
 
 def open_study(config: SearchConfig, storage_url: str, *, sampler=None, pruner=None, create: bool = True):
     import optuna
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    from .storage import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    storage = None
-    for attempt in range(4):   # workers starting together race to create the tables: the losers retry
-        try:
-            storage = RDBStorage(storage_url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
-                                 engine_kwargs={"pool_pre_ping": not storage_url.startswith("sqlite")})
-            break
-        except Exception as err:  # bad URL, unreachable server, missing driver, a creation race
-            racing = any(text in str(err).lower() for text in ("unique constraint", "already exists"))
-            if racing and attempt < 3:
-                time.sleep(0.5 + attempt)
-                continue
-            from .export.run import safe_url
-
-            message = str(err).splitlines()[0][:200].replace(storage_url, safe_url(storage_url))
-            raise InputError(f"cannot open the study storage {safe_url(storage_url)}: {type(err).__name__}: {message}",
-                             field="storage", fix="check the URL (sqlite:///path or postgresql://user@host/db)") from None
-    if storage_url.startswith("sqlite"):
-        _fast_sqlite(storage)
+    storage = open_storage(storage_url)
     directions = ["maximize"] * len(config.objectives)
     if create:
         return optuna.create_study(study_name=config.name, storage=storage, sampler=sampler, pruner=pruner,
@@ -225,88 +207,120 @@ class SearchSession:
         """Trials per state (those numbered below `before`): one COUNT query on an RDB storage."""
         return state_counts(self.study, before=before)
 
-    def run(self, n_trials: int) -> None:
-        """Run trials until `n_trials` are done in the whole study (all workers together)."""
-        import optuna
+    def run(self, n_trials: int, *, ahead: bool | None = None) -> None:
+        """Run trials until `n_trials` are done in the whole study (all workers together).
+
+        `ahead`: sample each trial in a second process while the one before runs (propose.py);
+        by default when the sampler models the trials and there is a second core for it.
+        """
+        from .propose import AheadProposer, InlineProposer, SamplingError
+        from .storage import Heartbeat
 
         bar = _bar(n_trials, self.progress)
-        attempts, shown = 0, 0.0
+        heartbeat = Heartbeat(self.study._storage)
+        proposer = inline = InlineProposer(self.study, self.space, heartbeat)
+        if self._sample_ahead() if ahead is None else ahead:
+            proposer = AheadProposer(self.config, self.space, self.storage_url, fallback=inline)
+        attempts, shown, swept = 0, 0.0, 0.0
         try:
             while True:
-                optuna.storages.fail_stale_trials(self.study)
-                counts = self.counts()
-                done = sum(counts.get(s, 0) for s in DONE)
-                bar.update(done - bar.n)
-                if bar.n and time.monotonic() - shown >= 2.0:     # the best of all workers, read now and then
+                if time.monotonic() - swept >= HEARTBEAT_S:    # a dead worker's trial: failed, or retried
+                    _fail_stale_trials(self.study)
+                    swept = time.monotonic()
+                if attempts >= 3 * n_trials and self._done() < n_trials:
+                    raise RuntimeError(f"{attempts} trials attempted and not {n_trials} done: see trials.csv for errors")
+                try:
+                    proposal = proposer.take(n_trials)
+                except SamplingError as err:   # that trial is failed, with the reason
+                    warnings.warn(str(err), RuntimeWarning, stacklevel=1)
+                    attempts += 1
+                    continue
+                if proposal is None:   # the budget is done, or held by trials running elsewhere (they may fail)
+                    done = self._done()
+                    bar.update(done - bar.n)
+                    if done >= n_trials:
+                        break
+                    time.sleep(1.0)
+                    continue
+                attempts += 1
+                try:
+                    self.run_trial(proposal, n_trials)
+                finally:
+                    heartbeat.release(proposal.trial_id)
+                bar.update(self._done() - bar.n)
+                if time.monotonic() - shown >= 2.0:     # the best of all workers, read now and then
                     _postfix(bar, self.study.get_trials(deepcopy=False))
                     shown = time.monotonic()
-                if done >= n_trials:
-                    break
-                if done + counts.get("RUNNING", 0) >= n_trials:
-                    time.sleep(1.0)   # the rest of the budget is running elsewhere; it may still fail
-                    continue
-                if attempts >= 3 * n_trials:
-                    raise RuntimeError(f"{attempts} trials attempted and only {done} done: see trials.csv for errors")
-                attempts += 1
-                self.study.optimize(lambda trial: self.objective(trial, n_trials), n_trials=1, catch=(Exception,),
-                                    gc_after_trial=False, show_progress_bar=False)
         finally:
+            proposer.close()
+            heartbeat.close()
             bar.close()
 
-    def objective(self, trial, n_trials: int) -> float | list[float]:
-        import optuna
+    def _done(self) -> int:
+        counts = self.counts()
+        return sum(counts.get(s, 0) for s in DONE)
 
+    def _sample_ahead(self) -> bool:
+        import os
+
+        if os.environ.get("EVOMERGE_SAMPLE_INLINE") == "1":
+            return False
+        return self.config.search.sampler not in ("random", "qmc") and (os.cpu_count() or 1) >= 2
+
+    def run_trial(self, proposal, n_trials: int) -> None:
+        """Merge, score and tell one proposed trial; what goes wrong fails this trial only."""
+        import optuna
+        from optuna.trial import TrialState
+
+        storage, trial_id = self.study._storage, proposal.trial_id
         t0 = time.perf_counter()
         try:
-            self._check_budget(trial, n_trials)
-            recipe = self.recipe_for_trial(trial)
+            self._check_budget(proposal.number, n_trials)
+            recipe = self.space.decode(proposal.params, method=proposal.method)
+            storage.set_trial_user_attr(trial_id, "recipe_sha256", recipe.sha256())
             t1 = time.perf_counter()
             self.merger.materialize(recipe)
             t2 = time.perf_counter()
-            result = self.evaluator.evaluate("search", report=self._reporter(trial),
+            result = self.evaluator.evaluate("search", report=self._reporter(trial_id),
                                              objective=self.config.objectives[0])
             t3 = time.perf_counter()
             values = [result.objective(o) for o in self.config.objectives]
-            self._check_budget(trial, n_trials, finished=True)
-            trial.set_user_attr("scores", result.tasks)
-            trial.set_user_attr("seconds", {"merge": t2 - t1, "eval": t3 - t2, "total": t3 - t0})
+            self._check_budget(proposal.number, n_trials, finished=True)
+            storage.set_trial_user_attr(trial_id, "scores", result.tasks)
+            storage.set_trial_user_attr(trial_id, "seconds", {"merge": t2 - t1, "eval": t3 - t2, "total": t3 - t0})
             if any(not math.isfinite(v) for v in values):
                 raise FloatingPointError(f"non-finite score {values}")
-            return values[0] if len(values) == 1 else values
         except optuna.TrialPruned:
-            trial.set_user_attr("seconds", {"total": time.perf_counter() - t0})
-            raise
-        except Exception as err:
+            storage.set_trial_user_attr(trial_id, "seconds", {"total": time.perf_counter() - t0})
+            self.study.tell(proposal.number, state=TrialState.PRUNED)
+            return
+        except BaseException as err:   # Ctrl-C too: the trial is failed, then the search stops
             _free_device_memory(err)
-            trial.set_user_attr("error", f"{type(err).__name__}: {str(err)[:500]}")
-            raise
+            storage.set_trial_user_attr(trial_id, "error", f"{type(err).__name__}: {str(err)[:500]}")
+            self.study.tell(proposal.number, state=TrialState.FAIL)
+            if not isinstance(err, Exception):
+                raise
+            return
+        # one write: Study.tell would read the trial back twice, for checks the lines above have made, and
+        # for the sampler's after_trial hook, which none of evomerge's samplers uses (they have no constraints)
+        storage.set_trial_state_values(trial_id, TrialState.COMPLETE, values)
 
-    def recipe_for_trial(self, trial):
-        from .samplers import TpeThenCmaEs
-
-        fixed = self.sampler.refine_method(self.study, trial.number) if isinstance(self.sampler, TpeThenCmaEs) else None
-        if fixed is not None and "method" in trial.params:   # an enqueued trial names its own method
-            fixed = None
-        method = self.space.suggest(trial, method=fixed)
-        recipe = self.space.decode(trial.params, method=method)
-        trial.set_user_attr("recipe_sha256", recipe.sha256())
-        return recipe
-
-    def _check_budget(self, trial, n_trials: int, *, finished: bool = False) -> None:
+    def _check_budget(self, number: int, n_trials: int, *, finished: bool = False) -> None:
         """Admit a trial only while the budget is not held by others: before it runs, by the done, running and
         queued (a dead worker's trial, re-queued for a retry) trials numbered before it; when it finishes, by the
         trials already done (a retried trial can otherwise overshoot)."""
-        counts = self.counts() if finished else self.counts(before=trial.number)
+        counts = self.counts() if finished else self.counts(before=number)
         held = sum(counts.get(s, 0) for s in (DONE if finished else (*DONE, "RUNNING", "WAITING")))
         if held >= n_trials:
             raise SurplusTrial(f"budget of {n_trials} trials already held by other trials")
 
-    def _reporter(self, trial) -> Callable[[int, float], None] | None:
+    def _reporter(self, trial_id: int) -> Callable[[int, float], None] | None:
         import optuna
 
         pruner = self.config.search.pruner
         if pruner == "none" or len(self.config.objectives) > 1:
             return None
+        trial = optuna.trial.Trial(self.study, trial_id)
         state = {"sum": 0.0, "n": 0}
 
         def report(step: int, value: float) -> None:
@@ -329,24 +343,6 @@ class SearchSession:
         if not done:
             return None
         return max(done, key=lambda t: (t.values[0], -t.number))
-
-
-def _fast_sqlite(storage) -> None:
-    """WAL journal with normal sync: a commit per suggested parameter costs ~0.1 ms instead of ~10 ms.
-
-    A killed process loses nothing it committed; only a power cut can drop the last commits.
-    """
-    from sqlalchemy import event
-
-    def pragmas(connection, _record) -> None:
-        cursor = connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
-        cursor.close()
-
-    event.listen(storage.engine, "connect", pragmas)
-    storage.engine.dispose()
 
 
 @contextlib.contextmanager
@@ -388,30 +384,12 @@ def _bar(total: int, enabled: bool):
     return tqdm(total=total, desc="trials", unit="trial", disable=not enabled, dynamic_ncols=True)
 
 
-def state_counts(study, *, before: int | None = None) -> dict[str, int]:
-    """Trials of `study` per state name, only those numbered below `before` if given.
+def _fail_stale_trials(study) -> None:
+    import optuna
 
-    On an RDB storage (SQLite, PostgreSQL) one COUNT query; reading the trials instead
-    costs several queries and a decode of every unfinished trial, on every call.
-    """
-    engine = getattr(getattr(study._storage, "_backend", study._storage), "engine", None)
-    if engine is not None:
-        try:
-            from optuna.storages._rdb.models import TrialModel
-            from sqlalchemy import func, select
-
-            query = select(TrialModel.state, func.count()).where(TrialModel.study_id == study._study_id)
-            if before is not None:
-                query = query.where(TrialModel.number < before)
-            with engine.connect() as connection:
-                return {state.name: n for state, n in connection.execute(query.group_by(TrialModel.state))}
-        except Exception:  # an unexpected schema: read the trials
-            pass
-    counts: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False):
-        if before is None or t.number < before:
-            counts[t.state.name] = counts.get(t.state.name, 0) + 1
-    return counts
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optuna.storages.fail_stale_trials(study)
 
 
 def _postfix(bar, trials) -> None:

@@ -1,0 +1,217 @@
+"""The study storage: Optuna's RDB storage (SQLite, PostgreSQL), with fewer round trips per trial.
+
+A trial suggests a score of parameters and sets a few attributes; Optuna commits each one
+on its own. `BatchedRDBStorage` keeps a running trial's parameters and user attributes
+in memory and writes them in one transaction: before the trial's state changes, before
+anything reads the trial back, and when asked (`flush`). The rows are the same ones
+Optuna writes, so every Optuna tool (optuna-dashboard included) reads the study as usual.
+
+What a killed process loses is what was never committed: the parameters of the trial it
+was running, which is failed (or retried from its committed parameters) anyway.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from collections.abc import Container, Iterable
+from typing import Any
+
+from optuna.distributions import BaseDistribution
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from .errors import InputError
+
+HEARTBEAT_S = 5     # a running trial's heartbeat; a trial silent for GRACE_S is stale (failed, or retried)
+GRACE_S = 20
+
+
+class BatchedRDBStorage(RDBStorage):
+    """RDBStorage that writes a trial's parameters and user attributes in one transaction."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending: dict[int, list[tuple[str, tuple]]] = {}
+        self._pending_lock = threading.RLock()
+
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        state.pop("_pending_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        super().__setstate__(state)
+        self._pending_lock = threading.RLock()
+
+    # -- buffered writes ---------------------------------------------------------------
+    def _set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
+                         distribution: BaseDistribution, previous_distribution: BaseDistribution | None) -> None:
+        self._buffer(trial_id, "param", (param_name, param_value_internal, distribution, previous_distribution))
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._buffer(trial_id, "user_attr", (key, value))
+
+    def _buffer(self, trial_id: int, kind: str, args: tuple) -> None:
+        with self._pending_lock:
+            self._pending.setdefault(trial_id, []).append((kind, args))
+
+    def flush(self, trial_id: int | None = None) -> None:
+        """Commit the buffered writes of one trial (of every trial if None), in one transaction each."""
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with self._pending_lock:
+            ids = list(self._pending) if trial_id is None else [trial_id]
+            for tid in ids:
+                writes = self._pending.pop(tid, None)
+                if not writes:
+                    continue
+                with _create_scoped_session(self.scoped_session, True) as session:
+                    for kind, args in writes:
+                        if kind == "param":
+                            self._set_trial_param_without_commit(session, tid, *args)
+                        else:
+                            self._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, tid, *args)
+
+    # -- everything that changes a trial's state or reads it back commits first --------
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
+        self.flush(trial_id)
+        return super().set_trial_state_values(trial_id, state, values)
+
+    def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
+        self.flush(trial_id)
+        super().set_trial_intermediate_value(trial_id, step, intermediate_value)
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self.flush(trial_id)
+        super().set_trial_system_attr(trial_id, key, value)
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        self.flush(trial_id)
+        return super().get_trial(trial_id)
+
+    def _get_trials(self, study_id: int, states: Container[TrialState] | None, included_trial_ids: set[int],
+                    trial_id_greater_than: int) -> list[FrozenTrial]:
+        if self._pending:
+            self.flush()
+        return super()._get_trials(study_id, states, included_trial_ids, trial_id_greater_than)
+
+    def get_all_trials(self, study_id: int, deepcopy: bool = True,
+                       states: Container[TrialState] | None = None) -> list[FrozenTrial]:
+        if self._pending:
+            self.flush()
+        return super().get_all_trials(study_id, deepcopy=deepcopy, states=states)
+
+
+def open_storage(url: str) -> BatchedRDBStorage:
+    """The storage at `url`, its tables created if new; a bad URL or an unreachable server is bad input."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    for attempt in range(4):   # workers starting together race to create the tables: the losers retry
+        try:
+            storage = BatchedRDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+                                        engine_kwargs={"pool_pre_ping": not url.startswith("sqlite")})
+            break
+        except Exception as err:  # bad URL, unreachable server, missing driver, a creation race
+            racing = any(text in str(err).lower() for text in ("unique constraint", "already exists"))
+            if racing and attempt < 3:
+                time.sleep(0.5 + attempt)
+                continue
+            from .export.run import safe_url
+
+            message = str(err).splitlines()[0][:200].replace(url, safe_url(url))
+            raise InputError(f"cannot open the study storage {safe_url(url)}: {type(err).__name__}: {message}",
+                             field="storage", fix="check the URL (sqlite:///path or postgresql://user@host/db)") from None
+    if url.startswith("sqlite"):
+        _fast_sqlite(storage)
+    return storage
+
+
+def _fast_sqlite(storage: RDBStorage) -> None:
+    """WAL journal with normal sync: a commit costs ~0.1 ms instead of ~10 ms.
+
+    A killed process loses nothing it committed; only a power cut can drop the last commits.
+    """
+    from sqlalchemy import event
+
+    def pragmas(connection, _record) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    event.listen(storage.engine, "connect", pragmas)
+    storage.engine.dispose()
+
+
+class Heartbeat:
+    """One thread that keeps the trials this process holds alive in the storage.
+
+    Optuna beats only inside `Study.optimize`, with a thread per trial; the search asks and
+    tells itself, so it beats here: once when a trial is taken, then every HEARTBEAT_S.
+    """
+
+    def __init__(self, storage: RDBStorage) -> None:
+        self._storage = storage
+        self._held: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat_forever, name="evomerge-heartbeat", daemon=True)
+        self._thread.start()
+
+    def hold(self, trial_id: int, *, beat: bool = True) -> None:
+        """Keep `trial_id` alive from now on; `beat=False` when another process has just beaten it."""
+        if beat:
+            self._storage.record_heartbeat(trial_id)
+        with self._lock:
+            self._held.add(trial_id)
+
+    def release(self, trial_id: int) -> None:
+        with self._lock:
+            self._held.discard(trial_id)
+
+    def held(self) -> Iterable[int]:
+        with self._lock:
+            return sorted(self._held)
+
+    def _beat_forever(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            for trial_id in self.held():
+                try:
+                    self._storage.record_heartbeat(trial_id)
+                except Exception as err:  # a storage hiccup: the next beat tries again
+                    warnings.warn(f"heartbeat of trial id {trial_id} failed: {err}", RuntimeWarning, stacklevel=1)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=HEARTBEAT_S + 1)
+
+
+def state_counts(study, *, before: int | None = None) -> dict[str, int]:
+    """Trials of `study` per state name, only those numbered below `before` if given.
+
+    On an RDB storage (SQLite, PostgreSQL) one COUNT query; reading the trials instead
+    costs several queries and a decode of every unfinished trial, on every call.
+    """
+    engine = getattr(getattr(study._storage, "_backend", study._storage), "engine", None)
+    if engine is not None:
+        try:
+            from optuna.storages._rdb.models import TrialModel
+            from sqlalchemy import func, select
+
+            query = select(TrialModel.state, func.count()).where(TrialModel.study_id == study._study_id)
+            if before is not None:
+                query = query.where(TrialModel.number < before)
+            with engine.connect() as connection:
+                return {state.name: n for state, n in connection.execute(query.group_by(TrialModel.state))}
+        except Exception:  # an unexpected schema: read the trials
+            pass
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        if before is None or t.number < before:
+            counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    return counts

@@ -88,66 +88,109 @@ class InlineProposer:
         pass
 
 
-class AheadProposer:
-    """Samples trial k+1 in a second process while trial k runs here.
+class SamplerProcess:
+    """The second process that samples ahead: started once, it serves every study of a workbench.
 
-    The sampler process holds (heartbeats) each trial it asked until this process takes it
-    over. If it dies, the search goes on sampling inline.
+    It follows the process that started it: when that one dies, its pipe closes and it exits.
     """
 
-    def __init__(self, config, space, storage_url: str, *, fallback: InlineProposer) -> None:
-        self.fallback = fallback
-        self.heartbeat = fallback.heartbeat
+    def __init__(self) -> None:
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
-        self._process = context.Process(target=_serve, args=(child, config, space, storage_url),
-                                        name="evomerge-sampler", daemon=True)
+        self._process = context.Process(target=_serve, args=(child,), name="evomerge-sampler", daemon=True)
         self._process.start()
         child.close()
-        self._asked = False      # a request is out: its answer (a proposal or None) is on its way
-        self._broken = False
+        self._keys = 0
 
-    def take(self, n_trials: int) -> Proposal | None:
-        if self._broken:
-            return self.fallback.take(n_trials)
-        try:
-            if not self._asked:
-                self._conn.send(("ask", n_trials, None))
-            proposal = self._receive()
-            self._asked = False
-            if proposal is not None:
-                self.heartbeat.hold(proposal.trial_id, beat=False)   # the sampler process beat it when it asked
-                self._conn.send(("ask", n_trials, proposal.trial_id))   # sample the next one meanwhile
-                self._asked = True
-            return proposal
-        except (EOFError, OSError) as err:
-            warnings.warn(f"the sampler process stopped ({err}); sampling in this process from now on",
-                          RuntimeWarning, stacklevel=2)
-            self._broken = True
-            return self.fallback.take(n_trials)
+    def new_key(self) -> int:
+        self._keys += 1
+        return self._keys
 
-    def _receive(self) -> Proposal | None:
-        kind, payload = self._conn.recv()
-        if kind == "error":
-            self._asked = False
-            raise SamplingError(payload)
-        return payload
+    def send(self, message: tuple) -> None:
+        self._conn.send(message)
+
+    def receive(self) -> tuple[str, Any]:
+        return self._conn.recv()
 
     def close(self) -> None:
-        """Stop the sampler process; a trial it asked ahead and nobody will run is failed, with the reason."""
-        if not self._broken and self._process.is_alive():
-            try:
-                if self._asked:
-                    left = self._receive()
-                    if left is not None:
-                        self._fail_unrun(left)
-                self._conn.send(("close", 0, None))
-            except (EOFError, OSError, SamplingError):
-                pass
+        try:
+            self._conn.send(("close",))
+        except (OSError, EOFError):
+            pass
         self._conn.close()
         self._process.join(timeout=10)
         if self._process.is_alive():
             self._process.kill()
+
+
+class AheadProposer:
+    """Samples trial k+1 in the sampler process while trial k runs here.
+
+    The sampler process holds (heartbeats) each trial it asked until this process takes it
+    over. If that process fails, the search goes on sampling inline.
+    """
+
+    def __init__(self, process: SamplerProcess, config, space, storage_url: str, *,
+                 fallback: InlineProposer) -> None:
+        self.process = process
+        self.fallback = fallback
+        self.heartbeat = fallback.heartbeat
+        self.key = process.new_key()
+        self._asked = False      # a request is out: its answer (a proposal, None or an error) is on its way
+        self._broken = False
+        self._send(("open", self.key, config, space, storage_url))
+
+    def take(self, n_trials: int) -> Proposal | None:
+        if not self._asked:
+            self._send(("ask", self.key, n_trials, None))
+        proposal = self._receive() if not self._broken else None
+        if self._broken:
+            return self.fallback.take(n_trials)
+        if proposal is not None:
+            self.heartbeat.hold(proposal.trial_id, beat=False)        # the sampler process beat it when it asked
+            self._send(("ask", self.key, n_trials, proposal.trial_id))   # sample the next one meanwhile
+        return proposal
+
+    def _send(self, message: tuple) -> None:
+        if self._broken:
+            return
+        try:
+            self.process.send(message)
+        except (OSError, EOFError) as err:
+            self._break(f"the sampler process stopped ({err})")
+            return
+        self._asked = self._asked or message[0] == "ask"
+
+    def _receive(self) -> Proposal | None:
+        try:
+            kind, payload = self.process.receive()
+        except (OSError, EOFError) as err:
+            self._break(f"the sampler process stopped ({err})")
+            return None
+        self._asked = False
+        if kind == "error":
+            raise SamplingError(payload)
+        if kind == "broken":
+            self._break(payload)
+            return None
+        return payload
+
+    def _break(self, why: str) -> None:
+        warnings.warn(f"{why}; sampling in this process from now on", RuntimeWarning, stacklevel=3)
+        self._broken, self._asked = True, False
+
+    def close(self) -> None:
+        """Let the sampler process forget this study; a trial it asked ahead, that will not run, is failed."""
+        if self._broken:
+            return
+        try:
+            left = self._receive() if self._asked else None
+        except SamplingError:
+            left = None
+        if left is not None:
+            self._fail_unrun(left)
+        if not self._broken:
+            self._send(("forget", self.key))
 
     def _fail_unrun(self, proposal: Proposal) -> None:
         from optuna.trial import TrialState
@@ -155,32 +198,49 @@ class AheadProposer:
         study = self.fallback.study
         study._storage.set_trial_user_attr(proposal.trial_id, "error", "not run: the search stopped before it")
         study.tell(proposal.number, state=TrialState.FAIL)
+        self.heartbeat.release(proposal.trial_id)
 
 
-def _serve(conn, config, space, storage_url: str) -> None:
-    """The sampler process: answer each request with a proposal (or None, or an error)."""
+def _serve(conn) -> None:
+    """The sampler process: open studies, answer each request with a proposal (or None, or an error)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from .samplers import make_sampler
     from .search import open_study
 
-    heartbeat = None
+    studies: dict[int, tuple[Any, Any, Heartbeat]] = {}
+    broken: dict[int, str] = {}
     try:
-        study = open_study(config, storage_url, sampler=make_sampler(config, space), create=False)
-        heartbeat = Heartbeat(study._storage)
         while True:
             try:
-                kind, n_trials, taken = conn.recv()
+                message = conn.recv()
             except EOFError:   # the search process is gone
                 break
-            if taken is not None:
-                heartbeat.release(taken)
+            kind, key = message[0], message[1] if len(message) > 1 else None
             if kind == "close":
                 break
-            try:
-                conn.send(("proposal", propose(study, space, n_trials, heartbeat)))
-            except SamplingError as err:
-                conn.send(("error", str(err)))
+            if kind == "open":
+                config, space, storage_url = message[2:]
+                try:
+                    study = open_study(config, storage_url, sampler=make_sampler(config, space), create=False)
+                    studies[key] = (study, space, Heartbeat(study._storage))
+                except Exception as err:
+                    broken[key] = f"the sampler process cannot open the study: {type(err).__name__}: {err}"
+            elif kind == "forget":
+                if key in studies:
+                    studies.pop(key)[2].close()
+            elif kind == "ask":
+                n_trials, taken = message[2:]
+                if key in broken:
+                    conn.send(("broken", broken[key]))
+                    continue
+                study, space, heartbeat = studies[key]
+                if taken is not None:
+                    heartbeat.release(taken)
+                try:
+                    conn.send(("proposal", propose(study, space, n_trials, heartbeat)))
+                except SamplingError as err:
+                    conn.send(("error", str(err)))
     finally:
-        if heartbeat is not None:
+        for _, _, heartbeat in studies.values():
             heartbeat.close()
         conn.close()

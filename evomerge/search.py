@@ -127,6 +127,7 @@ class Workbench:
                                                        trust_remote_code=config.trust_remote_code)
         self.evaluator = Evaluator(self.suite, self.merger.model, self.tokenizer, seed=config.search.seed,
                                    limit=config.limit)
+        self._sampler_process = None
 
     @functools.cached_property
     def fingerprints(self) -> dict[str, str]:
@@ -134,7 +135,18 @@ class Workbench:
         folders = ([self.sources.base] if self.sources.base is not None else []) + list(self.sources.sources)
         return {folder.spec: folder.fingerprint() for folder in folders}
 
+    def sampler_process(self):
+        """The process that samples trials ahead (propose.py), started on first use, shared by every study here."""
+        from .propose import SamplerProcess
+
+        if self._sampler_process is None:
+            self._sampler_process = SamplerProcess()
+        return self._sampler_process
+
     def close(self) -> None:
+        if self._sampler_process is not None:
+            self._sampler_process.close()
+            self._sampler_process = None
         self.merger.close()
 
 
@@ -220,7 +232,8 @@ class SearchSession:
         heartbeat = Heartbeat(self.study._storage)
         proposer = inline = InlineProposer(self.study, self.space, heartbeat)
         if self._sample_ahead() if ahead is None else ahead:
-            proposer = AheadProposer(self.config, self.space, self.storage_url, fallback=inline)
+            proposer = AheadProposer(self.bench.sampler_process(), self.config, self.space, self.storage_url,
+                                     fallback=inline)
         attempts, shown, swept = 0, 0.0, 0.0
         try:
             while True:

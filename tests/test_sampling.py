@@ -94,3 +94,19 @@ def test_sampling_ahead_runs_the_same_study_as_sampling_inline(tmp_path, sampler
     assert {state for _, state, _, _ in runs[True]} == {"COMPLETE"}
     assert runs[True] == runs[False]
     assert len({str(params) for _, _, params, _ in runs[True]}) == n_trials   # and not one candidate repeated
+
+
+def test_a_dead_sampler_process_leaves_the_search_sampling_inline(tmp_path):
+    """The search outlives its sampler process: it warns and samples in its own process."""
+    from evomerge.config import load_config
+    from evomerge.search import SearchSession
+
+    config = load_config(make_search_fixture(tmp_path / "fam", n_trials=6))
+    with SearchSession(config, storage_url=f"sqlite:///{tmp_path / 's.db'}", device="cpu", progress=False) as session:
+        process = session.bench.sampler_process()
+        process._process.kill()
+        process._process.join()
+        with pytest.warns(RuntimeWarning, match="sampling in this process from now on"):
+            session.run(6, ahead=True)
+        states = [t.state.name for t in session.study.get_trials()]
+    assert states == ["COMPLETE"] * 6

@@ -175,6 +175,26 @@ def _complete(db: Path) -> list[tuple[int, float]]:
         return []
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def test_killed_search_resumes_without_losing_trials(tmp_path):
     config = make_search_fixture(tmp_path / "fam", n_trials=10)
     out = tmp_path / "run"
@@ -183,8 +203,13 @@ def test_killed_search_resumes_without_losing_trials(tmp_path):
     deadline = time.time() + 300
     while len(_complete(out / "study.db")) < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
+    children = _children(proc.pid)           # the sampler process (propose.AheadProposer)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    deadline = time.time() + 30
+    while any(_alive(pid) for pid in children) and time.time() < deadline:
+        time.sleep(0.2)
+    assert children and not any(_alive(pid) for pid in children)   # it follows its search, not orphaned
     before = _complete(out / "study.db")
     assert 3 <= len(before) < 10
     result = run_cli("search", str(config), "--out", str(out))

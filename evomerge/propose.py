@@ -24,6 +24,13 @@ from .storage import Heartbeat, state_counts
 DONE_OR_RUNNING = ("COMPLETE", "PRUNED", "RUNNING")
 
 
+def samples_ahead(config) -> bool:
+    """Whether a search of `config` samples ahead by default: a sampler that models the trials, a second core."""
+    if os.environ.get("EVOMERGE_SAMPLE_INLINE") == "1":
+        return False
+    return config.search.sampler not in ("random", "qmc") and (os.cpu_count() or 1) >= 2
+
+
 class SamplingError(RuntimeError):
     """The sampler failed on a trial: that trial is failed with the reason, the search goes on."""
 

@@ -103,6 +103,18 @@ class Workbench:
     """What stays resident across studies: the sources on the device, the tokenized tasks."""
 
     def __init__(self, config: SearchConfig, *, device: str | None, progress: bool = True) -> None:
+        from .propose import SamplerProcess, samples_ahead
+
+        # started first, so that it is ready (its imports done) when the sources have loaded
+        self._sampler_process = SamplerProcess() if samples_ahead(config) else None
+        try:
+            self._load(config, device=device, progress=progress)
+        except BaseException:
+            if self._sampler_process is not None:
+                self._sampler_process.close()
+            raise
+
+    def _load(self, config: SearchConfig, *, device: str | None, progress: bool) -> None:
         from transformers import AutoTokenizer
 
         from .evaluate import Evaluator, load_tasks
@@ -127,7 +139,6 @@ class Workbench:
                                                        trust_remote_code=config.trust_remote_code)
         self.evaluator = Evaluator(self.suite, self.merger.model, self.tokenizer, seed=config.search.seed,
                                    limit=config.limit)
-        self._sampler_process = None
 
     @functools.cached_property
     def fingerprints(self) -> dict[str, str]:
@@ -225,13 +236,13 @@ class SearchSession:
         `ahead`: sample each trial in a second process while the one before runs (propose.py);
         by default when the sampler models the trials and there is a second core for it.
         """
-        from .propose import AheadProposer, InlineProposer, SamplingError
+        from .propose import AheadProposer, InlineProposer, SamplingError, samples_ahead
         from .storage import Heartbeat
 
         bar = _bar(n_trials, self.progress)
         heartbeat = Heartbeat(self.study._storage)
         proposer = inline = InlineProposer(self.study, self.space, heartbeat)
-        if self._sample_ahead() if ahead is None else ahead:
+        if samples_ahead(self.config) if ahead is None else ahead:
             proposer = AheadProposer(self.bench.sampler_process(), self.config, self.space, self.storage_url,
                                      fallback=inline)
         attempts, shown, swept = 0, 0.0, 0.0
@@ -272,13 +283,6 @@ class SearchSession:
     def _done(self) -> int:
         counts = self.counts()
         return sum(counts.get(s, 0) for s in DONE)
-
-    def _sample_ahead(self) -> bool:
-        import os
-
-        if os.environ.get("EVOMERGE_SAMPLE_INLINE") == "1":
-            return False
-        return self.config.search.sampler not in ("random", "qmc") and (os.cpu_count() or 1) >= 2
 
     def run_trial(self, proposal, n_trials: int) -> None:
         """Merge, score and tell one proposed trial; what goes wrong fails this trial only."""

@@ -1,7 +1,7 @@
 """Sampler comparison on the demo search: best-so-far against trials, over several seeds.
 
 For each sampler and seed, the demo config's search runs with that sampler (baselines off,
-so every sampler starts from nothing) on one resident workbench; the curve of the best
+so every sampler starts from nothing; --baselines to enqueue them as a search does) on one resident workbench; the curve of the best
 search-split objective so far, the held-out score of the best trial, and the number of
 trials each sampler needs to reach 95 % of the best final score are written to
 results/bench_search.md and results/bench_search.png.
@@ -23,7 +23,8 @@ from pathlib import Path
 SAMPLERS = ("random", "tpe", "cmaes", "gp", "tpe+cmaes")
 
 
-def run(config_path: Path, *, samplers: list[str], seeds: int, trials: int, workdir: Path) -> dict:
+def run(config_path: Path, *, samplers: list[str], seeds: int, trials: int, workdir: Path,
+        baselines: bool = False) -> dict:
     from evomerge.config import load_config
     from evomerge.export.run import heldout_scores
     from evomerge.search import SearchSession, Workbench
@@ -38,7 +39,7 @@ def run(config_path: Path, *, samplers: list[str], seeds: int, trials: int, work
         for sampler in samplers:
             for seed in range(seeds):
                 search = base.search.model_copy(update={"sampler": sampler, "seed": seed, "n_trials": trials,
-                                                        "baselines": False})
+                                                        "baselines": baselines})
                 if sampler == "cmaes" and len(search.methods) > 1:
                     search = search.model_copy(update={"methods": [search.methods[0]]})
                 config = base.model_copy(update={"name": f"bench.{sampler}.{seed}.{time.time_ns()}",
@@ -64,7 +65,7 @@ def run(config_path: Path, *, samplers: list[str], seeds: int, trials: int, work
                       f"{seconds[sampler][-1]:.0f} s", flush=True)
     finally:
         bench.close()
-    return {"curves": curves, "heldout": heldout, "seconds": seconds, "config": base}
+    return {"curves": curves, "heldout": heldout, "seconds": seconds, "config": base, "baselines": baselines}
 
 
 def trials_to_reach(curve: list[float], target: float) -> int | None:
@@ -108,7 +109,8 @@ def report(result: dict, *, out: Path, trials: int, seeds: int, command: str) ->
         "# Sampler comparison on the demo search", "",
         f"Config `{result['config'].path}` (methods {', '.join(result['config'].search.methods)}, "
         f"{result['config'].search.layer_groups} layer groups), {trials} trials per run, seeds 0..{seeds - 1}, "
-        "baselines off; cmaes searches the config's first method only.", "",
+        f"baselines {'on (as the demo runs)' if result['baselines'] else 'off'}; "
+        "cmaes searches the config's first method only.", "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
         f"{time.strftime('%Y-%m-%d %H:%M')}; command: `{command}`", "",
         f"Target: 95 % of the best final search score of any run ({target:.4f}).", "",
@@ -131,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results")
+    parser.add_argument("--baselines", action="store_true", help="enqueue the baselines first, as a search does")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ensure_zoo()
     with tempfile.TemporaryDirectory() as tmp:
         result = run(args.config, samplers=args.samplers.split(","), seeds=args.seeds, trials=args.trials,
-                     workdir=Path(tmp))
+                     workdir=Path(tmp), baselines=args.baselines)
     args.out.mkdir(parents=True, exist_ok=True)
     report(result, out=args.out, trials=args.trials, seeds=args.seeds,
            command="python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]))

@@ -106,6 +106,9 @@ def test_trials_csv_and_summary_match_the_storage(finished_run):
         assert row["state"] == trial.state.name
         if trial.state.name == "COMPLETE":
             assert float(row["value"]) == pytest.approx(trial.value)
+        assert row["method"] == trial.params.get("method", trial.user_attrs.get("method"))
+        assert all(float(row[name]) == pytest.approx(value) for name, value in trial.params.items() if name != "method")
+    assert list(next(csv.reader((run / "trials.csv").open()))).count("method") == 1   # one column per name
     assert sum(t.state.name == "COMPLETE" for t in trials) == 7
     labels = {t.user_attrs.get("baseline") for t in trials}
     assert {"source:s0", "source:s1", "default:task_arithmetic", "default:ties"} <= labels

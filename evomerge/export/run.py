@@ -198,7 +198,7 @@ def summary_markdown(session, rows, best, recipe, plots: list[str]) -> str:
 
 def trials_csv(session) -> str:
     trials = session.study.get_trials(deepcopy=False)
-    param_names = sorted({k for t in trials for k in t.params})
+    param_names = sorted({k for t in trials for k in t.params} - {"method"})   # the method has its own column
     tasks = session.suite.names
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")

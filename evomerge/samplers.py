@@ -11,6 +11,7 @@ import copy
 import warnings
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler
@@ -153,10 +154,36 @@ def make_pruner(config: SearchConfig) -> optuna.pruners.BasePruner:
     if name == "wilcoxon":
         return optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=16)
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
+        return PartialMeanMedianPruner(n_startup_trials=5, n_warmup_steps=8)
     if name == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner()
     return optuna.pruners.NopPruner()
+
+
+class PartialMeanMedianPruner(optuna.pruners.BasePruner):
+    """Prune a trial whose mean score over the examples scored so far is below the median of the
+    finished trials' means over the same examples.
+
+    Optuna's MedianPruner compares the best intermediate value a trial has reported, which suits
+    training curves; a running mean over examples is not a curve that improves, and its best is
+    often its first few examples, so that pruner never fired here.
+    """
+
+    def __init__(self, *, n_startup_trials: int, n_warmup_steps: int) -> None:
+        self.n_startup_trials = n_startup_trials
+        self.n_warmup_steps = n_warmup_steps
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None or step < self.n_warmup_steps:
+            return False
+        done = [t.intermediate_values[step] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if step in t.intermediate_values]
+        if len(done) < self.n_startup_trials:
+            return False
+        median = float(np.median(done))
+        value = trial.intermediate_values[step]
+        return value > median if study.direction == optuna.study.StudyDirection.MINIMIZE else value < median
 
 
 class TpeThenCmaEs(BaseSampler):

@@ -337,14 +337,16 @@ class SearchSession:
         pruner = self.config.search.pruner
         if pruner == "none" or len(self.config.objectives) > 1:
             return None
-        trial = optuna.trial.Trial(self.study, trial_id)
+        storage, study = self.study._storage, self.study
+        last = self.evaluator.reported("search", self.config.objectives[0])   # a trial scored in full is not pruned
         state = {"sum": 0.0, "n": 0}
 
-        def report(step: int, value: float) -> None:
+        def report(step: int, value: float) -> None:   # Trial.report and Trial.should_prune, by trial id
             state["sum"] += value
             state["n"] += 1
-            trial.report(value if pruner == "wilcoxon" else state["sum"] / state["n"], step)
-            if state["n"] % 8 == 0 and trial.should_prune():
+            storage.set_trial_intermediate_value(trial_id, step,
+                                                 value if pruner == "wilcoxon" else state["sum"] / state["n"])
+            if state["n"] % 8 == 0 and state["n"] < last and study.pruner.prune(study, storage.get_trial(trial_id)):
                 raise optuna.TrialPruned(f"pruned after {state['n']} examples")
 
         return report

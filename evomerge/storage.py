@@ -1,8 +1,8 @@
 """The study storage: Optuna's RDB storage (SQLite, PostgreSQL), with fewer round trips per trial.
 
-A trial suggests a score of parameters and sets a few attributes; Optuna commits each one
-on its own. `BatchedRDBStorage` keeps a running trial's parameters and user attributes
-in memory and writes them in one transaction: before the trial's state changes, before
+A trial suggests a score of parameters, sets a few attributes and reports a partial score
+per example scored; Optuna commits each one on its own. `BatchedRDBStorage` keeps a running
+trial's parameters, user attributes and intermediate values in memory and writes them in one transaction: before the trial's state changes, before
 anything reads the trial back, and when asked (`flush`). The rows are the same ones
 Optuna writes, so every Optuna tool (optuna-dashboard included) reads the study as usual.
 
@@ -29,7 +29,7 @@ GRACE_S = 20
 
 
 class BatchedRDBStorage(RDBStorage):
-    """RDBStorage that writes a trial's parameters and user attributes in one transaction."""
+    """RDBStorage that writes a trial's parameters, user attributes and partial scores in one transaction."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -53,6 +53,9 @@ class BatchedRDBStorage(RDBStorage):
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
         self._buffer(trial_id, "user_attr", (key, value))
 
+    def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
+        self._buffer(trial_id, "intermediate", (step, intermediate_value))
+
     def _buffer(self, trial_id: int, kind: str, args: tuple) -> None:
         with self._pending_lock:
             self._pending.setdefault(trial_id, []).append((kind, args))
@@ -72,6 +75,8 @@ class BatchedRDBStorage(RDBStorage):
                     for kind, args in writes:
                         if kind == "param":
                             self._set_trial_param_without_commit(session, tid, *args)
+                        elif kind == "intermediate":
+                            self._set_trial_intermediate_value_without_commit(session, tid, *args)
                         else:
                             self._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, tid, *args)
 
@@ -79,10 +84,6 @@ class BatchedRDBStorage(RDBStorage):
     def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
         self.flush(trial_id)
         return super().set_trial_state_values(trial_id, state, values)
-
-    def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
-        self.flush(trial_id)
-        super().set_trial_intermediate_value(trial_id, step, intermediate_value)
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
         self.flush(trial_id)

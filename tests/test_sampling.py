@@ -110,3 +110,29 @@ def test_a_dead_sampler_process_leaves_the_search_sampling_inline(tmp_path):
             session.run(6, ahead=True)
         states = [t.state.name for t in session.study.get_trials()]
     assert states == ["COMPLETE"] * 6
+
+
+def test_median_pruning_stops_trials_below_the_median_on_partial_scores(tmp_path):
+    """Scores are reported as examples are scored; a trial below the median of the trials before it is pruned."""
+    from evomerge.config import load_config
+    from evomerge.search import SearchSession
+
+    config = load_config(make_search_fixture(tmp_path / "fam", n_trials=14, sampler="random"))
+    config = config.model_copy(update={"search": config.search.model_copy(update={"pruner": "median"})})
+    with SearchSession(config, storage_url=f"sqlite:///{tmp_path / 's.db'}", device="cpu", progress=False) as session:
+        session.run(14)
+        trials = session.study.get_trials()
+    pruned = [t for t in trials if t.state.name == "PRUNED"]
+    assert pruned and sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials) == 14
+    for t in trials:
+        assert t.intermediate_values                        # every trial reported partial scores
+        steps = sorted(t.intermediate_values)
+        if t.state.name == "PRUNED":
+            assert t.value == t.intermediate_values[steps[-1]]
+            assert len(steps) < max(len(c.intermediate_values) for c in trials if c.state.name == "COMPLETE")
+            # recomputed: below the median of the trials finished before it, at the step it stopped
+            earlier = [c for c in trials if c.number < t.number and c.state.name == "COMPLETE"
+                       and steps[-1] in c.intermediate_values]
+            assert len(earlier) >= 5 and steps[-1] >= 8
+            median = float(np.median([c.intermediate_values[steps[-1]] for c in earlier]))
+            assert t.intermediate_values[steps[-1]] < median

@@ -109,6 +109,12 @@ class Evaluator:
         return EvalResult(split=split, tasks=tasks, primary_metrics={n: self.suite.primary_metric(n) for n in names},
                           seconds=time.perf_counter() - start, examples=values, outputs=outputs)
 
+    def reported(self, split: str = "search", objective: Mapping[str, float] | None = None) -> int:
+        """How many examples `evaluate(split, report=..., objective=objective)` reports."""
+        weights = self._weights(objective)
+        return sum(1 for chunk in self._plan(split, tuple(self.suite.names)) for name, _ in chunk.order
+                   if (1.0 if weights is None else weights.get(name, 0.0)) > 0)
+
     # ---------------------------------------------------------------- construction
 
     def _encode(self, spec: Any, rows: list[Any]) -> list[Any]:

@@ -234,10 +234,12 @@ class TpeThenCmaEs(BaseSampler):
             # started at the technique's best trial, with CMA-ES's own step size: on the demo (3 seeds, baselines
             # on) 0.960-0.983 held-out, where a warm start fitted to the top tenth of the trials stalled at 0.928
             best = max(tried, key=lambda t: (t.value, -t.number)) if tried else None
-            self._cma = optuna.samplers.CmaEsSampler(seed=self.seed, with_margin=True, n_startup_trials=0,
-                                                     warn_independent_sampling=False,
-                                                     x0={k: best.params[k] for k in names} if best else None,
-                                                     independent_sampler=self._random)
+            with warnings.catch_warnings():   # x0: deprecated in Optuna 4.9, there until 6 (pyproject pins < 6)
+                warnings.simplefilter("ignore", FutureWarning)
+                self._cma = optuna.samplers.CmaEsSampler(seed=self.seed, with_margin=True, n_startup_trials=0,
+                                                         warn_independent_sampling=False,
+                                                         x0={k: best.params[k] for k in names} if best else None,
+                                                         independent_sampler=self._random)
         return self._cma
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:

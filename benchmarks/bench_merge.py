@@ -206,6 +206,7 @@ def evomerge_worker(method: str, workdir: Path, candidates: int, device: str = "
             "candidate_s": statistics.median(times), "candidate_all_s": times, "memcpy_s": statistics.median(memcpy),
             "candidate_cpu_s": statistics.median(cpu_times), "memcpy_cpu_s": statistics.median(memcpy_cpu),
             "profile": profile, "peak_rss_gib": peak_rss_gib(), "threads": torch.get_num_threads(),
+            "kernel": "fused C++" if merger.fused is not None else "eager torch",
             "load": load_average(), "device": device,
             "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None}
 
@@ -226,6 +227,15 @@ def mergekit_worker(method: str, workdir: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     return {"method": method, "mergekit_s": seconds, "mergekit_cpu_s": cpu_seconds, "peak_rss_gib": peak_rss_gib(),
             "load": load_average()}
+
+
+def build_kernel(device: str) -> None:
+    """Compile the fused kernel (first time on this machine) before any worker times its load."""
+    import torch
+
+    from evomerge.methods import fused
+
+    fused.kernel_for(torch.device(device))
 
 
 def run_worker(kind: str, method: str, args: argparse.Namespace) -> dict:
@@ -265,7 +275,9 @@ def report(rows: list[dict], command: str, elapsed: float) -> str:
         "",
         f"- Date: {datetime.date.today().isoformat()}",
         f"- Machine: {machine()}",
-        f"- Device of evomerge's kernel: {device}",
+        f"- Device of evomerge's kernel: {device}; merge kernel: "
+        f"{', '.join(sorted({r['kernel'] for r in rows if 'kernel' in r})) or '?'} "
+        "(EVOMERGE_NO_FUSED=1 selects the eager torch steps)",
         f"- evomerge {evomerge.__version__}, mergekit {mergekit_version}; torch threads in both: "
         f"{next((r['threads'] for r in rows if 'threads' in r), '?')}",
         f"- Models: base + 3 sources, Llama shapes (hidden {SHAPE['hidden_size']}, intermediate "
@@ -348,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.perf_counter()
     build_sources(args.workdir)
+    build_kernel(args.device)
     rows = []
     for method in methods:
         row = run_worker("evomerge", method, args)

@@ -19,7 +19,7 @@ from typing import Iterable
 import torch
 
 from .errors import InputError
-from .methods import DENSITY_GRID, GAMMA_GRID, REGISTRY, TensorContext, resolve
+from .methods import DENSITY_GRID, GAMMA_GRID, REGISTRY, TensorContext, fused, resolve
 from .recipe import Recipe
 from .sources import SourceSet, open_sources
 
@@ -162,6 +162,7 @@ class ResidentMerger:
         self.compute_dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
         self.out_dtype = TORCH_DTYPES[dtype] if dtype else _float_dtype_of(sources)
         self.methods = [REGISTRY.get(m) for m in methods]
+        self.fused = fused.kernel_for(self.device, sources.layout.numel)   # the same for the search and the export
         budget = parse_bytes(memory_budget, device=self.device)
         self.plan = MemoryPlan.of(self, budget)
         self.streaming = self.plan.streaming if streaming is None else streaming
@@ -259,8 +260,9 @@ class ResidentMerger:
     def materialize(self, recipe: Recipe, *, check_finite: bool = True) -> None:
         """Write the merge `recipe` describes into the resident parameters.
 
-        Elementwise methods run over cache-sized chunks of each tensor (their
-        per-tensor statistics come from the whole tensor), writing straight into
+        Each tensor runs in one pass of the fused kernel where its method has a plan for
+        this candidate; otherwise elementwise methods run over cache-sized chunks of it
+        (their per-tensor statistics come from the whole tensor). Both write straight into
         the parameter; no model-sized temporary is made.
         """
         self._check_compatible(recipe)
@@ -270,6 +272,7 @@ class ResidentMerger:
         layout = self.sources.layout
         slots: dict[tuple, dict] = {}
         sums = []
+        finite = True
         with torch.inference_mode():
             for name in layout.tensors:
                 ctx = self.contexts[name] if not self.streaming else self._read_context(name)
@@ -279,19 +282,27 @@ class ResidentMerger:
                     slots[key] = resolve(spec, shared, recipe.source_values(*key), k=ctx.k, device=self.device,
                                          dtype=self.compute_dtype)
                 out = self.outputs[name]
-                flat = out.view(-1)
-                for piece in (ctx.chunks(chunk) if chunk else (ctx,)):
-                    merged = spec.apply(piece, slots[key])
-                    target = flat[piece.span[0]:piece.span[1]] if piece.span else out
-                    target.copy_(merged.view(target.shape))
-                    if check_finite:
-                        sums.append(merged.sum())
+                plan = self._fused_plan(spec, ctx, slots[key], out)
+                if plan is not None:
+                    finite = self.fused.run(plan, ctx, out) and finite
+                else:
+                    sums += _merge_eager(spec, ctx, slots[key], out, chunk=chunk, check_finite=check_finite)
                 if self.streaming:     # let this tensor's stack go before the next one is read
-                    del ctx, piece, merged, target
+                    del ctx
                     _return_freed_memory()
-            if check_finite and sums and not bool(torch.isfinite(torch.stack(sums)).all()):
+            if check_finite and sums:
+                finite = finite and bool(torch.isfinite(torch.stack(sums)).all())
+            if check_finite and not finite:
                 bad = next(n for n, t in self.outputs.items() if not bool(torch.isfinite(t).all()))
                 raise NonFiniteMerge(f"{recipe.method} produced NaN/inf in tensor '{bad}'")
+
+    def _fused_plan(self, spec, ctx: TensorContext, params: dict, out: torch.Tensor):
+        """The fused kernel's plan for this tensor, or None where the eager steps run: no kernel (not
+        on the CPU, not compiled, EVOMERGE_NO_FUSED), no plan for the method or this candidate, or
+        arithmetic the kernel does not do (float64)."""
+        if self.fused is None or spec.fused is None or not self.fused.accepts(ctx.deltas, out):
+            return None
+        return spec.fused(ctx, params)
 
     def _check_compatible(self, recipe: Recipe) -> None:
         specs = tuple(s.spec for s in self.sources.sources)
@@ -320,6 +331,20 @@ class ResidentMerger:
         self.contexts.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _merge_eager(spec, ctx: TensorContext, params: dict, out: torch.Tensor, *, chunk: int | None,
+                 check_finite: bool) -> list[torch.Tensor]:
+    """The method's torch steps, chunk by chunk into `out`; each chunk's sum, for the finiteness check."""
+    flat = out.view(-1)
+    sums = []
+    for piece in (ctx.chunks(chunk) if chunk else (ctx,)):
+        merged = spec.apply(piece, params)
+        target = flat[piece.span[0]:piece.span[1]] if piece.span else out
+        target.copy_(merged.view(target.shape))
+        if check_finite:
+            sums.append(merged.sum())
+    return sums
 
 
 def parse_bytes(value: int | str | None, *, device: torch.device) -> int | None:

@@ -14,6 +14,7 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.setdefault("EVOMERGE_FUSED", "1")   # the fused CPU kernel for the tests' small models too
 
 
 @pytest.fixture(scope="session", autouse=True)

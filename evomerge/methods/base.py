@@ -100,6 +100,7 @@ class MethodSpec:
     magnitude_ranks: bool = False   # needs per-tensor magnitude thresholds (ties / breadcrumbs trims)
     row_ranks: bool = False         # needs per-row magnitude ranks (della)
     mergekit: str | None = None     # mergekit's name where the result is identical
+    fused: Callable | None = None   # (ctx, params) -> fused.Plan, or None: this candidate runs `apply`
     summary: str = ""
     search_ranges: tuple[tuple[str, tuple[float, float]], ...] = ()   # per-method narrowing of a param's search
 

@@ -1,4 +1,5 @@
-"""Every merge technique of METHODS.md, as `apply(ctx, p) -> Tensor` plus its declared parameters.
+"""Every merge technique of METHODS.md, as `apply(ctx, p) -> Tensor` plus its declared parameters,
+and (`fused`) the same merge as a plan for the one-pass kernel of fused.py.
 
 `p` holds resolved values for one tensor: shared parameters as Python scalars,
 per-source parameters as (K,) tensors on the tensor's device. Shared steps are
@@ -8,30 +9,37 @@ composed, not copied: `dare_ties` is the DARE mask followed by the TIES steps.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from .base import (DENSITY, EPSILON, GAMMA, LAMBDA, REGISTRY, RESCALE, SLERP_T, WEIGHT, MethodSpec,
                    normalize)
 from .context import TensorContext
-from .primitives import (breadcrumbs_counts, elect_and_merge, l1_rescale, lt_mask, per_source,
+from .fused import Band, Drop, Elect, Plan, Sum, values
+from .primitives import (breadcrumbs_counts, elect_and_merge, l1_rescale, lt_mask, per_source, task_scales,
                          ties_keep_count, weighted_sum)
 
 # ---------------------------------------------------------------------------------------------
 # Sparsifications: (K, *S) task vectors -> (K, *S) kept (and rescaled) task vectors
 
 
+def trim_thresholds(ctx: TensorContext, density: Sequence[float]) -> list[float]:
+    """TIES: tau_i = the k_i-th largest |delta_i|, k_i = max(1, int(d_i N)); 0 (keep all) for d_i >= 1."""
+    return [0.0 if d >= 1 else ctx.kth_largest(i, ties_keep_count(d, ctx.numel)) for i, d in enumerate(density)]
+
+
 def magnitude_trim(ctx: TensorContext, density: Sequence[float]) -> torch.Tensor:
-    """TIES trim: keep |delta_i| >= the k_i-th largest, k_i = max(1, int(d_i N)); d_i >= 1 keeps all."""
-    taus = [0.0 if d >= 1 else ctx.kth_largest(i, ties_keep_count(d, ctx.numel))
-            for i, d in enumerate(density)]
-    tau = per_source(torch.tensor(taus, dtype=ctx.deltas.dtype, device=ctx.deltas.device), ctx.deltas)
+    """TIES trim: keep |delta_i| >= tau_i."""
+    tau = per_source(torch.tensor(trim_thresholds(ctx, density), dtype=ctx.deltas.dtype, device=ctx.deltas.device),
+                     ctx.deltas)
     return ctx.deltas.abs().ge_(tau).mul_(ctx.deltas)      # ge_ on floats writes the 0/1 mask in place
 
 
-def outlier_trim(ctx: TensorContext, density: Sequence[float], gamma: Sequence[float]) -> torch.Tensor:
-    """Breadcrumbs: drop the top int(g N) magnitudes, keep the int(d N) just below them."""
+def outlier_bounds(ctx: TensorContext, density: Sequence[float],
+                   gamma: Sequence[float]) -> tuple[list[float], list[float]]:
+    """Breadcrumbs: per source, the band [low, high) of |delta| that is kept: below the top int(g N)
+    magnitudes, the int(d N) largest ones; everything for d >= 1."""
     lows, highs = [], []
     for i, (d, g) in enumerate(zip(density, gamma)):
         if d >= 1:
@@ -41,7 +49,13 @@ def outlier_trim(ctx: TensorContext, density: Sequence[float], gamma: Sequence[f
         drop, keep = breadcrumbs_counts(d, g, ctx.numel)
         lows.append(ctx.kth_largest(i, drop + keep) if keep > 0 else math.inf)
         highs.append(ctx.kth_largest(i, drop) if drop > 0 else math.inf)
+    return lows, highs
+
+
+def outlier_trim(ctx: TensorContext, density: Sequence[float], gamma: Sequence[float]) -> torch.Tensor:
+    """Breadcrumbs trim: keep low_i <= |delta_i| < high_i."""
     like = ctx.deltas
+    lows, highs = outlier_bounds(ctx, density, gamma)
     low = per_source(torch.tensor(lows, dtype=like.dtype, device=like.device), like)
     high = per_source(torch.tensor(highs, dtype=like.dtype, device=like.device), like)
     mag = like.abs()
@@ -59,20 +73,29 @@ def _rescaled(ctx: TensorContext, keep: torch.Tensor, inverse: torch.Tensor, res
     return kept
 
 
+def dare_inverse(density: torch.Tensor) -> torch.Tensor:
+    """DARE's inverse rescale 1 / d_i; 1 for a density >= 1, which keeps every entry."""
+    return 1.0 / torch.clamp(density, max=1.0)
+
+
 def dare_drop(ctx: TensorContext, density: torch.Tensor, rescale: str) -> torch.Tensor:
     """DARE: keep each entry with probability d_i (u < d_i on the seeded field); rescale."""
     d = per_source(density, ctx.deltas)
     if bool((density >= 1).all()):
         return ctx.deltas
     keep = lt_mask(ctx.uniform(), d)              # u in [0, 1): a density >= 1 keeps every entry
-    return _rescaled(ctx, keep, 1.0 / torch.clamp(d, max=1.0), rescale)
+    return _rescaled(ctx, keep, per_source(dare_inverse(density), ctx.deltas), rescale)
+
+
+def della_terms(density: torch.Tensor, epsilon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DELLA's keep probability p = d - eps + 2 eps q as (d - eps, 2 eps): p = first + second * q."""
+    return density - epsilon, 2.0 * epsilon
 
 
 def della_drop(ctx: TensorContext, density: torch.Tensor, epsilon: torch.Tensor, rescale: str) -> torch.Tensor:
     """DELLA: keep with probability p = d - eps + 2 eps q, q the per-row magnitude rank; rescale by 1/p."""
-    d = per_source(density, ctx.deltas)
-    e = per_source(epsilon, ctx.deltas)
-    p = d - e + 2.0 * e * ctx.ranks()
+    offset, slope = della_terms(density, epsilon)
+    p = per_source(offset, ctx.deltas) + per_source(slope, ctx.deltas) * ctx.ranks()
     keep = lt_mask(ctx.uniform(), p)
     return _rescaled(ctx, keep, 1.0 / p, rescale)
 
@@ -81,16 +104,25 @@ def della_drop(ctx: TensorContext, density: torch.Tensor, epsilon: torch.Tensor,
 # Methods
 
 
+def _task_sum(ctx: TensorContext, kept: torch.Tensor, p: dict) -> torch.Tensor:
+    return weighted_sum(ctx.base, kept, task_scales(p["weight"], lam=p["lambda"], normalize=p["normalize"]))
+
+
+def _ties_step(ctx: TensorContext, kept: torch.Tensor, p: dict) -> torch.Tensor:
+    """TIES steps 2-5 on kept task vectors (a temporary of the caller's, overwritten)."""
+    return elect_and_merge(ctx.base, kept.mul_(per_source(p["weight"], kept)), p["weight"], lam=p["lambda"],
+                           normalize=p["normalize"])
+
+
 def _linear(ctx: TensorContext, p: dict) -> torch.Tensor:
     w = p["weight"]
-    merged = torch.tensordot(w, ctx.deltas, dims=([0], [0]))
     if p["normalize"]:
-        return ctx.base + merged / w.sum()
-    return w.sum() * ctx.base + merged
+        return weighted_sum(ctx.base, ctx.deltas, w / w.sum())
+    return weighted_sum(ctx.base, ctx.deltas, w, base_scale=w.sum())
 
 
 def _task_arithmetic(ctx: TensorContext, p: dict) -> torch.Tensor:
-    return weighted_sum(ctx.base, ctx.deltas, p["weight"], lam=p["lambda"], normalize=p["normalize"])
+    return _task_sum(ctx, ctx.deltas, p)
 
 
 def _slerp_coefficients(ctx: TensorContext) -> tuple[float, float]:
@@ -104,53 +136,52 @@ def _slerp_coefficients(ctx: TensorContext) -> tuple[float, float]:
     return dot, math.acos(dot)
 
 
-def _slerp(ctx: TensorContext, p: dict) -> torch.Tensor:
-    t = p["t"]
+def _slerp_mix(ctx: TensorContext, t: float) -> tuple[float, float]:
+    """(c0 + c1, c1): r = c0 v0 + c1 v1 = (c0 + c1) b + c1 delta."""
     dot, theta = ctx.stat("slerp", _slerp_coefficients)
     if abs(dot) > 0.9995:
         c0, c1 = 1.0 - t, t
     else:
         c0, c1 = math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
-    return (c0 + c1) * ctx.base + c1 * ctx.deltas[0]
+    return c0 + c1, c1
+
+
+def _slerp(ctx: TensorContext, p: dict) -> torch.Tensor:
+    base_scale, scale = _slerp_mix(ctx, p["t"])
+    return weighted_sum(ctx.base, ctx.deltas, _scalars([scale], ctx), base_scale=base_scale)
+
+
+def _scalars(values: Sequence[float], ctx: TensorContext) -> torch.Tensor:
+    return torch.tensor(values, dtype=ctx.deltas.dtype, device=ctx.deltas.device)
 
 
 def _ties(ctx: TensorContext, p: dict) -> torch.Tensor:
-    trimmed = magnitude_trim(ctx, p["exact"]["density"])
-    return elect_and_merge(ctx.base, trimmed.mul_(per_source(p["weight"], trimmed)), p["weight"],
-                           lam=p["lambda"], normalize=p["normalize"])
+    return _ties_step(ctx, magnitude_trim(ctx, p["exact"]["density"]), p)
 
 
 def _breadcrumbs(ctx: TensorContext, p: dict) -> torch.Tensor:
-    trimmed = outlier_trim(ctx, p["exact"]["density"], p["exact"]["gamma"])
-    return weighted_sum(ctx.base, trimmed, p["weight"], lam=p["lambda"], normalize=p["normalize"])
+    return _task_sum(ctx, outlier_trim(ctx, p["exact"]["density"], p["exact"]["gamma"]), p)
 
 
 def _breadcrumbs_ties(ctx: TensorContext, p: dict) -> torch.Tensor:
-    trimmed = outlier_trim(ctx, p["exact"]["density"], p["exact"]["gamma"])
-    return elect_and_merge(ctx.base, trimmed * per_source(p["weight"], trimmed), p["weight"],
-                           lam=p["lambda"], normalize=p["normalize"])
+    return _ties_step(ctx, outlier_trim(ctx, p["exact"]["density"], p["exact"]["gamma"]), p)
 
 
 def _dare_linear(ctx: TensorContext, p: dict) -> torch.Tensor:
-    kept = dare_drop(ctx, p["density"], p["rescale"])
-    return weighted_sum(ctx.base, kept, p["weight"], lam=p["lambda"], normalize=p["normalize"])
+    return _task_sum(ctx, dare_drop(ctx, p["density"], p["rescale"]), p)
 
 
 def _dare_ties(ctx: TensorContext, p: dict) -> torch.Tensor:
     kept = dare_drop(ctx, p["density"], p["rescale"])
-    return elect_and_merge(ctx.base, kept * per_source(p["weight"], kept), p["weight"],
-                           lam=p["lambda"], normalize=p["normalize"])
+    return _ties_step(ctx, kept.clone() if kept is ctx.deltas else kept, p)     # the task vectors stay intact
 
 
 def _della(ctx: TensorContext, p: dict) -> torch.Tensor:
-    kept = della_drop(ctx, p["density"], p["epsilon"], p["rescale"])
-    return elect_and_merge(ctx.base, kept * per_source(p["weight"], kept), p["weight"],
-                           lam=p["lambda"], normalize=p["normalize"])
+    return _ties_step(ctx, della_drop(ctx, p["density"], p["epsilon"], p["rescale"]), p)
 
 
 def _della_linear(ctx: TensorContext, p: dict) -> torch.Tensor:
-    kept = della_drop(ctx, p["density"], p["epsilon"], p["rescale"])
-    return weighted_sum(ctx.base, kept, p["weight"], lam=p["lambda"], normalize=p["normalize"])
+    return _task_sum(ctx, della_drop(ctx, p["density"], p["epsilon"], p["rescale"]), p)
 
 
 def _model_stock_ratio(ctx: TensorContext) -> float:
@@ -167,8 +198,101 @@ def _model_stock_ratio(ctx: TensorContext) -> float:
 
 
 def _model_stock(ctx: TensorContext, p: dict) -> torch.Tensor:
+    """b + t mean_i(delta_i), as b + sum_i (t / K) delta_i."""
     t = ctx.stat("model_stock", _model_stock_ratio)
-    return ctx.base + t * ctx.deltas.mean(dim=0)
+    return weighted_sum(ctx.base, ctx.deltas, _scalars([t / ctx.k] * ctx.k, ctx))
+
+
+# ---------------------------------------------------------------------------------------------
+# The same merges as fused-kernel plans (fused.py): the scalars above, the arithmetic in one pass.
+
+
+def _task_plan(p: dict, keep: Band | Drop | None = None) -> Plan:
+    return Plan(Sum(values(task_scales(p["weight"], lam=p["lambda"], normalize=p["normalize"]))), keep)
+
+
+def _ties_plan(p: dict, keep: Band | Drop | None) -> Plan:
+    return Plan(Elect(values(p["weight"]), p["lambda"], p["normalize"]), keep)
+
+
+def _outlier_band(ctx: TensorContext, p: dict) -> Band:
+    lows, highs = outlier_bounds(ctx, p["exact"]["density"], p["exact"]["gamma"])
+    return Band(tuple(lows), tuple(highs))
+
+
+def _dare_keep(p: dict) -> Drop | None:
+    """DARE's drop; None where every density keeps every entry (dare_drop then returns the task vectors)."""
+    if bool((p["density"] >= 1).all()):
+        return None
+    inverse = dare_inverse(p["density"]) if p["rescale"] == "inverse" else torch.ones_like(p["density"])
+    return Drop(values(p["density"]), rescale=values(inverse))
+
+
+def _della_keep(p: dict) -> Drop:
+    offset, slope = della_terms(p["density"], p["epsilon"])
+    rescale = None if p["rescale"] == "inverse" else (1.0,) * len(offset)     # None: by 1 / p
+    return Drop(values(offset), values(slope), rescale=rescale, by_rank=True)
+
+
+def _without_l1(plan: Callable[[TensorContext, dict], Plan]) -> Callable[[TensorContext, dict], Plan | None]:
+    """The plan, except under the l1 rescale, whose norms of the kept entries span the whole tensor (eager)."""
+    def fused(ctx: TensorContext, p: dict) -> Plan | None:
+        return None if p["rescale"] == "l1" else plan(ctx, p)
+    return fused
+
+
+def _fused_linear(ctx: TensorContext, p: dict) -> Plan:
+    w = p["weight"]
+    if p["normalize"]:
+        return Plan(Sum(values(w / w.sum())))
+    return Plan(Sum(values(w), base_scale=float(w.sum())))
+
+
+def _fused_slerp(ctx: TensorContext, p: dict) -> Plan:
+    base_scale, scale = _slerp_mix(ctx, p["t"])
+    return Plan(Sum(values(_scalars([scale], ctx)), base_scale=base_scale))
+
+
+def _fused_model_stock(ctx: TensorContext, p: dict) -> Plan:
+    t = ctx.stat("model_stock", _model_stock_ratio)
+    return Plan(Sum(values(_scalars([t / ctx.k] * ctx.k, ctx))))
+
+
+def _fused_ties(ctx: TensorContext, p: dict) -> Plan:
+    taus = trim_thresholds(ctx, p["exact"]["density"])
+    return _ties_plan(p, Band(tuple(taus), (math.inf,) * len(taus)))
+
+
+def _fused_task_arithmetic(ctx: TensorContext, p: dict) -> Plan:
+    return _task_plan(p)
+
+
+def _fused_breadcrumbs(ctx: TensorContext, p: dict) -> Plan:
+    return _task_plan(p, _outlier_band(ctx, p))
+
+
+def _fused_breadcrumbs_ties(ctx: TensorContext, p: dict) -> Plan:
+    return _ties_plan(p, _outlier_band(ctx, p))
+
+
+@_without_l1
+def _fused_dare_linear(ctx: TensorContext, p: dict) -> Plan:
+    return _task_plan(p, _dare_keep(p))
+
+
+@_without_l1
+def _fused_dare_ties(ctx: TensorContext, p: dict) -> Plan:
+    return _ties_plan(p, _dare_keep(p))
+
+
+@_without_l1
+def _fused_della(ctx: TensorContext, p: dict) -> Plan:
+    return _ties_plan(p, _della_keep(p))
+
+
+@_without_l1
+def _fused_della_linear(ctx: TensorContext, p: dict) -> Plan:
+    return _task_plan(p, _della_keep(p))
 
 
 _TIES_PARAMS = (WEIGHT, DENSITY, LAMBDA)
@@ -177,27 +301,30 @@ _DELLA_RANGES = (("density", (0.2, 0.85)), ("epsilon", (0.01, 0.15)))
 
 for _spec in (
     MethodSpec("linear", (WEIGHT, normalize(True)), _linear, needs_base=False, mergekit="linear",
-               summary="weighted average of the models (model soup)"),
+               fused=_fused_linear, summary="weighted average of the models (model soup)"),
     MethodSpec("task_arithmetic", (WEIGHT, LAMBDA, normalize(False)), _task_arithmetic, mergekit="task_arithmetic",
-               summary="base + lambda * sum of weighted task vectors"),
-    MethodSpec("slerp", (SLERP_T,), _slerp, min_sources=1, max_sources=1, mergekit="slerp",
+               fused=_fused_task_arithmetic, summary="base + lambda * sum of weighted task vectors"),
+    MethodSpec("slerp", (SLERP_T,), _slerp, min_sources=1, max_sources=1, mergekit="slerp", fused=_fused_slerp,
                summary="spherical interpolation between the base and one source"),
     MethodSpec("ties", _TIES_PARAMS + (normalize(True),), _ties, magnitude_ranks=True, mergekit="ties",
-               summary="trim small entries, elect a sign, average the agreeing entries"),
+               fused=_fused_ties, summary="trim small entries, elect a sign, average the agreeing entries"),
     MethodSpec("breadcrumbs", _TIES_PARAMS + (GAMMA, normalize(False)), _breadcrumbs, magnitude_ranks=True,
-               mergekit="breadcrumbs", summary="drop outliers and small entries, then task arithmetic"),
+               mergekit="breadcrumbs", fused=_fused_breadcrumbs,
+               summary="drop outliers and small entries, then task arithmetic"),
     MethodSpec("breadcrumbs_ties", _TIES_PARAMS + (GAMMA, normalize(False)), _breadcrumbs_ties,
-               magnitude_ranks=True, mergekit="breadcrumbs_ties",
+               magnitude_ranks=True, mergekit="breadcrumbs_ties", fused=_fused_breadcrumbs_ties,
                summary="breadcrumbs trim, then TIES sign election"),
     MethodSpec("dare_linear", _TIES_PARAMS + (RESCALE, normalize(False)), _dare_linear, stochastic=True,
-               summary="random drop with rescale, then task arithmetic"),
+               fused=_fused_dare_linear, summary="random drop with rescale, then task arithmetic"),
     MethodSpec("dare_ties", _TIES_PARAMS + (RESCALE, normalize(False)), _dare_ties, stochastic=True,
-               summary="random drop with rescale, then TIES sign election"),
+               fused=_fused_dare_ties, summary="random drop with rescale, then TIES sign election"),
     MethodSpec("della", _TIES_PARAMS + (EPSILON, RESCALE, normalize(True)), _della, stochastic=True,
-               row_ranks=True, search_ranges=_DELLA_RANGES, summary="magnitude-ranked random drop, then TIES sign election"),
+               row_ranks=True, search_ranges=_DELLA_RANGES, fused=_fused_della,
+               summary="magnitude-ranked random drop, then TIES sign election"),
     MethodSpec("della_linear", _TIES_PARAMS + (EPSILON, RESCALE, normalize(False)), _della_linear,
-               stochastic=True, row_ranks=True, search_ranges=_DELLA_RANGES, summary="magnitude-ranked random drop, then task arithmetic"),
-    MethodSpec("model_stock", (), _model_stock, min_sources=2, mergekit="model_stock",
+               stochastic=True, row_ranks=True, search_ranges=_DELLA_RANGES, fused=_fused_della_linear,
+               summary="magnitude-ranked random drop, then task arithmetic"),
+    MethodSpec("model_stock", (), _model_stock, min_sources=2, mergekit="model_stock", fused=_fused_model_stock,
                summary="interpolate base and source mean by the task vectors' angle (no parameters)"),
 ):
     REGISTRY.register(_spec)

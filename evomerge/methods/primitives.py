@@ -108,35 +108,51 @@ def lt_mask(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     return torch.sub(threshold, x).sign_().clamp_(min=0.0)
 
 
+def sum_sources(stack: torch.Tensor) -> torch.Tensor:
+    """sum_i stack[i], added left to right.
+
+    torch's sum over a dimension changes its order of additions with K and with the
+    position in the tensor (from K = 5 on), and the sign TIES elects where the sum is
+    near 0 follows that order; a fixed order is one the fused kernel repeats bit for bit.
+    """
+    total = stack[0].clone()
+    for row in stack[1:]:
+        total.add_(row)
+    return total
+
+
 def elect_and_merge(base: torch.Tensor, weighted: torch.Tensor, weights: torch.Tensor, *,
                     lam: float, normalize: bool) -> torch.Tensor:
     """TIES steps 3-5 on weighted task vectors D_i (K, *shape): elect sign, disjoint merge, add to base.
 
     `weighted` is a temporary of the caller's: it is overwritten.
     """
-    elected = weighted.sum(dim=0).sign_().add_(0.5).sign_()     # +1 where the sum is >= 0, else -1
+    elected = sum_sources(weighted).sign_().add_(0.5).sign_()     # +1 where the sum is >= 0, else -1
     agreeing = weighted.mul_(elected).relu_()           # |D_i| where sign(D_i) = s and D_i != 0, else 0
-    merged = agreeing.sum(dim=0).mul_(elected)          # = sum of the agreeing D_i, bit for bit
+    merged = sum_sources(agreeing).mul_(elected)        # = sum of the agreeing D_i, bit for bit
     if normalize:
-        divisor = agreeing.sign_().mul_(per_source(weights, weighted)).sum(dim=0)
+        divisor = sum_sources(agreeing.sign_().mul_(per_source(weights, weighted)))
         divisor.add_(1.0 - divisor.abs().sign_())       # a zero divisor becomes 1
         merged.div_(divisor)
     return merged.mul_(lam).add_(base)
 
 
-def weighted_sum(base: torch.Tensor, deltas: torch.Tensor, weights: torch.Tensor, *, lam: float,
-                 normalize: bool) -> torch.Tensor:
-    """b + lam * sum_i w_i delta_i (divided by sum_i w_i with normalize): one pass per source.
-
-    The scalars fold into one coefficient per source first (a K-element op), so the
-    tensor-sized work is K fused multiply-adds (a `tensordot` here measured 3x slower).
-    """
+def task_scales(weights: torch.Tensor, *, lam: float, normalize: bool) -> torch.Tensor:
+    """lam * w_i (over sum_i w_i with normalize): the tensor-sized work then takes one coefficient per source."""
     scale = weights * lam
-    if normalize:
-        scale = scale / weights.sum()
-    merged = torch.addcmul(base, deltas[0], scale[0])
+    return scale / weights.sum() if normalize else scale
+
+
+def weighted_sum(base: torch.Tensor, deltas: torch.Tensor, scales: torch.Tensor, *,
+                 base_scale: float | torch.Tensor | None = None) -> torch.Tensor:
+    """base_scale * b + sum_i scale_i delta_i: one fused multiply-add pass per source, left to right.
+
+    (`tensordot` measured 3x slower; this order and rounding are the fused kernel's too.)
+    """
+    start = base if base_scale is None else base * base_scale
+    merged = torch.addcmul(start, deltas[0], scales[0])
     for i in range(1, deltas.shape[0]):
-        merged.addcmul_(deltas[i], scale[i])
+        merged.addcmul_(deltas[i], scales[i])
     return merged
 
 

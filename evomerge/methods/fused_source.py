@@ -1,0 +1,282 @@
+"""The C++ of the fused merge kernel (compiled just in time by `fused.py`).
+
+One pass over the output: for each entry, every source's kept value (its task
+vector's entry, inside a magnitude band or past a random drop, rescaled) is formed
+and combined (a weighted sum, or TIES sign election) in registers, and the result
+written to the output, in its dtype. The number of sources is a template parameter
+(1 to 8), so that the loops over entries vectorize with the per-source state unrolled.
+
+Each operation repeats the eager steps' own arithmetic, in their order: products,
+sums and quotients rounded as torch rounds them, the weighted sum with a fused
+multiply-add as `addcmul` does, the sums over sources left to right as
+`sum_sources` does. So the two paths give the same tensor, bit for bit; it is
+compiled with -ffp-contract=off, so that the compiler fuses nothing else.
+"""
+
+SOURCE = r"""
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cfloat>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int MAX_SOURCES = 8;      // sources are a compile-time count: per-entry state stays in registers
+constexpr int64_t BLOCK = 1024;     // elements per step of the cast to the output's dtype
+constexpr int64_t GRAIN = 1 << 15;  // fewest elements worth a thread
+
+enum Keep : int64_t { ALL = 0, BAND = 1, DROP = 2 };
+
+struct Plan {
+  int64_t k = 0, n = 0;
+  const float* base = nullptr;
+  const float* deltas = nullptr;     // (K, n)
+  const float* uniform = nullptr;    // DROP: the U[0, 1) fields, (K, n)
+  const float* ranks = nullptr;      // DROP by rank (DELLA): per-row magnitude ranks q, (K, n)
+  int64_t keep = ALL;
+  std::vector<float> low, high;      // BAND: keep low <= |d| < high. DROP: keep u < low (+ high * q by rank)
+  std::vector<float> rescale;        // DROP: kept entries times this; empty: times 1 / p
+  bool elect = false;
+  std::vector<float> coef;           // sum: per-source scales; elect: per-source weights
+  float scalar = 1.f;                // sum: the base's scale; elect: lambda
+  bool normalize = false;
+};
+
+// Source i's kept entry at j, one functor per sparsification: the task vector's entry, or 0 where the band
+// or the drop removes it, times the drop's rescale. Branch-free (the products are formed for every entry),
+// so that the loops over entries vectorize. Held by value in the loop: its scalars stay in registers.
+// (The loops carry `ivdep`: the output never overlaps an input, and with K sources the compiler would
+// otherwise check up to 3K + 1 pointers for overlap, more than it is willing to.)
+template <int K>
+struct Sources {
+  const float* d[K];
+  float low[K], high[K], rescale[K];
+
+  Sources(const Plan& p, const float* fields, int64_t offset) {
+    for (int i = 0; i < K; ++i) {
+      d[i] = fields + i * p.n + offset;
+      low[i] = p.low.empty() ? 0.f : p.low[i];
+      high[i] = p.high.empty() ? 0.f : p.high[i];
+      rescale[i] = p.rescale.empty() ? 1.f : p.rescale[i];
+    }
+  }
+};
+
+template <int K>
+struct KeepAll {
+  Sources<K> s;
+  float operator()(int i, int64_t j) const { return s.d[i][j]; }
+};
+
+template <int K>
+struct KeepBand {
+  Sources<K> s;
+  float operator()(int i, int64_t j) const {
+    const float x = s.d[i][j], m = std::fabs(x);
+    return (m >= s.low[i] && m < s.high[i]) ? x : 0.f;
+  }
+};
+
+template <int K>
+struct KeepDrop {
+  Sources<K> s;
+  Sources<K> u;
+  float operator()(int i, int64_t j) const {
+    const float rescaled = s.d[i][j] * s.rescale[i];
+    return u.d[i][j] < s.low[i] ? rescaled : 0.f;
+  }
+};
+
+template <int K, bool by_probability>
+struct KeepDropByRank {
+  Sources<K> s;
+  Sources<K> u;
+  Sources<K> q;
+  float operator()(int i, int64_t j) const {
+    const float prob = s.low[i] + s.high[i] * q.d[i][j];
+    const float rescaled = by_probability ? s.d[i][j] * (1.f / prob) : s.d[i][j] * s.rescale[i];
+    return u.d[i][j] < prob ? rescaled : 0.f;
+  }
+};
+
+// acc = scalar * b + sum_i coef_i kept_i, one fused multiply-add per source, left to right (torch.addcmul).
+template <int K, typename Kept>
+void weighted_sum(const Plan& p, const Kept kept, const float* __restrict b, int64_t n, float* __restrict acc) {
+  float coef[K];
+  for (int i = 0; i < K; ++i) coef[i] = p.coef[i];
+  const float scalar = p.scalar;
+#pragma GCC ivdep
+  for (int64_t j = 0; j < n; ++j) {
+    float total = b[j] * scalar;
+    for (int i = 0; i < K; ++i) total = std::fma(kept(i, j), coef[i], total);
+    acc[j] = total;
+  }
+}
+
+// TIES steps 2-5 on the kept entries: D_i = w_i kept_i, elect the sign s of sum D_i (+1 at 0), sum the
+// agreeing D_i (divided by their weights with normalize, a zero divisor being 1), b + lambda * that.
+// Sums run over the sources left to right, as sum_sources does. (elect_and_merge sums |D_i| and then
+// multiplies by s: the same number, rounding being symmetric about 0.)
+template <int K, bool normalize, typename Kept>
+void elect_and_merge(const Plan& p, const Kept kept, const float* __restrict b, int64_t n, float* __restrict acc) {
+  float w[K];
+  for (int i = 0; i < K; ++i) w[i] = p.coef[i];
+  const float lam = p.scalar;
+#pragma GCC ivdep
+  for (int64_t j = 0; j < n; ++j) {
+    float D[K];
+    float total = 0.f;
+    for (int i = 0; i < K; ++i) {
+      D[i] = kept(i, j) * w[i];
+      total = i == 0 ? D[i] : total + D[i];
+    }
+    const float sign = total < 0.f ? -1.f : 1.f;
+    float merged = 0.f, divisor = 0.f;
+    for (int i = 0; i < K; ++i) {
+      const bool agrees = D[i] * sign > 0.f;
+      const float d = agrees ? D[i] : 0.f;
+      merged = i == 0 ? d : merged + d;
+      if (normalize) {
+        const float c = agrees ? w[i] : 0.f;
+        divisor = i == 0 ? c : divisor + c;
+      }
+    }
+    if (normalize) merged = merged / (divisor == 0.f ? 1.f : divisor);
+    acc[j] = merged * lam + b[j];
+  }
+}
+
+template <int K, typename Kept>
+void combine(const Plan& p, const Kept kept, int64_t j0, int64_t n, float* acc) {
+  const float* b = p.base + j0;
+  if (!p.elect) {
+    weighted_sum<K>(p, kept, b, n, acc);
+  } else if (p.normalize) {
+    elect_and_merge<K, true>(p, kept, b, n, acc);
+  } else {
+    elect_and_merge<K, false>(p, kept, b, n, acc);
+  }
+}
+
+// The merged values of [j0, j0 + n) into acc.
+template <int K>
+void merge_block(const Plan& p, int64_t j0, int64_t n, float* acc) {
+  const Sources<K> d(p, p.deltas, j0);
+  if (p.keep == ALL) {
+    combine<K>(p, KeepAll<K>{d}, j0, n, acc);
+  } else if (p.keep == BAND) {
+    combine<K>(p, KeepBand<K>{d}, j0, n, acc);
+  } else if (p.ranks == nullptr) {
+    combine<K>(p, KeepDrop<K>{d, Sources<K>(p, p.uniform, j0)}, j0, n, acc);
+  } else if (p.rescale.empty()) {
+    combine<K>(p, KeepDropByRank<K, true>{d, Sources<K>(p, p.uniform, j0), Sources<K>(p, p.ranks, j0)}, j0, n, acc);
+  } else {
+    combine<K>(p, KeepDropByRank<K, false>{d, Sources<K>(p, p.uniform, j0), Sources<K>(p, p.ranks, j0)}, j0, n, acc);
+  }
+}
+
+using BlockFn = void (*)(const Plan&, int64_t, int64_t, float*);
+
+template <int... Ks>
+BlockFn block_fn(int64_t k, std::integer_sequence<int, Ks...>) {
+  BlockFn fns[] = {&merge_block<Ks + 1>...};
+  return fns[k - 1];
+}
+
+// Write a block, cast to the output's dtype; whether every value is finite.
+template <typename Out>
+bool store(const float* __restrict acc, Out* __restrict out, int64_t n) {
+  int bad = 0;
+  for (int64_t j = 0; j < n; ++j) bad |= !(std::fabs(acc[j]) <= FLT_MAX);
+  if (!std::is_same<Out, float>::value) {
+    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<Out>(acc[j]);
+  }
+  return bad == 0;
+}
+
+template <typename Out>
+bool run(const Plan& p, Out* out) {
+  const BlockFn merge_block = block_fn(p.k, std::make_integer_sequence<int, MAX_SOURCES>{});
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, p.n, GRAIN, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(std::is_same<Out, float>::value ? 0 : BLOCK);
+    bool ok = true;
+    for (int64_t j0 = begin; j0 < end; j0 += BLOCK) {
+      const int64_t n = std::min(BLOCK, end - j0);
+      float* acc = std::is_same<Out, float>::value ? reinterpret_cast<float*>(out + j0) : buffer.data();
+      merge_block(p, j0, n, acc);
+      ok = store(acc, out + j0, n) && ok;
+    }
+    if (!ok) finite.store(false);
+  });
+  return finite.load();
+}
+
+std::vector<float> floats(const std::vector<double>& values) {
+  return std::vector<float>(values.begin(), values.end());
+}
+
+const float* field(const c10::optional<at::Tensor>& t, const at::Tensor& like) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->sizes() == like.sizes(),
+              "a field must be a contiguous float32 tensor shaped like the task vectors");
+  return t->data_ptr<float>();
+}
+
+bool merge(at::Tensor out, const at::Tensor& base, const at::Tensor& deltas, int64_t keep,
+           const std::vector<double>& low, const std::vector<double>& high, const std::vector<double>& rescale,
+           const c10::optional<at::Tensor>& uniform, const c10::optional<at::Tensor>& ranks, bool elect,
+           const std::vector<double>& coef, double scalar, bool normalize) {
+  TORCH_CHECK(base.scalar_type() == at::kFloat && deltas.scalar_type() == at::kFloat, "float32 inputs only");
+  TORCH_CHECK(out.is_contiguous() && base.is_contiguous() && deltas.is_contiguous(), "contiguous tensors only");
+  const int64_t k = deltas.size(0), n = base.numel();
+  TORCH_CHECK(out.numel() == n && deltas.numel() == k * n, "shapes differ");
+  TORCH_CHECK(k >= 1 && k <= MAX_SOURCES, "1 to ", MAX_SOURCES, " sources");
+  TORCH_CHECK(static_cast<int64_t>(coef.size()) == k, "one coefficient per source");
+  TORCH_CHECK(keep == ALL || (static_cast<int64_t>(low.size()) == k && static_cast<int64_t>(high.size()) == k),
+              "one bound per source");
+  TORCH_CHECK(keep != DROP || uniform.has_value(), "a random drop needs the uniform fields");
+  Plan p;
+  p.k = k;
+  p.n = n;
+  p.base = base.data_ptr<float>();
+  p.deltas = deltas.data_ptr<float>();
+  p.uniform = field(uniform, deltas);
+  p.ranks = field(ranks, deltas);
+  TORCH_CHECK(keep != DROP || p.ranks != nullptr || static_cast<int64_t>(rescale.size()) == k,
+              "a drop without ranks needs one rescale per source");
+  p.keep = keep;
+  p.low = floats(low);
+  p.high = floats(high);
+  p.rescale = floats(rescale);
+  p.elect = elect;
+  p.coef = floats(coef);
+  p.scalar = static_cast<float>(scalar);
+  p.normalize = normalize;
+  switch (out.scalar_type()) {
+    case at::kFloat: return run(p, out.data_ptr<float>());
+    case at::kBFloat16: return run(p, out.data_ptr<at::BFloat16>());
+    case at::kHalf: return run(p, out.data_ptr<at::Half>());
+    default: TORCH_CHECK(false, "output dtype must be float32, bfloat16 or float16");
+  }
+  return false;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("MAX_SOURCES") = MAX_SOURCES;
+  m.def("merge", &merge, "Merge one tensor into `out` in one pass; whether every value is finite.",
+        pybind11::arg("out"), pybind11::arg("base"), pybind11::arg("deltas"), pybind11::arg("keep"),
+        pybind11::arg("low"), pybind11::arg("high"), pybind11::arg("rescale"), pybind11::arg("uniform"),
+        pybind11::arg("ranks"), pybind11::arg("elect"), pybind11::arg("coef"), pybind11::arg("scalar"),
+        pybind11::arg("normalize"), pybind11::call_guard<pybind11::gil_scoped_release>());
+}
+"""

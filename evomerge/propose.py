@@ -108,6 +108,7 @@ class SamplerProcess:
         self._process.start()
         child.close()
         self._keys = 0
+        self._ready = False
 
     def new_key(self) -> int:
         self._keys += 1
@@ -116,7 +117,14 @@ class SamplerProcess:
     def send(self, message: tuple) -> None:
         self._conn.send(message)
 
+    def wait_ready(self) -> None:
+        """Block until the process has started (its imports take a few seconds, once)."""
+        if not self._ready:
+            self._conn.recv()     # ("ready", None)
+            self._ready = True
+
     def receive(self) -> tuple[str, Any]:
+        self.wait_ready()
         return self._conn.recv()
 
     def close(self) -> None:
@@ -216,6 +224,7 @@ def _serve(conn) -> None:
 
     studies: dict[int, tuple[Any, Any, Heartbeat]] = {}
     broken: dict[int, str] = {}
+    conn.send(("ready", None))
     try:
         while True:
             try:

@@ -62,28 +62,37 @@ class BatchedRDBStorage(RDBStorage):
 
     def flush(self, trial_id: int | None = None) -> None:
         """Commit the buffered writes of one trial (of every trial if None), in one transaction each."""
-        from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
 
         with self._pending_lock:
             ids = list(self._pending) if trial_id is None else [trial_id]
             for tid in ids:
                 writes = self._pending.pop(tid, None)
-                if not writes:
-                    continue
-                with _create_scoped_session(self.scoped_session, True) as session:
-                    for kind, args in writes:
-                        if kind == "param":
-                            self._set_trial_param_without_commit(session, tid, *args)
-                        elif kind == "intermediate":
-                            self._set_trial_intermediate_value_without_commit(session, tid, *args)
-                        else:
-                            self._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, tid, *args)
+                if writes:
+                    with _create_scoped_session(self.scoped_session, True) as session:
+                        self._add(session, tid, writes)
+
+    def _add(self, session, trial_id: int, writes: list[tuple[str, tuple]]) -> None:
+        """The buffered writes, added to `session` (not committed)."""
+        from optuna.storages._rdb import models
+
+        for kind, args in writes:
+            if kind == "param":
+                self._set_trial_param_without_commit(session, trial_id, *args)
+            elif kind == "intermediate":
+                self._set_trial_intermediate_value_without_commit(session, trial_id, *args)
+            else:
+                self._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, *args)
 
     # -- everything that changes a trial's state or reads it back commits first --------
     def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
-        self.flush(trial_id)
-        return super().set_trial_state_values(trial_id, state, values)
+        """The buffered writes and the new state in one transaction: Optuna's own write runs in this
+        thread's scoped session, which already holds them, and commits them together."""
+        with self._pending_lock:
+            writes = self._pending.pop(trial_id, None)
+            if writes:
+                self._add(self.scoped_session(), trial_id, writes)
+            return super().set_trial_state_values(trial_id, state, values)
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
         self.flush(trial_id)

@@ -69,7 +69,9 @@ def test_batched_storage_writes_a_trial_in_one_transaction(tmp_path):
     with sqlite3.connect(db) as conn:
         assert conn.execute("select count(*) from trial_params").fetchone()[0] == 12
     trial.set_user_attr("late", 3)
-    study.tell(trial, 0.5)
+    commits.clear()
+    storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.COMPLETE, [0.5])
+    assert len(commits) == 1                                # the last attribute and the state together
     fresh = optuna.load_study(study_name="s", storage=f"sqlite:///{db}").trials[0]
     assert fresh.params == values
     assert fresh.user_attrs == {"note": {"a": 2}, "late": 3}

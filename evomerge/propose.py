@@ -1,12 +1,12 @@
 """Proposing trials: ask the study for a trial and sample its candidate, here or one trial ahead.
 
-    main process:   take k ─► merge k ─► score k ─► tell k ─► take k+1 ─► …
-    sampler process:      └─ ask k+1 + sample ┘         └─ ask k+2 + sample ┘
+    main process:   take k ─► merge k ─► score k ─► take k+1 ─► merge k+1 …
+    sampler process:      └─ ask k+1 + sample ┘  └─ write k, ask k+2 + sample ┘
 
 A model-based sampler (TPE, GP, CMA-ES) spends about as long choosing a candidate as a
 small model takes to be merged and scored. `AheadProposer` samples trial k+1 in a second
-process while trial k is merged and scored, so the sampler is off the trial's critical
-path; `InlineProposer` samples in the search's own process. Both hand out the same
+process while trial k is merged and scored, and writes trial k's result when it is handed
+over, so the sampler and the storage's writes are off the trial's critical path; `InlineProposer` samples in the search's own process. Both hand out the same
 proposals for one seed: the sampler never sees the trial just before the one it samples
 (samplers.LaggedSampler), so it does not matter whether that trial has finished.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +75,19 @@ def propose(study, space, n_trials: int, heartbeat: Heartbeat | None) -> Proposa
     return Proposal(trial._trial_id, trial.number, method, dict(trial.params))
 
 
+def complete(study, trial_id: int, values: list[float], attrs: dict[str, Any]) -> None:
+    """Write a trial's user attributes and its values, COMPLETE, in one transaction (storage.BatchedRDBStorage).
+
+    Study.tell would read the trial back twice, for checks the search has made, and for the sampler's
+    after_trial hook, which none of evomerge's samplers uses (they have no constraints).
+    """
+    from optuna.trial import TrialState
+
+    for key, value in attrs.items():
+        study._storage.set_trial_user_attr(trial_id, key, value)
+    study._storage.set_trial_state_values(trial_id, TrialState.COMPLETE, values)
+
+
 def _flush(study, trial_id: int) -> None:
     """Commit the trial's buffered parameters (storage.BatchedRDBStorage) so other processes read them."""
     backend = getattr(study._storage, "_backend", study._storage)
@@ -90,6 +104,9 @@ class InlineProposer:
 
     def take(self, n_trials: int) -> Proposal | None:
         return propose(self.study, self.space, n_trials, self.heartbeat)
+
+    def complete(self, proposal: Proposal, values: list[float], attrs: dict[str, Any]) -> None:
+        complete(self.study, proposal.trial_id, values, attrs)
 
     def close(self) -> None:
         pass
@@ -166,6 +183,12 @@ class AheadProposer:
             self._send(("ask", self.key, n_trials, proposal.trial_id))   # sample the next one meanwhile
         return proposal
 
+    def complete(self, proposal: Proposal, values: list[float], attrs: dict[str, Any]) -> None:
+        """Hand a complete trial to the sampler process, which writes it before it samples again."""
+        self._send(("complete", self.key, proposal.trial_id, values, attrs))
+        if self._broken:
+            self.fallback.complete(proposal, values, attrs)
+
     def _send(self, message: tuple) -> None:
         if self._broken:
             return
@@ -241,6 +264,13 @@ def _serve(conn) -> None:
                     studies[key] = (study, space, Heartbeat(study._storage))
                 except Exception as err:
                     broken[key] = f"the sampler process cannot open the study: {type(err).__name__}: {err}"
+            elif kind == "complete":   # off the search's critical path; written before the next request is read
+                trial_id, values, attrs = message[2:]
+                try:
+                    complete(studies[key][0], trial_id, values, attrs)
+                except Exception as err:   # e.g. failed meanwhile as stale: nothing to write
+                    print(f"evomerge: trial id {trial_id} not written: {type(err).__name__}: {err}",
+                          file=sys.stderr, flush=True)
             elif kind == "forget":
                 if key in studies:
                     studies.pop(key)[2].close()

@@ -245,7 +245,7 @@ class SearchSession:
         if samples_ahead(self.config) if ahead is None else ahead:
             proposer = AheadProposer(self.bench.sampler_process(), self.config, self.space, self.storage_url,
                                      fallback=inline)
-        attempts, shown, swept = 0, 0.0, 0.0
+        attempts, shown, swept, ran = 0, 0.0, 0.0, False
         try:
             while True:
                 if time.monotonic() - swept >= HEARTBEAT_S:    # a dead worker's trial: failed, or retried
@@ -264,13 +264,16 @@ class SearchSession:
                     bar.update(done - bar.n)
                     if done >= n_trials:
                         break
-                    time.sleep(1.0)
+                    if not ran:        # (after a trial of ours, ask again at once: the answer may predate its tell)
+                        time.sleep(1.0)
+                    ran = False
                     continue
                 attempts += 1
                 try:
-                    self.run_trial(proposal, n_trials)
+                    self.run_trial(proposal, n_trials, proposer)
                 finally:
                     heartbeat.release(proposal.trial_id)
+                ran = True
                 bar.update(self._done() - bar.n)
                 if time.monotonic() - shown >= 2.0:     # the best of all workers, read now and then
                     _postfix(bar, self.study.get_trials(deepcopy=False))
@@ -284,17 +287,19 @@ class SearchSession:
         counts = self.counts()
         return sum(counts.get(s, 0) for s in DONE)
 
-    def run_trial(self, proposal, n_trials: int) -> None:
-        """Merge, score and tell one proposed trial; what goes wrong fails this trial only."""
+    def run_trial(self, proposal, n_trials: int, proposer) -> None:
+        """Merge, score and tell one proposed trial; what goes wrong fails this trial only. A complete
+        trial is written by the proposer (by the sampler process, when sampling ahead)."""
         import optuna
         from optuna.trial import TrialState
 
         storage, trial_id = self.study._storage, proposal.trial_id
+        attrs: dict[str, Any] = {}
         t0 = time.perf_counter()
         try:
             self._check_budget(proposal.number, n_trials)
             recipe = self.space.decode(proposal.params, method=proposal.method)
-            storage.set_trial_user_attr(trial_id, "recipe_sha256", recipe.sha256())
+            attrs: dict[str, Any] = {"recipe_sha256": recipe.sha256()}
             t1 = time.perf_counter()
             self.merger.materialize(recipe)
             t2 = time.perf_counter()
@@ -303,12 +308,13 @@ class SearchSession:
             t3 = time.perf_counter()
             values = [result.objective(o) for o in self.config.objectives]
             self._check_budget(proposal.number, n_trials, finished=True)
-            storage.set_trial_user_attr(trial_id, "scores", result.tasks)
-            storage.set_trial_user_attr(trial_id, "seconds", {"merge": t2 - t1, "eval": t3 - t2, "total": t3 - t0})
+            attrs["scores"] = result.tasks
+            attrs["seconds"] = {"merge": t2 - t1, "eval": t3 - t2, "total": t3 - t0}
             if any(not math.isfinite(v) for v in values):
                 raise FloatingPointError(f"non-finite score {values}")
         except optuna.TrialPruned:
-            storage.set_trial_user_attr(trial_id, "seconds", {"total": time.perf_counter() - t0})
+            for key, value in {**attrs, "seconds": {"total": time.perf_counter() - t0}}.items():
+                storage.set_trial_user_attr(trial_id, key, value)
             self.study.tell(proposal.number, state=TrialState.PRUNED)
             return
         except BaseException as err:   # Ctrl-C too: the trial is failed, then the search stops
@@ -318,9 +324,7 @@ class SearchSession:
             if not isinstance(err, Exception):
                 raise
             return
-        # one write: Study.tell would read the trial back twice, for checks the lines above have made, and
-        # for the sampler's after_trial hook, which none of evomerge's samplers uses (they have no constraints)
-        storage.set_trial_state_values(trial_id, TrialState.COMPLETE, values)
+        proposer.complete(proposal, values, attrs)
 
     def _check_budget(self, number: int, n_trials: int, *, finished: bool = False) -> None:
         """Admit a trial only while the budget is not held by others: before it runs, by the done, running and

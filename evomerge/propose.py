@@ -144,15 +144,18 @@ class SamplerProcess:
         self.wait_ready()
         return self._conn.recv()
 
-    def close(self) -> None:
+    def close(self, *, wait: bool = True) -> None:
+        """Stop the process: let it finish its last writes (`wait`), or kill it (nothing of its is pending)."""
         try:
             self._conn.send(("close",))
         except (OSError, EOFError):
             pass
         self._conn.close()
-        self._process.join(timeout=10)
+        if wait:
+            self._process.join(timeout=10)
         if self._process.is_alive():
             self._process.kill()
+            self._process.join(timeout=10)
 
 
 class AheadProposer:
@@ -240,53 +243,64 @@ class AheadProposer:
 
 
 def _serve(conn) -> None:
-    """The sampler process: open studies, answer each request with a proposal (or None, or an error)."""
+    """The sampler process: open studies, answer each request with a proposal (or None, or an error).
+
+    It stops quietly when the search process closes the pipe or goes away (a refused config closes it
+    while this process is still starting); Ctrl-C is the search process's to handle.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from .samplers import make_sampler
     from .search import open_study
 
     studies: dict[int, tuple[Any, Any, Heartbeat]] = {}
     broken: dict[int, str] = {}
-    conn.send(("ready", None))
     try:
-        while True:
-            try:
-                message = conn.recv()
-            except EOFError:   # the search process is gone
-                break
-            kind, key = message[0], message[1] if len(message) > 1 else None
-            if kind == "close":
-                break
-            if kind == "open":
-                config, space, storage_url = message[2:]
-                try:
-                    study = open_study(config, storage_url, sampler=make_sampler(config, space), create=False)
-                    studies[key] = (study, space, Heartbeat(study._storage))
-                except Exception as err:
-                    broken[key] = f"the sampler process cannot open the study: {type(err).__name__}: {err}"
-            elif kind == "complete":   # off the search's critical path; written before the next request is read
-                trial_id, values, attrs = message[2:]
-                try:
-                    complete(studies[key][0], trial_id, values, attrs)
-                except Exception as err:   # e.g. failed meanwhile as stale: nothing to write
-                    print(f"evomerge: trial id {trial_id} not written: {type(err).__name__}: {err}",
-                          file=sys.stderr, flush=True)
-            elif kind == "forget":
-                if key in studies:
-                    studies.pop(key)[2].close()
-            elif kind == "ask":
-                n_trials, taken = message[2:]
-                if key in broken:
-                    conn.send(("broken", broken[key]))
-                    continue
-                study, space, heartbeat = studies[key]
-                if taken is not None:
-                    heartbeat.release(taken)
-                try:
-                    conn.send(("proposal", propose(study, space, n_trials, heartbeat)))
-                except SamplingError as err:
-                    conn.send(("error", str(err)))
+        conn.send(("ready", None))
+        _answer(conn, studies, broken, make_sampler, open_study)
+    except (EOFError, OSError):   # the search process is gone
+        pass
     finally:
         for _, _, heartbeat in studies.values():
             heartbeat.close()
         conn.close()
+
+
+def _answer(conn, studies: dict, broken: dict, make_sampler, open_study) -> None:
+    """The sampler process's loop, until "close"."""
+    while True:
+        message = conn.recv()
+        kind, key = message[0], message[1] if len(message) > 1 else None
+        if kind == "close":
+            break
+        if kind == "open":
+            config, space, storage_url = message[2:]
+            try:
+                study = open_study(config, storage_url, sampler=make_sampler(config, space), create=False)
+                studies[key] = (study, space, Heartbeat(study._storage))
+            except Exception as err:
+                broken[key] = f"the sampler process cannot open the study: {type(err).__name__}: {err}"
+        elif kind == "complete":   # off the search's critical path; written before the next request is read
+            trial_id, values, attrs = message[2:]
+            try:
+                complete(studies[key][0], trial_id, values, attrs)
+            except Exception as err:   # e.g. failed meanwhile as stale: nothing to write
+                print(f"evomerge: trial id {trial_id} not written: {type(err).__name__}: {err}",
+                      file=sys.stderr, flush=True)
+        elif kind == "forget":
+            if key in studies:
+                studies.pop(key)[2].close()
+        elif kind == "ask":
+            n_trials, taken = message[2:]
+            if key in broken:
+                conn.send(("broken", broken[key]))
+                continue
+            study, space, heartbeat = studies[key]
+            if taken is not None:
+                heartbeat.release(taken)
+            try:
+                conn.send(("proposal", propose(study, space, n_trials, heartbeat)))
+            except SamplingError as err:
+                conn.send(("error", str(err)))

@@ -109,9 +109,9 @@ class Workbench:
         self._sampler_process = SamplerProcess() if samples_ahead(config) else None
         try:
             self._load(config, device=device, progress=progress)
-        except BaseException:
+        except BaseException:   # bad input, most often: exit at once, the sampler process has no work yet
             if self._sampler_process is not None:
-                self._sampler_process.close()
+                self._sampler_process.close(wait=False)
             raise
 
     def _load(self, config: SearchConfig, *, device: str | None, progress: bool) -> None:

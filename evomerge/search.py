@@ -299,7 +299,7 @@ class SearchSession:
         try:
             self._check_budget(proposal.number, n_trials)
             recipe = self.space.decode(proposal.params, method=proposal.method)
-            attrs: dict[str, Any] = {"recipe_sha256": recipe.sha256()}
+            attrs["recipe_sha256"] = recipe.sha256()
             t1 = time.perf_counter()
             self.merger.materialize(recipe)
             t2 = time.perf_counter()

@@ -23,6 +23,7 @@ from typing import Any
 from .storage import Heartbeat, state_counts
 
 DONE_OR_RUNNING = ("COMPLETE", "PRUNED", "RUNNING")
+QUEUED_KEYS = {"fixed_params", "failed_trial"}   # system attributes of a trial that came from the queue
 
 
 def samples_ahead(config) -> bool:
@@ -234,12 +235,22 @@ class AheadProposer:
             self._send(("forget", self.key))
 
     def _fail_unrun(self, proposal: Proposal) -> None:
-        from optuna.trial import TrialState
-
-        study = self.fallback.study
-        study._storage.set_trial_user_attr(proposal.trial_id, "error", "not run: the search stopped before it")
-        study.tell(proposal.number, state=TrialState.FAIL)
+        not_run(self.fallback.study, proposal, "the search stopped before it")
         self.heartbeat.release(proposal.trial_id)
+
+
+def not_run(study, proposal: Proposal, why: str) -> str:
+    """A trial taken that will not run: back in the queue if it came from there (a dead worker's trial
+    re-queued for a retry, a baseline), so that no worker loses it; else failed, with `why`. The new state."""
+    from optuna.trial import TrialState
+
+    storage = study._storage
+    if QUEUED_KEYS & storage.get_trial_system_attrs(proposal.trial_id).keys():
+        storage.set_trial_state_values(proposal.trial_id, TrialState.WAITING)
+        return "WAITING"
+    storage.set_trial_user_attr(proposal.trial_id, "error", f"not run: {why}")
+    study.tell(proposal.number, state=TrialState.FAIL)
+    return "FAIL"
 
 
 def _serve(conn) -> None:

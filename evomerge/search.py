@@ -270,10 +270,11 @@ class SearchSession:
                     continue
                 attempts += 1
                 try:
-                    self.run_trial(proposal, n_trials, proposer)
+                    ran = self.run_trial(proposal, n_trials, proposer)
                 finally:
                     heartbeat.release(proposal.trial_id)
-                ran = True
+                if not ran:            # others hold the budget: wait for them (a queued trial is asked again)
+                    time.sleep(1.0)
                 bar.update(self._done() - bar.n)
                 if time.monotonic() - shown >= 2.0:     # the best of all workers, read now and then
                     _postfix(bar, self.study.get_trials(deepcopy=False))
@@ -287,11 +288,14 @@ class SearchSession:
         counts = self.counts()
         return sum(counts.get(s, 0) for s in DONE)
 
-    def run_trial(self, proposal, n_trials: int, proposer) -> None:
+    def run_trial(self, proposal, n_trials: int, proposer) -> bool:
         """Merge, score and tell one proposed trial; what goes wrong fails this trial only. A complete
-        trial is written by the proposer (by the sampler process, when sampling ahead)."""
+        trial is written by the proposer (by the sampler process, when sampling ahead). False when the
+        budget is held by other trials: this one is failed, or back in the queue if it came from there."""
         import optuna
         from optuna.trial import TrialState
+
+        from .propose import not_run
 
         storage, trial_id = self.study._storage, proposal.trial_id
         attrs: dict[str, Any] = {}
@@ -312,19 +316,23 @@ class SearchSession:
             attrs["seconds"] = {"merge": t2 - t1, "eval": t3 - t2, "total": t3 - t0}
             if any(not math.isfinite(v) for v in values):
                 raise FloatingPointError(f"non-finite score {values}")
+        except SurplusTrial as err:
+            not_run(self.study, proposal, str(err))
+            return False
         except optuna.TrialPruned:
             for key, value in {**attrs, "seconds": {"total": time.perf_counter() - t0}}.items():
                 storage.set_trial_user_attr(trial_id, key, value)
             self.study.tell(proposal.number, state=TrialState.PRUNED)
-            return
+            return True
         except BaseException as err:   # Ctrl-C too: the trial is failed, then the search stops
             _free_device_memory(err)
             storage.set_trial_user_attr(trial_id, "error", f"{type(err).__name__}: {str(err)[:500]}")
             self.study.tell(proposal.number, state=TrialState.FAIL)
             if not isinstance(err, Exception):
                 raise
-            return
+            return True
         proposer.complete(proposal, values, attrs)
+        return True
 
     def _check_budget(self, number: int, n_trials: int, *, finished: bool = False) -> None:
         """Admit a trial only while the budget is not held by others: before it runs, by the done, running and

@@ -138,3 +138,36 @@ def test_median_pruning_stops_trials_below_the_median_on_partial_scores(tmp_path
             assert len(earlier) >= 5 and steps[-1] >= 8
             median = float(np.median([c.intermediate_values[steps[-1]] for c in earlier]))
             assert t.intermediate_values[steps[-1]] < median
+
+
+def test_a_queued_trial_that_a_stopped_search_leaves_unrun_stays_queued(tmp_path):
+    """Ctrl-C while the sampler process holds the next trial: a baseline (or a dead worker's retry) it took
+    from the queue goes back there, number and label kept, and a resumed search runs it; nothing is lost."""
+    from evomerge.config import load_config
+    from evomerge.search import SearchSession
+
+    config = load_config(make_search_fixture(tmp_path / "fam", n_trials=8))
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    with SearchSession(config, storage_url=storage, device="cpu", progress=False) as session:
+        evaluate, calls = session.evaluator.evaluate, []
+
+        def interrupted(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return evaluate(*args, **kwargs)
+
+        session.evaluator.evaluate = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            session.run(8, ahead=True)
+        before = {t.number: t for t in session.study.get_trials()}
+        session.evaluator.evaluate = evaluate
+        assert [before[n].state.name for n in (0, 1, 2)] == ["COMPLETE", "FAIL", "WAITING"]
+        assert "baseline" in before[2].user_attrs and "fixed_params" in before[2].system_attrs
+        assert "KeyboardInterrupt" in before[1].user_attrs["error"]
+        session.run(8, ahead=True)
+        after = {t.number: t for t in session.study.get_trials()}
+    assert after[2].state.name == "COMPLETE" and after[2].user_attrs["baseline"] == before[2].user_attrs["baseline"]
+    assert after[2].params.items() >= before[2].system_attrs["fixed_params"].items()
+    assert [n for n, t in after.items() if t.state.name == "FAIL"] == [1]
+    assert sum(t.state.name == "COMPLETE" for t in after.values()) == 8

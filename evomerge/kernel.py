@@ -27,7 +27,14 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
                 "float64": torch.float64}
 
 
-CHUNK = 1 << 17   # elements per piece of an elementwise merge: temporaries stay in cache
+CHUNK = 1 << 17          # elements per piece of an elementwise merge on the CPU: temporaries stay in cache
+DEVICE_CHUNK = 1 << 26   # on a GPU: each torch op is a kernel launch (~10 us from Python), so pieces as large
+                         # as memory allows; 64M elements bound a piece's temporaries to a few hundred MB
+
+
+def chunk_elements(device: torch.device) -> int:
+    """Elements per piece of an eager elementwise merge on `device`."""
+    return CHUNK if device.type == "cpu" else DEVICE_CHUNK
 
 
 def _glibc():
@@ -261,14 +268,14 @@ class ResidentMerger:
         """Write the merge `recipe` describes into the resident parameters.
 
         Each tensor runs in one pass of the fused kernel where its method has a plan for
-        this candidate; otherwise elementwise methods run over cache-sized chunks of it
-        (their per-tensor statistics come from the whole tensor). Both write straight into
-        the parameter; no model-sized temporary is made.
+        this candidate; otherwise elementwise methods run over chunks of it, cache-sized on
+        the CPU and large on a GPU (their per-tensor statistics come from the whole tensor).
+        Both write straight into the parameter; no model-sized temporary is made.
         """
         self._check_compatible(recipe)
         spec = recipe.spec
         shared = recipe.shared_values()
-        chunk = CHUNK if shared.get("rescale") != "l1" else None   # the l1 rescale needs whole-tensor norms
+        chunk = chunk_elements(self.device) if shared.get("rescale") != "l1" else None   # l1: whole-tensor norms
         layout = self.sources.layout
         slots: dict[tuple, dict] = {}
         sums = []

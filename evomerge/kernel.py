@@ -18,6 +18,7 @@ from typing import Iterable
 
 import torch
 
+from . import binding
 from .errors import InputError
 from .methods import DENSITY_GRID, GAMMA_GRID, REGISTRY, TensorContext, fused, resolve
 from .recipe import Recipe
@@ -176,16 +177,13 @@ class ResidentMerger:
         if streaming is None:
             self.plan.check()      # before any weights load
         self.model = self._load_model(sources.anchor.path) if build_model else None
-        targets = dict(self.model.state_dict(keep_vars=True)) if self.model is not None else {}
         self.contexts: dict[str, TensorContext] = {}
-        self.outputs: dict[str, torch.Tensor] = {}
+        self.outputs, self.copies = self._output_slots()
         names = list(sources.layout.tensors)
         iterator = _progress(names, "loading sources") if progress and not self.streaming else names
         for name in iterator:
-            shape = sources.layout.tensors[name].shape
             if not self.streaming:
                 self.contexts[name] = self._read_context(name)
-            self.outputs[name] = self._output_slot(name, targets, torch.Size(shape))
         self.prepared: set[str] = set()
         self.prepare([m.name for m in self.methods], progress=progress)
 
@@ -231,17 +229,26 @@ class ResidentMerger:
                                                      trust_remote_code=self.trust_remote_code)
         return model.to(self.device).eval()
 
-    def _output_slot(self, name: str, targets: dict, shape: torch.Size) -> torch.Tensor:
-        """The model's own parameter for `name` (written in place), or standalone storage."""
-        param = targets.get(name)
-        if param is None and self.model is not None:
-            prefix = getattr(self.model, "base_model_prefix", "")
-            for alias in (f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
-                if param is None:
-                    param = targets.get(alias)
-        if param is not None and tuple(param.shape) == tuple(shape):
-            return param.data
-        return torch.empty(shape, dtype=self.out_dtype, device=self.device)
+    def _output_slots(self) -> tuple[dict[str, torch.Tensor], list[binding.Copy]]:
+        """Where each merged tensor is written: the model's own parameter (in place), the block of a
+        parameter that transformers made of it on load (stacked experts), or storage of its own; and the
+        copies into the model that storage of its own needs after each candidate."""
+        shapes = {name: torch.Size(info.shape) for name, info in self.sources.layout.tensors.items()}
+        slots: dict[str, torch.Tensor] = {}
+        copies: list[binding.Copy] = []
+        if self.model is not None:
+            direct = binding.direct_parameters(self.model, list(shapes))
+            slots = {n: t for n, t in direct.items() if t.shape == shapes[n]}
+            rest = {n: shape for n, shape in shapes.items() if n not in slots}
+            for name, slot in binding.converted_slices(self.model, rest, list(slots.values())).items():
+                if isinstance(slot, binding.Copy):
+                    copies.append(slot)
+                    slot = slot.merged
+                slots[name] = slot
+        outputs = {name: slots[name] if name in slots else torch.empty(shape, dtype=self.out_dtype,
+                                                                        device=self.device)
+                   for name, shape in shapes.items()}
+        return outputs, copies
 
     def prepare(self, methods: Iterable[str], *, progress: bool = False) -> None:
         """Precompute, once, what the given methods need beyond the task vectors."""
@@ -297,6 +304,8 @@ class ResidentMerger:
                 if self.streaming:     # let this tensor's stack go before the next one is read
                     del ctx
                     _return_freed_memory()
+            for copy in self.copies:     # tensors the model keeps as slices of its own parameters
+                copy.apply()
             if check_finite and sums:
                 finite = finite and bool(torch.isfinite(torch.stack(sums)).all())
             if check_finite and not finite:

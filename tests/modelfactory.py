@@ -1,7 +1,8 @@
 """Tiny real Hugging Face model families built in code, for engine tests that need no training.
 
 A family is a base plus K sources = base + a small random task vector, saved with
-save_pretrained (safetensors), in Llama, Qwen2 or GPT-2 naming.
+save_pretrained (safetensors), in Llama, Qwen2 or GPT-2 naming -- or as a Mixtral or a GPT-NeoX,
+whose checkpoints transformers converts as it loads them (experts stacked, tensors renamed).
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from pathlib import Path
 import torch
 
 ARCHS = ("llama", "qwen2", "gpt2")
+CONVERTED_ARCHS = ("mixtral", "gpt_neox")
 
 
 def tiny_config(arch: str, *, layers: int = 4, vocab: int = 48, hidden: int = 32):
-    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, MixtralConfig, Qwen2Config
 
     if arch == "llama":
         return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
@@ -26,6 +28,13 @@ def tiny_config(arch: str, *, layers: int = 4, vocab: int = 48, hidden: int = 32
                            tie_word_embeddings=False)
     if arch == "gpt2":
         return GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=64)
+    if arch == "mixtral":
+        return MixtralConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                             num_attention_heads=4, max_position_embeddings=64, tie_word_embeddings=False)
     raise ValueError(arch)
 
 

@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
-from modelfactory import make_family  # noqa: E402
+from modelfactory import CONVERTED_ARCHS, make_family  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +109,66 @@ def test_folder_loads_and_equals_the_kernel(family, tmp_path):
     with torch.no_grad():
         logits = model(torch.tensor([[1, 2, 3, 4]])).logits
     assert bool(torch.isfinite(logits).all())
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("arch", CONVERTED_ARCHS)
+def test_the_scored_model_holds_every_merged_tensor_when_transformers_converts_the_checkpoint(tmp_path, arch,
+                                                                                             streaming):
+    """transformers 5 stacks a Mixtral's per-expert tensors into one parameter, renames its router and
+    GPT-NeoX's head as it loads them: the resident model that the search scores still holds every merged
+    tensor, in place, and equals the exported folder as transformers loads it, parameter for parameter."""
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.kernel import ResidentMerger
+    from evomerge.recipe import Recipe
+    from evomerge.sources import open_sources
+
+    base, sources = make_family(tmp_path / arch, arch=arch, k=2, layers=2)
+    path = write_recipe(tmp_path, (base, sources), method="dare_ties", filters=None, parameters={
+        "s0": {"weight": 0.9, "density": 0.5}, "s1": {"weight": [0.4, 0.8], "density": 0.6}})
+    assert main(["merge", str(path), "-o", str(tmp_path / "out")]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).state_dict()
+    unmerged = AutoModelForCausalLM.from_pretrained(str(base)).state_dict()
+    recipe = Recipe.from_yaml(path)
+    opened = open_sources(recipe.base, recipe.sources)
+    assert not set(opened.layout.tensors) <= set(unmerged)        # some checkpoint names are no parameters
+    merger = ResidentMerger(opened, seed=recipe.seed, methods=[recipe.method], streaming=streaming)
+    params = dict(merger.model.named_parameters())
+    pointers = {n: p.data_ptr() for n, p in params.items()}
+    merger.materialize(recipe)
+    resident = merger.model.state_dict()
+    assert set(resident) == set(exported)
+    for name, tensor in resident.items():
+        assert torch.equal(tensor, exported[name]), name
+        assert not torch.equal(tensor, unmerged[name]), f"{name} still holds the base's values"
+    assert all(p.data_ptr() == pointers[n] for n, p in params.items())
+
+
+def test_a_converted_tensor_lands_where_its_positions_say():
+    """A checkpoint tensor at given positions of a parameter: a contiguous block is written in place,
+    a transposed block through its strided view, a permutation through its positions."""
+    from evomerge.binding import Copy, _slice
+
+    param = torch.zeros(4, 6)
+    flat_positions = torch.arange(24).reshape(4, 6)
+    block = _slice(param, flat_positions[1:3])                       # rows 1-2: in place
+    assert not isinstance(block, Copy) and block.data_ptr() == param[1].data_ptr()
+    transposed = _slice(param, flat_positions[:, 2:4].T.contiguous())  # (2, 4): a strided view
+    permuted = _slice(param, torch.randperm(24, generator=torch.Generator().manual_seed(0))[:6].reshape(2, 3))
+    assert isinstance(transposed, Copy) and transposed.positions is None
+    assert isinstance(permuted, Copy) and permuted.positions is not None
+    for slot, value in ((block, 1.0), (transposed, 2.0), (permuted, 3.0)):
+        merged = slot.merged if isinstance(slot, Copy) else slot
+        merged.copy_(torch.arange(merged.numel(), dtype=torch.float32).reshape(merged.shape) + 10 * value)
+        if isinstance(slot, Copy):
+            slot.apply()
+    expected = torch.zeros(4, 6)
+    expected[1:3] = torch.arange(12, dtype=torch.float32).reshape(2, 6) + 10
+    expected[:, 2:4] = (torch.arange(8, dtype=torch.float32).reshape(2, 4) + 20).T
+    positions = permuted.positions
+    expected.view(-1)[positions] = torch.arange(6, dtype=torch.float32) + 30
+    assert torch.equal(param, expected)
 
 
 def test_metadata_holds_recipe_hash_and_version(family, tmp_path):

@@ -55,9 +55,10 @@ def converted_slices(model, shapes: dict[str, torch.Size], taken: list[torch.Ten
     """For checkpoint tensors that are no parameter of the model: where transformers put their entries.
 
     A contiguous block of one parameter comes back as a view to write into; anything else as a
-    `Copy`. Parameters already written whole (`taken`, e.g. a tied embedding) are left alone: the
-    checkpoint tensor that maps onto one of them is not what the model uses. Raises InputError
-    where a tensor cannot be placed at all, rather than score a model that ignores it.
+    `Copy`. Parameters already written whole (`taken`) are not probed. A checkpoint tensor that
+    lands nowhere is one the model does not load (a tied head, old GPT-2 attention masks, old
+    rotary frequencies), as long as every parameter is written whole; where one is not, the
+    model would score part of the base, so that is refused (InputError).
     """
     if not shapes:
         return {}
@@ -65,6 +66,7 @@ def converted_slices(model, shapes: dict[str, torch.Size], taken: list[torch.Ten
     free = {n: p.data for n, p in model.state_dict(keep_vars=True).items()
             if p.dtype.is_floating_point and p.data.data_ptr() not in taken_ptrs}
     placed: dict[str, Copy | torch.Tensor] = {}
+    written: dict[str, int] = {}
     for name, param in free.items():      # one parameter at a time: a probe the size of one parameter
         index_dtype = torch.int32 if param.numel() < 2**31 else torch.int64
         probe = torch.arange(param.numel(), dtype=index_dtype).reshape(param.shape)
@@ -72,12 +74,16 @@ def converted_slices(model, shapes: dict[str, torch.Size], taken: list[torch.Ten
             if key in shapes and key not in placed and tuple(index.shape) == tuple(shapes[key]) \
                     and index.dtype == index_dtype:
                 placed[key] = _slice(param, index.to(torch.int64))
-    for name in shapes:
-        if name not in placed and not _maps_onto_taken(model, name, taken_ptrs):
-            raise InputError(f"tensor '{name}' of the checkpoint is neither a parameter of the model that "
-                             f"transformers loads ({type(model).__name__}) nor a block of one",
-                             fix="evomerge can write this model's merges to a folder (`evomerge merge`) but "
-                                 "cannot score them in place; please report the architecture")
+                written[name] = written.get(name, 0) + index.numel()
+    partial = [n for n, p in free.items() if 0 < written.get(n, 0) < p.numel()]
+    unplaced = [n for n in shapes if n not in placed]
+    if partial or (unplaced and len(written) < len(free)):
+        missing = (partial or [n for n in free if n not in written])[0]
+        raise InputError(f"the model's parameter '{missing}' is not made whole of checkpoint tensors that "
+                         f"evomerge can place (transformers converts this checkpoint as it loads it; unplaced: "
+                         f"'{unplaced[0] if unplaced else '-'}')",
+                         fix="please report the architecture: merged in place, this model would ignore "
+                             "part of the merge")
     return placed
 
 
@@ -117,15 +123,3 @@ def _revert(model, probe: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return revert_weight_conversion(model, probe)
     except Exception:   # a conversion that cannot run on this probe: nothing placed, said by the caller
         return {}
-
-
-def _maps_onto_taken(model, name: str, taken_ptrs: set[int]) -> bool:
-    """Whether checkpoint tensor `name` is, under transformers' reverse conversion of the real weights,
-    a view of a parameter that another checkpoint tensor writes (a tied embedding: `embed_out` of a
-    GPT-NeoX whose output embedding is its input one)."""
-    params = {n: p.data for n, p in model.state_dict(keep_vars=True).items()}
-    tensor = _revert(model, params).get(name)
-    if tensor is None:
-        return False
-    storage = tensor.untyped_storage().data_ptr()
-    return any(p.untyped_storage().data_ptr() == storage and p.data_ptr() in taken_ptrs for p in params.values())

@@ -145,6 +145,31 @@ def test_the_scored_model_holds_every_merged_tensor_when_transformers_converts_t
     assert all(p.data_ptr() == pointers[n] for n, p in params.items())
 
 
+@pytest.mark.parametrize("arch, extra", [("gpt2", "transformer.h.{i}.attn.bias"),
+                                         ("llama", "model.layers.{i}.self_attn.rotary_emb.inv_freq")])
+def test_checkpoint_tensors_the_model_does_not_load_are_merged_and_left_out_of_it(tmp_path, arch, extra):
+    """Old checkpoints carry buffers the model ignores on load (the hub's gpt2 its attention masks, older
+    Llamas their rotary frequencies): they merge and export as before, and the model scores as exported."""
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.kernel import merger_for
+
+    base, sources = make_family(tmp_path / arch, arch=arch, k=2, layers=2)
+    for folder in (base, *sources):
+        state = load_file(folder / "model.safetensors")
+        for i in range(2):
+            state[extra.format(i=i)] = torch.tril(torch.ones(8, 8)) if arch == "gpt2" else torch.rand(4)
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    path = write_recipe(tmp_path, (base, sources), method="task_arithmetic", filters=None,
+                        parameters={"s0": {"weight": 0.7}, "s1": {"weight": [0.4, 0.8]}})
+    assert main(["merge", str(path), "-o", str(tmp_path / "out")]) == 0
+    assert extra.format(i=1) in load_file(tmp_path / "out" / "model.safetensors")
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).state_dict()
+    with merger_for(path) as merger:
+        resident = merger.model.state_dict()
+    assert set(resident) == set(exported) and all(torch.equal(t, exported[n]) for n, t in resident.items())
+
+
 def test_a_converted_tensor_lands_where_its_positions_say():
     """A checkpoint tensor at given positions of a parameter: a contiguous block is written in place,
     a transposed block through its strided view, a permutation through its positions."""

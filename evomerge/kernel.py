@@ -168,7 +168,7 @@ class ResidentMerger:
         self.seed = seed
         first = next(iter(sources.layout.tensors.values()))
         self.compute_dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-        self.out_dtype = TORCH_DTYPES[dtype] if dtype else _float_dtype_of(sources)
+        self.out_dtype = TORCH_DTYPES[dtype] if dtype else sources.layout.float_dtype
         self.methods = [REGISTRY.get(m) for m in methods]
         self.fused = fused.kernel_for(self.device, sources.layout.numel)   # the same for the search and the export
         budget = parse_bytes(memory_budget, device=self.device)
@@ -393,13 +393,6 @@ def _available_ram() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def _float_dtype_of(sources: SourceSet) -> torch.dtype:
-    for info in sources.layout.tensors.values():
-        if info.dtype.is_floating_point:
-            return info.dtype
-    return torch.float32
 
 
 def _progress(items: list, desc: str):

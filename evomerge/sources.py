@@ -103,6 +103,11 @@ class Layout:
     def numel(self) -> int:
         return sum(t.numel for t in self.tensors.values())
 
+    @property
+    def float_dtype(self) -> torch.dtype:
+        """The dtype of the first floating-point tensor: what a merge writes unless its recipe says otherwise."""
+        return next((t.dtype for t in self.tensors.values() if t.dtype.is_floating_point), torch.float32)
+
 
 @dataclass
 class ModelFolder:

@@ -155,3 +155,24 @@ def test_stochastic_recipes_have_no_mergekit_yaml(family, tmp_path):
     path.write_text(yaml.safe_dump(recipe))
     out = merge_to_folder(path, tmp_path / "ours")
     assert not (out / "mergekit.yaml").exists()
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])
+def test_bfloat16_sources_give_a_bfloat16_model_in_both(tmp_path, method):
+    """A recipe without a dtype writes the sources' dtype; so does its mergekit.yaml (mergekit would write
+    its float32 working dtype), and the tensors agree to bfloat16 rounding of the same float32 arithmetic --
+    for ties, except where bfloat16 task vectors tie with the trim threshold (METHODS.md: evomerge keeps
+    every tied entry, mergekit exactly k of them)."""
+    base, sources = make_family(tmp_path / "family", k=2, layers=4, vocab=50, dtype=torch.bfloat16)
+    recipe = recipe_for(method, base, sources)
+    del recipe["dtype"]
+    out, ours = merged_with_evomerge(recipe, tmp_path)
+    theirs = run_mergekit(out / "mergekit.yaml", tmp_path / "mergekit")
+    assert set(ours) == set(theirs)
+    differing = 0
+    for name, tensor in ours.items():
+        assert tensor.dtype == theirs[name].dtype == torch.bfloat16, name
+        close = torch.isclose(tensor.float(), theirs[name].float(), rtol=1.6e-2, atol=1e-5)
+        differing += int((~close).sum())
+    total = sum(t.numel() for t in ours.values())
+    assert differing == 0 if method != "ties" else differing <= total * 1e-3, (differing, total)

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Mapping
 
+import torch
+
 from ..recipe import Recipe
 from ..sources import Layout, _BLOCK
 
@@ -36,9 +38,11 @@ def to_mergekit(recipe: Recipe, layout: Layout, paths: Mapping[str, str]) -> dic
         shared["rescale"] = False
     if shared:
         config["parameters"] = shared
-    config["dtype"] = "float64" if recipe.dtype == "float64" else "float32"
-    if recipe.dtype is not None:
-        config["out_dtype"] = recipe.dtype
+    # as the kernel: float32 arithmetic (float64 for float64 sources), the output in the recipe's dtype or
+    # else the sources' (mergekit would write its working dtype: a bfloat16 model came out float32)
+    out_dtype = recipe.dtype or str(layout.float_dtype).removeprefix("torch.")
+    config["dtype"] = "float64" if layout.float_dtype == torch.float64 else "float32"
+    config["out_dtype"] = out_dtype
     return config
 
 

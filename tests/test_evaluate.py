@@ -336,6 +336,58 @@ def test_lm_eval_task_type_in_the_suite(toy, tmp_path: Path) -> None:
     assert len(steps) == 2 * len(documents)
 
 
+def test_lm_eval_few_shot_is_the_same_on_every_call(toy, tmp_path: Path) -> None:
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    spec = toy["suite"].spec("pick")
+    (custom / "pick.yaml").write_text(yaml.safe_dump(task_yaml(spec, toy["root"] / "data/pick.jsonl", task="toy_pick")))
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text("tasks:\n  - {name: lme, type: lm_eval, task: toy_pick, include_path: custom, num_fewshot: 2}\n")
+    evaluator = Evaluator(load_tasks(tasks), toy["model"], toy["tokenizer"], batch_size=16)
+    first = evaluator.evaluate("heldout")
+    evaluator.evaluate("search")
+    assert evaluator.evaluate("heldout").examples == first.examples
+    assert set(first.tasks["lme"]) == {"acc", "acc_norm", "n"}  # lm-eval's metrics only: no doc_id, no target
+
+
+def test_prompts_longer_than_the_context_are_truncated_as_lm_eval(toy, tmp_path: Path) -> None:
+    """The toy's context is 32 tokens (one per character): lm-eval keeps the last tokens of each pair."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from evomerge.evaluate.score import choice_loglikelihoods
+
+    rng = random.Random(3)
+    rows = []
+    for _ in range(6):
+        prompt, target = inc_example(rng)
+        prompt = "inc " + " ".join(str(rng.randrange(10)) for _ in range(12)) + " = " + prompt  # > 32 tokens
+        rows.append({"prompt": prompt, "choices": [target, " 0 0", " 1 2 3 4 5 6 7 8 9"], "answer": 0})
+    write_jsonl(tmp_path / "long.jsonl", rows)
+    write_jsonl(tmp_path / "text.jsonl", [{"text": r["prompt"] + r["choices"][0]} for r in rows])
+    (tmp_path / "tasks.yaml").write_text(
+        "tasks:\n  - {name: long, type: choice, data: {search: long.jsonl, heldout: long.jsonl}}\n"
+        "  - {name: text, type: perplexity, data: {search: text.jsonl, heldout: text.jsonl}}\n")
+    lm = HFLM(pretrained=toy["model"], tokenizer=toy["tokenizer"], batch_size=4)
+    theirs = lm.loglikelihood([Instance("loglikelihood", {}, (r["prompt"], c), i) for i, r in enumerate(rows)
+                               for c in r["choices"]], disable_tqdm=True)
+    rolling = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (r["prompt"] + r["choices"][0],), i)
+                                        for i, r in enumerate(rows)], disable_tqdm=True)
+    for shared in (True, False):
+        evaluator = Evaluator(load_tasks(tmp_path / "tasks.yaml"), toy["model"], toy["tokenizer"], batch_size=4,
+                              shared_prompt=shared)
+        result = evaluator.evaluate("heldout")
+        with torch.inference_mode():
+            for indices, batch in evaluator._chunk("heldout", [("long", i) for i in range(len(rows))]).work["long"]:
+                ours = choice_loglikelihoods(evaluator.runner, batch)
+                for row, i in enumerate(indices):
+                    expected = torch.tensor([ll for ll, _ in theirs[3 * i:3 * i + 3]], dtype=torch.float64)
+                    torch.testing.assert_close(ours[row], expected, rtol=0, atol=1e-4)
+        counts = [sum(len(t) for _, t in ex) for ex in evaluator._examples[("text", "heldout")]]
+        summed = [v * c for v, c in zip(result.examples["text"]["neg_log_ppl"], counts)]
+        assert summed == pytest.approx(rolling, abs=1e-3)
+
+
 def test_evaluate_function_and_result_format(toy) -> None:
     result = evomerge.evaluate(toy["model"], tasks=toy["root"] / "tasks.yaml", split="heldout", limit=5)
     data = result.to_json()

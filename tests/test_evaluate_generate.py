@@ -59,6 +59,17 @@ def test_redraft_from_proven_tokens() -> None:
     assert redraft(ex, " 5") is None
 
 
+@pytest.mark.parametrize("n, width", [(1, 4), (4, 4), (5, 4), (10, 4), (9, 4), (30, 7)])
+def test_text_windows_are_lm_evals_rolling_windows(n: int, width: int) -> None:
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    from evomerge.evaluate.score import text_windows
+
+    tokens = list(range(100, 100 + n + 1))  # the prefix token, then n tokens
+    theirs = [make_disjoint_window(w) for w in get_rolling_token_windows(tokens[1:], tokens[0], width, 1)]
+    assert text_windows(tokens, width) == [((ctx + cont)[:-1], cont) for ctx, cont in theirs]
+
+
 def test_prefix_stable_decoders() -> None:
     from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast

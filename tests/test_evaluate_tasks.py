@@ -171,6 +171,13 @@ def test_unknown_lm_eval_task_suggests(task_dir: Path) -> None:
     ({"regex": r"answer: (\w+)"}, "the answer: yes.", "yes"),
     ({"regex": r"\d+"}, "a 42 b 7", "42"),
     ({"regex": r"\d+"}, "nothing", None),
+    ({"regex": r"(\d+)|([a-z]+)"}, "it is blue", "it"),  # the first group that matched, as lm-eval's filter
 ])
 def test_extract_rules(rule, text: str, expected: str | None) -> None:
     assert ex.extractor(rule)(text) == expected
+
+
+def test_last_number_target_with_separators() -> None:
+    rule = ex.extractor("last_number")
+    assert ex.exact_match(rule, " 1,234", "1,234") == ex.exact_match(rule, " 1,234", "1234") == 1.0
+    assert ex.exact_match(rule, "1234", "x 1,234") == 0.0  # only a target that is a number is read as one

@@ -32,6 +32,7 @@ class Codec:
         pad = tokenizer.pad_token_id
         self.pad_id: int = pad if pad is not None else (eos if eos is not None else 0)
         self.prefix_stable = _prefix_stable(tokenizer)
+        self.max_length = context_length(model, tokenizer)
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         if not texts:
@@ -85,6 +86,24 @@ class Codec:
         if self.prefix_id is not None and (not ids or ids[0] != self.prefix_id):
             ids = [self.prefix_id] + ids
         return ids
+
+
+_TOKENIZER_INFINITY = 1000000000000000019884624838656  # transformers' "no model_max_length"
+
+
+def context_length(model: Any, tokenizer: Any) -> int:
+    """The model's context in tokens, found as lm-eval's HF wrapper finds it: the config (its text_config
+    first), then the tokenizer's model_max_length, else 2048."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, attr, None)
+        if value is not None:
+            return int(value)
+    length = getattr(tokenizer, "model_max_length", None)
+    if length is not None and length != _TOKENIZER_INFINITY:
+        return int(length)
+    return 2048
 
 
 def _prefix_stable(tokenizer: Any) -> bool:

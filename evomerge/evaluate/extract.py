@@ -29,7 +29,8 @@ def last_number(text: str) -> str | None:
 
 
 def regex(pattern: str) -> Callable[[str], str | None]:
-    """The first match of `pattern`: its first group when it has groups, else the whole match, stripped.
+    """The first match of `pattern`: the whole match, its group when it has one, else its first non-empty group
+    (as lm-eval's ``regex`` filter), stripped.
 
     No match gives None, which equals no target.
     """
@@ -39,7 +40,10 @@ def regex(pattern: str) -> Callable[[str], str | None]:
         match = compiled.search(text)
         if match is None:
             return None
-        value = match.group(1) if compiled.groups else match.group(0)
+        if compiled.groups <= 1:
+            value = match.group(compiled.groups) or ""
+        else:  # as lm-eval's regex filter: the first group that matched something
+            value = next((g for g in match.groups() if g), None)
         return value.strip() if value is not None else None
 
     return extract
@@ -56,4 +60,7 @@ def extractor(rule: str | dict[str, str]) -> Callable[[str], str | None]:
 
 
 def exact_match(extract: Callable[[str], str | None], continuation: str, target: str) -> float:
-    return 1.0 if extract(continuation) == target.strip() else 0.0
+    want = target.strip()
+    if extract is last_number and _NUMBER.fullmatch(want):  # a target written "1,234" is the number 1234 too
+        want = want.replace(",", "")
+    return 1.0 if extract(continuation) == want else 0.0

@@ -203,7 +203,8 @@ def generate(runner: Runner, codec: Codec, spec: Any, examples: list[GenExample]
         eos = [codec.eos_id] if codec.eos_id is not None else []
         plans = [(ex, p) for ex in _open(examples) if (p := redraft(ex, codec.decode(ex.known))) is not None]
         tails = codec.tails([p[0] for _, p in plans], [p[1] for _, p in plans])
-        todo = [(ex, ex.known + tail + eos) for (ex, _), tail in zip(plans, tails) if tail + eos]
+        todo = [(ex, (ex.known + tail + eos)[:codec.max_length - len(ex.context)])  # within the model's context
+                for (ex, _), tail in zip(plans, tails) if tail + eos]
         for start in range(0, len(todo), batch_size):
             part = todo[start:start + batch_size]
             second = draft_batch([ex.context for ex, _ in part], [d for _, d in part], pad_id=codec.pad_id,

@@ -118,22 +118,33 @@ class Evaluator:
     # ---------------------------------------------------------------- construction
 
     def _encode(self, spec: Any, rows: list[Any]) -> list[Any]:
-        codec = self.codec
+        codec, limit = self.codec, self.codec.max_length
         if spec.type == "choice":
             pairs = codec.pairs([r.prompt for r in rows for _ in r.choices], [c for r in rows for c in r.choices])
             out, it = [], iter(pairs)
             for row in rows:
                 encoded = [next(it) for _ in row.choices]
+                contexts = None
+                if any(len(ctx) + len(cont) > limit + 1 for ctx, cont in encoded):  # lm-eval keeps the last
+                    if any(len(cont) > limit for _, cont in encoded):                # limit + 1 tokens
+                        raise InputError(f"a choice is longer than the model's context ({limit} tokens)",
+                                         file=self.suite.path, field=f"tasks.{spec.name}")
+                    contexts = [ctx[len(ctx) + len(cont) - limit - 1:] if len(ctx) + len(cont) > limit + 1 else ctx
+                                for ctx, cont in encoded]
                 out.append(ChoiceExample(encoded[0][0], [c for _, c in encoded], row.answer,
-                                         [len(c) for c in row.choices]))
+                                         [len(c) for c in row.choices], contexts))
             return out
         if spec.type == "generate":
-            contexts = codec.prompts([r.prompt for r in rows])
+            room = limit - spec.max_new_tokens  # lm-eval: the prompt's last (context - max_gen_toks) tokens
+            if room <= 0:
+                raise InputError(f"max_new_tokens {spec.max_new_tokens} leaves no room for a prompt in the model's "
+                                 f"context ({limit} tokens)", file=self.suite.path, field=f"tasks.{spec.name}")
+            contexts = [ctx[-room:] for ctx in codec.prompts([r.prompt for r in rows])]
             targets = codec.tails([r.prompt for r in rows], [r.target for r in rows])
             eos = [codec.eos_id] if codec.eos_id is not None else []
-            return [GenExample(r.prompt, r.target, ctx, t + eos) for r, ctx, t in zip(rows, contexts, targets)]
-        width = getattr(self.model.config, "max_position_embeddings", None) or 2048
-        return [text_windows(codec.text_tokens(r.text), min(width, 2048)) for r in rows]
+            return [GenExample(r.prompt, r.target, ctx, (t + eos)[:limit - len(ctx)])  # drafts stay in the context
+                    for r, ctx, t in zip(rows, contexts, targets)]
+        return [text_windows(codec.text_tokens(r.text), limit) for r in rows]
 
     def _check_shared_prompt(self) -> bool:
         """Whether this model honours the shared-prompt layout: same log-likelihoods as one row per choice."""

@@ -104,6 +104,8 @@ class LmEvalTask:
         for name, index in documents:
             samples.setdefault(name, []).append(index)
         tasks = {name: task for name, task in self.loaded["tasks"].items() if name in samples}
+        for task in tasks.values():  # few-shot examples are drawn from a stream: restart it, or each call differs
+            task.set_fewshot_seed(seed=1234)
         results = evaluate(lm=self.lm, task_dict={"tasks": tasks, "groups": {}}, samples=samples,
                            bootstrap_iters=0, log_samples=True)
         logged = results["samples"]
@@ -118,8 +120,8 @@ class LmEvalTask:
                 if entry["filter"] == chosen:
                     by_doc[(name, entry["doc_id"])] = entry
         first = by_doc[documents[0]]
-        numeric = [k for k in first if k not in ("doc_id", "filter") and isinstance(first[k], (int, float))
-                   and not isinstance(first[k], bool)]
+        numeric = [k for k in first.get("metrics", []) if isinstance(first.get(k), (int, float))
+                   and not isinstance(first[k], bool)]  # not the logged doc_id, target, ...
         if self.metric not in numeric:
             raise InputError(f"lm-eval task '{self.spec.task}' gives no per-example metric '{self.metric}'",
                              field=f"tasks.{self.spec.name}.metric",

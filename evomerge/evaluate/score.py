@@ -24,6 +24,9 @@ class ChoiceExample:
     continuations: list[list[int]]
     answer: int
     lengths: list[int]  # characters of each choice, for acc_norm
+    # one context per choice, where prompt + choice is longer than the model's context (left-truncated as
+    # lm-eval does); such an example is laid out one row per choice, never shared
+    contexts: list[list[int]] | None = None
 
 
 @dataclass
@@ -49,7 +52,7 @@ def build_choice_batch(examples: Sequence[ChoiceExample], *, pad_id: int, shared
     entries: list[tuple[int, int, int, int]] = []  # (row, column counted from the row's end, target, slot)
     for i, ex in enumerate(examples):
         p = len(ex.context)
-        if shared_prompt:  # one row: the prompt, then each choice with positions restarting after the prompt
+        if shared_prompt and ex.contexts is None:  # one row: the prompt, then each choice, positions restarting after it
             tokens, pos, seg, found = list(ex.context), list(range(p)), [0] * p, []
             for k, cont in enumerate(ex.continuations):
                 start = len(tokens)
@@ -63,11 +66,14 @@ def build_choice_batch(examples: Sequence[ChoiceExample], *, pad_id: int, shared
             segments.append(seg)
         else:  # one row per (prompt, choice), as lm-eval lays them out
             for k, cont in enumerate(ex.continuations):
-                tokens = ex.context + cont
+                context = ex.contexts[k] if ex.contexts is not None else ex.context
+                p = len(context)
+                # a truncated pair is limit + 1 tokens, of which the model reads all but the last (as lm-eval)
+                tokens = context + (cont[:-1] if ex.contexts is not None else cont)
                 entries += [(len(rows), p - 1 + j - len(tokens), tok, i * max_choices + k) for j, tok in enumerate(cont)]
                 rows.append(tokens)
                 positions.append(list(range(len(tokens))))
-                segments.append([0] * p + [1] * len(cont))
+                segments.append([0] * p + [1] * (len(tokens) - p))
     keep = max(-c for _, c, _, _ in entries)
     batch = left_pad(rows, pad_id=pad_id, positions=positions, segments=segments)
     batch = Batch(*(t.to(device) if t is not None else None for t in (batch.ids, batch.mask, batch.positions,
@@ -110,11 +116,13 @@ class TextBatch:
 
 
 def text_windows(tokens: list[int], width: int) -> list[tuple[list[int], list[int]]]:
-    """Disjoint windows of at most `width` scored tokens; each window starts from the token before it."""
+    """(input, scored tokens) windows of at most `width` tokens, as lm-eval's rolling log-likelihood: disjoint
+    runs of scored tokens, each seen from the token before it -- the last, shorter run from a whole window
+    of the tokens before it. The scored tokens are the predictions of the input's last positions."""
     out = []
     for start in range(1, len(tokens), width):
         end = min(start + width, len(tokens))
-        out.append((tokens[start - 1:end - 1], tokens[start:end]))
+        out.append((tokens[max(0, end - 1 - width):end - 1], tokens[start:end]))
     return out
 
 
@@ -126,7 +134,7 @@ def build_text_batch(examples: Sequence[list[tuple[list[int], list[int]]]], *, p
     targets = torch.full((len(windows), width), -100, dtype=torch.long)
     for row, ((inp, tgt), _) in enumerate(windows):
         ids[row, : len(inp)] = torch.tensor(inp)
-        targets[row, : len(tgt)] = torch.tensor(tgt)
+        targets[row, len(inp) - len(tgt): len(inp)] = torch.tensor(tgt)
     owner = torch.tensor([i for _, i in windows], dtype=torch.long)
     return TextBatch(ids.to(device), targets.to(device), owner.to(device), len(examples))
 

@@ -29,7 +29,8 @@ _BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 _NORM = ("norm", "ln_", "ln1", "ln2", ".ln.", "layernorm")
 _ATTN = ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "qkv")
 _MLP = ("mlp", "ffn", "feed_forward", "fc1", "fc2", "gate_proj", "up_proj", "down_proj", "c_fc",
-        "intermediate", "dense_h_to_4h", "dense_4h_to_h", "experts", "w1", "w2", "w3")
+        "intermediate", "dense_h_to_4h", "dense_4h_to_h", "experts", "w1", "w2", "w3",
+        "block_sparse_moe", "router")      # a mixture of experts' router (Mixtral's block_sparse_moe.gate) too
 _EMBED = ("embed_tokens", "embed", "wte", "wpe", "word_embeddings", "tok_embeddings", "position_embeddings")
 _HEAD = ("lm_head", "embed_out", "output.weight", "score.weight")
 _TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",

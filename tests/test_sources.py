@@ -51,6 +51,8 @@ from modelfactory import make_family  # noqa: E402
     ("blocks.4.ffn.w1.weight", 4, "mlp"),
     ("h.2.attn.qkv.weight", 2, "attn"),
     ("model.layers.12.block_sparse_moe.experts.3.w2.weight", 12, "mlp"),
+    ("model.layers.12.block_sparse_moe.gate.weight", 12, "mlp"),            # Mixtral's router
+    ("model.layers.3.mlp.gate.weight", 3, "mlp"),
     ("model.layer_norm.weight", None, "norm"),                    # 'layer_' is not a numbered block
     ("output.weight", None, "head"),
     ("tok_embeddings.weight", None, "embed"),

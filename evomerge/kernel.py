@@ -178,8 +178,10 @@ class ResidentMerger:
             self.plan.check()      # before any weights load
         self.model = self._load_model(sources.anchor.path) if build_model else None
         self.contexts: dict[str, TensorContext] = {}
+        # tensors that are no weights (integer position ids, boolean masks) pass through from the anchor
+        self.unmerged = {n for n, info in sources.layout.tensors.items() if not info.dtype.is_floating_point}
         self.outputs, self.copies = self._output_slots()
-        names = list(sources.layout.tensors)
+        names = [n for n in sources.layout.tensors if n not in self.unmerged]
         iterator = _progress(names, "loading sources") if progress and not self.streaming else names
         for name in iterator:
             if not self.streaming:
@@ -233,21 +235,24 @@ class ResidentMerger:
         """Where each merged tensor is written: the model's own parameter (in place), the block of a
         parameter that transformers made of it on load (stacked experts), or storage of its own; and the
         copies into the model that storage of its own needs after each candidate."""
-        shapes = {name: torch.Size(info.shape) for name, info in self.sources.layout.tensors.items()}
-        slots: dict[str, torch.Tensor] = {}
+        shapes = {name: torch.Size(info.shape) for name, info in self.sources.layout.tensors.items()
+                  if name not in self.unmerged}
+        slots: dict[str, torch.Tensor] = {n: self.sources.read(self.sources.anchor, n, device=self.device)
+                                          for n in self.unmerged}
         copies: list[binding.Copy] = []
         if self.model is not None:
             direct = binding.direct_parameters(self.model, list(shapes))
-            slots = {n: t for n, t in direct.items() if t.shape == shapes[n]}
+            slots.update({n: t for n, t in direct.items() if t.shape == shapes[n]})
             rest = {n: shape for n, shape in shapes.items() if n not in slots}
             for name, slot in binding.converted_slices(self.model, rest, list(slots.values())).items():
                 if isinstance(slot, binding.Copy):
                     copies.append(slot)
                     slot = slot.merged
                 slots[name] = slot
-        outputs = {name: slots[name] if name in slots else torch.empty(shape, dtype=self.out_dtype,
-                                                                        device=self.device)
-                   for name, shape in shapes.items()}
+        outputs = {}
+        for name in self.sources.layout.tensors:    # in checkpoint order
+            outputs[name] = slots[name] if name in slots else torch.empty(shapes[name], dtype=self.out_dtype,
+                                                                          device=self.device)
         return outputs, copies
 
     def prepare(self, methods: Iterable[str], *, progress: bool = False) -> None:
@@ -289,6 +294,8 @@ class ResidentMerger:
         finite = True
         with torch.inference_mode():
             for name in layout.tensors:
+                if name in self.unmerged:
+                    continue
                 ctx = self.contexts[name] if not self.streaming else self._read_context(name)
                 ctx.seed = recipe.seed
                 key = (layout.group(name, recipe.layer_groups), layout.tensors[name].kind)

@@ -170,6 +170,27 @@ def test_checkpoint_tensors_the_model_does_not_load_are_merged_and_left_out_of_i
     assert set(resident) == set(exported) and all(torch.equal(t, exported[n]) for n, t in resident.items())
 
 
+def test_tensors_that_are_no_weights_pass_through_from_the_base(tmp_path):
+    """Integer and boolean checkpoint tensors (position ids, masks) are not merged as floats: the export
+    holds the base's, in their dtype, exactly (2**24 + 1 does not survive a float32)."""
+    base, sources = make_family(tmp_path / "fam", k=2, layers=2)
+    ids = torch.tensor([[2**24 + 1, 2**31 - 1]], dtype=torch.int64)
+    for i, folder in enumerate((base, *sources)):
+        state = load_file(folder / "model.safetensors")
+        state["model.position_ids"] = ids + i            # the sources' differ: the base's is kept
+        state["model.mask"] = torch.tensor([True, False, i == 0])
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    for method in ("task_arithmetic", "dare_ties"):
+        density = {"density": 0.5} if method == "dare_ties" else {}
+        path = write_recipe(tmp_path / method, (base, sources), method=method, filters=None,
+                            parameters={"s0": {"weight": 0.7, **density}, "s1": {"weight": 0.4, **density}})
+        assert main(["merge", str(path), "-o", str(tmp_path / method / "out")]) == 0
+        merged = load_file(tmp_path / method / "out" / "model.safetensors")
+        assert merged["model.position_ids"].dtype == torch.int64 and torch.equal(merged["model.position_ids"], ids)
+        assert torch.equal(merged["model.mask"], torch.tensor([True, False, True]))
+        assert merged["model.norm.weight"].dtype == torch.float32
+
+
 def test_a_converted_tensor_lands_where_its_positions_say():
     """A checkpoint tensor at given positions of a parameter: a contiguous block is written in place,
     a transposed block through its strided view, a permutation through its positions."""

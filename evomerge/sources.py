@@ -301,6 +301,7 @@ class SourceSet:
     sources: list[ModelFolder]
     layout: Layout
     vocab: str = "error"   # how a vocabulary-size mismatch is resolved: error | base
+    resized: bool = False  # whether a source's vocabulary differs (and is read at the anchor's size)
 
     @property
     def anchor(self) -> ModelFolder:
@@ -340,6 +341,7 @@ def open_sources(base: str | None, sources: Iterable[str], *, relative_to: Path 
                          fix="parameters are keyed by folder name: rename one folder")
     anchor = base_folder or folders[0]
     ref = anchor.header
+    resized = False
     for folder in folders:
         header = folder.header
         missing = sorted(set(ref) - set(header))
@@ -356,6 +358,7 @@ def open_sources(base: str | None, sources: Iterable[str], *, relative_to: Path 
             _, kind = classify(name)
             vocab_like = kind in ("embed", "head") and other[1:] == shape[1:]
             if vocab_like and vocab == "base":
+                resized = True
                 continue
             if vocab_like:
                 raise InputError(f"vocabulary size differs: tensor '{name}' is {list(other)} in '{folder.spec}' "
@@ -369,7 +372,7 @@ def open_sources(base: str | None, sources: Iterable[str], *, relative_to: Path 
         tensors[name] = TensorInfo(name, shape, dtype, layer, kind)
     layers = [t.layer for t in tensors.values() if t.layer is not None]
     layout = Layout(tensors=tensors, num_layers=(max(layers) + 1) if layers else 0)
-    return SourceSet(base=base_folder, sources=folders, layout=layout, vocab=vocab)
+    return SourceSet(base=base_folder, sources=folders, layout=layout, vocab=vocab, resized=resized)
 
 
 def _first_dup(items: list[str]) -> str:

@@ -257,6 +257,15 @@ def test_vocab_base_keeps_the_base_vocabulary(families, tmp_path, rows):
         shared = min(rows, 48)
         assert torch.equal(got[:shared], original[name][:shared])    # the source's rows for shared ids
         assert torch.equal(got[shared:], base_tensors[name][shared:])  # the base's rows beyond them
+    # mergekit refuses sources of different vocabularies: no mergekit.yaml then, one where they agree
+    from evomerge.export import mergekit_yaml
+    from evomerge.recipe import Recipe
+
+    same = open_sources(str(base), [str(sources[0]), str(sources[1])], vocab="base")
+    recipe = Recipe.from_dict({"method": "task_arithmetic", "base": str(base), "vocab": "base",
+                               "sources": [str(sources[0]), str(folder)]})
+    assert opened.resized and mergekit_yaml(recipe, opened) is None
+    assert not same.resized and "task_arithmetic" in mergekit_yaml(recipe, same)
     # a non-vocabulary shape mismatch stays an error under vocab: base
     odd = _copy(sources[0], tmp_path / "odd")
     _edit(odd, lambda t: t.__setitem__("model.norm.weight", torch.ones(31)))

@@ -16,7 +16,10 @@ __all__ = ["export_model", "merge_to_folder", "mergekit_yaml", "atomic_dir", "at
 
 
 def mergekit_yaml(recipe: Recipe, sources: SourceSet) -> str | None:
-    """mergekit YAML for the recipe, with local paths resolved; None where not representable."""
+    """mergekit YAML for the recipe, with local paths resolved; None where not representable (a method
+    without a mergekit twin, or sources of different vocabularies, which mergekit refuses)."""
+    if sources.resized:
+        return None
     paths = {spec: str(folder.path) for spec, folder in zip(recipe.sources, sources.sources)}
     if recipe.base is not None and sources.base is not None:
         paths[recipe.base] = str(sources.base.path)

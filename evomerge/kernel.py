@@ -161,7 +161,7 @@ class ResidentMerger:
                  dtype: str | None = None, seed: int = 0, methods: Iterable[str] = (),
                  build_model: bool = True, progress: bool = False,
                  memory_budget: int | str | None = None, trust_remote_code: bool = False,
-                 streaming: bool | None = None) -> None:
+                 streaming: bool | None = None, precompute: bool = True) -> None:
         self.sources = sources
         self.trust_remote_code = trust_remote_code
         self.device = pick_device(device)
@@ -187,7 +187,8 @@ class ResidentMerger:
             if not self.streaming:
                 self.contexts[name] = self._read_context(name)
         self.prepared: set[str] = set()
-        self.prepare([m.name for m in self.methods], progress=progress)
+        if precompute:   # a search's grid tables; a one-off merge computes its few thresholds on demand
+            self.prepare([m.name for m in self.methods], progress=progress)
 
     def resident_bytes(self) -> int:
         """Bytes the resident mode keeps: anchor + task vectors, plus fields and ranks where needed."""
@@ -429,6 +430,6 @@ def merger_for(recipe: Recipe | str | Path, *, device: str | torch.device | None
         recipe = Recipe.from_yaml(recipe)
     sources = open_recipe_sources(recipe)
     merger = ResidentMerger(sources, device=device, dtype=recipe.dtype, seed=recipe.seed, methods=[recipe.method],
-                            progress=progress, memory_budget=memory_budget)
+                            progress=progress, memory_budget=memory_budget, precompute=False)
     merger.materialize(recipe)
     return merger

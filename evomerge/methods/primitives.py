@@ -32,6 +32,7 @@ def per_source(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(values.shape[0], *([1] * (like.dim() - 1)))
 
 
+SMALL_SORT = 1 << 16     # up to this many entries one sort is cheaper than the radix select's fixed cost
 RADIX_SLICE = 1 << 22   # elements per pass of the radix select: its temporaries stay small
 
 
@@ -48,7 +49,7 @@ def kth_largest_many(values: torch.Tensor, ks: Sequence[int], *, absolute: bool 
     flat = values.reshape(-1)
     if not ks:
         return []
-    if flat.dtype != torch.float32:
+    if flat.dtype != torch.float32 or flat.numel() <= SMALL_SORT:   # a sort beats the 2^19-bucket histograms
         ordered = torch.sort(flat.abs() if absolute else flat, descending=True).values
         return ordered[torch.tensor([k - 1 for k in ks], device=flat.device)].tolist()
     low_bits, high_size = 12, 1 << 19

@@ -166,8 +166,7 @@ class ResidentMerger:
         self.trust_remote_code = trust_remote_code
         self.device = pick_device(device)
         self.seed = seed
-        first = next(iter(sources.layout.tensors.values()))
-        self.compute_dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+        self.compute_dtype = torch.float64 if sources.layout.float_dtype == torch.float64 else torch.float32
         self.out_dtype = TORCH_DTYPES[dtype] if dtype else sources.layout.float_dtype
         self.methods = [REGISTRY.get(m) for m in methods]
         self.fused = fused.kernel_for(self.device, sources.layout.numel)   # the same for the search and the export

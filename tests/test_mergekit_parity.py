@@ -176,3 +176,20 @@ def test_bfloat16_sources_give_a_bfloat16_model_in_both(tmp_path, method):
         differing += int((~close).sum())
     total = sum(t.numel() for t in ours.values())
     assert differing == 0 if method != "ties" else differing <= total * 1e-3, (differing, total)
+
+
+def test_no_mergekit_yaml_for_a_checkpoint_that_transformers_converts(tmp_path):
+    """mergekit 0.1.5 merges a Mixtral in transformers' loaded layout (experts stacked per layer): its TIES
+    thresholds span all experts where evomerge's span one, so no mergekit.yaml is written for it; a Llama
+    of the same recipe gets one."""
+    from evomerge.export import merge_to_folder
+
+    for arch, expected in (("mixtral", False), ("llama", True)):
+        base, sources = make_family(tmp_path / arch, arch=arch, k=2, layers=2)
+        recipe = recipe_for("ties", base, sources)
+        recipe["layer_groups"], recipe["filters"] = 1, {}
+        recipe["parameters"] = {"s0": {"weight": 0.8, "density": 0.5}, "s1": {"weight": 0.6, "density": 0.7}}
+        path = tmp_path / arch / "recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        out = merge_to_folder(path, tmp_path / arch / "out")
+        assert (out / "mergekit.yaml").is_file() == expected, arch

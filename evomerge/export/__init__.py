@@ -9,7 +9,7 @@ from ..recipe import Recipe
 from ..sources import SourceSet
 from ..yamlio import dump_yaml
 from .folder import atomic_dir, atomic_write_text, check_destination, write_model_folder
-from .mergekit import to_mergekit
+from .mergekit import converted_on_load, to_mergekit
 
 __all__ = ["export_model", "merge_to_folder", "mergekit_yaml", "atomic_dir", "atomic_write_text",
            "check_destination", "write_model_folder", "to_mergekit"]
@@ -17,8 +17,9 @@ __all__ = ["export_model", "merge_to_folder", "mergekit_yaml", "atomic_dir", "at
 
 def mergekit_yaml(recipe: Recipe, sources: SourceSet) -> str | None:
     """mergekit YAML for the recipe, with local paths resolved; None where not representable (a method
-    without a mergekit twin, or sources of different vocabularies, which mergekit refuses)."""
-    if sources.resized:
+    without a mergekit twin, sources of different vocabularies, which mergekit refuses, or a checkpoint that
+    transformers converts on load, which mergekit merges in another layout)."""
+    if sources.resized or converted_on_load(sources.anchor.config.get("model_type"), sources.layout.tensors):
         return None
     paths = {spec: str(folder.path) for spec, folder in zip(recipe.sources, sources.sources)}
     if recipe.base is not None and sources.base is not None:

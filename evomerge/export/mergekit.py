@@ -10,7 +10,7 @@ blocks and suffix filters for module kinds whose values differ.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -44,6 +44,24 @@ def to_mergekit(recipe: Recipe, layout: Layout, paths: Mapping[str, str]) -> dic
     config["dtype"] = "float64" if layout.float_dtype == torch.float64 else "float32"
     config["out_dtype"] = out_dtype
     return config
+
+
+def converted_on_load(model_type: str | None, names: Iterable[str]) -> list[str]:
+    """Checkpoint tensors that transformers renames or fuses as it loads them (per-expert MoE tensors stacked
+    into one per layer, Mixtral's block_sparse_moe renamed mlp). mergekit 0.1.5 merges in that loaded layout,
+    so its whole-tensor statistics (TIES thresholds, the slerp angle, model_stock's cosine) span all experts
+    where evomerge's span one, and filters miss the new names: no mergekit YAML gives evomerge's tensors."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, apply_converters, apply_renamings
+    except ImportError:          # a transformers that loads checkpoints as they are
+        return []
+    mapping = get_checkpoint_conversion_mapping(model_type) if model_type else None
+    if not mapping:
+        return []
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    renamings = [m for m in mapping if not isinstance(m, WeightConverter)]
+    return [n for n in names if apply_converters(n, converters)[1] is not None or apply_renamings(n, renamings) != n]
 
 
 def _setting(recipe: Recipe, layout: Layout, source: str, name: str) -> Any:

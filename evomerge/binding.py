@@ -105,10 +105,11 @@ def _slice(target: torch.Tensor, local: torch.Tensor) -> Copy | torch.Tensor:
         shape = [1] * local.dim()
         shape[dim] = size
         expected = expected + torch.arange(size, dtype=torch.int64).reshape(shape) * stride
-    merged = torch.empty(tuple(local.shape), dtype=target.dtype, device=target.device)
     if min(strides, default=1) >= 0 and torch.equal(expected.expand(local.shape), local):
         view = flat.as_strided(tuple(local.shape), tuple(strides), flat.storage_offset() + offset)
-        return view if view.is_contiguous() else Copy(merged, view)
+        return view if view.is_contiguous() else Copy(torch.empty_like(view, memory_format=torch.contiguous_format),
+                                                      view)
+    merged = torch.empty(tuple(local.shape), dtype=target.dtype, device=target.device)
     return Copy(merged, flat, local.reshape(-1).to(target.device))
 
 

@@ -20,6 +20,8 @@ from ..errors import InputError, suggest
 from ..paths import resolve_path
 from .tasks import seeded_split, subsample
 
+FEWSHOT_SEED = 1234   # lm-eval's own default, so a task's few-shot prompts are the ones lm_eval builds
+
 _MANAGERS: dict[tuple[str, bool], Any] = {}  # task indexes: scanning lm-eval's 14k YAML files takes seconds
 
 
@@ -78,7 +80,6 @@ class LmEvalTask:
                 task.set_config(key="num_fewshot", value=spec.num_fewshot)
             elif task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)
-            task.set_fewshot_seed(seed=1234)
         self.sizes = {name: len(task.eval_docs) for name, task in sorted(self.loaded["tasks"].items())}
         self.metric, _, self.filter = spec.metric.partition(",")
 
@@ -105,7 +106,7 @@ class LmEvalTask:
             samples.setdefault(name, []).append(index)
         tasks = {name: task for name, task in self.loaded["tasks"].items() if name in samples}
         for task in tasks.values():  # few-shot examples are drawn from a stream: restart it, or each call differs
-            task.set_fewshot_seed(seed=1234)
+            task.set_fewshot_seed(seed=FEWSHOT_SEED)
         results = evaluate(lm=self.lm, task_dict={"tasks": tasks, "groups": {}}, samples=samples,
                            bootstrap_iters=0, log_samples=True)
         logged = results["samples"]

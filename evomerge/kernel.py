@@ -364,7 +364,7 @@ def _merge_eager(spec, ctx: TensorContext, params: dict, out: torch.Tensor, *, c
     for piece in (ctx.chunks(chunk) if chunk else (ctx,)):
         merged = spec.apply(piece, params)
         target = flat[piece.span[0]:piece.span[1]] if piece.span else out
-        target.copy_(merged.view(target.shape))
+        torch.add(merged.view(target.shape), 0.0, out=target)     # + 0: a zero is +0.0, as the fused kernel writes it
         if check_finite:
             sums.append(merged.sum())
     return sums

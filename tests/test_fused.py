@@ -19,7 +19,6 @@ import torch
 from evomerge.methods import REGISTRY, TensorContext, fused
 
 FUSED = [m.name for m in REGISTRY if m.fused is not None]
-TOLERANCE = 1e-6      # of the largest magnitude in the tensor
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +44,32 @@ def three(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def signed_zeros(tmp_path_factory):
+    """A base with entries of -0.0 where every source is a little below it: wherever all of them are
+    dropped or trimmed, the merge adds zeros of either sign to -0.0."""
+    from safetensors.torch import load_file, save_file
+
+    base, sources = _family(tmp_path_factory, 3)
+    for i, folder in enumerate([base, *sources]):
+        path = folder / "model.safetensors"
+        tensors = load_file(path)
+        for t in tensors.values():
+            if t.is_floating_point():
+                t.view(-1)[::3] = -0.0 if i == 0 else -1e-7 * i
+        save_file(tensors, path, metadata={"format": "pt"})
+    return base, sources
+
+
+@pytest.fixture(scope="module")
 def six(tmp_path_factory):
     """More sources than torch's own sum over a dimension adds left to right (K >= 5), GPT-2 naming."""
     return _family(tmp_path_factory, 6, arch="gpt2")
 
 
-def random_recipe(method: str, base, sources, rng: random.Random, *, rescale: str | None = None):
-    """A recipe with per-group values of every per-source parameter, off the 0.01 grid at times."""
+def random_recipe(method: str, base, sources, rng: random.Random, *, rescale: str | None = None,
+                  sparse: bool = False):
+    """A recipe with per-group values of every per-source parameter, off the 0.01 grid at times;
+    `sparse`: densities of at most 0.35."""
     from evomerge.recipe import Recipe
 
     spec = REGISTRY.get(method)
@@ -70,7 +88,8 @@ def random_recipe(method: str, base, sources, rng: random.Random, *, rescale: st
         if "weight" in names:
             entry["weight"] = per_group(0.1, 1.5) if method == "linear" else per_group(-0.5, 1.5)
         if "density" in names:
-            entry["density"] = per_group(0.2, 0.8) if "epsilon" in names else per_group(0.05, 1.0)
+            low = 0.2 if "epsilon" in names else 0.05
+            entry["density"] = per_group(low, 0.35 if sparse else 0.8 if "epsilon" in names else 1.0)
         if "gamma" in names:
             entry["gamma"] = per_group(0.0, 0.1)
         if "epsilon" in names:
@@ -126,13 +145,15 @@ def both_ways(recipe, kernel, monkeypatch, **options) -> tuple[dict, int, dict]:
 
 
 def assert_same(fast: dict[str, torch.Tensor], eager: dict[str, torch.Tensor]) -> None:
+    """Bit for bit: the same bytes, so a zero's sign too (torch.equal takes -0.0 for +0.0)."""
     assert fast.keys() == eager.keys()
     for name, expected in eager.items():
         got = fast[name]
         assert got.dtype == expected.dtype and got.shape == expected.shape, name
-        scale = float(expected.double().abs().max())
+        bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[expected.element_size()]
+        differ = got.view(bits) != expected.view(bits)
         diff = float((got.double() - expected.double()).abs().max())
-        assert diff <= TOLERANCE * scale, f"{name}: max |fused - eager| = {diff:g}, max |value| = {scale:g}"
+        assert not differ.any(), f"{name}: {int(differ.sum())} entries differ in their bits, max |fused - eager| = {diff:g}"
 
 
 @pytest.mark.parametrize("method", FUSED)
@@ -142,6 +163,18 @@ def test_fused_equals_eager_on_random_recipes(kernel, three, method, trial, monk
     recipe = random_recipe(method, base, sources, random.Random(f"{method}-{trial}"))
     fast, written, eager = both_ways(recipe, kernel, monkeypatch)
     assert written == len(fast)       # every tensor through the kernel
+    assert_same(fast, eager)
+
+
+@pytest.mark.parametrize("method", FUSED)
+def test_fused_and_eager_write_the_same_zeros(kernel, signed_zeros, method, monkeypatch):
+    base, sources = signed_zeros
+    recipe = random_recipe(method, base, sources, random.Random(f"zeros-{method}"), sparse=True)
+    fast, written, eager = both_ways(recipe, kernel, monkeypatch)
+    assert written == len(fast)
+    if any(p.name == "density" for p in REGISTRY.get(method).params):      # it drops entries: zeros are written
+        assert sum(int((t == 0).sum()) for t in eager.values()) > 0
+    assert not any(torch.signbit(t[t == 0]).any() for t in fast.values())
     assert_same(fast, eager)
 
 

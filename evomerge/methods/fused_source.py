@@ -10,7 +10,9 @@ Each operation repeats the eager steps' own arithmetic, in their order: products
 sums and quotients rounded as torch rounds them, the weighted sum with a fused
 multiply-add as `addcmul` does, the sums over sources left to right as
 `sum_sources` does. So the two paths give the same tensor, bit for bit; it is
-compiled with -ffp-contract=off, so that the compiler fuses nothing else.
+compiled with -ffp-contract=off, so that the compiler fuses nothing else. Both add
+0 last, so that a zero is +0.0 whatever zeros the steps added (a dropped entry of
+a negative task vector is -0.0 in the eager steps' masks, +0.0 here).
 """
 
 SOURCE = r"""
@@ -116,7 +118,7 @@ void weighted_sum(const Plan& p, const Kept kept, const float* __restrict b, int
   for (int64_t j = 0; j < n; ++j) {
     float total = b[j] * scalar;
     for (int i = 0; i < K; ++i) total = std::fma(kept(i, j), coef[i], total);
-    acc[j] = total;
+    acc[j] = total + 0.f;   // a zero is +0.0, whichever zeros the sum added (the eager steps add 0 too)
   }
 }
 
@@ -149,7 +151,7 @@ void elect_and_merge(const Plan& p, const Kept kept, const float* __restrict b, 
       }
     }
     if (normalize) merged = merged / (divisor == 0.f ? 1.f : divisor);
-    acc[j] = merged * lam + b[j];
+    acc[j] = merged * lam + b[j] + 0.f;
   }
 }
 

@@ -336,6 +336,74 @@ def test_lm_eval_task_type_in_the_suite(toy, tmp_path: Path) -> None:
     assert len(steps) == 2 * len(documents)
 
 
+def test_lm_eval_scores_are_what_lm_eval_reports_for_the_same_documents(toy, tmp_path: Path) -> None:
+    """Corpus-level metrics (perplexities), a group's own weighting, a filtered metric, and a lower-is-better
+    objective: each task's score equals lm-eval's own result on the documents of the split."""
+    from lm_eval.evaluator import evaluate as lm_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    from evomerge.evaluate.lm_eval_backend import task_manager
+
+    root, custom = toy["root"], tmp_path / "custom"
+    custom.mkdir()
+    pick = [json.loads(line) for line in (root / "data/pick.jsonl").read_text().splitlines()]
+    write_jsonl(tmp_path / "few.jsonl", pick[:6])
+    data = {"dataset_path": "json", "test_split": "test"}
+    files = lambda name: {"dataset_kwargs": {"data_files": {"test": str(name)}}}   # noqa: E731
+    configs = {
+        "toy_ll": data | files(root / "data/inc.jsonl") | {
+            "output_type": "loglikelihood", "doc_to_text": "{{prompt}}", "doc_to_target": "{{target}}",
+            "metric_list": [{"metric": "perplexity"}, {"metric": "acc"}]},
+        "toy_rolling": data | files(root / "data/text.jsonl") | {
+            "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
+            "metric_list": [{"metric": "word_perplexity"}, {"metric": "byte_perplexity"}, {"metric": "bits_per_byte"}]},
+        "toy_many": task_yaml(toy["suite"].spec("pick"), root / "data/pick.jsonl", task="toy_many"),
+        "toy_few": task_yaml(toy["suite"].spec("pick"), tmp_path / "few.jsonl", task="toy_few"),
+        "toy_gen": task_yaml(toy["suite"].spec("inc"), root / "data/inc.jsonl", task="toy_gen"),
+    }
+    configs["toy_gen"]["filter_list"][0]["name"] = "strict"
+    for name, config in configs.items():
+        (custom / f"{name}.yaml").write_text(yaml.safe_dump({"task": name} | config))
+    (custom / "toy_group.yaml").write_text(yaml.safe_dump({
+        "group": "toy_group", "task": ["toy_many", "toy_few"],
+        "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": False}]}))
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text("tasks:\n"
+                     "  - {name: ll, type: lm_eval, task: toy_ll, include_path: custom, metric: perplexity}\n"
+                     "  - {name: rolling, type: lm_eval, task: toy_rolling, include_path: custom, metric: word_perplexity}\n"
+                     "  - {name: group, type: lm_eval, task: toy_group, include_path: custom, metric: acc}\n"
+                     "  - {name: gen, type: lm_eval, task: toy_gen, include_path: custom, metric: 'exact_match,strict'}\n")
+    evaluator = Evaluator(load_tasks(tasks), toy["model"], toy["tokenizer"], batch_size=16)
+    steps: list[float] = []
+    result = evaluator.evaluate("heldout", report=lambda step, value: steps.append(value),
+                                objective={"ll": 1.0, "gen": 1.0})
+
+    lm = HFLM(pretrained=toy["model"], tokenizer=toy["tokenizer"], batch_size=16)
+    manager = task_manager(custom, defaults=False)
+    expected = {}
+    for name, task in [("ll", "toy_ll"), ("rolling", "toy_rolling"), ("group", "toy_group"), ("gen", "toy_gen")]:
+        samples: dict[str, list[int]] = {}
+        for subtask, index in evaluator._lm_task(name).documents("heldout", seed=0, limit=None):
+            samples.setdefault(subtask, []).append(index)
+        expected[name] = lm_evaluate(lm=lm, task_dict=manager.load([task]), samples=samples,
+                                     bootstrap_iters=0)["results"][task]
+    for name, metrics in [("ll", ["perplexity", "acc"]), ("rolling", ["word_perplexity", "byte_perplexity",
+                                                                     "bits_per_byte"]), ("group", ["acc"])]:
+        for metric in metrics:
+            assert result.tasks[name][metric] == pytest.approx(expected[name][f"{metric},none"], rel=1e-9), (name, metric)
+    assert result.tasks["ll"]["perplexity"] > 1.0                        # exp(-mean log-likelihood), not the mean
+    assert result.tasks["gen"]["exact_match"] == pytest.approx(expected["gen"]["exact_match,strict"])
+    few = result.examples["group"]["acc"][-len(samples.get("toy_few", [])) or None:]
+    assert result.primary("gen") == result.tasks["gen"]["exact_match"]
+    assert result.minimized == {"ll", "rolling"}
+    assert result.objective({"ll": 1.0, "gen": 1.0}) == pytest.approx(
+        (result.tasks["gen"]["exact_match"] - result.tasks["ll"]["perplexity"]) / 2)
+    assert len(steps) == result.tasks["ll"]["n"] + result.tasks["gen"]["n"]
+    assert sum(v < 0 for v in steps) == result.tasks["ll"]["n"]         # the perplexities, reported negated
+    assert len(result.examples["rolling"]["word_perplexity"]) == result.tasks["rolling"]["n"] > 1
+    assert few is not None
+
+
 def test_lm_eval_few_shot_is_the_same_on_every_call(toy, tmp_path: Path) -> None:
     custom = tmp_path / "custom"
     custom.mkdir()

@@ -85,29 +85,34 @@ class Evaluator:
         check_split(split)
         weights = self._weights(objective)
         names = tuple(self.suite.names)
+        minimized = frozenset(n for n in names if self.suite.spec(n).type == "lm_eval"
+                              and not self._lm_task(n).higher_is_better)
         start = time.perf_counter()
         values: dict[str, dict[str, list[float]]] = {}
         totals: dict[str, list[float]] = {}  # perplexity: summed nll and token count
+        aggregates: dict[str, dict[str, float]] = {}  # lm_eval: the scores as lm-eval aggregates them
         outputs: dict[str, list[str | None]] = {}  # generate: each continuation (None: ruled out undecoded)
         step = 0
         with torch.inference_mode():
             for chunk in self._plan(split, names):
                 for name, batches in chunk.work.items():
-                    self._run(name, split, batches, values, totals, outputs)
+                    self._run(name, split, batches, values, totals, outputs, aggregates)
                 for name, index in chunk.order:
                     weight = 1.0 if weights is None else weights.get(name, 0.0)
                     if report is not None and weight > 0:
-                        report(step, weight * values[name][self.suite.primary_metric(name)][index])
+                        sign = -1.0 if name in minimized else 1.0
+                        report(step, sign * weight * values[name][self.suite.primary_metric(name)][index])
                         step += 1
         tasks = {}
         for name in names:
             metrics = {m: sum(v) / len(v) for m, v in values[name].items()}
             if name in totals:
                 metrics["neg_log_ppl"] = -totals[name][0] / max(totals[name][1], 1)
+            metrics.update(aggregates.get(name, {}))
             metrics["n"] = len(next(iter(values[name].values())))
             tasks[name] = metrics
         return EvalResult(split=split, tasks=tasks, primary_metrics={n: self.suite.primary_metric(n) for n in names},
-                          seconds=time.perf_counter() - start, examples=values, outputs=outputs)
+                          seconds=time.perf_counter() - start, examples=values, outputs=outputs, minimized=minimized)
 
     def reported(self, split: str = "search", objective: Mapping[str, float] | None = None) -> int:
         """How many examples `evaluate(split, report=..., objective=objective)` reports."""
@@ -215,10 +220,13 @@ class Evaluator:
 
     # ---------------------------------------------------------------- scoring
 
-    def _run(self, name: str, split: str, batches: list[Any], values: dict, totals: dict, outputs: dict) -> None:
+    def _run(self, name: str, split: str, batches: list[Any], values: dict, totals: dict, outputs: dict,
+             aggregates: dict) -> None:
         spec = self.suite.spec(name)
         if spec.type == "lm_eval":
-            self._run_lm_eval(name, split, batches[0], values)
+            if name not in values:  # (the whole task runs in the first chunk that holds one of its documents)
+                task = self._lm_task(name)
+                values[name], aggregates[name] = task.run(task.documents(split, seed=self.seed, limit=self.limit))
             return
         examples = self._examples[(name, split)]
         n = len(examples)
@@ -252,12 +260,6 @@ class Evaluator:
             self._lm_tasks[name] = LmEvalTask(self.suite.spec(name), self._lm, base_dir=self.suite.base_dir,
                                               file=self.suite.path)
         return self._lm_tasks[name]
-
-    def _run_lm_eval(self, name: str, split: str, indices: list[int], values: dict) -> None:
-        if name in values:  # the whole task ran in an earlier chunk
-            return
-        task = self._lm_task(name)
-        values[name] = task.run(task.documents(split, seed=self.seed, limit=self.limit))
 
     def _weights(self, objective: Mapping[str, float] | None) -> dict[str, float] | None:
         if objective is None:

@@ -96,8 +96,19 @@ class LmEvalTask:
             out += [(name, i) for i in indices]
         return subsample(out, limit, seed=seed, key=f"{self.spec.name}/{split}") if limit else out
 
-    def run(self, documents: list[tuple[str, int]]) -> dict[str, list[float]]:
-        """Per-document values of every numeric per-example metric, in the order of `documents`."""
+    @property
+    def higher_is_better(self) -> bool:
+        """Whether the primary metric grows with quality (lm-eval's own flag; perplexities do not)."""
+        flags = [task.higher_is_better().get(self.metric) for task in self.loaded["tasks"].values()]
+        return all(flag is not False for flag in flags)
+
+    def run(self, documents: list[tuple[str, int]]) -> tuple[dict[str, list[float]], dict[str, float]]:
+        """Per-document values of every per-example metric, in the order of `documents`, and the task's
+        scores as lm-eval aggregates them (a perplexity over the whole corpus, a group's own weighting).
+
+        Each document's value is the task's aggregation over that document alone: for a perplexity
+        (lm-eval logs each document's log-likelihood, with its word count for word_perplexity), the
+        document's own perplexity."""
         from lm_eval.evaluator import evaluate
 
         _quiet()
@@ -107,10 +118,13 @@ class LmEvalTask:
         tasks = {name: task for name, task in self.loaded["tasks"].items() if name in samples}
         for task in tasks.values():  # few-shot examples are drawn from a stream: restart it, or each call differs
             task.set_fewshot_seed(seed=FEWSHOT_SEED)
-        results = evaluate(lm=self.lm, task_dict={"tasks": tasks, "groups": {}}, samples=samples,
-                           bootstrap_iters=0, log_samples=True)
+        whole = len(tasks) == len(self.loaded["tasks"])   # a group aggregates only over all its tasks
+        task_dict = {"tasks": tasks, "groups": self.loaded["groups"] if whole else {},
+                     "group_map": self.loaded.get("group_map", {}) if whole else {}}
+        results = evaluate(lm=self.lm, task_dict=task_dict, samples=samples, bootstrap_iters=0, log_samples=True)
         logged = results["samples"]
         by_doc: dict[tuple[str, int], dict[str, Any]] = {}
+        chosen = self.filter
         for name, entries in logged.items():
             filters = [e["filter"] for e in entries]
             chosen = self.filter or ("none" if "none" in filters else filters[0])
@@ -120,14 +134,38 @@ class LmEvalTask:
             for entry in entries:
                 if entry["filter"] == chosen:
                     by_doc[(name, entry["doc_id"])] = entry
+        first_name = documents[0][0]
         first = by_doc[documents[0]]
-        numeric = [k for k in first.get("metrics", []) if isinstance(first.get(k), (int, float))
-                   and not isinstance(first[k], bool)]  # not the logged doc_id, target, ...
-        if self.metric not in numeric:
+        metrics = [k for k in first.get("metrics", []) if _per_example(first.get(k))]   # not doc_id, target, ...
+        if self.metric not in metrics:
             raise InputError(f"lm-eval task '{self.spec.task}' gives no per-example metric '{self.metric}'",
                              field=f"tasks.{self.spec.name}.metric",
-                             fix=suggest(self.metric, numeric) or f"metrics: {', '.join(numeric)}")
-        return {m: [float(by_doc[d][m]) for d in documents] for m in [self.metric] + [k for k in numeric if k != self.metric]}
+                             fix=suggest(self.metric, metrics) or f"metrics: {', '.join(metrics)}")
+        aggregations = {name: task.aggregation() for name, task in tasks.items()}
+        per_doc = {m: [_one(by_doc[d][m], aggregations[d[0]].get(m)) for d in documents]
+                   for m in [self.metric] + [k for k in metrics if k != self.metric]}
+        found = results["results"]      # the named task or group; else one task of a group that `limit` cut
+        scored = found.get(self.spec.task) or (found.get(first_name, {}) if len(tasks) == 1 else {})
+        aggregates = {m: float(scored[f"{m},{chosen}"]) for m in per_doc
+                      if isinstance(scored.get(f"{m},{chosen}"), (int, float))}
+        return per_doc, aggregates
+
+
+def _per_example(value: Any) -> bool:
+    """A metric's logged value: a number, or the (value, weight) pair of a corpus-level metric."""
+    if isinstance(value, (list, tuple)):
+        return len(value) == 2 and all(_per_example(v) for v in value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _one(value: Any, aggregate: Any) -> float:
+    """A document's own value of a metric: lm-eval's aggregation over this one document (a perplexity's
+    exp(-log-likelihood), a mean's value), so that it runs the way the task's score does."""
+    item = tuple(value) if isinstance(value, (list, tuple)) else value
+    try:
+        return float(aggregate([item]))
+    except Exception:          # an aggregation that needs several documents (a correlation)
+        return float(item) if not isinstance(item, tuple) else float("nan")
 
 
 def make_lm(model: Any, tokenizer: Any, *, batch_size: int) -> Any:

@@ -18,6 +18,7 @@ class EvalResult:
     examples: dict[str, dict[str, list[float]]] = field(default_factory=dict, repr=False)  # per-example values
     # generate: each continuation; None where the fast path proved a miss without decoding it
     outputs: dict[str, list[str | None]] = field(default_factory=dict, repr=False)
+    minimized: frozenset[str] = frozenset()  # tasks whose primary metric is lower-is-better (a perplexity)
 
     def primary(self, task: str) -> float:
         if task not in self.tasks:
@@ -26,11 +27,12 @@ class EvalResult:
         return self.tasks[task][self.primary_metrics[task]]
 
     def objective(self, weights: Mapping[str, float]) -> float:
-        """Weighted mean of the tasks' primary metrics."""
+        """Weighted mean of the tasks' primary metrics, to maximize: a lower-is-better metric counts negated."""
         total = sum(weights.values())
         if not weights or total <= 0:
             raise InputError("objective weights must be non-negative with a positive sum", field="objective")
-        return sum(w * self.primary(task) for task, w in weights.items() if w) / total
+        return sum(w * self.primary(task) * (-1.0 if task in self.minimized else 1.0)
+                   for task, w in weights.items() if w) / total
 
     def stderr(self, task: str, metric: str | None = None) -> float:
         """Standard error of the mean of a per-example metric (NaN for fewer than 2 examples)."""

@@ -170,7 +170,9 @@ class TaskSuite:
         raise InputError(f"no task named '{name}'", file=self.path, field="tasks", fix=suggest(name, self.names))
 
     def primary_metric(self, name: str) -> str:
-        return self.spec(name).metric
+        """The metric a task is scored by: an lm_eval `metric: exact_match,strict-match` reports `exact_match`
+        (of that filter's outputs)."""
+        return self.spec(name).metric.partition(",")[0]
 
     def with_options(self, name: str, **changes: Any) -> "TaskSuite":
         """The same suite with one task's options changed (e.g. ``fast_path=False``), re-validated."""

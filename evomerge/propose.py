@@ -188,7 +188,9 @@ class AheadProposer:
         return proposal
 
     def complete(self, proposal: Proposal, values: list[float], attrs: dict[str, Any]) -> None:
-        """Hand a complete trial to the sampler process, which writes it before it samples again."""
+        """Hand a complete trial to the sampler process, which writes it before it samples again. The partial
+        scores a pruner reads, buffered here, are committed first: after the state they could not be."""
+        _flush(self.fallback.study, proposal.trial_id)
         self._send(("complete", self.key, proposal.trial_id, values, attrs))
         if self._broken:
             self.fallback.complete(proposal, values, attrs)

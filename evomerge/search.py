@@ -358,8 +358,10 @@ class SearchSession:
             state["n"] += 1
             storage.set_trial_intermediate_value(trial_id, step,
                                                  value if pruner == "wilcoxon" else state["sum"] / state["n"])
-            if state["n"] % 8 == 0 and state["n"] < last and study.pruner.prune(study, storage.get_trial(trial_id)):
-                raise optuna.TrialPruned(f"pruned after {state['n']} examples")
+            if state["n"] % 8 == 0 and state["n"] < last:
+                frozen = storage.get_trial(trial_id)
+                if "baseline" not in frozen.user_attrs and study.pruner.prune(study, frozen):  # baselines: scored whole
+                    raise optuna.TrialPruned(f"pruned after {state['n']} examples")
 
         return report
 

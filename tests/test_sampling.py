@@ -114,18 +114,23 @@ def test_a_dead_sampler_process_leaves_the_search_sampling_inline(tmp_path):
     assert states == ["COMPLETE"] * 6
 
 
-def test_median_pruning_stops_trials_below_the_median_on_partial_scores(tmp_path):
-    """Scores are reported as examples are scored; a trial below the median of the trials before it is pruned."""
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_median_pruning_stops_trials_below_the_median_on_partial_scores(tmp_path, sampler):
+    """Scores are reported as examples are scored; a trial below the median of the trials before it is pruned.
+    tpe samples ahead, in a second process, which writes the complete trials: their partial scores too.
+    Baselines are scored in full."""
     from evomerge.config import load_config
     from evomerge.search import SearchSession
 
-    config = load_config(make_search_fixture(tmp_path / "fam", n_trials=14, sampler="random"))
+    config = load_config(make_search_fixture(tmp_path / "fam", n_trials=14, sampler=sampler))
     config = config.model_copy(update={"search": config.search.model_copy(update={"pruner": "median"})})
     with SearchSession(config, storage_url=f"sqlite:///{tmp_path / 's.db'}", device="cpu", progress=False) as session:
-        session.run(14)
+        session.run(14, ahead=sampler != "random")
         trials = session.study.get_trials()
     pruned = [t for t in trials if t.state.name == "PRUNED"]
     assert pruned and sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials) == 14
+    baselines = [t for t in trials if "baseline" in t.user_attrs]
+    assert baselines and all(t.state.name == "COMPLETE" for t in baselines)
     for t in trials:
         assert t.intermediate_values                        # every trial reported partial scores
         steps = sorted(t.intermediate_values)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -68,18 +69,28 @@ class SearchConfig(_Frozen):
                 raise ValueError(f"search.methods[{i}]: unknown merge method '{method}' ({hint})")
             spec = REGISTRY.get(method)
             if len(self.sources) < spec.min_sources or (spec.max_sources and len(self.sources) > spec.max_sources):
-                raise ValueError(f"search.methods[{i}]: {method} cannot merge {len(self.sources)} sources "
-                                 f"(slerp takes exactly one source besides the base)")
+                takes = (f"exactly {spec.min_sources}" if spec.min_sources == spec.max_sources
+                         else f"at least {spec.min_sources}")
+                raise ValueError(f"search.methods[{i}]: {method} cannot merge {len(self.sources)} source(s) "
+                                 f"(it takes {takes} besides the base)")
         if s.sampler not in SAMPLERS:
             raise ValueError(f"search.sampler: unknown sampler '{s.sampler}' "
                              f"({suggest(s.sampler, SAMPLERS) or 'one of ' + ', '.join(SAMPLERS)})")
         if s.sampler == "cmaes" and len(s.methods) > 1:
             raise ValueError("search.sampler: cmaes searches one method only; list one method, or use tpe+cmaes")
         if s.pruner not in PRUNERS:
-            raise ValueError(f"search.pruner: unknown pruner '{s.pruner}' (one of {', '.join(PRUNERS)})")
+            raise ValueError(f"search.pruner: unknown pruner '{s.pruner}' "
+                             f"({suggest(s.pruner, PRUNERS) or 'one of ' + ', '.join(PRUNERS)})")
+        _check_ranges(s)
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ValueError(f"device: unknown device '{self.device}' (cpu, cuda, cuda:N, mps or auto)")
         objectives = self.objectives
         if not objectives or any(not o for o in objectives):
             raise ValueError("objective: name at least one task with a weight")
+        for i, objective in enumerate(objectives):
+            where = "objective" if len(objectives) == 1 else f"objective[{i}]"
+            if any(w < 0 for w in objective.values()) or not any(w > 0 for w in objective.values()):
+                raise ValueError(f"{where}: weights must be >= 0, at least one of them > 0")
         if len(objectives) > 1 and s.sampler not in ("nsga2", "random", "tpe", "gp"):
             raise ValueError("search.sampler: several objectives need nsga2, tpe, gp or random")
         if len(self.sources) != len(set(self.sources)):
@@ -104,6 +115,24 @@ class SearchConfig(_Frozen):
 
     def storage_url(self, run_dir: Path, override: str | None = None) -> str:
         return override or self.search.storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
+
+
+def _check_ranges(search: SearchSection) -> None:
+    """search.ranges: each name a parameter of a searched method, each range [low, high] inside its bounds."""
+    from .methods import REGISTRY
+
+    params = {p.name: p for m in search.methods if m in REGISTRY for p in REGISTRY.get(m).params if p.numeric}
+    for name, (low, high) in search.ranges.items():
+        if name not in params:
+            hint = suggest(name, list(params)) or f"parameters of {', '.join(search.methods)}: {', '.join(params)}"
+            raise ValueError(f"search.ranges.{name}: no searched method has a parameter '{name}' ({hint})")
+        if low > high:
+            raise ValueError(f"search.ranges.{name}: range [{low:g}, {high:g}] is empty")
+        for value in (low, high):
+            try:
+                params[name].check(value)
+            except InputError as err:
+                raise ValueError(f"search.ranges.{name}: {err.problem}") from None
 
 
 def load_config(path: str | Path, **overrides: object) -> SearchConfig:

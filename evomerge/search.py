@@ -25,6 +25,7 @@ from .storage import HEARTBEAT_S, state_counts
 
 DONE = ("COMPLETE", "PRUNED")
 FINGERPRINT_ATTR = "sources_fingerprint"
+SPACE_ATTR = "space_fingerprint"
 
 
 @dataclass
@@ -65,16 +66,19 @@ def search(config: SearchConfig | str | Path, *, n_trials: int | None = None, st
     """Run (or resume) the study named in `config`; export the best recipe at the end."""
     if not isinstance(config, SearchConfig):
         config = load_config(config)
-    overrides: dict[str, Any] = {}
     if n_trials is not None:
-        overrides["n_trials"] = n_trials
-    if overrides:
-        config = config.model_copy(update={"search": config.search.model_copy(update=overrides)})
+        if n_trials < 1:
+            raise InputError(f"must be at least 1, got {n_trials}", field="--n-trials")
+        config = config.model_copy(update={"search": config.search.model_copy(update={"n_trials": n_trials})})
     run_dir = config.run_dir(str(out) if out else None)
     _check_writable(run_dir)
     storage_url = config.storage_url(run_dir, storage)
-    if not storage_url.startswith("sqlite"):
-        open_study(config, storage_url)       # an unreachable server is bad input: found before anything is written
+    if storage or config.search.storage:     # a bad URL or an unreachable server: found before anything is written
+        try:
+            open_study(config, storage_url)
+        except InputError as err:
+            raise InputError(err.problem, file=None if storage else config.path,
+                             field="--storage" if storage else "search.storage", fix=err.fix) from None
     bench = Workbench(config, device=device or config.device, progress=progress)   # bad input stops here, unwritten
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -181,6 +185,7 @@ class SearchSession:
         self.storage_url = storage_url
         self.started = time.time()
         self._check_same_weights()
+        self._check_same_space()
         if config.search.baselines:
             self._enqueue_baselines()
 
@@ -217,6 +222,18 @@ class SearchSession:
             raise InputError(f"study '{self.study.study_name}' in {safe_url(self.storage_url)} was run on other "
                              f"weights: {', '.join(changed)} changed since", field="storage",
                              fix="search into a new --out folder (or storage), or delete the old study")
+
+    def _check_same_space(self) -> None:
+        """A study resumes only over the search space it started on (methods, groups, filters, ranges): the
+        samplers cannot take a parameter whose choices or range changed, and every trial would fail."""
+        now = self.space.fingerprint()
+        before = self.study.user_attrs.get(SPACE_ATTR)
+        if before is None:
+            self.study.set_user_attr(SPACE_ATTR, now)
+        elif before != now:
+            raise InputError(f"study '{self.study.study_name}' was started over another search space (search.methods, "
+                             "layer_groups, filters or ranges changed since)", file=self.config.path, field="search",
+                             fix="search into a new --out folder (or storage) or under a new name, or undo the change")
 
     def _enqueue_baselines(self) -> None:
         if self.study.user_attrs.get("baselines_enqueued"):

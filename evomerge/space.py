@@ -55,6 +55,14 @@ class SearchSpace:
         self.filters = list(config.search.filters)
         self.dims: dict[str, list[Dimension]] = {m: self._dimensions(REGISTRY.get(m)) for m in self.methods}
 
+    def fingerprint(self) -> str:
+        """A digest of the dimensions (names, ranges, steps) and of the method choice."""
+        import hashlib
+        import json
+
+        dims = [(d.name, d.low, d.high, d.step) for m in self.methods for d in self.dims[m]]
+        return hashlib.sha256(json.dumps([self.methods, dims]).encode()).hexdigest()[:16]
+
     # -- construction --------------------------------------------------------------
     def _range(self, spec: MethodSpec, param: ParamSpec) -> tuple[float, float] | None:
         override = self.config.search.ranges.get(param.name)

@@ -235,6 +235,13 @@ def test_killed_search_resumes_without_losing_trials(tmp_path):
     ({"search": {"n_trials": 0}}, "n_trials"),
     ({"tasks": "missing.yaml"}, "missing.yaml"),
     ({"memory_budget": "1MB"}, "memory_budget: 0.00 GB is below the"),
+    ({"device": "cudaa"}, "device: unknown device 'cudaa'"),
+    ({"objective": {"ppl": 0.0, "pick": 0.0}}, "objective: weights must be >= 0"),
+    ({"objective": {"ppl": -1.0, "pick": 1.0}}, "objective: weights must be >= 0"),
+    ({"search": {"ranges": {"densty": [0.1, 0.9]}}}, "did you mean 'density'"),
+    ({"search": {"ranges": {"density": [0.5, 2.0]}}}, "search.ranges.density"),
+    ({"search": {"pruner": "medain"}}, "did you mean 'median'"),
+    ({"search": {"storage": "sqlite:////nonexistent/dir/x.db"}}, "search.storage: cannot open the study storage"),
 ])
 def test_bad_configs_exit_2_with_one_line_and_write_nothing(tmp_path, patch, expect):
     import yaml
@@ -291,6 +298,32 @@ def test_every_file_in_configs_is_valid(zoo):
     assert len(files) >= 3
     for path in files:
         assert "valid" in validate_file(path), path
+
+
+def test_search_arguments_that_are_bad_input_exit_2_and_write_nothing(tmp_path):
+    config = make_search_fixture(tmp_path / "fam", n_trials=3)
+    out = tmp_path / "run"
+    for args, expect in [(["--n-trials", "0"], "--n-trials: must be at least 1"),
+                         (["--storage", "sqlite:////nonexistent/dir/x.db"], "--storage: cannot open")]:
+        result = run_cli("search", str(config), "--out", str(out), *args)
+        assert result.returncode == 2, result.stderr
+        err = result.stderr.strip().splitlines()
+        assert len(err) == 1 and expect in err[0], err
+        assert not out.exists()
+
+
+def test_resuming_over_another_search_space_is_refused(tmp_path):
+    """The samplers cannot resume over changed parameter choices or ranges: every trial would fail."""
+    config = make_search_fixture(tmp_path / "fam", n_trials=3)
+    out = tmp_path / "run"
+    assert run_cli("search", str(config), "--out", str(out), "--no-export").returncode == 0
+    before = _complete(out / "study.db")
+    config.write_text(config.read_text().replace("methods: [task_arithmetic, ties]", "methods: [ties, dare_ties]"))
+    result = run_cli("search", str(config), "--out", str(out), "--n-trials", "5")
+    assert result.returncode == 2, result.stderr
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and "started over another search space" in err[0] and str(config) in err[0], err
+    assert _complete(out / "study.db") == before
 
 
 def test_resuming_over_other_weights_is_refused(tmp_path):

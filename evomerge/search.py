@@ -392,7 +392,14 @@ class SearchSession:
         done = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
         if not done:
             return None
-        return max(done, key=lambda t: (t.values[0], -t.number))
+        if len(self.config.objectives) == 1:
+            return max(done, key=lambda t: (t.values[0], -t.number))
+        # several objectives: of the Pareto front, the trial with the best mean of them (a balanced pick)
+        return max(self.pareto_front(), key=lambda t: (sum(t.values) / len(t.values), -t.number))
+
+    def pareto_front(self) -> list:
+        """The complete trials no other complete trial beats on every objective, by number."""
+        return sorted(self.study.best_trials, key=lambda t: t.number)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from modelfactory import make_search_fixture
 
@@ -324,6 +325,34 @@ def test_resuming_over_another_search_space_is_refused(tmp_path):
     err = result.stderr.strip().splitlines()
     assert len(err) == 1 and "started over another search space" in err[0] and str(config) in err[0], err
     assert _complete(out / "study.db") == before
+
+
+def test_several_objectives_export_the_balanced_pareto_trial_and_list_the_front(tmp_path):
+    import optuna
+
+    config = make_search_fixture(tmp_path / "fam", n_trials=8, sampler="nsga2")
+    config.write_text(config.read_text().replace("objective: {ppl: 1.0, pick: 1.0}",
+                                                 "objective: [{ppl: 1.0}, {pick: 1.0}]"))
+    out = tmp_path / "run"
+    result = run_cli("search", str(config), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    study = optuna.load_study(study_name="fixture", storage=f"sqlite:///{out / 'study.db'}")
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    front = [t for t in done if not any(all(a >= b for a, b in zip(o.values, t.values)) and o.values != t.values
+                                        for o in done)]                 # recomputed: no trial dominates these
+    balanced = max(front, key=lambda t: (sum(t.values) / 2, -t.number))
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["provenance"]["trial"] == balanced.number
+    summary = (out / "summary.md").read_text()
+    assert f"Best: trial {balanced.number}," in summary and "Pareto front" in summary
+    for t in front:
+        assert f"| {t.number}" in summary
+    assert "ppl (held-out)" in summary and "pick (held-out)" in summary
+    other = next((t for t in front if t.number != balanced.number), balanced)
+    assert run_cli("export", str(out), "--trial", str(other.number)).returncode == 0
+    summary = (out / "summary.md").read_text()
+    assert f"Exported: trial {other.number}," in summary and f"the best is trial {balanced.number}" in summary
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["provenance"]["trial"] == other.number
 
 
 def test_resuming_over_other_weights_is_refused(tmp_path):

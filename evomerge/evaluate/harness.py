@@ -85,8 +85,7 @@ class Evaluator:
         check_split(split)
         weights = self._weights(objective)
         names = tuple(self.suite.names)
-        minimized = frozenset(n for n in names if self.suite.spec(n).type == "lm_eval"
-                              and not self._lm_task(n).higher_is_better)
+        minimized = self.lower_is_better()
         start = time.perf_counter()
         values: dict[str, dict[str, list[float]]] = {}
         totals: dict[str, list[float]] = {}  # perplexity: summed nll and token count
@@ -113,6 +112,11 @@ class Evaluator:
             tasks[name] = metrics
         return EvalResult(split=split, tasks=tasks, primary_metrics={n: self.suite.primary_metric(n) for n in names},
                           seconds=time.perf_counter() - start, examples=values, outputs=outputs, minimized=minimized)
+
+    def lower_is_better(self) -> frozenset[str]:
+        """Tasks whose primary metric falls as the model improves (an lm-eval perplexity)."""
+        return frozenset(n for n in self.suite.names if self.suite.spec(n).type == "lm_eval"
+                         and not self._lm_task(n).higher_is_better)
 
     def reported(self, split: str = "search", objective: Mapping[str, float] | None = None) -> int:
         """How many examples `evaluate(split, report=..., objective=objective)` reports."""

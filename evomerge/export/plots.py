@@ -87,7 +87,9 @@ def _profile(plt, session, rows, recipe):
 
 
 def _comparison(plt, session, rows, recipe):
-    tasks = list(session.config.objectives[0])
+    from .run import objective_tasks
+
+    tasks = objective_tasks(session.config)
     if not rows:
         return None
     import numpy as np

@@ -25,7 +25,7 @@ def export_run(session, run_dir: Path, *, result, trial: int | None = None):
     """Everything a person needs from a finished (or running) study."""
     study = session.study
     frozen = _pick_trial(session, trial)
-    rows = scored_rows(session, frozen)
+    rows = scored_rows(session, frozen, label="best" if trial is None else "exported")
     scored = session.recipe_of(frozen)
     recipe = scored.relocated(run_dir)
     best_row = next(r for r in rows if r["number"] == frozen.number)
@@ -44,7 +44,9 @@ def export_run(session, run_dir: Path, *, result, trial: int | None = None):
     from .plots import write_plots
 
     plots = write_plots(session, rows, recipe, run_dir)
-    atomic_write_text(run_dir / "summary.md", summary_markdown(session, rows, frozen, recipe, plots))
+    best = session.best_trial() if trial is not None else frozen
+    atomic_write_text(run_dir / "summary.md", summary_markdown(session, rows, frozen, recipe, plots, given=trial,
+                                                               best_number=best.number if best else None))
     result.best_trial = frozen.number
     result.best_recipe = recipe
     result.summary = {"rows": rows, "best": best_row}
@@ -103,8 +105,8 @@ def heldout_scores(session, frozen) -> dict[str, dict[str, float]]:
     return scores
 
 
-def scored_rows(session, best) -> list[dict[str, Any]]:
-    """The best trial and every completed baseline, on both splits."""
+def scored_rows(session, best, *, label: str = "best") -> list[dict[str, Any]]:
+    """The best (or exported) trial and every completed baseline, on both splits."""
     from optuna.trial import TrialState
 
     picked = [t for t in session.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -116,27 +118,39 @@ def scored_rows(session, best) -> list[dict[str, Any]]:
     for t in picked:
         search = t.user_attrs.get("scores", {})
         heldout = heldout_scores(session, t)
-        label = t.user_attrs.get("baseline") or f"best (trial {t.number})"
+        name = t.user_attrs.get("baseline") or f"{label} (trial {t.number})"
         if t.number == best.number and "baseline" in t.user_attrs:
-            label += f" = best (trial {t.number})"
-        row = {"label": label, "number": t.number, "method": session.space.method_of(t.params, t.user_attrs),
-               "kind": label.split(":")[0] if "baseline" in t.user_attrs else "best"}
+            name += f" = {label} (trial {t.number})"
+        row = {"label": name, "number": t.number, "method": session.space.method_of(t.params, t.user_attrs),
+               "kind": name.split(":")[0] if "baseline" in t.user_attrs else "best"}
         for task in suite.names:
             metric = suite.primary_metric(task)
             row[f"search:{task}"] = search.get(task, {}).get(metric, float("nan"))
             row[f"heldout:{task}"] = heldout.get(task, {}).get(metric, float("nan"))
-        weights = session.config.objectives[0]
         for split in ("search", "heldout"):
-            total = sum(weights.values())
-            row[f"{split}_mean"] = sum(w * row[f"{split}:{task}"] for task, w in weights.items()) / total
+            row[f"{split}_objectives"] = objective_values(session, {t: row[f"{split}:{t}"] for t in suite.names})
+            row[f"{split}_mean"] = sum(row[f"{split}_objectives"]) / len(row[f"{split}_objectives"])
         rows.append(row)
     order = {"source": 0, "default": 1, "best": 2}
     rows.sort(key=lambda r: (order.get(r["kind"], 3), r["label"]))
     return rows
 
 
+def objective_tasks(config) -> list[str]:
+    """The tasks the objectives weight, in order, each once."""
+    return list(dict.fromkeys(t for objective in config.objectives for t in objective))
+
+
+def objective_values(session, scores: dict[str, float]) -> list[float]:
+    """Each objective's value for these task scores, as the search computes it: the weighted mean of the
+    tasks' primary metrics, a lower-is-better one negated."""
+    minimized = session.evaluator.lower_is_better()
+    return [sum(w * scores[t] * (-1.0 if t in minimized else 1.0) for t, w in objective.items()) / sum(objective.values())
+            for objective in session.config.objectives]
+
+
 def summary_table(rows: list[dict[str, Any]], session) -> str:
-    tasks = list(session.config.objectives[0])
+    tasks = objective_tasks(session.config)
     head = ["model", "method"] + [f"{t} (search)" for t in tasks] + [f"{t} (held-out)" for t in tasks] + \
         ["mean (search)", "mean (held-out)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -147,7 +161,8 @@ def summary_table(rows: list[dict[str, Any]], session) -> str:
     return "\n".join(lines)
 
 
-def summary_markdown(session, rows, best, recipe, plots: list[str]) -> str:
+def summary_markdown(session, rows, best, recipe, plots: list[str], *, given: int | None = None,
+                     best_number: int | None = None) -> str:
     import torch
 
     config = session.config
@@ -160,16 +175,24 @@ def summary_markdown(session, rows, best, recipe, plots: list[str]) -> str:
     evaluation = sum(s.get("eval", 0.0) for s in seconds)
     total = sum(s.get("total", 0.0) for s in seconds)
     best_row = next(r for r in rows if r["number"] == best.number)
-    tasks = list(config.objectives[0])
+    tasks = objective_tasks(config)
     sources = [r for r in rows if r["kind"] == "source"]
     defaults = [r for r in rows if r["kind"] == "default"]
+    several = len(config.objectives) > 1
     lines = [f"# evomerge run `{config.name}`", ""]
-    lines += [f"Best: trial {best.number}, **{recipe.method}**, held-out mean **{best_row['heldout_mean']:.4f}** "
-              f"(search {best_row['search_mean']:.4f}).", ""]
+    scores = (f"**{recipe.method}**, held-out mean **{best_row['heldout_mean']:.4f}** "
+              f"(search {best_row['search_mean']:.4f})")
+    if given is not None:
+        head = f"Exported: trial {given}, {scores}, asked for with `--trial`; the best is trial {best_number}."
+    elif several:
+        head = (f"Best: trial {best.number}, {scores}; means of the {len(config.objectives)} objectives. Of the "
+                "Pareto front, the trial with the best mean on the search split.")
+    else:
+        head = f"Best: trial {best.number}, {scores}."
+    lines += [head, ""]
     if sources:
         oracle = {t: max(r[f"heldout:{t}"] for r in sources) for t in tasks}
-        weights = config.objectives[0]
-        oracle_mean = sum(weights[t] * oracle[t] for t in tasks) / sum(weights.values())
+        oracle_mean = sum(objective_values(session, oracle)) / len(config.objectives)
         lines.append(f"- Per task, the best single source reaches a held-out mean of {oracle_mean:.4f}; "
                      f"the best recipe reaches {100 * best_row['heldout_mean'] / oracle_mean:.1f} % of it "
                      "with one model." if oracle_mean > 0 else "")
@@ -179,6 +202,8 @@ def summary_markdown(session, rows, best, recipe, plots: list[str]) -> str:
         best_default = max(defaults, key=lambda r: r["heldout_mean"])
         lines.append(f"- Best untuned merge: {best_default['label']} at {best_default['heldout_mean']:.4f}.")
     lines += ["", "## Held-out and search scores", "", summary_table(rows, session), ""]
+    if several:
+        lines += pareto_table(session, best.number)
     lines += ["## The run", "",
               f"- trials: {counts.get('COMPLETE', 0)} complete, {counts.get('PRUNED', 0)} pruned, "
               f"{counts.get('FAIL', 0)} failed (budget {config.search.n_trials})",
@@ -194,6 +219,19 @@ def summary_markdown(session, rows, best, recipe, plots: list[str]) -> str:
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines)
+
+
+def pareto_table(session, exported: int) -> list[str]:
+    """The Pareto front of several objectives, on the search split; any of them: `evomerge export --trial N`."""
+    names = [" + ".join(f"{w:g}·{t}" if w != 1 else t for t, w in o.items()) for o in session.config.objectives]
+    lines = ["## Pareto front (search split)", "",
+             "No trial of the front is better on every objective; export another with `evomerge export RUN_DIR "
+             "--trial N`.", "", "| trial | method | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
+    for t in session.pareto_front():
+        mark = " (exported)" if t.number == exported else ""
+        lines.append(f"| {t.number}{mark} | {session.space.method_of(t.params, t.user_attrs)} | "
+                     + " | ".join(f"{v:.4f}" for v in t.values) + " |")
+    return lines + [""]
 
 
 def trials_csv(session) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import SearchConfig, load_config
+from .errors import InputError
 from .export import atomic_write_text
 
 
@@ -34,14 +35,17 @@ def compare(config: SearchConfig | str | Path, *, seeds: int = 3, budget: int | 
 
     if not isinstance(config, SearchConfig):
         config = load_config(config)
+    for flag, value in (("--seeds", seeds), ("--budget", budget)):
+        if value is not None and value < 1:
+            raise InputError(f"must be at least 1, got {value}", field=flag)
     out = Path(out) if out else config.run_dir(None).parent / f"compare-{config.name}"
-    out.mkdir(parents=True, exist_ok=True)
     storage = f"sqlite:///{(out / 'compare.db').resolve()}"
     budget = budget or config.search.n_trials
     started = time.time()
-    bench = Workbench(config, device=device or config.device, progress=progress)
+    bench = Workbench(config, device=device or config.device, progress=progress)   # bad input stops here, unwritten
     rows: list[dict[str, Any]] = []
     try:
+        out.mkdir(parents=True, exist_ok=True)
         for method in config.search.methods:
             for seed in range(config.search.seed, config.search.seed + seeds):
                 sub = _restricted(config, method=method, seed=seed, budget=budget)
@@ -63,7 +67,8 @@ def compare(config: SearchConfig | str | Path, *, seeds: int = 3, budget: int | 
 def _restricted(config: SearchConfig, *, method: str, seed: int, budget: int) -> SearchConfig:
     search = config.search.model_copy(update={"methods": [method], "seed": seed, "n_trials": budget,
                                               "baselines": False})
-    return config.model_copy(update={"name": f"{config.name}.{method}.seed{seed}", "search": search})
+    # the budget is in the name: a rerun with another budget runs studies of its own, never a larger one's
+    return config.model_copy(update={"name": f"{config.name}.{method}.seed{seed}.budget{budget}", "search": search})
 
 
 def _score(session, *, method: str, seed: int) -> list[dict[str, Any]]:

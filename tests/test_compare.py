@@ -54,7 +54,7 @@ def test_numbers_equal_the_trials_in_the_storage(compared):
     _, out = compared
     storage = f"sqlite:///{out / 'compare.db'}"
     names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
-    assert names == {f"fixture.{m}.seed{s}" for m in METHODS for s in range(SEEDS)}
+    assert names == {f"fixture.{m}.seed{s}.budget{BUDGET}" for m in METHODS for s in range(SEEDS)}
     for row in _rows(out):
         study = optuna.load_study(study_name=row["study"], storage=storage)
         complete = [t for t in study.get_trials() if t.state.name == "COMPLETE"]
@@ -87,3 +87,30 @@ def test_a_held_out_number_recomputes_from_the_trial_recipe(compared):
         scores = session.evaluator.evaluate("heldout").tasks
     assert scores["ppl"]["neg_log_ppl"] == pytest.approx(float(row["heldout:ppl"]), rel=1e-9)
     assert scores["pick"]["acc"] == float(row["heldout:pick"])
+
+
+def test_a_rerun_with_a_smaller_budget_compares_at_that_budget(compared, tmp_path):
+    """Studies of another budget in the same compare.db are not reused: each row's trials are the budget's."""
+    import shutil
+
+    config, out = compared
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    done = subprocess.run([sys.executable, "-m", "evomerge", "compare", str(config), "--seeds", "1",
+                           "--budget", "2", "--out", str(again)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = _rows(again)
+    assert rows and all(int(r["n_complete"]) == 2 and r["study"].endswith(".budget2") for r in rows)
+    assert "same budget of 2 trials" in (again / "report.md").read_text()
+
+
+@pytest.mark.parametrize("flag, value", [("--seeds", "0"), ("--budget", "-1")])
+def test_a_bad_seed_count_or_budget_exits_2_and_writes_nothing(compared, tmp_path, flag, value):
+    config, _ = compared
+    out = tmp_path / "cmp"
+    done = subprocess.run([sys.executable, "-m", "evomerge", "compare", str(config), flag, value, "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2
+    err = done.stderr.strip().splitlines()
+    assert len(err) == 1 and f"{flag}: must be at least 1" in err[0], err
+    assert not out.exists()

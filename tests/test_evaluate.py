@@ -404,6 +404,28 @@ def test_lm_eval_scores_are_what_lm_eval_reports_for_the_same_documents(toy, tmp
     assert few is not None
 
 
+def test_a_broken_lm_eval_task_is_bad_input_naming_the_task_file(toy, tmp_path: Path) -> None:
+    from evomerge.errors import InputError
+
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    config = task_yaml(toy["suite"].spec("pick"), tmp_path / "gone.jsonl", task="toy_gone")
+    (custom / "gone.yaml").write_text(yaml.safe_dump(config))
+    (custom / "pick.yaml").write_text(yaml.safe_dump(task_yaml(toy["suite"].spec("pick"), toy["root"] / "data/pick.jsonl",
+                                                               task="toy_pick")))
+    tasks = tmp_path / "tasks.yaml"
+    for line, field, problem in [
+            ("{name: gone, type: lm_eval, task: toy_gone, include_path: custom}", "tasks.gone.task", "cannot load"),
+            ("{name: typo, type: lm_eval, task: toy_pick, include_path: custom, metric: acc_nrom}", "tasks.typo.metric",
+             "did you mean 'acc_norm'")]:
+        tasks.write_text(f"tasks:\n  - {line}\n")
+        evaluator = Evaluator(load_tasks(tasks), toy["model"], toy["tokenizer"], batch_size=16)
+        with pytest.raises(InputError) as caught:
+            evaluator.evaluate("heldout")
+        assert caught.value.file == str(tasks) and caught.value.field == field and problem in caught.value.line()
+        assert "\n" not in caught.value.line()
+
+
 def test_lm_eval_few_shot_is_the_same_on_every_call(toy, tmp_path: Path) -> None:
     custom = tmp_path / "custom"
     custom.mkdir()

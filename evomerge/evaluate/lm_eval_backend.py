@@ -72,9 +72,15 @@ class LmEvalTask:
     def __init__(self, spec: Any, lm: Any, *, base_dir: Path, file: Path | None) -> None:
         self.spec = spec
         self.lm = lm
+        self.file = file
         manager = check_task(spec, base_dir=base_dir, file=file, field=f"tasks.{spec.name}")
         _quiet()
-        self.loaded = manager.load([spec.task])
+        try:
+            self.loaded = manager.load([spec.task])
+        except Exception as err:   # the task's own YAML: a data file not found, a bad template, ...
+            first = (str(err).strip().splitlines() or [""])[0][:300]
+            raise InputError(f"lm-eval cannot load task '{spec.task}': {type(err).__name__}: {first}", file=file,
+                             field=f"tasks.{spec.name}.task", fix="check that task's YAML (and its data files)") from None
         for task in self.loaded["tasks"].values():
             if spec.num_fewshot is not None:
                 task.set_config(key="num_fewshot", value=spec.num_fewshot)
@@ -89,7 +95,7 @@ class LmEvalTask:
         for name, size in self.sizes.items():
             if size < 2:
                 raise InputError(f"lm-eval task '{name}' has {size} document(s); cannot split it",
-                                 field=f"tasks.{self.spec.name}")
+                                 file=self.file, field=f"tasks.{self.spec.name}")
             indices = seeded_split(size, self.spec.heldout_fraction, seed=self.spec.split_seed,
                                    key=f"{self.spec.name}/{name}")[split]
             indices = subsample(indices, self.spec.limit, seed=seed, key=f"{self.spec.name}/{name}/{split}")
@@ -129,7 +135,8 @@ class LmEvalTask:
             filters = [e["filter"] for e in entries]
             chosen = self.filter or ("none" if "none" in filters else filters[0])
             if chosen not in filters:
-                raise InputError(f"lm-eval task '{name}' has no filter '{chosen}'", field=f"tasks.{self.spec.name}.metric",
+                raise InputError(f"lm-eval task '{name}' has no filter '{chosen}'", file=self.file,
+                                 field=f"tasks.{self.spec.name}.metric",
                                  fix=f"filters: {', '.join(sorted(set(filters)))}")
             for entry in entries:
                 if entry["filter"] == chosen:
@@ -139,7 +146,7 @@ class LmEvalTask:
         metrics = [k for k in first.get("metrics", []) if _per_example(first.get(k))]   # not doc_id, target, ...
         if self.metric not in metrics:
             raise InputError(f"lm-eval task '{self.spec.task}' gives no per-example metric '{self.metric}'",
-                             field=f"tasks.{self.spec.name}.metric",
+                             file=self.file, field=f"tasks.{self.spec.name}.metric",
                              fix=suggest(self.metric, metrics) or f"metrics: {', '.join(metrics)}")
         aggregations = {name: task.aggregation() for name, task in tasks.items()}
         per_doc = {m: [_one(by_doc[d][m], aggregations[d[0]].get(m)) for d in documents]

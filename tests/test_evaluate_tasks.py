@@ -181,3 +181,21 @@ def test_last_number_target_with_separators() -> None:
     rule = ex.extractor("last_number")
     assert ex.exact_match(rule, " 1,234", "1,234") == ex.exact_match(rule, " 1,234", "1234") == 1.0
     assert ex.exact_match(rule, "1234", "x 1,234") == 0.0  # only a target that is a number is read as one
+
+
+def test_tasks_over_the_same_rows_split_them_alike(task_dir: Path) -> None:
+    """A choice and a generate version of the same questions, or a renamed task: the same held-out rows,
+    so that no task's held-out rows are another's search rows."""
+    questions = [f"q{i}" for i in range(41)]
+    write_jsonl(task_dir / "data/ask.jsonl", [{"prompt": q, "target": "a"} for q in questions])
+    suite = load_tasks(write_tasks(task_dir, """
+tasks:
+  - {name: pick, type: choice, data: data/pick.jsonl}
+  - {name: ask, type: generate, data: data/ask.jsonl, max_new_tokens: 2}
+  - {name: renamed, type: choice, data: data/pick.jsonl}
+"""))
+    prompts = {name: {split: [r.prompt for r in suite.rows(name, split)] for split in ("search", "heldout")}
+               for name in suite.names}
+    assert prompts["pick"] == prompts["ask"] == prompts["renamed"]
+    assert set(prompts["pick"]["heldout"]).isdisjoint(prompts["ask"]["search"])
+    assert len(prompts["pick"]["heldout"]) == round(41 * 0.5)

@@ -96,8 +96,7 @@ class LmEvalTask:
             if size < 2:
                 raise InputError(f"lm-eval task '{name}' has {size} document(s); cannot split it",
                                  file=self.file, field=f"tasks.{self.spec.name}")
-            indices = seeded_split(size, self.spec.heldout_fraction, seed=self.spec.split_seed,
-                                   key=f"{self.spec.name}/{name}")[split]
+            indices = seeded_split(size, self.spec.heldout_fraction, seed=self.spec.split_seed)[split]
             indices = subsample(indices, self.spec.limit, seed=seed, key=f"{self.spec.name}/{name}/{split}")
             out += [(name, i) for i in indices]
         return subsample(out, limit, seed=seed, key=f"{self.spec.name}/{split}") if limit else out

@@ -22,7 +22,10 @@ tasks:
 `load_tasks` validates the file and reads every row before any model exists,
 so a bad file fails in one line (`InputError`) and never mid-search. The
 split of one file is drawn with `split_seed` (a property of the task file, so
-held-out scores stay comparable across studies); `limit` subsamples with the
+held-out scores stay comparable across studies) and depends on nothing else but the
+number of rows: two tasks over the same rows (a choice and a generate version, or a
+renamed task) split them alike, so no task's held-out rows are another's search rows;
+`limit` subsamples with the
 study seed, nested (the rows for limit 50 are among those for limit 100).
 """
 
@@ -259,10 +262,10 @@ def subsample(rows: list[Any], limit: int | None, *, seed: int, key: str) -> lis
     return [rows[i] for i in sorted(order[:limit])]
 
 
-def seeded_split(n: int, fraction: float, *, seed: int, key: str) -> dict[str, list[int]]:
-    """Row indices of the search and heldout splits of one file (both non-empty)."""
+def seeded_split(n: int, fraction: float, *, seed: int) -> dict[str, list[int]]:
+    """Row indices of the search and heldout splits of n rows (both non-empty): the same for every task."""
     order = list(range(n))
-    random.Random(f"evomerge/split/{seed}/{key}").shuffle(order)
+    random.Random(f"evomerge/split/{seed}/rows").shuffle(order)
     k = min(max(round(n * fraction), 1), n - 1)
     return {"search": sorted(order[k:]), "heldout": sorted(order[:k])}
 
@@ -283,7 +286,7 @@ def _split_rows(spec: Any, *, base_dir: Path, file: Path, field: str) -> dict[st
     if len(rows) < 2:
         raise InputError(f"{len(rows)} row(s) cannot be split into search and heldout", file=file, field=field,
                          fix="give at least 2 rows, or separate search and heldout files")
-    indices = seeded_split(len(rows), spec.heldout_fraction, seed=spec.split_seed, key=spec.name)
+    indices = seeded_split(len(rows), spec.heldout_fraction, seed=spec.split_seed)
     return {split: [rows[i] for i in idx] for split, idx in indices.items()}
 
 

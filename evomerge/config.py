@@ -102,6 +102,13 @@ class SearchConfig(_Frozen):
         return self.objective if isinstance(self.objective, list) else [self.objective]
 
     @property
+    def needs_base(self) -> bool:
+        """Whether a searched method takes task vectors from the base (then no source may be the base)."""
+        from .methods import REGISTRY
+
+        return any(REGISTRY.get(m).needs_base for m in self.search.methods)
+
+    @property
     def relative_to(self) -> Path | None:
         return self.path.parent if self.path is not None else None
 
@@ -162,7 +169,8 @@ def check_config(config: SearchConfig) -> None:
                 where = "objective" if len(config.objectives) == 1 else f"objective[{i}]"
                 raise InputError(f"unknown task '{task}'", file=file, field=f"{where}.{task}",
                                  fix=suggest(task, suite.names) or f"tasks in {config.tasks}: {', '.join(suite.names)}")
-    sources = open_sources(config.base, config.sources, relative_to=config.relative_to, vocab=config.vocab, file=file)
+    sources = open_sources(config.base, config.sources, relative_to=config.relative_to, vocab=config.vocab, file=file,
+                           needs_base=config.needs_base)
     sources.layout.check_groups(config.search.layer_groups, file=file, field="search.layer_groups")
     sources.anchor.require_tokenizer(file=file)
 

@@ -411,7 +411,7 @@ def _progress(items: list, desc: str):
 def open_recipe_sources(recipe: Recipe) -> SourceSet:
     """The recipe's models, opened (headers only) and cross-checked, relative to the recipe file."""
     sources = open_sources(recipe.base, recipe.sources, relative_to=recipe.relative_to, vocab=recipe.vocab,
-                           file=str(recipe.path) if recipe.path else None)
+                           file=str(recipe.path) if recipe.path else None, needs_base=recipe.spec.needs_base)
     sources.layout.check_groups(recipe.layer_groups, file=str(recipe.path) if recipe.path else None)
     return sources
 

@@ -130,7 +130,7 @@ class Workbench:
 
             torch.set_num_threads(config.threads)
         self.sources = open_sources(config.base, config.sources, relative_to=config.relative_to, vocab=config.vocab,
-                                    file=str(config.path) if config.path else None)
+                                    file=str(config.path) if config.path else None, needs_base=config.needs_base)
         self.suite = load_tasks(tasks_path(config), seed=config.search.seed)
         try:
             self.merger = ResidentMerger(self.sources, device=device, dtype=config.dtype, seed=config.search.seed,

@@ -327,14 +327,27 @@ class SourceSet:
 
 
 def open_sources(base: str | None, sources: Iterable[str], *, relative_to: Path | None = None,
-                 vocab: str = "error", file: str | None = None) -> SourceSet:
-    """Open and cross-check the models; raise InputError naming tensor, model and shapes on mismatch."""
+                 vocab: str = "error", file: str | None = None, needs_base: bool = False) -> SourceSet:
+    """Open and cross-check the models; raise InputError naming tensor, model and shapes on mismatch.
+
+    `needs_base`: the merge takes task vectors from the base, so no source may be the base itself (under
+    another spelling of its path: a zero task vector would weigh in)."""
     specs = list(sources)
     if not specs:
         raise InputError("no sources given", file=file, field="sources")
     base_folder = open_folder(base, relative_to=relative_to, file=file, field="base") if base else None
     folders = [open_folder(s, relative_to=relative_to, file=file, field=f"sources[{i}]")
                for i, s in enumerate(specs)]
+    where = {}
+    for i, folder in enumerate(folders):
+        real = folder.path.resolve()
+        if real in where:
+            raise InputError(f"'{folder.spec}' is the same model folder as '{folders[where[real]].spec}'", file=file,
+                             field=f"sources[{i}]", fix="list each model once")
+        where[real] = i
+        if needs_base and base_folder is not None and real == base_folder.path.resolve():
+            raise InputError(f"'{folder.spec}' is the base model ('{base_folder.spec}')", file=file,
+                             field=f"sources[{i}]", fix="list only the fine-tuned models under sources")
     shorts = [f.short for f in folders]
     if len(set(shorts)) != len(shorts):
         raise InputError(f"two sources share the name '{_first_dup(shorts)}'", file=file, field="sources",

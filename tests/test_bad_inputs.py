@@ -116,6 +116,14 @@ CASES = [
      "unsupported recipe version", "recipe.yaml"),
     ("param-of-other-method", lambda r: _append(r / "recipe.yaml", "t: 0.5\n"), "merge",
      "'t' is not a parameter of ties", "recipe.yaml"),
+    ("base-as-source-spelled-otherwise", lambda r: _replace(r / "recipe.yaml", "sources: [s0, s1]",
+                                                           "sources: [s0, s1, ./base]"), "merge",
+     "'./base' is the base model", "recipe.yaml"),
+    ("source-twice-spelled-otherwise", lambda r: (r / "alias").symlink_to(r / "s1") or _replace(
+        r / "recipe.yaml", "sources: [s0, s1]", "sources: [s0, s1, alias]"), "merge",
+     "'alias' is the same model folder as 's1'", "recipe.yaml"),
+    ("config-base-as-source", lambda r: _replace(r / "search.yaml", "sources: [s0, s1]", "sources: [s0, s1, ./base]"),
+     "search", "'./base' is the base model", "search.yaml"),
     # -- task files ----------------------------------------------------------------------
     ("malformed-jsonl", lambda r: _append(r / "data/pick.search.jsonl", "{oops\n"), "search", "not valid JSON",
      "pick.search.jsonl:13"),

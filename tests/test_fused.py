@@ -61,6 +61,39 @@ def signed_zeros(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    """Task vectors on a coarse grid (as bf16 fine-tunes have): magnitudes tie exactly at the trims' bounds."""
+    from safetensors.torch import load_file, save_file
+
+    base, sources = _family(tmp_path_factory, 3)
+    anchor = load_file(base / "model.safetensors")
+    for folder in sources:
+        path = folder / "model.safetensors"
+        tensors = load_file(path)
+        for name, t in tensors.items():
+            if t.is_floating_point():
+                t.copy_(anchor[name] + ((t - anchor[name]) * 128).round() / 128)
+        save_file(tensors, path, metadata={"format": "pt"})
+    return base, sources
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties", "ties"])
+@pytest.mark.parametrize("trial", range(2))
+def test_fused_equals_eager_when_magnitudes_tie(kernel, tied, method, trial, monkeypatch):
+    base, sources = tied
+    recipe = random_recipe(method, base, sources, random.Random(f"tied-{method}-{trial}"))
+    bands = []
+    run = fused.FusedKernel.run
+    monkeypatch.setattr(fused.FusedKernel, "run", lambda self, plan, ctx, out: bands.append(plan.keep)
+                        or run(self, plan, ctx, out))
+    fast, written, eager = both_ways(recipe, kernel, monkeypatch)
+    assert written == len(fast)
+    assert_same(fast, eager)
+    if method != "ties":       # ties at a bound were split by position (TIES keeps every tied entry)
+        assert any(band.low_cut for band in bands)
+
+
+@pytest.fixture(scope="module")
 def six(tmp_path_factory):
     """More sources than torch's own sum over a dimension adds left to right (K >= 5), GPT-2 naming."""
     return _family(tmp_path_factory, 6, arch="gpt2")

@@ -455,6 +455,27 @@ def test_threshold_table_radix_select_equals_a_sort(n, kind, device, monkeypatch
     assert kth_largest_many(x.to(device), ks, absolute=True) == expected
 
 
+@pytest.mark.parametrize("kind", ["gaussian", "bf16", "integers", "zeros", "float64"])
+@pytest.mark.parametrize("n", [7, 4099, 300_001])
+def test_top_cuts_select_the_k_largest_ties_by_position(n, kind, monkeypatch):
+    """(value, cut) describes exactly the first k of a stable descending sort: by the sort (small tensors) and
+    by the radix select's counts (large ones, several slices)."""
+    import evomerge.methods.primitives
+    from evomerge.methods.primitives import top_cuts
+
+    monkeypatch.setattr(evomerge.methods.primitives, "RADIX_SLICE", 1 << 16)
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=gen)
+    x = {"bf16": x.bfloat16().float(), "integers": torch.randint(-4, 5, (n,), generator=gen).float(),
+         "zeros": torch.zeros(n), "float64": x.double()}.get(kind, x)
+    order = torch.sort(x.abs(), descending=True, stable=True).indices
+    ks = sorted({max(1, int(d / 100 * n)) for d in range(1, 101, 7)} | {1, n})
+    position = torch.arange(n)
+    for k, (value, cut) in zip(ks, top_cuts(x, ks)):
+        top = (x.abs() > value) | ((x.abs() == value) & (position < cut))
+        assert torch.equal(top.nonzero().flatten(), order[:k].sort().values), (k, value, cut)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_ties_matches_reference(dtype, normalize):
@@ -486,6 +507,33 @@ def test_breadcrumbs_drop_and_keep_counts():
     for d, gamma in ((0.3, 0.05), (0.7, 0.1), (0.9, 0.2), (0.005, 0.01)):
         got = merge_tensors("breadcrumbs", b, [delta.float()], weight=1.0, density=d, gamma=gamma)
         close(got, ref_breadcrumbs_trim(flat(delta), d, gamma), tol=0)
+
+
+def test_breadcrumbs_keeps_exact_counts_when_magnitudes_tie():
+    """bf16-like task vectors tie exactly: the band still keeps int(d N) entries below the top int(g N),
+    ties broken by position (the earlier first) - from the table, on demand, and chunk by chunk."""
+    from evomerge.methods.context import DENSITY_GRID, GAMMA_GRID, TensorContext
+    from evomerge.methods.library import outlier_trim
+
+    gen = torch.Generator().manual_seed(3)
+    n = 1000
+    deltas = [(torch.randint(-6, 7, (n,), generator=gen) / 8.0) for _ in range(2)]   # 13 values: many ties
+    b = torch.zeros(n)
+    cases = [(0.3, 0.05), (0.37, 0.012), (0.9, 0.2), (0.5, 0.0), (1.0, 0.1)]
+    for d, gamma in cases:
+        got = merge_tensors("breadcrumbs", b, [deltas[0]], weight=1.0, density=d, gamma=gamma)
+        expected = ref_breadcrumbs_trim(flat(deltas[0]), d, gamma)
+        close(got, expected, tol=0)             # the reference keeps exactly int(d n), ties by position
+    density, gamma = [0.37, 0.3], [0.012, 0.05]
+    on_demand = TensorContext.one_off(b, [b + x for x in deltas], name="t")
+    tabled = TensorContext.one_off(b, [b + x for x in deltas], name="t")
+    tabled.precompute_thresholds(densities=DENSITY_GRID, gammas=GAMMA_GRID[:20])
+    whole = outlier_trim(on_demand, density, gamma)
+    assert torch.equal(outlier_trim(tabled, density, gamma), whole)
+    assert torch.equal(torch.cat([outlier_trim(c, density, gamma) for c in tabled.chunks(97)], dim=1), whole)
+    for i in range(2):
+        assert torch.equal(whole[i], torch.tensor(ref_breadcrumbs_trim(flat(deltas[i]), density[i], gamma[i]),
+                                                  dtype=whole.dtype))
 
 
 @pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])

@@ -14,7 +14,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from .primitives import breadcrumbs_counts, kth_largest_abs, kth_largest_many, row_ranks, ties_keep_count, uniform_field
+from .primitives import (breadcrumbs_counts, kth_largest_abs, kth_largest_many, row_ranks, ties_keep_count,
+                         top_cuts, uniform_field)
 
 DENSITY_GRID = tuple(round(0.01 * i, 2) for i in range(1, 101))
 GAMMA_GRID = tuple(round(0.001 * i, 3) for i in range(0, 101))
@@ -29,6 +30,7 @@ class TensorContext:
     deltas: torch.Tensor
     seed: int = 0
     _thresholds: list[dict[int, float]] = field(default_factory=list)
+    _cuts: list[dict[int, int]] = field(default_factory=list)
     _uniform: tuple[int, torch.Tensor] | None = None
     _ranks: torch.Tensor | None = None
     _l1: torch.Tensor | None = None
@@ -76,6 +78,20 @@ class TensorContext:
             table[k] = float(kth_largest_abs(self.deltas[index], k))
         return table[k]
 
+    def top_cut(self, index: int, k: int) -> tuple[float, int]:
+        """The k largest |delta_index| entries, ties broken by position (the earlier first), as (value, cut):
+        those with |delta| > value, or |delta| == value at a flat position < cut. cut = numel where every
+        entry tied with the k-th largest is among them (always, unless values tie exactly)."""
+        if self.parent is not None:
+            return self.parent.top_cut(index, k)
+        value = self.kth_largest(index, k)
+        if not self._cuts:
+            self._cuts = [{} for _ in range(self.k)]
+        table = self._cuts[index]
+        if k not in table:
+            table[k] = top_cuts(self.deltas[index], [k])[0][1]
+        return value, table[k]
+
     def precompute_thresholds(self, *, densities: Iterable[float] = DENSITY_GRID,
                               gammas: Iterable[float] = (), ) -> None:
         """Fill the threshold table for every keep count the grids can ask for: one radix select per source."""
@@ -90,9 +106,15 @@ class TensorContext:
         if not positions:
             return
         self._thresholds = [{} for _ in range(self.k)] if not self._thresholds else self._thresholds
+        cut_at = {p for g in gammas for d in densities for p in breadcrumbs_counts(d, g, n) if p > 0}  # counts exact
+        if cut_at and not self._cuts:
+            self._cuts = [{} for _ in range(self.k)]
         for i in range(self.k):
             values = kth_largest_many(self.deltas[i], positions, absolute=True)
             self._thresholds[i].update(zip(positions, values))
+            ks = [p for p in positions if p in cut_at]
+            if ks:
+                self._cuts[i].update((k, cut) for k, (_, cut) in zip(ks, top_cuts(self.deltas[i], ks)))
 
     # -- random fields -------------------------------------------------------------
     def uniform(self) -> torch.Tensor:

@@ -33,10 +33,14 @@ OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @dataclass(frozen=True)
 class Band:
-    """Keep the entries with low_i <= |delta_i| < high_i (the TIES and breadcrumbs trims)."""
+    """Keep the entries with low_i <= |delta_i| < high_i (the TIES and breadcrumbs trims). With cuts (breadcrumbs,
+    where magnitudes tie at a bound): of the entries at |delta_i| == low_i only those at a flat position below
+    low_cut_i, and also those at |delta_i| == high_i from position high_cut_i on (context.top_cut)."""
 
     low: tuple[float, ...]
     high: tuple[float, ...]
+    low_cut: tuple[int, ...] = ()
+    high_cut: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,9 +99,9 @@ class FusedKernel:
     def run(self, plan: Plan, ctx, out: torch.Tensor) -> bool:
         """Write the plan's merge of `ctx` into `out`; whether every merged value is finite."""
         keep, combine = plan.keep, plan.combine
-        mode, low, high, rescale, uniform, ranks = 0, (), (), (), None, None
+        mode, low, high, cuts, rescale, uniform, ranks = 0, (), (), ((), ()), (), None, None
         if isinstance(keep, Band):
-            mode, low, high = 1, keep.low, keep.high
+            mode, low, high, cuts = 1, keep.low, keep.high, (keep.low_cut, keep.high_cut)
         elif isinstance(keep, Drop):
             mode, low, high, uniform = 2, keep.offset, keep.slope or (0.0,) * ctx.k, ctx.uniform()
             ranks = ctx.ranks() if keep.by_rank else None
@@ -107,8 +111,8 @@ class FusedKernel:
         else:
             elect, coef, scalar, normalize = True, combine.weights, combine.lam, combine.normalize
         with _labelled("evomerge::fused_merge"):
-            return self.module.merge(out, ctx.base.contiguous(), ctx.deltas, mode, low, high, rescale, uniform, ranks,
-                                     elect, coef, scalar, normalize)
+            return self.module.merge(out, ctx.base.contiguous(), ctx.deltas, mode, low, high, *cuts, rescale, uniform,
+                                     ranks, elect, coef, scalar, normalize)
 
 
 def _labelled(name: str):

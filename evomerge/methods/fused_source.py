@@ -25,6 +25,7 @@ SOURCE = r"""
 #include <atomic>
 #include <cfloat>
 #include <cmath>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
@@ -44,6 +45,7 @@ struct Plan {
   const float* ranks = nullptr;      // DROP by rank (DELLA): per-row magnitude ranks q, (K, n)
   int64_t keep = ALL;
   std::vector<float> low, high;      // BAND: keep low <= |d| < high. DROP: keep u < low (+ high * q by rank)
+  std::vector<int64_t> low_cut, high_cut;  // BAND by count: at |d| == low (high), positions below the cut are in
   std::vector<float> rescale;        // DROP: kept entries times this; empty: times 1 / p
   bool elect = false;
   std::vector<float> coef;           // sum: per-source scales; elect: per-source weights
@@ -93,6 +95,25 @@ struct KeepDrop {
   float operator()(int i, int64_t j) const {
     const float rescaled = s.d[i][j] * s.rescale[i];
     return u.d[i][j] < s.low[i] ? rescaled : 0.f;
+  }
+};
+
+// The band by count (breadcrumbs where magnitudes tie at a bound): the top-k entries, ties broken by position,
+// are those with |d| > bound, or |d| == bound at a position below the cut; keep the top (drop + keep) less
+// the top drop.
+// Positions are int32 (a tensor below 2^31 entries: checked), so that they vectorize beside the floats; the
+// bitwise & and | keep the loop branch-free.
+template <int K>
+struct KeepBandByCount {
+  Sources<K> s;
+  int32_t j0;
+  int32_t low_cut[K], high_cut[K];
+  float operator()(int i, int64_t j) const {
+    const float x = s.d[i][j], m = std::fabs(x);
+    const int32_t at = j0 + static_cast<int32_t>(j);
+    const bool in_low = (m > s.low[i]) | ((m == s.low[i]) & (at < low_cut[i]));
+    const bool in_high = (m > s.high[i]) | ((m == s.high[i]) & (at < high_cut[i]));
+    return (in_low & !in_high) ? x : 0.f;
   }
 };
 
@@ -173,8 +194,15 @@ void merge_block(const Plan& p, int64_t j0, int64_t n, float* acc) {
   const Sources<K> d(p, p.deltas, j0);
   if (p.keep == ALL) {
     combine<K>(p, KeepAll<K>{d}, j0, n, acc);
-  } else if (p.keep == BAND) {
+  } else if (p.keep == BAND && p.low_cut.empty()) {
     combine<K>(p, KeepBand<K>{d}, j0, n, acc);
+  } else if (p.keep == BAND) {
+    KeepBandByCount<K> kept{d, static_cast<int32_t>(j0), {}, {}};
+    for (int i = 0; i < K; ++i) {
+      kept.low_cut[i] = static_cast<int32_t>(p.low_cut[i]);
+      kept.high_cut[i] = static_cast<int32_t>(p.high_cut[i]);
+    }
+    combine<K>(p, kept, j0, n, acc);
   } else if (p.ranks == nullptr) {
     combine<K>(p, KeepDrop<K>{d, Sources<K>(p, p.uniform, j0)}, j0, n, acc);
   } else if (p.rescale.empty()) {
@@ -233,7 +261,8 @@ const float* field(const c10::optional<at::Tensor>& t, const at::Tensor& like) {
 }
 
 bool merge(at::Tensor out, const at::Tensor& base, const at::Tensor& deltas, int64_t keep,
-           const std::vector<double>& low, const std::vector<double>& high, const std::vector<double>& rescale,
+           const std::vector<double>& low, const std::vector<double>& high, const std::vector<int64_t>& low_cut,
+           const std::vector<int64_t>& high_cut, const std::vector<double>& rescale,
            const c10::optional<at::Tensor>& uniform, const c10::optional<at::Tensor>& ranks, bool elect,
            const std::vector<double>& coef, double scalar, bool normalize) {
   TORCH_CHECK(base.scalar_type() == at::kFloat && deltas.scalar_type() == at::kFloat, "float32 inputs only");
@@ -257,6 +286,11 @@ bool merge(at::Tensor out, const at::Tensor& base, const at::Tensor& deltas, int
   p.keep = keep;
   p.low = floats(low);
   p.high = floats(high);
+  TORCH_CHECK(low_cut.size() == high_cut.size() && (low_cut.empty() || static_cast<int64_t>(low_cut.size()) == k),
+              "one cut per source, or none");
+  TORCH_CHECK(low_cut.empty() || n <= INT32_MAX, "cuts need a tensor of fewer than 2^31 entries");
+  p.low_cut = low_cut;
+  p.high_cut = high_cut;
   p.rescale = floats(rescale);
   p.elect = elect;
   p.coef = floats(coef);
@@ -277,7 +311,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("MAX_SOURCES") = MAX_SOURCES;
   m.def("merge", &merge, "Merge one tensor into `out` in one pass; whether every value is finite.",
         pybind11::arg("out"), pybind11::arg("base"), pybind11::arg("deltas"), pybind11::arg("keep"),
-        pybind11::arg("low"), pybind11::arg("high"), pybind11::arg("rescale"), pybind11::arg("uniform"),
+        pybind11::arg("low"), pybind11::arg("high"), pybind11::arg("low_cut"), pybind11::arg("high_cut"),
+        pybind11::arg("rescale"), pybind11::arg("uniform"),
         pybind11::arg("ranks"), pybind11::arg("elect"), pybind11::arg("coef"), pybind11::arg("scalar"),
         pybind11::arg("normalize"), pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -8,6 +8,7 @@ composed, not copied: `dare_ties` is the DARE mask followed by the TIES steps.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Sequence
 
@@ -36,31 +37,46 @@ def magnitude_trim(ctx: TensorContext, density: Sequence[float]) -> torch.Tensor
     return ctx.deltas.abs().ge_(tau).mul_(ctx.deltas)      # ge_ on floats writes the 0/1 mask in place
 
 
+Cut = tuple[float, int]      # (value, position): ctx.top_cut's description of the k largest magnitudes
+
+
 def outlier_bounds(ctx: TensorContext, density: Sequence[float],
-                   gamma: Sequence[float]) -> tuple[list[float], list[float]]:
-    """Breadcrumbs: per source, the band [low, high) of |delta| that is kept: below the top int(g N)
-    magnitudes, the int(d N) largest ones; everything for d >= 1."""
+                   gamma: Sequence[float]) -> tuple[list[Cut], list[Cut]]:
+    """Breadcrumbs: per source, the top drop+keep and the top drop magnitudes (ties broken by position), whose
+    difference is kept: below the top int(g N), the int(d N) largest ones; everything for d >= 1."""
+    n = ctx.numel
     lows, highs = [], []
     for i, (d, g) in enumerate(zip(density, gamma)):
         if d >= 1:
-            lows.append(0.0)
-            highs.append(math.inf)
+            lows.append((0.0, n))
+            highs.append((math.inf, n))
             continue
-        drop, keep = breadcrumbs_counts(d, g, ctx.numel)
-        lows.append(ctx.kth_largest(i, drop + keep) if keep > 0 else math.inf)
-        highs.append(ctx.kth_largest(i, drop) if drop > 0 else math.inf)
+        drop, keep = breadcrumbs_counts(d, g, n)
+        lows.append(ctx.top_cut(i, drop + keep) if keep > 0 else (math.inf, n))
+        highs.append(ctx.top_cut(i, drop) if drop > 0 else (math.inf, n))
     return lows, highs
 
 
 def outlier_trim(ctx: TensorContext, density: Sequence[float], gamma: Sequence[float]) -> torch.Tensor:
-    """Breadcrumbs trim: keep low_i <= |delta_i| < high_i."""
+    """Breadcrumbs trim: keep the top drop+keep magnitudes less the top drop: low_i <= |delta_i| < high_i,
+    and where a tie straddles a bound, its entries by position."""
     like = ctx.deltas
     lows, highs = outlier_bounds(ctx, density, gamma)
-    low = per_source(torch.tensor(lows, dtype=like.dtype, device=like.device), like)
-    high = per_source(torch.tensor(highs, dtype=like.dtype, device=like.device), like)
+    low = per_source(torch.tensor([v for v, _ in lows], dtype=like.dtype, device=like.device), like)
+    high = per_source(torch.tensor([v for v, _ in highs], dtype=like.dtype, device=like.device), like)
     mag = like.abs()
     keep = lt_mask(mag, high)
-    return mag.ge_(low).mul_(keep).mul_(like)
+    kept = mag.ge_(low).mul_(keep)
+    n = ctx.numel
+    straddled = [i for i, (lo, hi) in enumerate(zip(lows, highs)) if lo[1] != n or hi[1] != n]
+    if straddled:
+        start, stop = ctx.span or (0, n)
+        position = torch.arange(start, stop, device=like.device).view(like.shape[1:])
+        for i in straddled:
+            m = like[i].abs()
+            top = lambda cut: (m > cut[0]) | ((m == cut[0]) & (position < cut[1]))   # noqa: E731
+            kept[i] = (top(lows[i]) & ~top(highs[i])).to(kept.dtype)
+    return kept.mul_(like)
 
 
 def _rescaled(ctx: TensorContext, keep: torch.Tensor, inverse: torch.Tensor, rescale: str) -> torch.Tensor:
@@ -215,9 +231,16 @@ def _ties_plan(p: dict, keep: Band | Drop | None) -> Plan:
     return Plan(Elect(values(p["weight"]), p["lambda"], p["normalize"]), keep)
 
 
-def _outlier_band(ctx: TensorContext, p: dict) -> Band:
+def _outlier_band(ctx: TensorContext, p: dict) -> Band | None:
+    """The band; with the cuts where a tie straddles a bound (its entries kept by position). None (the eager
+    steps) for cuts in a tensor of 2^31 entries or more, past the kernel's int32 positions."""
     lows, highs = outlier_bounds(ctx, p["exact"]["density"], p["exact"]["gamma"])
-    return Band(tuple(lows), tuple(highs))
+    band = Band(tuple(v for v, _ in lows), tuple(v for v, _ in highs))
+    if all(cut == ctx.numel for _, cut in lows + highs):
+        return band
+    if ctx.numel >= 2**31:
+        return None
+    return dataclasses.replace(band, low_cut=tuple(c for _, c in lows), high_cut=tuple(c for _, c in highs))
 
 
 def _dare_keep(p: dict) -> Drop | None:
@@ -267,12 +290,14 @@ def _fused_task_arithmetic(ctx: TensorContext, p: dict) -> Plan:
     return _task_plan(p)
 
 
-def _fused_breadcrumbs(ctx: TensorContext, p: dict) -> Plan:
-    return _task_plan(p, _outlier_band(ctx, p))
+def _fused_breadcrumbs(ctx: TensorContext, p: dict) -> Plan | None:
+    band = _outlier_band(ctx, p)
+    return _task_plan(p, band) if band is not None else None
 
 
-def _fused_breadcrumbs_ties(ctx: TensorContext, p: dict) -> Plan:
-    return _ties_plan(p, _outlier_band(ctx, p))
+def _fused_breadcrumbs_ties(ctx: TensorContext, p: dict) -> Plan | None:
+    band = _outlier_band(ctx, p)
+    return _ties_plan(p, band) if band is not None else None
 
 
 @_without_l1

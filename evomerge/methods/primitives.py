@@ -52,6 +52,53 @@ def kth_largest_many(values: torch.Tensor, ks: Sequence[int], *, absolute: bool 
     if flat.dtype != torch.float32 or flat.numel() <= SMALL_SORT:   # a sort beats the 2^19-bucket histograms
         ordered = torch.sort(flat.abs() if absolute else flat, descending=True).values
         return ordered[torch.tensor([k - 1 for k in ks], device=flat.device)].tolist()
+    return _radix_select(flat, ks, absolute=absolute)[0].view(torch.float32).tolist()
+
+
+def top_cuts(values: torch.Tensor, ks: Sequence[int]) -> list[tuple[float, int]]:
+    """The k largest |values| for several k, ties broken by flat position (the earlier first), each as
+    (value, cut): the entries with |v| > value, or |v| == value at a position below cut. cut = numel
+    where every entry tied with the k-th largest is among the k (always, unless magnitudes tie exactly).
+
+    The radix select's histograms count, for each k, the entries above its value and tied with it; only
+    where a tie straddles k are the tied entries' positions read, in one more pass."""
+    flat = values.reshape(-1)
+    n = flat.numel()
+    if not ks:
+        return []
+    if flat.dtype != torch.float32 or n <= SMALL_SORT:
+        ordered, order = torch.sort(flat.abs(), descending=True, stable=True)     # ties: by position
+        out = []
+        for k in ks:
+            value = float(ordered[k - 1])
+            out.append((value, int(order[k]) if k < n and float(ordered[k]) == value else n))
+        return out
+    found, greater, equal = _radix_select(flat, ks, absolute=True)
+    need = torch.tensor(list(ks), dtype=torch.int64) - greater.cpu()
+    cuts = [n] * len(ks)
+    straddled = [j for j in range(len(ks)) if int(need[j]) < int(equal[j])]
+    if straddled:
+        patterns = torch.unique(found[straddled].to(torch.int32))
+        in_bucket = torch.zeros(1 << 19, dtype=torch.bool, device=flat.device)
+        in_bucket[patterns >> 12] = True           # the radix buckets (high 19 bits) of the straddled values
+        hits, where = [], []
+        for start in range(0, n, RADIX_SLICE):      # the positions of the entries tied at a straddled value
+            bits = flat[start:start + RADIX_SLICE].abs().view(torch.int32)
+            at = torch.nonzero(in_bucket[bits >> 12]).flatten()
+            at = at[torch.isin(bits[at], patterns)]
+            hits.append(bits[at])
+            where.append(at + start)
+        hits, order = torch.sort(torch.cat(hits), stable=True)      # by value, each value's positions ascending
+        where = torch.cat(where)[order]
+        starts = torch.searchsorted(hits, found[straddled].to(torch.int32)).tolist()
+        for j, start in zip(straddled, starts):
+            cuts[j] = int(where[start + int(need[j])])
+    values_out = found.view(torch.float32).tolist()
+    return list(zip(values_out, cuts))
+
+
+def _radix_select(flat: torch.Tensor, ks: Sequence[int], *, absolute: bool) -> tuple[torch.Tensor, ...]:
+    """For each k: the k-th largest entry's bit pattern (int32), and how many entries are larger and equal."""
     low_bits, high_size = 12, 1 << 19
 
     def bit_slices():
@@ -66,7 +113,8 @@ def kth_largest_many(values: torch.Tensor, ks: Sequence[int], *, absolute: bool 
     wanted = torch.tensor(list(ks), dtype=above.dtype, device=above.device)
     j = torch.searchsorted(above, wanted)
     buckets = high_size - 1 - j
-    ranks = wanted - torch.where(j > 0, above[(j - 1).clamp(min=0)], torch.zeros_like(j))
+    higher = torch.where(j > 0, above[(j - 1).clamp(min=0)], torch.zeros_like(j))   # in buckets above
+    ranks = wanted - higher
     chosen, slot = torch.unique(buckets, return_inverse=True)
     row_of = torch.full((high_size,), -1, dtype=torch.int32, device=flat.device)
     row_of[chosen] = torch.arange(len(chosen), dtype=torch.int32, device=flat.device)
@@ -77,9 +125,13 @@ def kth_largest_many(values: torch.Tensor, ks: Sequence[int], *, absolute: bool 
         keys = row[keep].long() * (1 << low_bits) + (bits[keep] & ((1 << low_bits) - 1))
         low += torch.bincount(keys, minlength=len(chosen) << low_bits)
     below = low.view(len(chosen), 1 << low_bits).flip(1).cumsum(1)      # per bucket, like `above`
-    j2 = torch.searchsorted(below[slot], ranks.unsqueeze(1)).squeeze(1)
+    mine = below[slot]
+    j2 = torch.searchsorted(mine, ranks.unsqueeze(1)).squeeze(1)
     found = (buckets << low_bits) | ((1 << low_bits) - 1 - j2)
-    return found.to(torch.int32).view(torch.float32).tolist()
+    at_or_above = mine.gather(1, j2.unsqueeze(1)).squeeze(1)
+    strictly = torch.where(j2 > 0, mine.gather(1, (j2 - 1).clamp(min=0).unsqueeze(1)).squeeze(1),
+                           torch.zeros_like(j2))
+    return found.to(torch.int32), higher + strictly, at_or_above - strictly
 
 
 def kth_largest_abs(x: torch.Tensor, k: int) -> torch.Tensor:

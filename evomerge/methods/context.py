@@ -94,27 +94,26 @@ class TensorContext:
 
     def precompute_thresholds(self, *, densities: Iterable[float] = DENSITY_GRID,
                               gammas: Iterable[float] = (), ) -> None:
-        """Fill the threshold table for every keep count the grids can ask for: one radix select per source."""
+        """Fill the threshold table for every keep count the grids can ask for: one radix select per source
+        (breadcrumbs' bounds with their cuts: the radix select's counts, and a pass where ties straddle)."""
         n = self.numel
         densities = tuple(densities)
-        positions = {ties_keep_count(d, n) for d in densities}
+        cut_at = set()     # breadcrumbs' bounds, the top drop and the top drop + keep: kept by exact count
         for g in gammas:
             for d in densities:
                 drop, keep = breadcrumbs_counts(d, g, n)
-                positions.update(p for p in (drop, drop + keep) if p > 0)
-        positions = sorted(p for p in positions if 1 <= p <= n)
-        if not positions:
+                cut_at.update(p for p in (drop, drop + keep) if 1 <= p <= n)
+        plain = sorted(p for p in {ties_keep_count(d, n) for d in densities} - cut_at if 1 <= p <= n)
+        if not plain and not cut_at:
             return
-        self._thresholds = [{} for _ in range(self.k)] if not self._thresholds else self._thresholds
-        cut_at = {p for g in gammas for d in densities for p in breadcrumbs_counts(d, g, n) if p > 0}  # counts exact
-        if cut_at and not self._cuts:
-            self._cuts = [{} for _ in range(self.k)]
+        self._thresholds = self._thresholds or [{} for _ in range(self.k)]
+        self._cuts = self._cuts or [{} for _ in range(self.k)]
         for i in range(self.k):
-            values = kth_largest_many(self.deltas[i], positions, absolute=True)
-            self._thresholds[i].update(zip(positions, values))
-            ks = [p for p in positions if p in cut_at]
-            if ks:
-                self._cuts[i].update((k, cut) for k, (_, cut) in zip(ks, top_cuts(self.deltas[i], ks)))
+            self._thresholds[i].update(zip(plain, kth_largest_many(self.deltas[i], plain, absolute=True)))
+            ks = sorted(cut_at)
+            for k, (value, cut) in zip(ks, top_cuts(self.deltas[i], ks)):
+                self._thresholds[i][k] = value
+                self._cuts[i][k] = cut
 
     # -- random fields -------------------------------------------------------------
     def uniform(self) -> torch.Tensor:

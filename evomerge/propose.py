@@ -13,6 +13,7 @@ proposals for one seed: the sampler never sees the trial just before the one it 
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import sys
@@ -31,6 +32,26 @@ def samples_ahead(config) -> bool:
     if os.environ.get("EVOMERGE_SAMPLE_INLINE") == "1":
         return False
     return config.search.sampler not in ("random", "qmc") and (os.cpu_count() or 1) >= 2
+
+
+@contextlib.contextmanager
+def _main_script_hidden():
+    """Start a spawned process without the user's script: it needs nothing of it, and spawn would run the
+    script's top-level code again in it, so a script that calls evomerge.search without an
+    `if __name__ == "__main__":` guard would search twice and fail to start a process of its own."""
+    main = sys.modules.get("__main__")
+    names = ("__spec__", "__file__")
+    saved = {k: main.__dict__[k] for k in names if main is not None and k in main.__dict__}
+    try:
+        for k in saved:
+            if k == "__spec__":
+                main.__spec__ = None
+            else:
+                del main.__dict__[k]
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.update(saved)
 
 
 class SamplingError(RuntimeError):
@@ -123,7 +144,8 @@ class SamplerProcess:
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
         self._process = context.Process(target=_serve, args=(child,), name="evomerge-sampler", daemon=True)
-        self._process.start()
+        with _main_script_hidden():
+            self._process.start()
         child.close()
         self._keys = 0
         self._ready = False

@@ -355,6 +355,20 @@ def test_several_objectives_export_the_balanced_pareto_trial_and_list_the_front(
     assert yaml.safe_load((out / "recipe.yaml").read_text())["provenance"]["trial"] == other.number
 
 
+def test_the_python_api_runs_in_a_script_without_a_main_guard(tmp_path):
+    """The sampler process is spawned without the user's script: its top-level search does not run twice."""
+    config = make_search_fixture(tmp_path / "fam", n_trials=3)
+    script = tmp_path / "api.py"
+    script.write_text(f"import evomerge\nrun = evomerge.search({str(config)!r}, out={str(tmp_path / 'run')!r}, "
+                      f"progress=False)\nprint('best trial', run.best_trial)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "EVOMERGE_SAMPLE_INLINE": "0"}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "sampler process stopped" not in done.stderr, done.stderr[-2000:]
+    assert done.stdout.count("best trial") == 1
+
+
 def test_resuming_over_other_weights_is_refused(tmp_path):
     """Trials scored on one set of models never mix with another's: a rerun over changed weights exits 2."""
     from safetensors.torch import load_file, save_file

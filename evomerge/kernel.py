@@ -21,7 +21,7 @@ import torch
 from . import binding
 from .errors import InputError
 from .methods import DENSITY_GRID, GAMMA_GRID, REGISTRY, TensorContext, fused, resolve
-from .recipe import Recipe
+from .recipe import Recipe, check_for_layout
 from .sources import SourceSet, open_sources
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -339,6 +339,7 @@ class ResidentMerger:
             raise InputError(f"recipe dtype {recipe.dtype} differs from the resident model's {self.out_dtype}",
                              field="dtype")
         self.sources.layout.check_groups(recipe.layer_groups)
+        check_for_layout(recipe, self.sources.layout)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The merged tensors under the sources' own names, in checkpoint order."""

@@ -147,10 +147,13 @@ class Recipe:
                 return _pick(entry[name], group)
         return float(self.spec.param(name).default)
 
-    def slots(self) -> list[tuple[int | str, str]]:
-        """Every (group, kind) a tensor can fall into: what validation must cover."""
-        groups: list[int | str] = list(range(self.layer_groups)) + [IO_GROUP]
-        return [(g, k) for g in groups for k in MODULE_KINDS]
+    def slots(self, layout: Any = None) -> list[tuple[int | str, str]]:
+        """Every (group, kind) a tensor can fall into: what validation must cover. Without a model's layout,
+        every kind outside the blocks and every kind but embeddings and heads inside them; with one, its own."""
+        if layout is not None:
+            return sorted({(layout.group(n, self.layer_groups), t.kind) for n, t in layout.tensors.items()}, key=str)
+        blocks = [(g, k) for g in range(self.layer_groups) for k in MODULE_KINDS if k not in ("embed", "head")]
+        return blocks + [(IO_GROUP, k) for k in sorted(MODULE_KINDS, key=lambda k: k not in ("embed", "head"))]
 
     def is_deterministic(self) -> bool:
         return not self.spec.stochastic
@@ -289,23 +292,31 @@ def _parse_source_params(block: Any, spec: MethodSpec, sources: list[str], group
     return out
 
 
-def _check_combinations(recipe: Recipe, *, file: str | None) -> None:
-    """Constraints across parameters, for every slot a tensor can fall into."""
+def _check_combinations(recipe: Recipe, *, file: str | None, layout: Any = None) -> None:
+    """Constraints across parameters, for every slot a tensor can fall into (of `layout`, when known)."""
     spec = recipe.spec
     shared = recipe.shared_values()
     names = {p.name for p in spec.params}
-    for group, kind in recipe.slots():
+    for group, kind in recipe.slots(layout):
         values = recipe.source_values(group, kind)
         where = f"group {group}, {kind} tensors"
+        filtered = kind in recipe.filters or (group == IO_GROUP and IO_GROUP in recipe.filters)
+        field = "filters" if filtered else "parameters"
         if shared.get("normalize") and "weight" in values and spec.name in _SUM_NORMALIZED:
             if abs(sum(values["weight"])) < 1e-8:
-                raise InputError(f"weights sum to 0 with normalize on ({where})", file=file, field="parameters",
+                raise InputError(f"weights sum to 0 with normalize on ({where})", file=file, field=field,
                                  fix="change a weight or set normalize: false")
         if "epsilon" in names:
             for src, d, e in zip(recipe.sources, values["density"], values["epsilon"]):
                 if not (d - e > 0 and d + e <= 1):
                     raise InputError(f"density {d:g} ± epsilon {e:g} leaves (0, 1] for '{src}' ({where})",
-                                     file=file, field="parameters", fix="need 0 < density - epsilon and density + epsilon <= 1")
+                                     file=file, field=field, fix="need 0 < density - epsilon and density + epsilon <= 1")
+
+
+def check_for_layout(recipe: Recipe, layout: Any) -> None:
+    """The cross-parameter constraints on the slots a model's tensors actually fall into (a kind where the
+    recipe alone does not expect it: an attention tensor outside the blocks)."""
+    _check_combinations(recipe, file=str(recipe.path) if recipe.path else None, layout=layout)
 
 
 _SUM_NORMALIZED = {"linear", "task_arithmetic", "breadcrumbs", "dare_linear", "della_linear"}

@@ -433,6 +433,18 @@ def test_della_density_plus_minus_epsilon(family, tmp_path, capsys, density, eps
     refused_in_process(capsys, recipe, "epsilon", "(0, 1]")
 
 
+def test_della_values_only_a_slot_no_tensor_has_would_read_are_not_refused(family, tmp_path, capsys):
+    """A head tensor (outside the blocks) reads a list's first value: the second, invalid with epsilon, is
+    never used. An io filter that is invalid is refused, named under filters."""
+    ok = write_recipe(tmp_path / "ok", family, method="della_linear", parameters={"s0": {"epsilon": 0.1}},
+                      filters={"head": {"s0": {"density": [0.5, 0.05]}}})
+    assert main(["validate", str(ok)]) == 0
+    assert main(["merge", str(ok), "-o", str(tmp_path / "out")]) == 0
+    bad = write_recipe(tmp_path / "bad", family, method="della_linear", parameters={"s0": {"epsilon": 0.1}},
+                       filters={"io": {"s0": {"density": 0.05}}})
+    refused_in_process(capsys, bad, "filters:", "epsilon", "group io, embed tensors")
+
+
 def test_more_layer_groups_than_layers(family, tmp_path, capsys):
     recipe = write_recipe(tmp_path / "r", family, layer_groups=5, parameters={"s0": {"weight": [1, 1, 1, 1, 1]}},
                           filters=None)

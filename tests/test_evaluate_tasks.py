@@ -142,6 +142,11 @@ BAD_CASES = {
     "empty file": (lambda d: (d / "data/text.jsonl").write_text("\n"), GOOD, r"text\.jsonl: no rows"),
     "missing include_path": (None, GOOD + "  - {name: arc, type: lm_eval, task: x, include_path: nowhere}\n",
                              r"tasks\.arc\.include_path: include_path not found"),
+    "misspelt choices key": (lambda d: write_jsonl(d / "data/pick.jsonl", [{"prompt": "q", "choice": ["a", "b"],
+                                                                            "answer": 0}]),
+                             GOOD, r"pick\.jsonl:1: choices: missing 'choices' \(did you mean 'choice'\?\)"),
+    "unknown extract rule": (None, GOOD.replace('extract: {regex: "(\\\\d+)"}', "extract: lastnum"),
+                             r"tasks\.inc\.extract: .*'last_number' \(or a regex: \{regex:"),
 }
 
 

@@ -46,6 +46,9 @@ def _string(obj: dict, key: str, *, empty_ok: bool = True) -> str:
 
 def parse_choice(obj: dict) -> ChoiceRow:
     prompt = _string(obj, "prompt")
+    for key in ("choices", "answer"):
+        if key not in obj:
+            raise InputError(f"missing '{key}'", field=key, fix=suggest(key, [str(k) for k in obj]))
     choices = obj.get("choices")
     if not isinstance(choices, (list, tuple)) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
         raise InputError("'choices' must be a list of at least 2 non-empty strings", field="choices")

@@ -250,7 +250,11 @@ def _input_error(err: ValidationError, raw: dict[str, Any], file: Path | None) -
         loc = loc[3:] if len(loc) > 2 and loc[2] in _MODELS else loc[2:]  # drop the union tag
     parts += [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p[:1].isupper()))]  # no union labels
     message = first["msg"].removeprefix("Value error, ")
-    return InputError(message, file=file, field=".".join(p for p in parts if p) or None)
+    field = ".".join(p for p in parts if p) or None
+    fix = None
+    if field and field.endswith(".extract") and first["type"] == "literal_error":
+        fix = "or a regex: {regex: '...'}, whose first group (else the whole match) is compared"
+    return InputError(message, file=file, field=field, fix=fix)
 
 
 def subsample(rows: list[Any], limit: int | None, *, seed: int, key: str) -> list[Any]:

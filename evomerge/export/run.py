@@ -56,7 +56,7 @@ def export_run(session, run_dir: Path, *, result, trial: int | None = None):
 def reexport(run_dir: Path, *, trial: int | None = None, storage: str | None = None):
     """`evomerge export RUN_DIR [--trial N]` from the run's own record."""
     from ..config import load_config
-    from ..search import RunResult, SearchSession
+    from ..search import RunResult, SearchSession, _export_lock
 
     record_path = run_dir / "run.json"
     if not record_path.is_file():
@@ -67,7 +67,8 @@ def reexport(run_dir: Path, *, trial: int | None = None, storage: str | None = N
     if ":***@" in url:
         raise InputError("the run's storage URL has a password, which evomerge never writes down", file=record_path,
                          fix="pass --storage with the full URL")
-    with SearchSession(config, storage_url=url, device=record.get("device"), progress=False) as session:
+    with SearchSession(config, storage_url=url, device=record.get("device"), progress=False) as session, \
+            _export_lock(run_dir):       # not at once with a search's own export into the folder
         return export_run(session, run_dir, result=RunResult(run_dir=run_dir, study_name=config.name, storage=url),
                           trial=trial)
 

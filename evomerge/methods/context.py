@@ -84,13 +84,12 @@ class TensorContext:
         entry tied with the k-th largest is among them (always, unless values tie exactly)."""
         if self.parent is not None:
             return self.parent.top_cut(index, k)
-        value = self.kth_largest(index, k)
-        if not self._cuts:
-            self._cuts = [{} for _ in range(self.k)]
-        table = self._cuts[index]
-        if k not in table:
-            table[k] = top_cuts(self.deltas[index], [k])[0][1]
-        return value, table[k]
+        self._cuts = self._cuts or [{} for _ in range(self.k)]
+        self._thresholds = self._thresholds or [{} for _ in range(self.k)]
+        if k not in self._cuts[index]:      # one radix select gives the value and the cut
+            value, self._cuts[index][k] = top_cuts(self.deltas[index], [k])[0]
+            self._thresholds[index].setdefault(k, value)
+        return self._thresholds[index][k], self._cuts[index][k]
 
     def precompute_thresholds(self, *, densities: Iterable[float] = DENSITY_GRID,
                               gammas: Iterable[float] = (), ) -> None:

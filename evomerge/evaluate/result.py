@@ -28,11 +28,7 @@ class EvalResult:
 
     def objective(self, weights: Mapping[str, float]) -> float:
         """Weighted mean of the tasks' primary metrics, to maximize: a lower-is-better metric counts negated."""
-        total = sum(weights.values())
-        if not weights or total <= 0:
-            raise InputError("objective weights must be non-negative with a positive sum", field="objective")
-        return sum(w * self.primary(task) * (-1.0 if task in self.minimized else 1.0)
-                   for task, w in weights.items() if w) / total
+        return objective_value({t: self.primary(t) for t, w in weights.items() if w}, weights, self.minimized)
 
     def stderr(self, task: str, metric: str | None = None) -> float:
         """Standard error of the mean of a per-example metric (NaN for fewer than 2 examples)."""
@@ -66,3 +62,12 @@ class EvalResult:
             if i == 0:
                 text.append("  ".join("-" * w for w in widths))
         return "\n".join(text)
+
+
+def objective_value(scores: Mapping[str, float], weights: Mapping[str, float],
+                    minimized: frozenset[str] = frozenset()) -> float:
+    """The search's objective for these task scores: their weighted mean, a lower-is-better one negated."""
+    total = sum(weights.values())
+    if not weights or total <= 0:
+        raise InputError("objective weights must be non-negative with a positive sum", field="objective")
+    return sum(w * scores[t] * (-1.0 if t in minimized else 1.0) for t, w in weights.items() if w) / total

@@ -145,9 +145,10 @@ def objective_tasks(config) -> list[str]:
 def objective_values(session, scores: dict[str, float]) -> list[float]:
     """Each objective's value for these task scores, as the search computes it: the weighted mean of the
     tasks' primary metrics, a lower-is-better one negated."""
+    from ..evaluate.result import objective_value
+
     minimized = session.evaluator.lower_is_better()
-    return [sum(w * scores[t] * (-1.0 if t in minimized else 1.0) for t, w in objective.items()) / sum(objective.values())
-            for objective in session.config.objectives]
+    return [objective_value(scores, objective, minimized) for objective in session.config.objectives]
 
 
 def summary_table(rows: list[dict[str, Any]], session) -> str:

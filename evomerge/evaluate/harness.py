@@ -54,6 +54,7 @@ class Evaluator:
         self._plans: dict[tuple[str, tuple[str, ...]], list[_Chunk]] = {}
         self._lm = None
         self._lm_tasks: dict[str, Any] = {}
+        self._lower: frozenset[str] | None = None
         for spec in suite.specs:
             if spec.type != "lm_eval":
                 for split in SPLITS:
@@ -114,9 +115,11 @@ class Evaluator:
                           seconds=time.perf_counter() - start, examples=values, outputs=outputs, minimized=minimized)
 
     def lower_is_better(self) -> frozenset[str]:
-        """Tasks whose primary metric falls as the model improves (an lm-eval perplexity)."""
-        return frozenset(n for n in self.suite.names if self.suite.spec(n).type == "lm_eval"
-                         and not self._lm_task(n).higher_is_better)
+        """Tasks whose primary metric falls as the model improves (an lm-eval perplexity); found once."""
+        if self._lower is None:
+            self._lower = frozenset(n for n in self.suite.names if self.suite.spec(n).type == "lm_eval"
+                                    and not self._lm_task(n).higher_is_better)
+        return self._lower
 
     def reported(self, split: str = "search", objective: Mapping[str, float] | None = None) -> int:
         """How many examples `evaluate(split, report=..., objective=objective)` reports."""

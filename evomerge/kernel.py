@@ -186,6 +186,7 @@ class ResidentMerger:
             if not self.streaming:
                 self.contexts[name] = self._read_context(name)
         self.prepared: set[str] = set()
+        self._slots: dict[int, list[tuple[int | str, str]]] = {}
         if precompute:   # a search's grid tables; a one-off merge computes its few thresholds on demand
             self.prepare([m.name for m in self.methods], progress=progress)
 
@@ -339,7 +340,9 @@ class ResidentMerger:
             raise InputError(f"recipe dtype {recipe.dtype} differs from the resident model's {self.out_dtype}",
                              field="dtype")
         self.sources.layout.check_groups(recipe.layer_groups)
-        check_for_layout(recipe, self.sources.layout)
+        if recipe.layer_groups not in self._slots:     # the model's (group, kind) slots: once per grouping
+            self._slots[recipe.layer_groups] = self.sources.layout.slots(recipe.layer_groups)
+        check_for_layout(recipe, self._slots[recipe.layer_groups])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The merged tensors under the sources' own names, in checkpoint order."""

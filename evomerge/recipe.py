@@ -147,11 +147,9 @@ class Recipe:
                 return _pick(entry[name], group)
         return float(self.spec.param(name).default)
 
-    def slots(self, layout: Any = None) -> list[tuple[int | str, str]]:
-        """Every (group, kind) a tensor can fall into: what validation must cover. Without a model's layout,
-        every kind outside the blocks and every kind but embeddings and heads inside them; with one, its own."""
-        if layout is not None:
-            return sorted({(layout.group(n, self.layer_groups), t.kind) for n, t in layout.tensors.items()}, key=str)
+    def slots(self) -> list[tuple[int | str, str]]:
+        """Every (group, kind) a tensor can fall into, before a model is known: every kind outside the blocks,
+        every kind but embeddings and heads inside them (a model's own: Layout.slots)."""
         blocks = [(g, k) for g in range(self.layer_groups) for k in MODULE_KINDS if k not in ("embed", "head")]
         return blocks + [(IO_GROUP, k) for k in sorted(MODULE_KINDS, key=lambda k: k not in ("embed", "head"))]
 
@@ -292,12 +290,13 @@ def _parse_source_params(block: Any, spec: MethodSpec, sources: list[str], group
     return out
 
 
-def _check_combinations(recipe: Recipe, *, file: str | None, layout: Any = None) -> None:
-    """Constraints across parameters, for every slot a tensor can fall into (of `layout`, when known)."""
+def _check_combinations(recipe: Recipe, *, file: str | None,
+                        slots: list[tuple[int | str, str]] | None = None) -> None:
+    """Constraints across parameters, for every slot a tensor can fall into (`slots`: a model's own)."""
     spec = recipe.spec
     shared = recipe.shared_values()
     names = {p.name for p in spec.params}
-    for group, kind in recipe.slots(layout):
+    for group, kind in slots if slots is not None else recipe.slots():
         values = recipe.source_values(group, kind)
         where = f"group {group}, {kind} tensors"
         filtered = kind in recipe.filters or (group == IO_GROUP and IO_GROUP in recipe.filters)
@@ -313,10 +312,10 @@ def _check_combinations(recipe: Recipe, *, file: str | None, layout: Any = None)
                                      file=file, field=field, fix="need 0 < density - epsilon and density + epsilon <= 1")
 
 
-def check_for_layout(recipe: Recipe, layout: Any) -> None:
-    """The cross-parameter constraints on the slots a model's tensors actually fall into (a kind where the
-    recipe alone does not expect it: an attention tensor outside the blocks)."""
-    _check_combinations(recipe, file=str(recipe.path) if recipe.path else None, layout=layout)
+def check_for_layout(recipe: Recipe, slots: list[tuple[int | str, str]]) -> None:
+    """The cross-parameter constraints on the (group, kind) slots a model's tensors fall into (Layout.slots:
+    a kind where the recipe alone does not expect it, an embedding inside a block)."""
+    _check_combinations(recipe, file=str(recipe.path) if recipe.path else None, slots=slots)
 
 
 _SUM_NORMALIZED = {"linear", "task_arithmetic", "breadcrumbs", "dare_linear", "della_linear"}

@@ -93,6 +93,10 @@ class Layout:
             return IO_GROUP
         return layer * layer_groups // self.num_layers
 
+    def slots(self, layer_groups: int) -> list[tuple[int | str, str]]:
+        """The (layer group, module kind) pairs the tensors fall into."""
+        return sorted({(self.group(n, layer_groups), t.kind) for n, t in self.tensors.items()}, key=str)
+
     def check_groups(self, layer_groups: int, *, file: str | None = None, field: str = "layer_groups") -> None:
         if layer_groups < 1:
             raise InputError("must be at least 1", file=file, field=field)

@@ -173,23 +173,30 @@ def _eval(args: argparse.Namespace) -> int:
 
 @command("search")
 def _search(args: argparse.Namespace) -> int:
-    from .search import search_command
+    from .search import search
 
-    return search_command(args)
+    result = search(args.config, n_trials=args.n_trials, storage=args.storage, out=args.out, device=args.device,
+                    export=not args.no_export)
+    print(f"run folder: {result.run_dir}")
+    return 0
 
 
 @command("demo")
 def _demo(args: argparse.Namespace) -> int:
-    from .search import demo_command
+    from .demo import run_demo
 
-    return demo_command(args)
+    result = run_demo(out=args.out, n_trials=args.n_trials, config=args.config)
+    print(f"demo results in {result.run_dir}")
+    return 0
 
 
 @command("export")
 def _export(args: argparse.Namespace) -> int:
-    from .search import export_command
+    from .search import reexport
 
-    return export_command(args)
+    result = reexport(Path(args.run_dir), trial=args.trial, storage=args.storage)
+    print(f"exported trial {result.best_trial} to {result.run_dir}")
+    return 0
 
 
 @command("compare")

@@ -102,6 +102,11 @@ class SearchConfig(_Frozen):
         return self.objective if isinstance(self.objective, list) else [self.objective]
 
     @property
+    def objective_tasks(self) -> list[str]:
+        """The tasks the objectives weight, in order, each once."""
+        return list(dict.fromkeys(t for objective in self.objectives for t in objective))
+
+    @property
     def needs_base(self) -> bool:
         """Whether a searched method takes task vectors from the base (then no source may be the base)."""
         from .methods import REGISTRY

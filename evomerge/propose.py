@@ -288,7 +288,7 @@ def _serve(conn) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from .samplers import make_sampler
-    from .search import open_study
+    from .storage import open_study
 
     studies: dict[int, tuple[Any, Any, Heartbeat]] = {}
     broken: dict[int, str] = {}

@@ -9,55 +9,28 @@ Rerunning the same command resumes the study until `n_trials` trials are done
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .config import SearchConfig, load_config, tasks_path
 from .errors import InputError
-from .storage import HEARTBEAT_S, state_counts
+from .storage import HEARTBEAT_S, open_study, safe_url, state_counts
+
+if TYPE_CHECKING:
+    from .export.run import RunResult
 
 DONE = ("COMPLETE", "PRUNED")
 FINGERPRINT_ATTR = "sources_fingerprint"
 SPACE_ATTR = "space_fingerprint"
 
 
-@dataclass
-class RunResult:
-    run_dir: Path
-    study_name: str
-    storage: str
-    best_trial: int | None = None
-    best_recipe: Any = None
-    summary: dict[str, Any] = field(default_factory=dict)
-
-
 class SurplusTrial(RuntimeError):
     """Other workers already hold the whole budget: this trial is not run."""
-
-
-def open_study(config: SearchConfig, storage_url: str, *, sampler=None, pruner=None, create: bool = True):
-    import optuna
-
-    from .storage import open_storage
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    storage = open_storage(storage_url)
-    directions = ["maximize"] * len(config.objectives)
-    if create:
-        return optuna.create_study(study_name=config.name, storage=storage, sampler=sampler, pruner=pruner,
-                                   directions=directions, load_if_exists=True)
-    try:
-        return optuna.load_study(study_name=config.name, storage=storage, sampler=sampler, pruner=pruner)
-    except KeyError:
-        raise InputError(f"no study named '{config.name}' in the storage", field="storage") from None
 
 
 def search(config: SearchConfig | str | Path, *, n_trials: int | None = None, storage: str | None = None,
@@ -79,11 +52,11 @@ def search(config: SearchConfig | str | Path, *, n_trials: int | None = None, st
         except InputError as err:
             raise InputError(err.problem, file=None if storage else config.path,
                              field="--storage" if storage else "search.storage", fix=err.fix) from None
+    from .export.run import RunResult, export_lock, export_run
+
     bench = Workbench(config, device=device or config.device, progress=progress)   # bad input stops here, unwritten
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        from .export.run import safe_url
-
         (run_dir / "run.json").write_text(json.dumps({"config": str(config.path.resolve()) if config.path else None,
                                                       "storage": safe_url(storage_url), "study": config.name,
                                                       "device": device or config.device}, indent=2) + "\n")
@@ -95,9 +68,7 @@ def search(config: SearchConfig | str | Path, *, n_trials: int | None = None, st
             if session.counts().get("RUNNING", 0):
                 print("other workers are still running trials: the last one to finish exports", flush=True)
                 return result
-            from .export.run import export_run
-
-            with _export_lock(run_dir):
+            with export_lock(run_dir):
                 return export_run(session, run_dir, result=result)
     finally:
         bench.close()
@@ -210,8 +181,6 @@ class SearchSession:
 
     def _check_same_weights(self) -> None:
         """A study resumes only over the weights it started on: trials scored on other models would mix in."""
-        from .export.run import safe_url
-
         now = self.bench.fingerprints
         before = self.study.user_attrs.get(FINGERPRINT_ATTR)
         if before is None:
@@ -402,19 +371,6 @@ class SearchSession:
         return sorted(self.study.best_trials, key=lambda t: t.number)
 
 
-@contextlib.contextmanager
-def _export_lock(run_dir: Path):
-    """One export at a time into a run folder (workers sharing a machine may finish together)."""
-    import fcntl
-
-    with open(run_dir / ".export.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _check_writable(run_dir: Path) -> None:
     import os
 
@@ -458,27 +414,20 @@ def _postfix(bar, trials) -> None:
     bar.set_postfix(best=f"{best:.4f}", s_per_trial=f"{last:.2f}")
 
 
-# -- CLI glue ------------------------------------------------------------------------------------------
+def reexport(run_dir: Path, *, trial: int | None = None, storage: str | None = None) -> RunResult:
+    """`evomerge export RUN_DIR [--trial N]` from the run's own record."""
+    from .export.run import RunResult, export_lock, export_run
 
-def search_command(args) -> int:
-    config = load_config(args.config)
-    result = search(config, n_trials=args.n_trials, storage=args.storage, out=args.out, device=args.device,
-                    export=not args.no_export)
-    print(f"run folder: {result.run_dir}")
-    return 0
-
-
-def export_command(args) -> int:
-    from .export.run import reexport
-
-    result = reexport(Path(args.run_dir), trial=args.trial, storage=args.storage)
-    print(f"exported trial {result.best_trial} to {result.run_dir}")
-    return 0
-
-
-def demo_command(args) -> int:
-    from .demo import run_demo
-
-    result = run_demo(out=args.out, n_trials=args.n_trials, config=args.config)
-    print(f"demo results in {result.run_dir}")
-    return 0
+    record_path = run_dir / "run.json"
+    if not record_path.is_file():
+        raise InputError("not a run folder (no run.json)", file=run_dir, fix="give the folder a search wrote")
+    record = json.loads(record_path.read_text())
+    config = load_config(record["config"])
+    url = storage or record["storage"]
+    if ":***@" in url:
+        raise InputError("the run's storage URL has a password, which evomerge never writes down", file=record_path,
+                         fix="pass --storage with the full URL")
+    with SearchSession(config, storage_url=url, device=record.get("device"), progress=False) as session, \
+            export_lock(run_dir):       # not at once with a search's own export into the folder
+        return export_run(session, run_dir, result=RunResult(run_dir=run_dir, study_name=config.name, storage=url),
+                          trial=trial)

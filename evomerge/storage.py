@@ -115,6 +115,23 @@ class BatchedRDBStorage(RDBStorage):
         return super().get_all_trials(study_id, deepcopy=deepcopy, states=states)
 
 
+def open_study(config, storage_url: str, *, sampler=None, pruner=None, create: bool = True):
+    """The study named in `config` (a SearchConfig) at `storage_url`, created if new unless `create` is False."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    storage = open_storage(storage_url)
+    directions = ["maximize"] * len(config.objectives)
+    if create:
+        return optuna.create_study(study_name=config.name, storage=storage, sampler=sampler, pruner=pruner,
+                                   directions=directions, load_if_exists=True)
+    try:
+        return optuna.load_study(study_name=config.name, storage=storage, sampler=sampler, pruner=pruner)
+    except KeyError:
+        raise InputError(f"no study named '{config.name}' in the storage", field="storage") from None
+
+
 def open_storage(url: str) -> BatchedRDBStorage:
     """The storage at `url`, its tables created if new; a bad URL or an unreachable server is bad input."""
     from optuna.storages import RetryHeartbeatStaleTrialCallback
@@ -130,8 +147,6 @@ def open_storage(url: str) -> BatchedRDBStorage:
             if racing and attempt < 3:
                 time.sleep(0.5 + attempt)
                 continue
-            from .export.run import safe_url
-
             message = str(err).splitlines()[0][:200].replace(url, safe_url(url))
             raise InputError(f"cannot open the study storage {safe_url(url)}: {type(err).__name__}: {message}",
                              field="storage", fix="check the URL (sqlite:///path or postgresql://user@host/db)") from None
@@ -225,3 +240,13 @@ def state_counts(study, *, before: int | None = None) -> dict[str, int]:
         if before is None or t.number < before:
             counts[t.state.name] = counts.get(t.state.name, 0) + 1
     return counts
+
+
+def safe_url(url: str) -> str:
+    """A storage URL without its password."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        if ":" in creds:
+            return f"{scheme}://{creds.split(':')[0]}:***@{host}"
+    return url

@@ -27,7 +27,8 @@ from .generate import GenExample, draft_batch, generate
 from .result import EvalResult
 from .score import (ChoiceExample, build_choice_batch, build_text_batch, choice_loglikelihoods, choice_metrics,
                     text_nll, text_windows)
-from .tasks import SPLITS, TaskSuite, check_split, subsample
+from .splits import SPLITS, check_split, subsample
+from .tasks import TaskSuite
 
 DEFAULT_BATCH_SIZE = 64  # rows per forward pass
 MAX_BATCH_TOKENS = 64 * 512  # fewer rows when they are long (a padded batch's tokens, roughly)

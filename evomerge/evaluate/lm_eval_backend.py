@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import InputError, suggest
 from ..paths import resolve_path
-from .tasks import seeded_split, subsample
+from .splits import seeded_split, subsample
 
 FEWSHOT_SEED = 1234   # lm-eval's own default, so a task's few-shot prompts are the ones lm_eval builds
 

@@ -32,7 +32,6 @@ study seed, nested (the rows for limit 50 are among those for limit 100).
 from __future__ import annotations
 
 import dataclasses
-import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +43,8 @@ from ..errors import InputError, suggest
 from ..paths import resolve_path
 from ..yamlio import load_yaml
 from . import rows as row_io
+from .splits import SPLITS, check_split, seeded_split, subsample
 
-SPLITS = ("search", "heldout")
 TASK_TYPES = ("choice", "generate", "perplexity", "lm_eval")
 METRICS = {
     "choice": ("acc", "acc_norm"),
@@ -189,11 +188,6 @@ class TaskSuite:
         return self._rows[(name, split)]
 
 
-def check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise InputError(f"unknown split '{split}'", field="split", fix=f"use one of {', '.join(SPLITS)}")
-
-
 def load_tasks(path: str | Path, *, seed: int = 0) -> TaskSuite:
     """Validate a task file and read every row; every problem is one `InputError` line."""
     path = Path(path)
@@ -255,23 +249,6 @@ def _input_error(err: ValidationError, raw: dict[str, Any], file: Path | None) -
     if field and field.endswith(".extract") and first["type"] == "literal_error":
         fix = "or a regex: {regex: '...'}, whose first group (else the whole match) is compared"
     return InputError(message, file=file, field=field, fix=fix)
-
-
-def subsample(rows: list[Any], limit: int | None, *, seed: int, key: str) -> list[Any]:
-    """A seeded subsample in original order; nested across limits for one seed."""
-    if limit is None or limit >= len(rows):
-        return list(rows)
-    order = list(range(len(rows)))
-    random.Random(f"evomerge/limit/{seed}/{key}").shuffle(order)
-    return [rows[i] for i in sorted(order[:limit])]
-
-
-def seeded_split(n: int, fraction: float, *, seed: int) -> dict[str, list[int]]:
-    """Row indices of the search and heldout splits of n rows (both non-empty): the same for every task."""
-    order = list(range(n))
-    random.Random(f"evomerge/split/{seed}/rows").shuffle(order)
-    k = min(max(round(n * fraction), 1), n - 1)
-    return {"search": sorted(order[k:]), "heldout": sorted(order[:k])}
 
 
 def _split_rows(spec: Any, *, base_dir: Path, file: Path, field: str) -> dict[str, list[Any]]:

@@ -87,9 +87,7 @@ def _profile(plt, session, rows, recipe):
 
 
 def _comparison(plt, session, rows, recipe):
-    from .run import objective_tasks
-
-    tasks = objective_tasks(session.config)
+    tasks = session.config.objective_tasks
     if not rows:
         return None
     import numpy as np

@@ -7,18 +7,46 @@ kernel that scored it, from the trial's stored parameters.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import platform
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..storage import safe_url
 from . import atomic_write_text, export_model, mergekit_yaml
 
 HELDOUT_ATTR = "heldout:"
+
+
+@dataclass
+class RunResult:
+    """What a search (or an export) leaves: its folder, its study, and the exported best."""
+
+    run_dir: Path
+    study_name: str
+    storage: str
+    best_trial: int | None = None
+    best_recipe: Any = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def export_lock(run_dir: Path):
+    """One export at a time into a run folder (workers sharing a machine may finish together)."""
+    import fcntl
+
+    with open(run_dir / ".export.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def export_run(session, run_dir: Path, *, result, trial: int | None = None):
@@ -51,26 +79,6 @@ def export_run(session, run_dir: Path, *, result, trial: int | None = None):
     result.best_recipe = recipe
     result.summary = {"rows": rows, "best": best_row}
     return result
-
-
-def reexport(run_dir: Path, *, trial: int | None = None, storage: str | None = None):
-    """`evomerge export RUN_DIR [--trial N]` from the run's own record."""
-    from ..config import load_config
-    from ..search import RunResult, SearchSession, _export_lock
-
-    record_path = run_dir / "run.json"
-    if not record_path.is_file():
-        raise InputError("not a run folder (no run.json)", file=run_dir, fix="give the folder a search wrote")
-    record = json.loads(record_path.read_text())
-    config = load_config(record["config"])
-    url = storage or record["storage"]
-    if ":***@" in url:
-        raise InputError("the run's storage URL has a password, which evomerge never writes down", file=record_path,
-                         fix="pass --storage with the full URL")
-    with SearchSession(config, storage_url=url, device=record.get("device"), progress=False) as session, \
-            _export_lock(run_dir):       # not at once with a search's own export into the folder
-        return export_run(session, run_dir, result=RunResult(run_dir=run_dir, study_name=config.name, storage=url),
-                          trial=trial)
 
 
 def _folders(session) -> list:
@@ -137,11 +145,6 @@ def scored_rows(session, best, *, label: str = "best") -> list[dict[str, Any]]:
     return rows
 
 
-def objective_tasks(config) -> list[str]:
-    """The tasks the objectives weight, in order, each once."""
-    return list(dict.fromkeys(t for objective in config.objectives for t in objective))
-
-
 def objective_values(session, scores: dict[str, float]) -> list[float]:
     """Each objective's value for these task scores, as the search computes it: the weighted mean of the
     tasks' primary metrics, a lower-is-better one negated."""
@@ -152,7 +155,7 @@ def objective_values(session, scores: dict[str, float]) -> list[float]:
 
 
 def summary_table(rows: list[dict[str, Any]], session) -> str:
-    tasks = objective_tasks(session.config)
+    tasks = session.config.objective_tasks
     head = ["model", "method"] + [f"{t} (search)" for t in tasks] + [f"{t} (held-out)" for t in tasks] + \
         ["mean (search)", "mean (held-out)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -177,7 +180,7 @@ def summary_markdown(session, rows, best, recipe, plots: list[str], *, given: in
     evaluation = sum(s.get("eval", 0.0) for s in seconds)
     total = sum(s.get("total", 0.0) for s in seconds)
     best_row = next(r for r in rows if r["number"] == best.number)
-    tasks = objective_tasks(config)
+    tasks = config.objective_tasks
     sources = [r for r in rows if r["kind"] == "source"]
     defaults = [r for r in rows if r["kind"] == "default"]
     several = len(config.objectives) > 1
@@ -268,13 +271,3 @@ def _device_name(device) -> str:
 
         return torch.cuda.get_device_name(device)
     return platform.processor() or "cpu"
-
-
-def safe_url(url: str) -> str:
-    """A storage URL without its password."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        if ":" in creds:
-            return f"{scheme}://{creds.split(':')[0]}:***@{host}"
-    return url

@@ -19,7 +19,6 @@ control where merging fails. Same seed and size, same bytes.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import sys
@@ -28,32 +27,9 @@ from pathlib import Path
 
 from ..errors import InputError, suggest
 from .sizes import ZOO_SIZES, ZooSize
+from .version import MANIFEST, ZOO_VERSION, is_current, read_manifest
 
 __all__ = ["ZOO_SIZES", "ZooSize", "build_zoo", "MANIFEST", "ZOO_VERSION", "is_current", "read_manifest"]
-
-MANIFEST = "zoo.json"
-TASK_FILE = "tasks.yaml"
-# The zoo's own version, in zoo.json: raise it whenever training or the task data change, so that a
-# zoo cached by an older evomerge is rebuilt rather than silently reused (2: AdamW experts with
-# headroom; prompts that end with a space).
-ZOO_VERSION = 2
-
-
-def read_manifest(root: str | Path) -> dict | None:
-    """The zoo.json of the zoo at `root`, or None where there is no readable one."""
-    import json
-
-    try:
-        return json.loads((Path(root) / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def is_current(manifest: dict | None, *, size: str = "tiny", seed: int = 0) -> bool:
-    """Whether a zoo's manifest is what this version of evomerge would build for `size` and `seed`."""
-    return manifest is not None and \
-        (manifest.get("evomerge_zoo"), manifest.get("size"), manifest.get("seed")) == (ZOO_VERSION, size, seed)
-
 
 def build_zoo(out: str | Path, *, seed: int = 0, size: str = "tiny", force: bool = False,
               progress: bool = True) -> Path:
@@ -78,12 +54,6 @@ def build_zoo(out: str | Path, *, seed: int = 0, size: str = "tiny", force: bool
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
-
-
-def derive_seed(seed: int, *names: str) -> int:
-    """A stable 63-bit seed for one purpose (not Python's salted `hash`)."""
-    digest = hashlib.sha256(":".join([str(seed), *names]).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def _size(name: str) -> ZooSize:

@@ -8,10 +8,10 @@ from typing import Any, Callable
 
 import torch
 
-from . import MANIFEST, TASK_FILE, ZOO_VERSION, derive_seed
 from .sizes import ZooSize
 from .skills import COMPATIBLE, CONFLICTING, SKILLS, Skill, choice_rows, generate_rows, prompt_text, sample_inputs
 from .train import Batches, Encoder, finetune, new_model, pretrain, reproducible_cpu
+from .version import MANIFEST, TASK_FILE, ZOO_VERSION, derive_seed
 from .write import (build_tokenizer, choice_task_name, data_path, save_model_folder, write_json, write_jsonl,
                     write_task_file)
 

@@ -1,0 +1,108 @@
+"""The package's modules import only what sits below them in the pipeline: no import circle anywhere.
+
+Every `import` counts, also one inside a function (a lazy import is still a dependency: it
+only hides a circle until the day the two modules load in the other order).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "evomerge"
+
+
+def _modules() -> dict[str, tuple[Path, bool]]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        is_package = parts[-1] == "__init__"
+        found[".".join(parts[:-1] if is_package else parts)] = (path, is_package)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the evomerge modules it imports (at the top or inside a function)."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, (path, is_package) in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                anchor = name.split(".") if is_package else name.split(".")[:-1]
+                if node.level:
+                    anchor = anchor[:len(anchor) - (node.level - 1)]
+                    target = ".".join(anchor + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                targets = [f"{target}.{a.name}" if f"{target}.{a.name}" in modules else target for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            for target in targets:
+                while target and target not in modules:     # `evomerge.x.y` where y is a name in module x
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    graph[name].add(target)
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_circle_finder_finds_a_circle() -> None:
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_module_imports_a_module_that_imports_it_back() -> None:
+    graph = import_graph()
+    assert {"evomerge.search", "evomerge.storage", "evomerge.export.run"} <= graph.keys()
+    assert "evomerge.storage" in graph["evomerge.search"]             # lazy imports are read too
+    found = circles(graph)
+    detail = [[f"{a} -> {', '.join(sorted(graph[a] & set(c)))}" for a in c] for c in found]
+    assert not found, detail
+
+
+def test_the_pipeline_reads_downwards() -> None:
+    """The stages named in STYLE.md import only stages below them."""
+    graph = import_graph()
+    order = ["evomerge.errors", "evomerge.methods", "evomerge.sources", "evomerge.config", "evomerge.kernel",
+             "evomerge.storage", "evomerge.search", "evomerge.demo", "evomerge.compare", "evomerge.cli"]
+    for i, module in enumerate(order):
+        above = set(order[i + 1:])
+        assert not (graph[module] & above), (module, sorted(graph[module] & above))
+    assert not graph["evomerge.export.run"] & {"evomerge.search", "evomerge.demo", "evomerge.compare"}
+    assert not graph["evomerge.evaluate.tasks"] & {"evomerge.evaluate.harness"}

@@ -52,6 +52,9 @@ class Evaluator:
         self.runner = Runner(model)
         self.stats: Counter[str] = Counter()  # how generate examples were settled (fast path coverage)
         self._examples: dict[tuple[str, str], list[Any]] = {}
+        # perplexity: mean scored tokens per text of each (task, split); each text's value is its log-likelihood
+        # over this, so the per-example values average to the pooled per-token value
+        self._mean_tokens: dict[tuple[str, str], float] = {}
         self._plans: dict[tuple[str, tuple[str, ...]], list[_Chunk]] = {}
         self._lm = None
         self._lm_tasks: dict[str, Any] = {}
@@ -60,7 +63,10 @@ class Evaluator:
             if spec.type != "lm_eval":
                 for split in SPLITS:
                     rows = subsample(list(suite.rows(spec.name, split)), limit, seed=seed, key=f"{spec.name}/{split}")
-                    self._examples[(spec.name, split)] = self._encode(spec, rows)
+                    examples = self._examples[(spec.name, split)] = self._encode(spec, rows)
+                    if spec.type == "perplexity":
+                        tokens = sum(len(scored) for ex in examples for _, scored in ex)
+                        self._mean_tokens[(spec.name, split)] = tokens / len(examples) if tokens else 1.0
         self.shared_prompt = self._check_shared_prompt() if shared_prompt is None else shared_prompt
 
     def __enter__(self) -> "Evaluator":
@@ -90,14 +96,13 @@ class Evaluator:
         minimized = self.lower_is_better()
         start = time.perf_counter()
         values: dict[str, dict[str, list[float]]] = {}
-        totals: dict[str, list[float]] = {}  # perplexity: summed nll and token count
         aggregates: dict[str, dict[str, float]] = {}  # lm_eval: the scores as lm-eval aggregates them
         outputs: dict[str, list[str | None]] = {}  # generate: each continuation (None: ruled out undecoded)
         step = 0
         with torch.inference_mode():
             for chunk in self._plan(split, names):
                 for name, batches in chunk.work.items():
-                    self._run(name, split, batches, values, totals, outputs, aggregates)
+                    self._run(name, split, batches, values, outputs, aggregates)
                 for name, index in chunk.order:
                     weight = 1.0 if weights is None else weights.get(name, 0.0)
                     if report is not None and weight > 0:
@@ -107,8 +112,6 @@ class Evaluator:
         tasks = {}
         for name in names:
             metrics = {m: sum(v) / len(v) for m, v in values[name].items()}
-            if name in totals:
-                metrics["neg_log_ppl"] = -totals[name][0] / max(totals[name][1], 1)
             metrics.update(aggregates.get(name, {}))
             metrics["n"] = len(next(iter(values[name].values())))
             tasks[name] = metrics
@@ -228,8 +231,7 @@ class Evaluator:
 
     # ---------------------------------------------------------------- scoring
 
-    def _run(self, name: str, split: str, batches: list[Any], values: dict, totals: dict, outputs: dict,
-             aggregates: dict) -> None:
+    def _run(self, name: str, split: str, batches: list[Any], values: dict, outputs: dict, aggregates: dict) -> None:
         spec = self.suite.spec(name)
         if spec.type == "lm_eval":
             if name not in values:  # (the whole task runs in the first chunk that holds one of its documents)
@@ -242,11 +244,9 @@ class Evaluator:
             if spec.type == "choice":
                 found = choice_metrics(batch, choice_loglikelihoods(self.runner, batch))
             elif spec.type == "perplexity":
-                nll, count = text_nll(self.runner, batch)
-                found = {"neg_log_ppl": [-a / max(b, 1) for a, b in zip(nll, count)]}
-                total = totals.setdefault(name, [0.0, 0])
-                total[0] += sum(nll)
-                total[1] += sum(count)
+                nll, _ = text_nll(self.runner, batch)
+                mean_tokens = self._mean_tokens[(name, split)]
+                found = {"neg_log_ppl": [-a / mean_tokens for a in nll]}
             else:
                 found, texts = generate(self.runner, self.codec, spec, [examples[i] for i in indices], batch,
                                         batch_size=self.batch_size, stats=self.stats)

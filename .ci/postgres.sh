@@ -28,7 +28,7 @@ as_pg "$PG_BIN/initdb" -D "$PG_DIR/data" -A trust -U postgres >/dev/null
 as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/log" -w \
   -o "-p $PG_PORT -k $PG_DIR -c listen_addresses=127.0.0.1 -c max_connections=200 -c fsync=off" start >/dev/null
 as_pg "$PG_BIN/createdb" -h 127.0.0.1 -p "$PG_PORT" -U postgres evomerge_test
-export EVOMERGE_TEST_POSTGRES="postgresql+psycopg2://postgres@127.0.0.1:$PG_PORT/evomerge_test"
+export EVOMERGE_TEST_POSTGRES="postgresql://postgres@127.0.0.1:$PG_PORT/evomerge_test"   # the README's URL form
 echo "postgres.sh: PostgreSQL on 127.0.0.1:$PG_PORT (data in $PG_DIR)"
 
 stop_postgres() {

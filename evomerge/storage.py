@@ -133,26 +133,66 @@ def open_study(config, storage_url: str, *, sampler=None, pruner=None, create: b
 
 
 def open_storage(url: str) -> BatchedRDBStorage:
-    """The storage at `url`, its tables created if new; a bad URL or an unreachable server is bad input."""
+    """The storage at `url`, its tables created if new; a bad URL, a missing driver or an unreachable server
+    is bad input."""
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
+    target = engine_url(url)
     for attempt in range(4):   # workers starting together race to create the tables: the losers retry
         try:
-            storage = BatchedRDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+            storage = BatchedRDBStorage(target, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
                                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
                                         engine_kwargs={"pool_pre_ping": not url.startswith("sqlite")})
             break
-        except Exception as err:  # bad URL, unreachable server, missing driver, a creation race
+        except Exception as err:  # bad URL, unreachable server, a creation race
             racing = any(text in str(err).lower() for text in ("unique constraint", "already exists"))
             if racing and attempt < 3:
                 time.sleep(0.5 + attempt)
                 continue
-            message = str(err).splitlines()[0][:200].replace(url, safe_url(url))
+            message = str(err).splitlines()[0][:200].replace(target, safe_url(url)).replace(url, safe_url(url))
             raise InputError(f"cannot open the study storage {safe_url(url)}: {type(err).__name__}: {message}",
                              field="storage", fix="check the URL (sqlite:///path or postgresql://user@host/db)") from None
     if url.startswith("sqlite"):
         _fast_sqlite(storage)
     return storage
+
+
+# PostgreSQL drivers by the name a URL gives them (postgresql+NAME://): module, pip requirement. The first one
+# installed serves a plain postgresql:// URL -- chosen here, not by SQLAlchemy, whose default moved from
+# psycopg2 (2.0) to psycopg 3 (2.1).
+POSTGRES_DRIVERS = {"psycopg": ("psycopg", "psycopg[binary]"), "psycopg2": ("psycopg2", "psycopg2-binary")}
+
+
+def engine_url(url: str) -> str:
+    """The URL that SQLAlchemy opens: a PostgreSQL URL names its driver (psycopg 3 where installed, else psycopg2);
+    a driver that is not installed is bad input naming the pip command. Other URLs are passed as they are."""
+    scheme, sep, rest = url.partition("://")
+    dialect, _, driver = scheme.partition("+")
+    if not sep or dialect not in ("postgresql", "postgres"):
+        return url
+    if not driver:
+        driver = next((name for name, (module, _) in POSTGRES_DRIVERS.items() if _importable(module)), "")
+        if not driver:
+            raise InputError(f"cannot open the study storage {safe_url(url)}: no PostgreSQL driver is installed "
+                             "(psycopg 3 or psycopg2)", field="storage",
+                             fix="pip install 'evomerge[postgres]', or pip install 'psycopg[binary]'")
+    elif driver in POSTGRES_DRIVERS and not _importable(POSTGRES_DRIVERS[driver][0]):
+        module, requirement = POSTGRES_DRIVERS[driver]
+        raise InputError(f"cannot open the study storage {safe_url(url)}: its driver {driver} is not installed "
+                         f"(import {module} fails)", field="storage",
+                         fix=f"pip install '{requirement}', or write postgresql:// to use the driver that is installed")
+    return f"postgresql+{driver}://{rest}"
+
+
+def _importable(module: str) -> bool:
+    """Whether `module` imports (installed, and its native library loads: psycopg 3 without libpq does not)."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 def _fast_sqlite(storage: RDBStorage) -> None:

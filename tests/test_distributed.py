@@ -97,3 +97,23 @@ def test_a_killed_workers_trial_is_retried(tmp_path):
     # the retry keeps every parameter the dead trial had drawn (all of them, unless it died while sampling)
     assert all(by_number[killed[0]].params.items() <= t.params.items()
                for t in retried if t.system_attrs["failed_trial"] == killed[0])
+
+
+def test_every_postgresql_url_form_opens_the_same_study():
+    """postgresql:// (the README's form), postgres://, and each driver named outright: one server, one study."""
+    import optuna
+
+    from evomerge.storage import engine_url, open_storage
+
+    scheme, rest = URL.split("://", 1)
+    assert scheme == "postgresql", "the tests use the README's URL form"
+    assert engine_url(URL) == f"postgresql+psycopg://{rest}"       # psycopg 3, chosen on purpose
+    name = f"forms-{uuid.uuid4().hex[:8]}"
+    study = optuna.create_study(study_name=name, storage=open_storage(URL))
+    study.enqueue_trial({"x": 0.25})
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    for form in ("postgresql+psycopg", "postgresql+psycopg2", "postgres"):
+        storage = open_storage(f"{form}://{rest}")
+        loaded = optuna.load_study(study_name=name, storage=storage)
+        assert [t.params for t in loaded.trials] == [{"x": 0.25}], form
+        assert storage.engine.url.drivername == ("postgresql+psycopg2" if form.endswith("2") else "postgresql+psycopg")

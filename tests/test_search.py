@@ -313,6 +313,25 @@ def test_search_arguments_that_are_bad_input_exit_2_and_write_nothing(tmp_path):
         assert not out.exists()
 
 
+@pytest.mark.parametrize("url, driver, fix", [
+    ("postgresql://user:pw@dbhost/evomerge", "no PostgreSQL driver is installed", "pip install 'evomerge[postgres]'"),
+    ("postgresql+psycopg2://user:pw@dbhost/evomerge", "its driver psycopg2 is not installed", "pip install 'psycopg2-binary'"),
+])
+def test_a_postgresql_url_without_its_driver_exits_2_naming_the_pip_command(tmp_path, url, driver, fix):
+    """A fresh install without the driver (here: its import made to fail) gets one line, before anything is written."""
+    config = make_search_fixture(tmp_path / "fam", n_trials=3)
+    out = tmp_path / "run"
+    code = ("import sys; sys.modules['psycopg'] = sys.modules['psycopg2'] = None; "   # as if not installed
+            "from evomerge.cli import main; sys.exit(main(sys.argv[1:]))")
+    result = subprocess.run([sys.executable, "-c", code, "search", str(config), "--out", str(out), "--storage", url],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and "--storage: cannot open the study storage postgresql" in err[0], err
+    assert driver in err[0] and fix in err[0] and ":pw@" not in err[0], err
+    assert not out.exists()
+
+
 def test_resuming_over_another_search_space_is_refused(tmp_path):
     """The samplers cannot resume over changed parameter choices or ranges: every trial would fail."""
     config = make_search_fixture(tmp_path / "fam", n_trials=3)

@@ -440,6 +440,80 @@ def test_lm_eval_few_shot_is_the_same_on_every_call(toy, tmp_path: Path) -> None
     assert set(first.tasks["lme"]) == {"acc", "acc_norm", "n"}  # lm-eval's metrics only: no doc_id, no target
 
 
+def few_shot_examples(evaluator: Evaluator, name: str, task: str) -> dict[str, list[str]]:
+    """Each document of the last evaluation (its prompt) -> the few-shot examples lm-eval put before it,
+    read from the requests lm-eval built (the shots and the document are joined by its "\\n\\n")."""
+    out: dict[str, list[str]] = {}
+    for instance in evaluator._lm_task(name).loaded["tasks"][task].instances:
+        *shots, own = instance.arguments[0].split("\n\n")
+        assert own == instance.doc["prompt"]
+        out[own] = shots
+    return out
+
+
+def test_lm_eval_few_shot_examples_are_never_heldout_documents(toy, tmp_path: Path) -> None:
+    """A task with only test documents draws its shots from them: the search prompts show search documents
+    only, never a held-out one (nor the document itself); a pool too small once filtered is bad input."""
+    rows = [{"prompt": f"doc {i:02d} =", "choices": [" a", " b", " c", " d"], "answer": i % 4} for i in range(40)]
+    shown = {r["prompt"]: r["prompt"] + r["choices"][r["answer"]] for r in rows}   # a document with its answer
+    write_jsonl(tmp_path / "docs.jsonl", rows)
+    write_jsonl(tmp_path / "few.jsonl", rows[:6])
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    spec = toy["suite"].spec("pick")
+    for task, data in [("toy_docs", "docs.jsonl"), ("toy_six", "few.jsonl")]:
+        (custom / f"{task}.yaml").write_text(yaml.safe_dump(task_yaml(spec, tmp_path / data, task=task)))
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text("tasks:\n  - {name: lme, type: lm_eval, task: toy_docs, include_path: custom, num_fewshot: 3}\n")
+    evaluator = Evaluator(load_tasks(tasks), toy["model"], toy["tokenizer"], batch_size=16)
+    prompts = {split: {rows[i]["prompt"] for _, i in evaluator._lm_task("lme").documents(split, seed=0, limit=None)}
+               for split in ("search", "heldout")}
+    for split in ("search", "heldout"):
+        evaluator.evaluate(split)
+        examples = few_shot_examples(evaluator, "lme", "toy_docs")
+        assert set(examples) == prompts[split]
+        for prompt, shots in examples.items():
+            assert len(shots) == 3 and set(shots) <= {shown[p] for p in prompts["search"]}   # no held-out document
+            assert shown[prompt] not in shots                                                 # nor itself
+    assert len({s for shots in examples.values() for s in shots}) > 3   # drawn across the search documents
+
+    tasks.write_text("tasks:\n  - {name: six, type: lm_eval, task: toy_six, include_path: custom, num_fewshot: 3}\n")
+    with pytest.raises(InputError) as caught:   # 3 search documents: each prompt would need 3 others
+        Evaluator(load_tasks(tasks), toy["model"], toy["tokenizer"], batch_size=16).evaluate("search")
+    assert caught.value.file == str(tasks) and caught.value.field == "tasks.six.num_fewshot"
+    assert "toy_six" in caught.value.line() and "fewshot_split" in caught.value.line()
+
+
+def test_lm_eval_few_shot_split_of_its_own_is_unchanged(toy, tmp_path: Path) -> None:
+    """A task whose shots come from a separate training file draws them as lm-eval does: every document of
+    that file is in the pool, and the prompts are the ones lm-eval builds itself with the same seed."""
+    from evomerge.evaluate.lm_eval_backend import FEWSHOT_SEED, task_manager
+
+    rows = [{"prompt": f"doc {i:02d} =", "choices": [" a", " b"], "answer": i % 2} for i in range(20)]
+    train = [{"prompt": f"shot {i} =", "choices": [" a", " b"], "answer": 1 - i % 2} for i in range(5)]
+    write_jsonl(tmp_path / "docs.jsonl", rows)
+    write_jsonl(tmp_path / "train.jsonl", train)
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    config = task_yaml(toy["suite"].spec("pick"), tmp_path / "docs.jsonl", task="toy_train")
+    config["dataset_kwargs"]["data_files"]["train"] = str(tmp_path / "train.jsonl")
+    (custom / "toy_train.yaml").write_text(yaml.safe_dump(config | {"fewshot_split": "train"}))
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text("tasks:\n  - {name: lme, type: lm_eval, task: toy_train, include_path: custom, num_fewshot: 3}\n")
+    evaluator = Evaluator(load_tasks(tasks), toy["model"], toy["tokenizer"], batch_size=16)
+    evaluator.evaluate("search")
+    task = evaluator._lm_task("lme").loaded["tasks"]["toy_train"]
+    assert list(task.sampler.fewshot_docs()) == train and task.fewshot_cfg.split == "train"
+
+    theirs = task_manager(custom, defaults=False).load(["toy_train"])["tasks"]["toy_train"]
+    theirs.set_config(key="num_fewshot", value=3)
+    theirs.set_fewshot_seed(seed=FEWSHOT_SEED)
+    theirs.build_all_requests(samples=[i for _, i in evaluator._lm_task("lme").documents("search", seed=0, limit=None)])
+    assert [i.arguments for i in task.instances] == [i.arguments for i in theirs.instances]
+    assert all(shot.startswith("shot ") for shots in few_shot_examples(evaluator, "lme", "toy_train").values()
+               for shot in shots)
+
+
 def test_prompts_longer_than_the_context_are_truncated_as_lm_eval(toy, tmp_path: Path) -> None:
     """The toy's context is 32 tokens (one per character): lm-eval keeps the last tokens of each pair."""
     from lm_eval.api.instance import Instance

@@ -8,10 +8,16 @@ so in-place weight updates are seen. The evaluation documents are split into
 search / heldout with the task's ``split_seed`` and subsampled with ``limit``,
 and lm-eval is asked for exactly those documents (its ``samples`` argument).
 Per-example metric values come back through lm-eval's logged samples.
+
+Held-out means held out: at load, every document equal to a held-out one is removed from each
+(sub)task's few-shot pool, so no prompt shows a held-out document with its answer. A pool drawn from
+a training split is unchanged; one drawn from the evaluation documents keeps only search documents,
+and an evaluated document is never its own example.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -81,13 +87,44 @@ class LmEvalTask:
             first = (str(err).strip().splitlines() or [""])[0][:300]
             raise InputError(f"lm-eval cannot load task '{spec.task}': {type(err).__name__}: {first}", file=file,
                              field=f"tasks.{spec.name}.task", fix="check that task's YAML (and its data files)") from None
-        for task in self.loaded["tasks"].values():
+        self.sizes = {}
+        for name, task in sorted(self.loaded["tasks"].items()):
             if spec.num_fewshot is not None:
                 task.set_config(key="num_fewshot", value=spec.num_fewshot)
             elif task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)
-        self.sizes = {name: len(task.eval_docs) for name, task in sorted(self.loaded["tasks"].items())}
+            docs = task.eval_docs   # recomputed on each access when the task has process_docs: read once
+            self.sizes[name] = len(docs)
+            if task.get_config("num_fewshot") > 0:
+                self._hold_out_of_fewshot(name, task, docs)
         self.metric, _, self.filter = spec.metric.partition(",")
+
+    def _hold_out_of_fewshot(self, name: str, task: Any, docs: Any) -> None:
+        """Remove every held-out document from the task's few-shot pool (lm-eval compares documents by
+        equality); where the pool overlaps the evaluation documents, also keep each document out of its
+        own prompt, as lm-eval does when the few-shot split is the test split."""
+        heldout = set(seeded_split(len(docs), self.spec.heldout_fraction, seed=self.spec.split_seed)["heldout"])
+        keys = [_doc_key(doc) for doc in docs]
+        banned = {key for i, key in enumerate(keys) if i in heldout}
+        sampler = getattr(task, "sampler", None)   # none when lm-eval found no few-shot documents at all
+        pool = [] if sampler is None else list(sampler.fewshot_docs())   # fewshot_indices applied
+        pool_keys = [_doc_key(doc) for doc in pool]
+        kept = [doc for doc, key in zip(pool, pool_keys) if key not in banned]
+        overlap = not set(keys).isdisjoint(pool_keys)
+        shots = task.get_config("num_fewshot")
+        need = shots + 1 if overlap else shots    # + the evaluated document, which lm-eval then skips
+        if len(kept) < need:
+            raise InputError(f"lm-eval task '{name}' has {len(kept)} few-shot document(s) outside the held-out split; "
+                             f"num_fewshot {shots} needs {need}", file=self.file,
+                             field=f"tasks.{self.spec.name}.num_fewshot",
+                             fix="lower num_fewshot, or give the lm-eval task a fewshot_split disjoint from "
+                                 "its test docs")
+        if sampler is None:
+            return
+        sampler.fewshot_indices = None
+        sampler.replace_df(kept)
+        if overlap:   # lm-eval reads fewshot_cfg.split after load only to decide this exclusion
+            task.fewshot_cfg.split = task.config.test_split
 
     def documents(self, split: str, *, seed: int, limit: int | None) -> list[tuple[str, int]]:
         """(subtask, document index) of a split, in a fixed order."""
@@ -155,6 +192,11 @@ class LmEvalTask:
         aggregates = {m: float(scored[f"{m},{chosen}"]) for m in per_doc
                       if isinstance(scored.get(f"{m},{chosen}"), (int, float))}
         return per_doc, aggregates
+
+
+def _doc_key(doc: Any) -> str:
+    """A document's identity for lm-eval's equality of documents (dicts), hashable and fast."""
+    return json.dumps(doc, sort_keys=True, default=str)
 
 
 def _per_example(value: Any) -> bool:

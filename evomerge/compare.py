@@ -58,7 +58,7 @@ def compare(config: SearchConfig | str | Path, *, seeds: int = 3, budget: int | 
                     rows.extend(_score(session, method=method, seed=seed))
     finally:
         bench.close()
-    tasks = list(config.objectives[0])
+    tasks = config.objective_tasks
     table = summary_table(rows, tasks)
     _write(out, config, rows, tasks, table, seeds=seeds, budget=budget, seconds=time.time() - started)
     return CompareResult(out=out, rows=rows, table=table)
@@ -72,25 +72,25 @@ def _restricted(config: SearchConfig, *, method: str, seed: int, budget: int) ->
 
 
 def _score(session, *, method: str, seed: int) -> list[dict[str, Any]]:
-    """The untuned default and the tuned best of one study, on both splits."""
-    from .export.run import heldout_scores
+    """The untuned default and the tuned best of one study, on both splits. The best is the search's own
+    pick (with several objectives, the Pareto-front trial with the best mean of them); a row's means are
+    the mean of its objectives, each computed as the search computes it (a lower-is-better metric negated)."""
+    from .export.run import heldout_scores, objective_values
 
     trials = [t for t in session.study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     default = next((t for t in trials if t.user_attrs.get("baseline") == f"default:{method}"), None)
-    tuned = [t for t in trials if not str(t.user_attrs.get("baseline", "")).startswith("source:")]
-    best = max(tuned, key=lambda t: (t.values[0], -t.number)) if tuned else None
     rows = []
-    for kind, trial in (("default", default), ("tuned", best)):
+    for kind, trial in (("default", default), ("tuned", session.best_trial())):
         if trial is None:
             continue
         heldout = heldout_scores(session, trial)
         row = {"technique": method, "seed": seed, "kind": kind, "trial": trial.number,
-               "study": session.study.study_name, "search_value": trial.values[0],
+               "study": session.study.study_name, "search_value": statistics.fmean(trial.values),
                "n_complete": len(trials)}
-        weights = session.config.objectives[0]
         for task in session.suite.names:
             row[f"heldout:{task}"] = heldout.get(task, {}).get(session.suite.primary_metric(task), float("nan"))
-        row["heldout_mean"] = sum(w * row[f"heldout:{t}"] for t, w in weights.items()) / sum(weights.values())
+        row["heldout_mean"] = statistics.fmean(
+            objective_values(session, {t: row[f"heldout:{t}"] for t in session.suite.names}))
         rows.append(row)
     return rows
 
@@ -142,6 +142,9 @@ def _write(out: Path, config: SearchConfig, rows, tasks, table: str, *, seeds: i
               f"(sampler `{config.search.sampler}`, {config.search.layer_groups} layer groups), "
               f"over {seeds} seeds (mean ± std); `default` is the technique at its declared defaults, "
               "`tuned` the best search trial, both scored on the held-out split.", "",
+              *([f"With {len(config.objectives)} objectives, `tuned` is the Pareto-front trial with the best mean "
+                 "of them on the search split, and a mean is the mean of the objectives (each a weighted mean of "
+                 "its tasks, a lower-is-better metric negated).", ""] if len(config.objectives) > 1 else []),
               table, "", "![comparison](compare.png)", "",
               f"Sources: {', '.join(config.sources)}; tasks: {', '.join(tasks)}; "
               f"{seconds / 60:.1f} min in all. Regenerate: `evomerge compare {config.path} --seeds {seeds} "

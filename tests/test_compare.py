@@ -114,3 +114,31 @@ def test_a_bad_seed_count_or_budget_exits_2_and_writes_nothing(compared, tmp_pat
     err = done.stderr.strip().splitlines()
     assert len(err) == 1 and f"{flag}: must be at least 1" in err[0], err
     assert not out.exists()
+
+
+def test_several_objectives_rank_by_the_pareto_pick_and_report_the_mean_of_the_objectives(tmp_path):
+    """The tuned row is the trial a search would export (the Pareto-front trial with the best mean of the
+    objectives), and its held-out mean is the mean of the objectives, not the first objective's."""
+    import optuna
+
+    from evomerge.export.run import HELDOUT_ATTR
+
+    config = make_search_fixture(tmp_path / "fam", methods=("task_arithmetic",), sampler="nsga2")
+    config.write_text(config.read_text().replace("objective: {ppl: 1.0, pick: 1.0}",
+                                                 "objective: [{ppl: 1.0}, {pick: 1.0}]"))
+    out = tmp_path / "cmp"
+    done = subprocess.run([sys.executable, "-m", "evomerge", "compare", str(config), "--seeds", "1", "--budget", "8",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = next(r for r in _rows(out) if r["kind"] == "tuned")
+    study = optuna.load_study(study_name=row["study"], storage=f"sqlite:///{out / 'compare.db'}")
+    done_trials = [t for t in study.trials if t.state.name == "COMPLETE"]
+    front = [t for t in done_trials if not any(all(a >= b for a, b in zip(o.values, t.values)) and o.values != t.values
+                                               for o in done_trials)]
+    balanced = max(front, key=lambda t: (sum(t.values) / 2, -t.number))
+    assert int(row["trial"]) == balanced.number
+    assert float(row["search_value"]) == pytest.approx(sum(balanced.values) / 2, rel=1e-12)
+    heldout = study.user_attrs[f"{HELDOUT_ATTR}{balanced.number}"]
+    assert float(row["heldout_mean"]) == pytest.approx((heldout["ppl"]["neg_log_ppl"] + heldout["pick"]["acc"]) / 2)
+    report = (out / "report.md").read_text()
+    assert "ppl (held-out)" in report and "pick (held-out)" in report and "Pareto-front trial" in report

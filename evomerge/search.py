@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 DONE = ("COMPLETE", "PRUNED")
 FINGERPRINT_ATTR = "sources_fingerprint"
 SPACE_ATTR = "space_fingerprint"
+BUDGET_ATTR = "budget"
 
 
 class SurplusTrial(RuntimeError):
@@ -157,7 +158,7 @@ class SearchSession:
         self.started = time.time()
         self._check_same_weights()
         self._check_same_space()
-        if config.search.baselines:
+        if config.search.baselines or self.space.candidates is not None:   # a finite space: its candidates first
             self._enqueue_baselines()
 
     def __enter__(self) -> "SearchSession":
@@ -225,6 +226,7 @@ class SearchSession:
         from .propose import AheadProposer, InlineProposer, SamplingError, samples_ahead
         from .storage import Heartbeat
 
+        n_trials = self.budget(n_trials)
         bar = _bar(n_trials, self.progress)
         heartbeat = Heartbeat(self.study._storage)
         proposer = inline = InlineProposer(self.study, self.space, heartbeat)
@@ -269,6 +271,19 @@ class SearchSession:
             proposer.close()
             heartbeat.close()
             bar.close()
+
+    def budget(self, n_trials: int) -> int:
+        """The trials to run for an asked `n_trials`: no more than the space's distinct candidates (a parameter-free
+        method has one); recorded as the study's budget, the largest any run of it asked for."""
+        n_trials = min(n_trials, self.space.candidates or n_trials)
+        if n_trials > self.study.user_attrs.get(BUDGET_ATTR, 0):
+            self.study.set_user_attr(BUDGET_ATTR, n_trials)
+        return n_trials
+
+    @property
+    def study_budget(self) -> int:
+        """The study's budget: the most trials any run of it asked for (its config's, before any run)."""
+        return self.study.user_attrs.get(BUDGET_ATTR, self.config.search.n_trials)
 
     def _done(self) -> int:
         counts = self.counts()

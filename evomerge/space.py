@@ -55,6 +55,12 @@ class SearchSpace:
         self.filters = list(config.search.filters)
         self.dims: dict[str, list[Dimension]] = {m: self._dimensions(REGISTRY.get(m)) for m in self.methods}
 
+    @property
+    def candidates(self) -> int | None:
+        """How many distinct candidates the space holds where that is finite (no method has a parameter to
+        search: each method at its defaults is the only candidate), else None."""
+        return None if any(self.dims[m] for m in self.methods) else len(self.methods)
+
     def fingerprint(self) -> str:
         """A digest of the dimensions (names, ranges, steps) and of the method choice."""
         import hashlib

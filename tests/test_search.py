@@ -406,3 +406,30 @@ def test_resuming_over_other_weights_is_refused(tmp_path):
     err = result.stderr.strip().splitlines()
     assert len(err) == 1 and "was run on other weights" in err[0] and "s1" in err[0], err
     assert _complete(out / "study.db") == before
+
+
+def test_the_summary_budget_is_the_studys_not_the_last_invocations(tmp_path):
+    """A resume asking for fewer trials runs none and leaves the study's budget in the summary."""
+    config = make_search_fixture(tmp_path / "fam", n_trials=4)
+    out = tmp_path / "run"
+    assert run_cli("search", str(config), "--out", str(out)).returncode == 0
+    result = run_cli("search", str(config), "--out", str(out), "--n-trials", "2")
+    assert result.returncode == 0, result.stderr
+    assert len(_complete(out / "study.db")) == 4
+    assert "4 complete, 0 pruned, 0 failed (budget 4)" in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("baselines", [True, False])
+def test_a_parameter_free_search_runs_its_one_candidate_once(tmp_path, baselines):
+    """model_stock has no parameter to search: its one candidate is scored once, whatever n_trials asks."""
+    config = make_search_fixture(tmp_path / "fam", n_trials=5, methods=("model_stock",),
+                                 )
+    config.write_text(config.read_text().replace("  seed: 0\n", f"  seed: 0\n  baselines: {str(baselines).lower()}\n"))
+    out = tmp_path / "run"
+    result = run_cli("search", str(config), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    import optuna
+
+    trials = optuna.load_study(study_name="fixture", storage=f"sqlite:///{out / 'study.db'}").trials
+    assert [(t.state.name, t.user_attrs["baseline"]) for t in trials] == [("COMPLETE", "default:model_stock")]
+    assert "1 complete, 0 pruned, 0 failed (budget 1)" in (out / "summary.md").read_text()

@@ -211,7 +211,7 @@ def summary_markdown(session, rows, best, recipe, plots: list[str], *, given: in
         lines += pareto_table(session, best.number)
     lines += ["## The run", "",
               f"- trials: {counts.get('COMPLETE', 0)} complete, {counts.get('PRUNED', 0)} pruned, "
-              f"{counts.get('FAIL', 0)} failed (budget {config.search.n_trials})",
+              f"{counts.get('FAIL', 0)} failed (budget {session.study_budget})",
               f"- sampler `{config.search.sampler}`, pruner `{config.search.pruner}`, seed {config.search.seed}, "
               f"methods {', '.join(config.search.methods)}, layer groups {config.search.layer_groups}"
               + (f", filters {', '.join(config.search.filters)}" if config.search.filters else ""),

@@ -1,0 +1,206 @@
+"""The README's own commands, run as written, so that the README cannot drift from what works.
+
+Each test reads its block out of README.md (never a copy of it) and runs it on local fixtures: the
+paths it names are made to exist in a scratch folder, nothing in the commands is changed except what
+points outside this machine (the PostgreSQL server of the many-machines section is CI's own).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import urllib.parse
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from modelfactory import make_search_fixture
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+
+
+def section(heading: str) -> str:
+    """The text under `heading` (e.g. '## Many machines') up to the next heading of its level or above."""
+    text = README.read_text()
+    start = text.index(f"\n{heading}\n") + len(heading) + 2
+    level = len(heading.split()[0])
+    end = re.search(rf"^#{{1,{level}}} ", text[start:], re.M)
+    return text[start:start + end.start()] if end else text[start:]
+
+
+def blocks(text: str, lang: str) -> list[str]:
+    return re.findall(rf"^```{lang}\n(.*?)^```", text, re.S | re.M)
+
+
+def commands(block: str) -> list[list[str]]:
+    """A bash block's commands, split as bash would, comments dropped."""
+    return [words for line in block.splitlines() if (words := shlex.split(line, comments=True))]
+
+
+def run(words: list[str], *, cwd: Path, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """An `evomerge ...` command line as the installed console script runs it (`python -m evomerge`)."""
+    assert words[0] == "evomerge", words
+    return subprocess.run([sys.executable, "-m", "evomerge", *words[1:]], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_the_blocks_are_found() -> None:
+    """The parsing itself: the sections and blocks the tests below run are where the README has them."""
+    assert commands(blocks(section("## Set up and run"), "bash")[0])[-1] == ["evomerge", "demo"]
+    many = commands(blocks(section("## Many machines"), "bash")[0])
+    assert [w[:2] for w in many] == [["pip", "install"], ["evomerge", "search"]]
+    assert "evomerge.search(" in blocks(section("### Python"), "python")[0]
+
+
+# -- "Many machines" ------------------------------------------------------------------------------------------
+
+def _pyproject_extra(name: str) -> list[str]:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"][name]
+
+
+def _extra_of(words: list[str]) -> str:
+    """`pip install -e ".[postgres]"` -> 'postgres'."""
+    target = next(w for w in words[2:] if not w.startswith("-"))
+    found = re.fullmatch(r"\.\[(\w+)\]", target)
+    assert found, f"the README installs {target!r}, not an extra of this project"
+    return found.group(1)
+
+
+def _on_ci_server(readme_url: str, server: str) -> str:
+    """The README's URL, same scheme and user:password form, pointing at CI's server and database."""
+    ours, theirs = urllib.parse.urlsplit(readme_url), urllib.parse.urlsplit(server)
+    netloc = f"{theirs.username}:{ours.password}@{theirs.hostname}:{theirs.port}"
+    return urllib.parse.urlunsplit((ours.scheme, netloc, theirs.path, "", ""))
+
+
+@pytest.mark.postgres
+def test_many_machines_section_runs_as_written(tmp_path: Path) -> None:
+    """`pip install -e ".[postgres]"` installs the driver that the URL form of the next line needs; that
+    command, run on two 'machines' at once against one PostgreSQL server, shares one budget and exports;
+    `evomerge export RUN_DIR --storage URL` re-exports from anywhere; no password is written down."""
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    from evomerge.storage import POSTGRES_DRIVERS, engine_url
+
+    server = os.environ.get("EVOMERGE_TEST_POSTGRES")
+    if not server:
+        if os.environ.get("CI"):
+            pytest.fail("CI must start PostgreSQL (.ci/postgres.sh) for the many-machines section", pytrace=False)
+        pytest.skip("no EVOMERGE_TEST_POSTGRES: run under .ci/run or source .ci/postgres.sh")
+    text = section("## Many machines")
+    install, search = commands(blocks(text, "bash")[0])
+
+    extra = [Requirement(r) for r in _pyproject_extra(_extra_of(install))]
+    readme_url = search[search.index("--storage") + 1]
+    driver = engine_url(readme_url).split("://")[0].partition("+")[2]
+    needed = Requirement(POSTGRES_DRIVERS[driver][1])
+    assert needed.name in {r.name for r in extra}, f"{readme_url} needs {needed}, the extra installs {extra}"
+    for requirement in extra:                                   # installed here, as the extra asks
+        assert requirement.specifier.contains(version(requirement.name), prereleases=True), requirement
+
+    url = _on_ci_server(readme_url, server)
+    assert url.split("://")[0] == readme_url.split("://")[0] and ":pw@" in url
+    config_arg = search[2]
+    machines = [tmp_path / "machine0", tmp_path / "machine1"]
+    config = make_search_fixture(machines[0] / Path(config_arg).parent, n_trials=8)
+    name = f"readme-{uuid.uuid4().hex[:8]}"
+    (machines[0] / config_arg).write_text(config.read_text().replace("name: fixture", f"name: {name}"))
+    machines[1].mkdir()
+    (machines[1] / Path(config_arg).parts[0]).symlink_to(machines[0] / Path(config_arg).parts[0])
+    words = [url if w == readme_url else w for w in search]
+    workers = [subprocess.Popen([sys.executable, "-m", "evomerge", *words[1:]], cwd=m, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for m in machines]
+    outputs = [w.communicate(timeout=900)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+
+    import optuna
+
+    trials = optuna.load_study(study_name=name, storage=engine_url(url)).get_trials()
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 8
+    runs = [m / "results" / name for m in machines]
+    exported = [r for r in runs if (r / "recipe.yaml").is_file()]
+    assert exported, "the last worker to finish exports"
+    for r in runs:
+        assert ":pw@" not in (r / "run.json").read_text()
+        assert json.loads((r / "run.json").read_text())["storage"].startswith(readme_url.split("://")[0] + "://")
+
+    again = run(["evomerge", "export", str(runs[1]), "--storage", url], cwd=tmp_path)   # as the prose says
+    assert again.returncode == 0, again.stderr
+    best = yaml.safe_load((exported[0] / "recipe.yaml").read_text())["provenance"]["trial"]
+    assert yaml.safe_load((runs[1] / "recipe.yaml").read_text())["provenance"]["trial"] == best
+    from safetensors.torch import load_file
+
+    ours, theirs = (load_file(r / "best" / "model.safetensors") for r in (runs[1], exported[0]))
+    assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours)   # (metadata: its own paths)
+
+
+# -- "Python" ---------------------------------------------------------------------------------------------------
+
+def test_python_snippet_runs_as_written(tmp_path: Path) -> None:
+    """The snippet, unchanged, over a recipe, a task file and a config at the paths it names; its merged
+    model's scores are the ones `evomerge eval RECIPE` prints for that recipe."""
+    snippet = blocks(section("### Python"), "python")[0]
+    paths = re.findall(r'"([^"]+\.yaml)"', snippet)
+    assert paths == ["recipe.yaml", "tasks.yaml", "configs/demo.yaml"], paths
+    config = make_search_fixture(tmp_path / "configs", n_trials=4)
+    (tmp_path / "configs" / "demo.yaml").write_text(config.read_text())
+    (tmp_path / "tasks.yaml").write_text((tmp_path / "configs" / "tasks.yaml").read_text()
+                                         .replace("data/", "configs/data/"))
+    (tmp_path / "recipe.yaml").write_text(
+        "evomerge_recipe: 1\nmethod: ties\nbase: configs/base\nsources: [configs/s0, configs/s1]\nseed: 7\n"
+        "lambda: 1.0\nlayer_groups: 2\nparameters:\n  configs/s0: {weight: [0.8, 0.6], density: 0.5}\n"
+        "  configs/s1: {weight: 0.7, density: [0.4, 0.9]}\n")
+    probe = ("\nimport json\nprint('RESULT', json.dumps({'scores': scores.to_json(), "
+             "'recipe': type(run.best_recipe).__name__, 'summary': sorted(run.summary), 'dir': str(run.run_dir)}))\n")
+    done = subprocess.run([sys.executable, "-c", snippet + probe], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.split("RESULT ", 1)[1])
+    assert found["recipe"] == "Recipe" and {"rows", "best"} <= set(found["summary"])
+    assert (Path(found["dir"]) / "best" / "model.safetensors").is_file()
+    cli = run(["evomerge", "eval", "recipe.yaml", "--tasks", "tasks.yaml", "--split", "heldout", "--json", "e.json"],
+              cwd=tmp_path)
+    assert cli.returncode == 0, cli.stderr
+    expected = json.loads((tmp_path / "e.json").read_text())
+    assert found["scores"] == expected and found["scores"]["tasks"]["pick"]["n"] == 12
+
+
+# -- the command table: `evomerge validate FILE` on every shipped config --------------------------------------
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_evomerge_validate_accepts_every_shipped_config(zoo: Path, path: Path) -> None:
+    assert "`evomerge validate FILE`" in README.read_text()
+    result = run(["evomerge", "validate", str(path)], cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "valid" in result.stdout and result.stderr.strip() == "", (result.stdout, result.stderr)
+
+
+# -- "Set up and run": the main job ----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_evomerge_demo_runs_as_written_and_its_recipe_rebuilds_the_model(tmp_path: Path) -> None:
+    """`evomerge demo` on a fresh machine: builds the zoo, searches, exports to results/demo/; the best
+    recipe beats every untuned merge on held-out data, and `evomerge merge` rebuilds its model bit for bit."""
+    demo = commands(blocks(section("## Set up and run"), "bash")[0])[-1]
+    env = {"EVOMERGE_ZOO": str(tmp_path / "zoo")}               # a fresh zoo, never the user's cache
+    result = run(demo, cwd=tmp_path, env=env, timeout=1500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "results" / "demo"
+    summary = (out / "summary.md").read_text()
+    best = float(re.search(r"held-out mean \*\*([0-9]+\.[0-9]+)\*\*", summary).group(1))
+    untuned = float(re.search(r"Best untuned merge: \S+ at ([0-9]+\.[0-9]+)", summary).group(1))
+    assert best > untuned, summary
+    rebuilt = run(["evomerge", "merge", "results/demo/recipe.yaml", "-o", "again"], cwd=tmp_path, env=env)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (out / "best" / "model.safetensors").read_bytes()

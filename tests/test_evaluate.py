@@ -62,7 +62,7 @@ def train_toy(out: Path) -> None:
     model = LlamaForCausalLM(config)
     rng = random.Random(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(300):
+    for _ in range(350):
         batch = [inc_example(rng) for _ in range(32)]
         full = [tok(p + t)["input_ids"] + [1] for p, t in batch]
         ids = torch.zeros(32, max(map(len, full)), dtype=torch.long)

@@ -144,7 +144,10 @@ def _eval(args: argparse.Namespace) -> int:
 
         check_destination(Path(args.json), force=True)
     if target.is_file():
+        from .kernel import open_recipe_sources
+
         recipe = Recipe.from_yaml(target)
+        suite.require_chat_template(open_recipe_sources(recipe).anchor.has_chat_template())   # headers only
         merger = merger_for(recipe, device=args.device)
         model, tokenizer_path = merger.model, merger.sources.anchor.path
     else:
@@ -156,6 +159,7 @@ def _eval(args: argparse.Namespace) -> int:
         hf_logging.disable_progress_bar()
 
         folder = open_folder(args.target, field="MODEL_OR_RECIPE")
+        suite.require_chat_template(folder.has_chat_template())
         model = AutoModelForCausalLM.from_pretrained(str(folder.path), use_safetensors=True,
                                                      trust_remote_code=False).to(pick_device(args.device)).eval()
         tokenizer_path = folder.path

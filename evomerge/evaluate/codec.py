@@ -31,13 +31,49 @@ class Codec:
         self.prefix_id: int | None = bos if bos is not None else eos
         pad = tokenizer.pad_token_id
         self.pad_id: int = pad if pad is not None else (eos if eos is not None else 0)
+        # lm-eval encodes a string that starts with this text (a chat template's BOS) without special tokens
+        lead = tokenizer.decode([self.prefix_id]) if self.prefix_id is not None else ""
+        self.prefix_text: str | None = lead or None
         self.prefix_stable = _prefix_stable(tokenizer)
         self.max_length = context_length(model, tokenizer)
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's tokens as lm-eval's `tok_encode` makes them: with the tokenizer's own special tokens,
+        except for a text that already starts with BOS (a rendered chat template), which gets none added."""
         if not texts:
             return []
-        return [list(ids) for ids in self.tokenizer(list(texts))["input_ids"]]
+        led = [bool(self.prefix_text) and t.startswith(self.prefix_text) for t in texts]
+        out: list[list[int]] = [[] for _ in texts]
+        for lead in (False, True):
+            index = [i for i, flag in enumerate(led) if flag == lead]
+            if index:
+                kwargs = {"add_special_tokens": False} if lead else {}
+                for i, ids in zip(index, self.tokenizer([texts[i] for i in index], **kwargs)["input_ids"]):
+                    out[i] = list(ids)
+        return out
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def chat(self, prompts: Sequence[str], *, system: str | None = None) -> list[str]:
+        """Each prompt as lm-eval 0.4 renders it with apply_chat_template=True (and system_instruction=system):
+        a system turn where one is given, the prompt as one user turn, then the template's generation prompt.
+        A template that refuses a system turn renders without it, as lm-eval falls back."""
+        import jinja2
+
+        out = []
+        for prompt in prompts:
+            turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            try:
+                out.append(self._render(turns))
+            except jinja2.exceptions.TemplateError:
+                out.append(self._render(turns[-1:]))
+        return out
+
+    def _render(self, turns: list[dict[str, str]]) -> str:
+        return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True,
+                                                  continue_final_message=False)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -49,6 +49,7 @@ class Evaluator:
         self.seed, self.limit = seed, limit
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE
         self.codec = Codec(tokenizer, model)
+        suite.require_chat_template(self.codec.has_chat_template)
         self.runner = Runner(model)
         self.stats: Counter[str] = Counter()  # how generate examples were settled (fast path coverage)
         self._examples: dict[tuple[str, str], list[Any]] = {}
@@ -135,8 +136,12 @@ class Evaluator:
 
     def _encode(self, spec: Any, rows: list[Any]) -> list[Any]:
         codec, limit = self.codec, self.codec.max_length
+        if spec.type in ("choice", "generate"):
+            prompts = [r.prompt for r in rows]
+            if spec.chat_template:
+                prompts = codec.chat(prompts, system=spec.system_prompt)
         if spec.type == "choice":
-            pairs = codec.pairs([r.prompt for r in rows for _ in r.choices], [c for r in rows for c in r.choices])
+            pairs = codec.pairs([p for p, r in zip(prompts, rows) for _ in r.choices], [c for r in rows for c in r.choices])
             out, it = [], iter(pairs)
             for row in rows:
                 encoded = [next(it) for _ in row.choices]
@@ -155,11 +160,11 @@ class Evaluator:
             if room <= 0:
                 raise InputError(f"max_new_tokens {spec.max_new_tokens} leaves no room for a prompt in the model's "
                                  f"context ({limit} tokens)", file=self.suite.path, field=f"tasks.{spec.name}")
-            contexts = [ctx[-room:] for ctx in codec.prompts([r.prompt for r in rows])]
-            targets = codec.tails([r.prompt for r in rows], [r.target for r in rows])
+            contexts = [ctx[-room:] for ctx in codec.prompts(prompts)]
+            targets = codec.tails(prompts, [r.target for r in rows])
             eos = [codec.eos_id] if codec.eos_id is not None else []
-            return [GenExample(r.prompt, r.target, ctx, (t + eos)[:limit - len(ctx)])  # drafts stay in the context
-                    for r, ctx, t in zip(rows, contexts, targets)]
+            return [GenExample(p, r.target, ctx, (t + eos)[:limit - len(ctx)])  # drafts stay in the context
+                    for p, r, ctx, t in zip(prompts, rows, contexts, targets)]
         return [text_windows(codec.text_tokens(r.text), limit) for r in rows]
 
     def _check_shared_prompt(self) -> bool:

@@ -10,6 +10,8 @@ tasks:
   - name: pick
     type: choice
     data: data/pick.jsonl          # one file: a seeded split (heldout_fraction, split_seed)
+    chat_template: true            # each prompt as one user turn of the model's chat template (lm-eval's
+    system_prompt: Answer briefly. #   apply_chat_template=True and system_instruction); choice and generate
     limit: 100                     # a seeded subsample, the same on every call
   - name: wiki
     type: perplexity
@@ -103,12 +105,25 @@ class _DataTask(_Split):
         return self
 
 
-class ChoiceTask(_DataTask):
+class _PromptTask(_DataTask):
+    """A task whose rows are prompts: written as they are, or as one user turn of the model's chat template."""
+
+    chat_template: bool = False    # the prompt rendered as lm-eval's apply_chat_template=True renders it
+    system_prompt: str | None = None   # a system turn before it (lm-eval's system_instruction)
+
+    @model_validator(mode="after")
+    def _system_in_a_chat(self) -> "_PromptTask":
+        if self.system_prompt is not None and not self.chat_template:
+            raise ValueError("system_prompt needs chat_template: true (a system turn is part of a chat)")
+        return self
+
+
+class ChoiceTask(_PromptTask):
     type: Literal["choice"]
     metric: Literal["acc", "acc_norm"] = "acc"
 
 
-class GenerateTask(_DataTask):
+class GenerateTask(_PromptTask):
     type: Literal["generate"]
     max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 32
     stop: list[Annotated[str, Field(min_length=1)]] = []
@@ -181,6 +196,14 @@ class TaskSuite:
         spec = self.spec(name)
         updated = type(spec).model_validate(spec.model_dump() | changes)
         return dataclasses.replace(self, specs=tuple(updated if s.name == name else s for s in self.specs))
+
+    def require_chat_template(self, has_template: bool) -> None:
+        """Bad input where a task renders its prompts with the model's chat template and the tokenizer has none."""
+        chat = [spec.name for spec in self.specs if getattr(spec, "chat_template", False)]
+        if chat and not has_template:
+            raise InputError(f"task '{chat[0]}' renders its prompts with the model's chat template, and the "
+                             "model's tokenizer has none", file=self.path, field=f"tasks.{chat[0]}.chat_template",
+                             fix="use a chat model's tokenizer, or set chat_template: false")
 
     def rows(self, name: str, split: str) -> tuple[Any, ...]:
         """The rows of one split of a data task, after `limit`."""

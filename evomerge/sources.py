@@ -121,6 +121,7 @@ class ModelFolder:
     spec: str                       # as written in the config / recipe
     path: Path
     files: dict[str, Path] = field(default_factory=dict)   # tensor name -> safetensors file
+    hub_id: str | None = None       # org/name where the folder came from the Hugging Face hub (or its cache)
 
     @property
     def short(self) -> str:
@@ -272,7 +273,8 @@ def locate(spec: str, *, relative_to: Path | None = None, what: str = "source",
 def open_folder(spec: str, *, relative_to: Path | None = None, file: str | None = None,
                 field: str | None = None) -> ModelFolder:
     path = locate(spec, relative_to=relative_to, file=file, field=field)
-    folder = ModelFolder(spec=spec, path=path)
+    hub = resolve_path(spec, relative_to=relative_to) is None     # not local: locate fetched it from the hub
+    folder = ModelFolder(spec=spec, path=path, hub_id=spec.partition("@")[0] if hub else None)
     index = path / "model.safetensors.index.json"
     single = path / "model.safetensors"
     if index.is_file():

@@ -505,3 +505,28 @@ def test_memory_plan_streams_between_its_two_needs(family):
                 decided.check()
         else:
             decided.check()
+
+
+def test_sources_from_the_hub_cache_are_the_cards_lineage(family, tmp_path):
+    """Hub ids resolve offline from the hub's own cache layout; the model card lists them as the hub's merge
+    metadata (base_model + base_model_relation: merge), a local folder not."""
+    base, sources = family
+    cache = tmp_path / "hub"
+    revision = "0" * 40
+    for name, folder in (("base", base), ("s0", sources[0])):
+        repo = cache / f"models--evotest--{name}"
+        shutil.copytree(folder, repo / "snapshots" / revision)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(revision)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"evomerge_recipe: 1\nmethod: task_arithmetic\nbase: evotest/base\n"
+                      f"sources: [evotest/s0, {sources[1]}]\nparameters: {{evotest/s0: {{weight: 0.5}}}}\n")
+    done = subprocess.run([sys.executable, "-m", "evomerge", "merge", str(recipe), "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    card = (tmp_path / "out" / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["base_model"] == ["evotest/base", "evotest/s0"] and meta["base_model_relation"] == "merge"
+    assert meta["tags"] == ["merge", "evomerge"] and meta["library_name"] == "transformers"
+    assert "method: task_arithmetic" in card                              # and the recipe that rebuilds it

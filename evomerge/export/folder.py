@@ -12,9 +12,10 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 import torch
+import yaml
 
 from ..errors import InputError
 from ..recipe import Recipe
@@ -140,7 +141,8 @@ def write_weights(folder: Path, tensors: Mapping[str, torch.Tensor], *, metadata
 
 def write_model_folder(out: Path, *, tensors: Mapping[str, torch.Tensor], recipe: Recipe, config_from: ModelFolder,
                        tokenizer_from: ModelFolder, dtype: torch.dtype, force: bool = False,
-                       card_extra: str = "", extra_files: Mapping[str, str] | None = None) -> Path:
+                       card_extra: str = "", extra_files: Mapping[str, str] | None = None,
+                       base_models: Sequence[str] = ()) -> Path:
     """config + tokenizer + safetensors (recipe hash and version in the metadata) + model card + recipe."""
     from .. import __version__
 
@@ -158,19 +160,23 @@ def write_model_folder(out: Path, *, tensors: Mapping[str, torch.Tensor], recipe
         metadata = {"format": "pt", "evomerge_version": __version__, "evomerge_recipe_sha256": recipe.sha256()}
         write_weights(tmp, tensors, metadata=metadata)
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
-        (tmp / "README.md").write_text(model_card(recipe, extra=card_extra))
+        (tmp / "README.md").write_text(model_card(recipe, extra=card_extra, base_models=base_models))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return Path(out)
 
 
-def model_card(recipe: Recipe, *, extra: str = "") -> str:
+def model_card(recipe: Recipe, *, extra: str = "", base_models: Sequence[str] = ()) -> str:
+    """The folder's README.md. Its metadata follows the hub's convention for merges, so that an upload shows its
+    lineage: `base_model` lists the base and every source that is a hub id, `base_model_relation: merge`."""
     sources = "\n".join(f"- `{s}`" for s in recipe.sources)
     score = (recipe.provenance or {}).get("score")
+    meta: dict = {"library_name": "transformers", "tags": ["merge", "evomerge"]}
+    if base_models:
+        meta |= {"base_model": list(base_models), "base_model_relation": "merge"}
     lines = [
         "---",
-        "library_name: transformers",
-        "tags: [merge, evomerge]",
+        yaml.safe_dump(meta, sort_keys=False).rstrip(),
         "---",
         f"# Merged model ({recipe.method})",
         "",

@@ -31,10 +31,11 @@ class Copy:
     positions: torch.Tensor | None = None     # flat positions in `target` (a parameter's flat data)
 
     def apply(self) -> None:
+        """Copy the merged entries into the model (converted to its dtype where it scores in another)."""
         if self.positions is None:
             self.target.copy_(self.merged)
         else:
-            self.target[self.positions] = self.merged.reshape(-1)
+            self.target[self.positions] = self.merged.reshape(-1).to(self.target.dtype)
 
 
 def direct_parameters(model, names: list[str]) -> dict[str, torch.Tensor]:

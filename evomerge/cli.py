@@ -134,7 +134,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from .evaluate import load_tasks
     from .evaluate import evaluate as run_evaluation
-    from .kernel import merger_for, pick_device
+    from .kernel import merger_for, pick_device, scoring_dtype
     from .recipe import Recipe
 
     suite = load_tasks(args.tasks, seed=args.seed)      # validated before any weights load
@@ -160,8 +160,11 @@ def _eval(args: argparse.Namespace) -> int:
 
         folder = open_folder(args.target, field="MODEL_OR_RECIPE")
         suite.require_chat_template(folder.has_chat_template())
-        model = AutoModelForCausalLM.from_pretrained(str(folder.path), use_safetensors=True,
-                                                     trust_remote_code=False).to(pick_device(args.device)).eval()
+        device = pick_device(args.device)
+        stored = next((dtype for _, dtype in folder.header.values() if dtype.is_floating_point), None)
+        model = AutoModelForCausalLM.from_pretrained(str(folder.path), use_safetensors=True, trust_remote_code=False,
+                                                     dtype=scoring_dtype(stored, device) if stored else "auto")
+        model = model.to(device).eval()
         tokenizer_path = folder.path
     from transformers import AutoTokenizer
 

@@ -10,6 +10,7 @@ exported model is the one that was scored.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -84,6 +85,40 @@ def in_use_bytes(device: torch.device) -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # peak so far: an upper bound
 
 
+def scoring_dtype(stored: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype a model is scored in: the stored one, except bf16/fp16 on a CPU without native matmuls for it,
+    where it runs in float32 (a bf16 forward of a 135M model was 6.2x float32's on a Zen 1 EPYC; with AMX, bf16
+    is 6x faster than float32). The weights are the same values, upcast exactly; storage and export keep the
+    stored dtype. A GPU scores in the stored dtype."""
+    if device.type == "cpu" and stored in (torch.bfloat16, torch.float16) and stored not in fast_cpu_dtypes():
+        return torch.float32
+    return stored
+
+
+def fast_cpu_dtypes(flags: frozenset[str] | None = None) -> frozenset[torch.dtype]:
+    """Half-precision dtypes this CPU multiplies natively (its /proc/cpuinfo flags: AVX512-BF16 or AMX-BF16,
+    AVX512-FP16 or AMX-FP16; Arm's BF16 and FP16 extensions)."""
+    flags = _cpu_flags() if flags is None else flags
+    fast = set()
+    if flags & {"avx512_bf16", "amx_bf16", "bf16"}:
+        fast.add(torch.bfloat16)
+    if flags & {"avx512_fp16", "amx_fp16", "asimdhp"}:
+        fast.add(torch.float16)
+    return frozenset(fast)
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
@@ -110,11 +145,13 @@ class MemoryPlan:
         k = len(merger.sources.sources)
         item = torch.empty((), dtype=merger.compute_dtype).element_size()
         out_item = torch.empty((), dtype=merger.out_dtype).element_size()
+        score_item = torch.empty((), dtype=merger.score_dtype).element_size()
         largest = max(info.numel for info in layout.tensors.values())
         if budget is not None:
             import transformers  # noqa: F401  (what loading the model imports is part of what is in use)
         in_use = in_use_bytes(merger.device) if budget is not None else 0
-        model = layout.numel * out_item
+        # the scored model, plus the merged tensors in the output dtype where the model scores in another
+        model = layout.numel * (score_item + (out_item if merger.score_dtype != merger.out_dtype else 0))
         # One tensor at a time: its anchor, stack, fields and ranks (resident_bytes' copies, for this
         # tensor alone), then as much again for one source's read and the method's temporaries. Measured
         # on 3 sources of 100M parameters (results/bench_streaming.md): 6.4, 10.8 and 15.5 times the largest
@@ -161,13 +198,16 @@ class ResidentMerger:
                  dtype: str | None = None, seed: int = 0, methods: Iterable[str] = (),
                  build_model: bool = True, progress: bool = False,
                  memory_budget: int | str | None = None, trust_remote_code: bool = False,
-                 streaming: bool | None = None, precompute: bool = True) -> None:
+                 streaming: bool | None = None, precompute: bool = True, score_dtype: str | None = None) -> None:
         self.sources = sources
         self.trust_remote_code = trust_remote_code
         self.device = pick_device(device)
         self.seed = seed
         self.compute_dtype = torch.float64 if sources.layout.float_dtype == torch.float64 else torch.float32
         self.out_dtype = TORCH_DTYPES[dtype] if dtype else sources.layout.float_dtype
+        # the resident model's dtype: where it is not the output's, a candidate is merged into tensors of the
+        # output dtype and copied (upcast exactly) into the model, so that the scored weights are the exported ones
+        self.score_dtype = TORCH_DTYPES[score_dtype] if score_dtype else scoring_dtype(self.out_dtype, self.device)
         self.methods = [REGISTRY.get(m) for m in methods]
         self.fused = fused.kernel_for(self.device, sources.layout.numel)   # the same for the search and the export
         budget = parse_bytes(memory_budget, device=self.device)
@@ -228,7 +268,7 @@ class ResidentMerger:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=self.out_dtype, use_safetensors=True,
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=self.score_dtype, use_safetensors=True,
                                                      trust_remote_code=self.trust_remote_code)
         return model.to(self.device).eval()
 
@@ -254,6 +294,19 @@ class ResidentMerger:
         for name in self.sources.layout.tensors:    # in checkpoint order
             outputs[name] = slots[name] if name in slots else torch.empty(shapes[name], dtype=self.out_dtype,
                                                                           device=self.device)
+        if self.model is None or self.score_dtype == self.out_dtype:
+            return outputs, copies
+        # the model scores in another dtype: merge into tensors of the output dtype, then copy them in
+        into_model = {c.merged.data_ptr(): c for c in copies}
+        copies = []
+        for name, slot in outputs.items():
+            if name in self.unmerged:
+                continue
+            own = torch.empty(shapes[name], dtype=self.out_dtype, device=self.device)
+            earlier = into_model.get(slot.data_ptr())
+            copies.append(binding.Copy(own, earlier.target, earlier.positions) if earlier is not None
+                          else binding.Copy(own, slot))
+            outputs[name] = own
         return outputs, copies
 
     def prepare(self, methods: Iterable[str], *, progress: bool = False) -> None:

@@ -530,3 +530,44 @@ def test_sources_from_the_hub_cache_are_the_cards_lineage(family, tmp_path):
     assert meta["base_model"] == ["evotest/base", "evotest/s0"] and meta["base_model_relation"] == "merge"
     assert meta["tags"] == ["merge", "evomerge"] and meta["library_name"] == "transformers"
     assert "method: task_arithmetic" in card                              # and the recipe that rebuilds it
+
+
+def test_half_precision_is_scored_in_float32_only_on_a_cpu_without_native_matmuls_for_it():
+    from evomerge.kernel import fast_cpu_dtypes, scoring_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert fast_cpu_dtypes(frozenset({"avx2", "fma"})) == frozenset()                     # a Zen 1 EPYC
+    assert fast_cpu_dtypes(frozenset({"avx512f", "avx512_bf16", "amx_bf16"})) == {torch.bfloat16}
+    assert fast_cpu_dtypes(frozenset({"fp", "asimd", "asimdhp", "bf16"})) == {torch.bfloat16, torch.float16}
+    for stored in (torch.bfloat16, torch.float16):
+        assert scoring_dtype(stored, cuda) == stored
+        assert scoring_dtype(stored, cpu) == (stored if stored in fast_cpu_dtypes() else torch.float32)
+    assert scoring_dtype(torch.float32, cpu) == scoring_dtype(torch.float32, cuda) == torch.float32
+
+
+def test_bf16_sources_scored_in_float32_hold_the_exported_weights(tmp_path):
+    """A bf16 model scored in float32 (a CPU without bf16 matmuls): the resident model holds the merged bf16
+    values upcast exactly; the merged tensors (and so the export) are the bytes of a merge scored in bf16."""
+    from evomerge.kernel import ResidentMerger
+    from evomerge.recipe import Recipe
+    from evomerge.sources import open_sources
+
+    base, sources = make_family(tmp_path / "fam", arch="qwen2", k=2, layers=4, dtype=torch.bfloat16)
+    recipe = Recipe.from_dict({"method": "ties", "base": str(base), "sources": [str(s) for s in sources],
+                               "layer_groups": 2, "parameters": {str(sources[0]): {"weight": 0.7, "density": 0.5},
+                                                                 str(sources[1]): {"weight": [0.4, 0.9]}}})
+    opened = open_sources(recipe.base, recipe.sources)
+    scored, native = (ResidentMerger(opened, methods=["ties"], score_dtype=d) for d in ("float32", "bfloat16"))
+    assert scored.score_dtype == torch.float32 and native.score_dtype == torch.bfloat16
+    for merger in (scored, native):
+        merger.materialize(recipe)
+    ours, theirs = scored.state_dict(), native.state_dict()
+    assert all(t.dtype == torch.bfloat16 for t in ours.values())
+    assert all(torch.equal(ours[n].view(torch.int16), theirs[n].view(torch.int16)) for n in ours)   # same bytes
+    params = dict(scored.model.named_parameters())
+    assert {p.dtype for p in params.values()} == {torch.float32}
+    for name, tensor in ours.items():
+        assert torch.equal(params[name], tensor.float()), name          # the scored weights are the exported ones
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    with torch.inference_mode():
+        assert torch.allclose(scored.model(ids).logits, native.model(ids).logits.float(), atol=5e-2)

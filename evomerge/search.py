@@ -28,6 +28,7 @@ DONE = ("COMPLETE", "PRUNED")
 FINGERPRINT_ATTR = "sources_fingerprint"
 SPACE_ATTR = "space_fingerprint"
 BUDGET_ATTR = "budget"
+SWEEP_SHARE = 0.1     # of the budget, for the one-knob sweeps among the baselines
 
 
 class SurplusTrial(RuntimeError):
@@ -170,7 +171,9 @@ class SearchSession:
 
     # -- baselines -----------------------------------------------------------------
     def baselines(self) -> list[tuple[str, dict[str, Any]]]:
-        """(label, params): each source alone, then each technique at its defaults."""
+        """(label, params): each source alone, each technique at its defaults, then each technique's one-knob
+        sweep (a global weight, a density, slerp's t), within about a tenth of the budget: what a user would
+        try by hand, which the search has to beat."""
         out = []
         for i, folder in enumerate(self.sources.sources):
             params = self.space.source_alone(i)
@@ -178,6 +181,10 @@ class SearchSession:
                 out.append((f"source:{folder.short}", params))
         for method in self.space.methods:
             out.append((f"default:{method}", self.space.defaults(method)))
+        if self.space.candidates is None:
+            points = round(SWEEP_SHARE * self.config.search.n_trials / len(self.space.methods))
+            for method in self.space.methods:
+                out += self.space.sweep(method, points)
         return out
 
     def _check_same_weights(self) -> None:

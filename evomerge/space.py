@@ -160,6 +160,28 @@ class SearchSpace:
             params["method"] = method
         return params
 
+    def sweep(self, method: str, points: int) -> list[tuple[str, dict[str, Any]]]:
+        """(label, params): what a user tunes by hand, one knob at a time at the method's defaults: one weight
+        for every source and layer group (a global scale), a density for every source where the method
+        sparsifies, slerp's t. `points` values in all, at the centres of equal cells of each knob's search range
+        (which miss the declared defaults of weight and density)."""
+        knobs = [name for name in ("weight", "density", "t") if any(d.param.name == name for d in self.dims[method])]
+        if not knobs or points < 1:
+            return []
+        out = []
+        defaults = self.defaults(method)
+        for i, knob in enumerate(knobs):
+            dims = [d for d in self.dims[method] if d.param.name == knob]
+            n = points // len(knobs) + (1 if i < points % len(knobs) else 0)
+            low, high = max(d.low for d in dims), min(d.high for d in dims)
+            for j in range(1, n + 1):
+                value = dims[0].clean(low + (high - low) * (j - 0.5) / n)
+                if value == float(dims[0].param.default):
+                    continue       # the untuned default is a baseline of its own
+                params = dict(defaults) | {d.name: value for d in dims}
+                out.append((f"sweep:{method} {knob}={value:g}", params))
+        return out
+
     def source_alone(self, index: int) -> dict[str, Any] | None:
         """Parameters that reproduce source `index` unchanged, in the first method able to; else None."""
         for method in self.methods:

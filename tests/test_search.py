@@ -433,3 +433,34 @@ def test_a_parameter_free_search_runs_its_one_candidate_once(tmp_path, baselines
     trials = optuna.load_study(study_name="fixture", storage=f"sqlite:///{out / 'study.db'}").trials
     assert [(t.state.name, t.user_attrs["baseline"]) for t in trials] == [("COMPLETE", "default:model_stock")]
     assert "1 complete, 0 pruned, 0 failed (budget 1)" in (out / "summary.md").read_text()
+
+
+def test_a_one_knob_sweep_is_a_baseline_and_the_summary_states_the_margin_over_it(tmp_path):
+    """About a tenth of the budget goes to what a user would tune by hand: one weight for every source and
+    group (and a density, for a sparsifying method) at the method's defaults; the summary reports the sweep
+    point chosen on the search split, held-out, and the search's margin over it."""
+    import optuna
+
+    config = make_search_fixture(tmp_path / "fam", n_trials=40)   # 2 methods: 2 sweep points each
+    out = tmp_path / "run"
+    result = run_cli("search", str(config), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    study = optuna.load_study(study_name="fixture", storage=f"sqlite:///{out / 'study.db'}")
+    sweeps = {t.user_attrs["baseline"]: t for t in study.trials if t.user_attrs.get("baseline", "").startswith("sweep:")}
+    assert sorted(sweeps) == ["sweep:task_arithmetic weight=0.38", "sweep:task_arithmetic weight=1.12",
+                              "sweep:ties density=0.55", "sweep:ties weight=0.75"]
+    ta = sweeps["sweep:task_arithmetic weight=0.38"].params
+    assert {v for k, v in ta.items() if ".weight" in k} == {0.38} and ta["task_arithmetic.lambda"] == 1.0
+    ties = sweeps["sweep:ties density=0.55"].params
+    assert {v for k, v in ties.items() if ".density" in k} == {0.55} and {v for k, v in ties.items() if ".weight" in k} == {1.0}
+
+    def heldout(t):
+        scores = study.user_attrs[f"heldout:{t.number}"]
+        return (scores["ppl"]["neg_log_ppl"] + scores["pick"]["acc"]) / 2
+
+    chosen = max(sweeps.values(), key=lambda t: (t.value, -t.number))
+    best = yaml.safe_load((out / "recipe.yaml").read_text())["provenance"]
+    summary = (out / "summary.md").read_text()
+    line = next(x for x in summary.splitlines() if x.startswith("- Best one-knob sweep"))
+    assert chosen.user_attrs["baseline"] in line and f"at {heldout(chosen):.4f}" in line
+    assert f"**{best['score']['heldout'] - heldout(chosen):+.4f}**" in line

@@ -118,8 +118,16 @@ def scored_rows(session, best, *, label: str = "best") -> list[dict[str, Any]]:
     """The best (or exported) trial and every completed baseline, on both splits."""
     from optuna.trial import TrialState
 
-    picked = [t for t in session.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-              if "baseline" in t.user_attrs]
+    done = [t for t in session.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if "baseline" in t.user_attrs]
+    picked = [t for t in done if not t.user_attrs["baseline"].startswith("sweep:")]
+    sweeps: dict[str, Any] = {}      # of each technique's sweep, the point a user would keep: the best on search
+    for t in done:
+        method = session.space.method_of(t.params, t.user_attrs)
+        if t.user_attrs["baseline"].startswith("sweep:") and (
+                method not in sweeps or (sum(t.values), -t.number) > (sum(sweeps[method].values), -sweeps[method].number)):
+            sweeps[method] = t
+    picked += sorted(sweeps.values(), key=lambda t: t.number)
     if best.number not in {t.number for t in picked}:
         picked.append(best)
     suite = session.suite
@@ -140,7 +148,7 @@ def scored_rows(session, best, *, label: str = "best") -> list[dict[str, Any]]:
             row[f"{split}_objectives"] = objective_values(session, {t: row[f"{split}:{t}"] for t in suite.names})
             row[f"{split}_mean"] = sum(row[f"{split}_objectives"]) / len(row[f"{split}_objectives"])
         rows.append(row)
-    order = {"source": 0, "default": 1, "best": 2}
+    order = {"source": 0, "default": 1, "sweep": 2, "best": 3}
     rows.sort(key=lambda r: (order.get(r["kind"], 3), r["label"]))
     return rows
 
@@ -183,6 +191,7 @@ def summary_markdown(session, rows, best, recipe, plots: list[str], *, given: in
     tasks = config.objective_tasks
     sources = [r for r in rows if r["kind"] == "source"]
     defaults = [r for r in rows if r["kind"] == "default"]
+    sweeps = [r for r in rows if r["kind"] == "sweep"]
     several = len(config.objectives) > 1
     lines = [f"# evomerge run `{config.name}`", ""]
     scores = (f"**{recipe.method}**, held-out mean **{best_row['heldout_mean']:.4f}** "
@@ -206,6 +215,11 @@ def summary_markdown(session, rows, best, recipe, plots: list[str], *, given: in
     if defaults:
         best_default = max(defaults, key=lambda r: r["heldout_mean"])
         lines.append(f"- Best untuned merge: {best_default['label']} at {best_default['heldout_mean']:.4f}.")
+    if sweeps:      # the cheap tuned baseline, picked as a user would pick it: on the search split
+        sweep = max(sweeps, key=lambda r: (r["search_mean"], -r["number"]))
+        margin = best_row["heldout_mean"] - sweep["heldout_mean"]
+        lines.append(f"- Best one-knob sweep (chosen on the search split): {sweep['label']} at "
+                     f"{sweep['heldout_mean']:.4f}; the search's margin over it: **{margin:+.4f}** held-out.")
     lines += ["", "## Held-out and search scores", "", summary_table(rows, session), ""]
     if several:
         lines += pareto_table(session, best.number)

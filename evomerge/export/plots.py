@@ -103,7 +103,7 @@ def _comparison(plt, session, rows, recipe):
     ax.set_xticklabels([r["label"].replace(" = ", "\n= ") for r in rows], rotation=25, ha="right", fontsize=8)
     ax.set_ylabel("held-out score")
     ax.set_ylim(0, 1.05 if max(r["heldout_mean"] for r in rows) <= 1 else None)
-    ax.set_title("sources, untuned merges and the best recipe (held-out)")
+    ax.set_title("sources, untuned merges, one-knob sweeps and the best recipe (held-out)")
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
     return fig

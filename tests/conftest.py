@@ -23,6 +23,18 @@ def _no_user_zoo(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["EVOMERGE_ZOO"] = str(tmp_path_factory.getbasetemp() / "zoo-not-built")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is many times faster than two. A module
+    that wants it says `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The zoo's root folder (base/, one folder per expert, data/, tasks.yaml, zoo.json)."""

@@ -29,13 +29,7 @@ GENERATE_VARIANTS = {  # one data file, several stopping and extraction rules
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is many times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one intra-op thread (conftest)
 
 
 def inc_example(rng: random.Random) -> tuple[str, str]:

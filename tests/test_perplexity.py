@@ -22,12 +22,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 LENGTHS = [1, 2, 3, 5, 8, 13, 21, 34, 55, 63]  # words (one token each); the model's context is 64 tokens
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one intra-op thread (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,17 @@ README = ROOT / "README.md"
 
 
 def section(heading: str) -> str:
-    """The text under `heading` (e.g. '## Many machines') up to the next heading of its level or above."""
-    text = README.read_text()
-    start = text.index(f"\n{heading}\n") + len(heading) + 2
+    """The text under `heading` (e.g. '## Many machines') up to the next heading of its level or above (a
+    '# comment' inside a code block is no heading)."""
+    lines = README.read_text().split("\n")
+    start = lines.index(heading) + 1
     level = len(heading.split()[0])
-    end = re.search(rf"^#{{1,{level}}} ", text[start:], re.M)
-    return text[start:start + end.start()] if end else text[start:]
+    fenced = False
+    for end in range(start, len(lines)):
+        fenced ^= lines[end].startswith("```")
+        if not fenced and re.match(rf"#{{1,{level}}} ", lines[end]):
+            return "\n".join(lines[start:end])
+    return "\n".join(lines[start:])
 
 
 def blocks(text: str, lang: str) -> list[str]:
@@ -204,3 +209,70 @@ def test_evomerge_demo_runs_as_written_and_its_recipe_rebuilds_the_model(tmp_pat
     rebuilt = run(["evomerge", "merge", "results/demo/recipe.yaml", "-o", "again"], cwd=tmp_path, env=env)
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert (tmp_path / "again" / "model.safetensors").read_bytes() == (out / "best" / "model.safetensors").read_bytes()
+
+
+# -- "Merging your own Hugging Face models" --------------------------------------------------------------------
+
+def _hub_cache(cache: Path, repo: str, folder: Path) -> None:
+    """`folder` as the Hugging Face cache holds a downloaded `repo` (refs/main -> one snapshot)."""
+    import shutil
+
+    revision = "0" * 40
+    entry = cache / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(folder, entry / "snapshots" / revision)
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text(revision)
+
+
+def _fine_tune(base: Path, out: Path, seed: int) -> Path:
+    """A bf16 copy of `base` with a small Gaussian task vector."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(base, out)
+    gen = torch.Generator().manual_seed(seed)
+    weights = load_file(str(base / "model.safetensors"))
+    save_file({n: (w.float() + torch.randn(w.shape, generator=gen) * 0.01).to(torch.bfloat16) for n, w in weights.items()},
+              str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def test_merging_your_own_models_runs_as_written(smol: Path, tmp_path: Path) -> None:
+    """The section's recipe over two hub ids (served from a local Hugging Face cache, offline) and a folder,
+    its chat task file and its three commands: the merge is the recipe's arithmetic in bf16, the card names
+    its lineage, the chat task is scored."""
+    import torch
+    from safetensors.torch import load_file
+
+    text = section("## Merging your own Hugging Face models")
+    files = {block.splitlines()[0].removeprefix("# "): block for block in blocks(text, "yaml")}
+    assert set(files) == {"my-merge.yaml", "chat-tasks.yaml"}
+    for name, block in files.items():
+        (tmp_path / name).write_text(block)
+    recipe = yaml.safe_load(files["my-merge.yaml"])
+    hub = [s for s in [recipe["base"], *recipe["sources"]] if not s.startswith(".")]
+    local = [s for s in recipe["sources"] if s.startswith(".")]
+    cache = tmp_path / "hub-cache"
+    _hub_cache(cache, hub[0], smol)
+    _hub_cache(cache, hub[1], _fine_tune(smol, tmp_path / "scratch" / "math", seed=1))
+    _fine_tune(smol, tmp_path / local[0], seed=2)
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps({"prompt": q, "target": a}) + "\n" for q, a in
+                                               [("What is the capital of France?", "Paris"), ("2 + 2 = ?", "4"),
+                                                ("Name a color.", "Blue"), ("What do bees make?", "Honey")]))
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    results = [run(words, cwd=tmp_path, env=env) for words in commands(blocks(text, "bash")[0])]
+    assert [r.returncode for r in results] == [0, 0, 0], [r.stderr[-1500:] for r in results]
+    assert "valid" in results[0].stdout and "qa" in results[2].stdout and "exact_match" in results[2].stdout
+
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.weight"                 # block 0: the first of 3 layer groups
+    base, math, style = (load_file(str(p / "model.safetensors"))[name].float()
+                         for p in (smol, tmp_path / "scratch" / "math", tmp_path / local[0]))
+    weights = recipe["parameters"]
+    expected = torch.addcmul(base, math - base, torch.tensor(weights[hub[1]]["weight"][0]))
+    expected.addcmul_(style - base, torch.tensor(weights[local[0]]["weight"]))
+    assert merged[name].dtype == torch.bfloat16 and torch.equal(merged[name], expected.to(torch.bfloat16))
+    card = yaml.safe_load((tmp_path / "merged" / "README.md").read_text().split("---\n")[1])
+    assert card["base_model"] == hub and card["base_model_relation"] == "merge"

@@ -31,7 +31,7 @@ class CompareResult:
 
 def compare(config: SearchConfig | str | Path, *, seeds: int = 3, budget: int | None = None,
             out: str | Path | None = None, device: str | None = None, progress: bool = True) -> CompareResult:
-    from .search import SearchSession, Workbench
+    from .search import SWEEP_SHARE, SearchSession, Workbench
 
     if not isinstance(config, SearchConfig):
         config = load_config(config)
@@ -50,9 +50,11 @@ def compare(config: SearchConfig | str | Path, *, seeds: int = 3, budget: int | 
             for seed in range(config.search.seed, config.search.seed + seeds):
                 sub = _restricted(config, method=method, seed=seed, budget=budget)
                 with SearchSession(sub, storage_url=storage, device=None, progress=progress, bench=bench) as session:
-                    if not session.study.user_attrs.get("baselines_enqueued"):   # the same one-trial head start for all
-                        session.study.enqueue_trial(session.space.defaults(method),
-                                                    user_attrs={"baseline": f"default:{method}"})
+                    if not session.study.user_attrs.get("baselines_enqueued"):   # the same head start for all:
+                        baselines = [(f"default:{method}", session.space.defaults(method))]   # the default, and
+                        baselines += session.space.sweep(method, round(SWEEP_SHARE * budget))  # the one-knob sweep
+                        for label, params in baselines:
+                            session.study.enqueue_trial(params, user_attrs={"baseline": label})
                         session.study.set_user_attr("baselines_enqueued", True)
                     session.run(budget)
                     rows.extend(_score(session, method=method, seed=seed))
@@ -72,15 +74,18 @@ def _restricted(config: SearchConfig, *, method: str, seed: int, budget: int) ->
 
 
 def _score(session, *, method: str, seed: int) -> list[dict[str, Any]]:
-    """The untuned default and the tuned best of one study, on both splits. The best is the search's own
+    """The untuned default, the one-knob sweep point a user would keep (the best on the search split) and the
+    tuned best of one study, on both splits. The best is the search's own
     pick (with several objectives, the Pareto-front trial with the best mean of them); a row's means are
     the mean of its objectives, each computed as the search computes it (a lower-is-better metric negated)."""
     from .export.run import heldout_scores, objective_values
 
     trials = [t for t in session.study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     default = next((t for t in trials if t.user_attrs.get("baseline") == f"default:{method}"), None)
+    sweeps = [t for t in trials if str(t.user_attrs.get("baseline", "")).startswith("sweep:")]
+    sweep = max(sweeps, key=lambda t: (statistics.fmean(t.values), -t.number)) if sweeps else None   # a user's pick
     rows = []
-    for kind, trial in (("default", default), ("tuned", session.best_trial())):
+    for kind, trial in (("default", default), ("sweep", sweep), ("tuned", session.best_trial())):
         if trial is None:
             continue
         heldout = heldout_scores(session, trial)
@@ -112,7 +117,7 @@ def aggregate(rows: list[dict[str, Any]], tasks: list[str]) -> list[dict[str, An
         for key in [f"heldout:{t}" for t in tasks] + ["heldout_mean"]:
             entry[key] = _mean_std([r[key] for r in rs])
         out.append(entry)
-    out.sort(key=lambda e: (e["kind"] != "tuned", -e["heldout_mean"][0]))
+    out.sort(key=lambda e: ({"tuned": 0, "sweep": 1}.get(e["kind"], 2), -e["heldout_mean"][0]))
     return out
 
 
@@ -141,7 +146,9 @@ def _write(out: Path, config: SearchConfig, rows, tasks, table: str, *, seeds: i
               f"Each technique searched alone with the same budget of {budget} trials "
               f"(sampler `{config.search.sampler}`, {config.search.layer_groups} layer groups), "
               f"over {seeds} seeds (mean ± std); `default` is the technique at its declared defaults, "
-              "`tuned` the best search trial, both scored on the held-out split.", "",
+              "`sweep` the best point (on the search split) of a one-knob sweep of it run first, about a tenth of "
+              "the budget (one weight for all sources and layers, a density, slerp's t), `tuned` the best search "
+              "trial, each scored on the held-out split.", "",
               *([f"With {len(config.objectives)} objectives, `tuned` is the Pareto-front trial with the best mean "
                  "of them on the search split, and a mean is the mean of the objectives (each a weighted mean of "
                  "its tasks, a lower-is-better metric negated).", ""] if len(config.objectives) > 1 else []),
@@ -163,17 +170,20 @@ def _plot(path: Path, rows, tasks) -> None:
     techniques = sorted({e["technique"] for e in agg})
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(techniques)), 4))
     x = np.arange(len(techniques))
-    for i, kind in enumerate(("default", "tuned")):
+    kinds = [k for k in ("default", "sweep", "tuned") if any(e["kind"] == k for e in agg)]
+    colors = {"default": "#bbbbbb", "sweep": "#ff7f0e", "tuned": "#1f77b4"}
+    width = 0.8 / len(kinds)
+    for i, kind in enumerate(kinds):
         means = [next((e["heldout_mean"][0] for e in agg if e["technique"] == t and e["kind"] == kind), np.nan)
                  for t in techniques]
         stds = [next((e["heldout_mean"][1] for e in agg if e["technique"] == t and e["kind"] == kind), np.nan)
                 for t in techniques]
-        ax.bar(x + (i - 0.5) * 0.38, means, 0.38, yerr=stds, capsize=4, label=kind,
-               color=("#bbbbbb", "#1f77b4")[i])
+        ax.bar(x + (i - (len(kinds) - 1) / 2) * width, means, width, yerr=stds, capsize=4, label=kind,
+               color=colors[kind])
     ax.set_xticks(x)
     ax.set_xticklabels(techniques, rotation=15)
     ax.set_ylabel("held-out objective (mean ± std over seeds)")
-    ax.set_title("merge techniques: untuned defaults vs tuned by search")
+    ax.set_title("merge techniques: untuned defaults, a one-knob sweep, tuned by search")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     tmp = path.parent / f".{path.name}.partial.png"

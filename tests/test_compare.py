@@ -142,3 +142,29 @@ def test_several_objectives_rank_by_the_pareto_pick_and_report_the_mean_of_the_o
     assert float(row["heldout_mean"]) == pytest.approx((heldout["ppl"]["neg_log_ppl"] + heldout["pick"]["acc"]) / 2)
     report = (out / "report.md").read_text()
     assert "ppl (held-out)" in report and "pick (held-out)" in report and "Pareto-front trial" in report
+
+
+def test_each_technique_is_reported_beside_its_one_knob_sweep(tmp_path):
+    """A tenth of each study's budget sweeps one knob first; the `sweep` row is the point a user would keep (the
+    best on the search split), scored held-out, beside the default and the tuned best."""
+    import optuna
+
+    from evomerge.export.run import HELDOUT_ATTR
+
+    config = make_search_fixture(tmp_path / "fam", methods=("task_arithmetic",))
+    out = tmp_path / "cmp"
+    done = subprocess.run([sys.executable, "-m", "evomerge", "compare", str(config), "--seeds", "1", "--budget", "20",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {r["kind"]: r for r in _rows(out)}
+    assert set(rows) == {"default", "sweep", "tuned"}
+    study = optuna.load_study(study_name=rows["sweep"]["study"], storage=f"sqlite:///{out / 'compare.db'}")
+    sweeps = [t for t in study.trials if t.user_attrs.get("baseline", "").startswith("sweep:")]
+    assert sorted(t.user_attrs["baseline"] for t in sweeps) == ["sweep:task_arithmetic weight=0.38",
+                                                                 "sweep:task_arithmetic weight=1.12"]
+    kept = max(sweeps, key=lambda t: (t.value, -t.number))
+    assert int(rows["sweep"]["trial"]) == kept.number and float(rows["sweep"]["search_value"]) == kept.value
+    heldout = study.user_attrs[f"{HELDOUT_ATTR}{kept.number}"]
+    assert float(rows["sweep"]["heldout_mean"]) == pytest.approx((heldout["ppl"]["neg_log_ppl"] + heldout["pick"]["acc"]) / 2)
+    assert float(rows["tuned"]["search_value"]) >= kept.value
+    assert "| task_arithmetic | sweep | 1 |" in (out / "report.md").read_text()

@@ -147,8 +147,9 @@ def _write(out: Path, config: SearchConfig, rows, tasks, table: str, *, seeds: i
               f"(sampler `{config.search.sampler}`, {config.search.layer_groups} layer groups), "
               f"over {seeds} seeds (mean ± std); `default` is the technique at its declared defaults, "
               "`sweep` the best point (on the search split) of a one-knob sweep of it run first, about a tenth of "
-              "the budget (one weight for all sources and layers, a density, slerp's t), `tuned` the best search "
-              "trial, each scored on the held-out split.", "",
+              "the budget (a global scale: one weight for all sources and layers, or lambda where weights are "
+              "normalized; a density; slerp's t), `tuned` the best search trial, each scored on the held-out "
+              "split.", "",
               *([f"With {len(config.objectives)} objectives, `tuned` is the Pareto-front trial with the best mean "
                  "of them on the search split, and a mean is the mean of the objectives (each a weighted mean of "
                  "its tasks, a lower-is-better metric negated).", ""] if len(config.objectives) > 1 else []),

@@ -172,7 +172,7 @@ class SearchSession:
     # -- baselines -----------------------------------------------------------------
     def baselines(self) -> list[tuple[str, dict[str, Any]]]:
         """(label, params): each source alone, each technique at its defaults, then each technique's one-knob
-        sweep (a global weight, a density, slerp's t), within about a tenth of the budget: what a user would
+        sweep (a global scale, a density, slerp's t), within about a tenth of the budget: what a user would
         try by hand, which the search has to beat."""
         out = []
         for i, folder in enumerate(self.sources.sources):

@@ -161,11 +161,14 @@ class SearchSpace:
         return params
 
     def sweep(self, method: str, points: int) -> list[tuple[str, dict[str, Any]]]:
-        """(label, params): what a user tunes by hand, one knob at a time at the method's defaults: one weight
-        for every source and layer group (a global scale), a density for every source where the method
-        sparsifies, slerp's t. `points` values in all, at the centres of equal cells of each knob's search range
-        (which miss the declared defaults of weight and density)."""
-        knobs = [name for name in ("weight", "density", "t") if any(d.param.name == name for d in self.dims[method])]
+        """(label, params): what a user tunes by hand, one knob at a time at the method's defaults: a global scale
+        (one weight for every source and layer group; lambda where the method normalizes the weights, which
+        makes a common weight a no-op), a density for every source where the method sparsifies, slerp's t.
+        `points` values in all, at the centres of equal cells of each knob's search range (which miss the
+        declared defaults of weight and density); a value equal to the default is left out."""
+        normalized = any(p.name == "normalize" and p.default is True for p in REGISTRY.get(method).params)
+        scale = "lambda" if normalized else "weight"
+        knobs = [name for name in (scale, "density", "t") if any(d.param.name == name for d in self.dims[method])]
         if not knobs or points < 1:
             return []
         out = []

@@ -78,14 +78,13 @@ def _score(session, *, method: str, seed: int) -> list[dict[str, Any]]:
     tuned best of one study, on both splits. The best is the search's own
     pick (with several objectives, the Pareto-front trial with the best mean of them); a row's means are
     the mean of its objectives, each computed as the search computes it (a lower-is-better metric negated)."""
-    from .export.run import heldout_scores, objective_values
+    from .export.run import heldout_scores, objective_values, sweep_picks
 
     trials = [t for t in session.study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     default = next((t for t in trials if t.user_attrs.get("baseline") == f"default:{method}"), None)
-    sweeps = [t for t in trials if str(t.user_attrs.get("baseline", "")).startswith("sweep:")]
-    sweep = max(sweeps, key=lambda t: (statistics.fmean(t.values), -t.number)) if sweeps else None   # a user's pick
     rows = []
-    for kind, trial in (("default", default), ("sweep", sweep), ("tuned", session.best_trial())):
+    for kind, trial in (("default", default), ("sweep", sweep_picks(session).get(method)),
+                        ("tuned", session.best_trial())):
         if trial is None:
             continue
         heldout = heldout_scores(session, trial)

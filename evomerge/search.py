@@ -120,8 +120,7 @@ class Workbench:
     @functools.cached_property
     def fingerprints(self) -> dict[str, str]:
         """A content fingerprint of every model (spec -> hash): once, for every study run on this workbench."""
-        folders = ([self.sources.base] if self.sources.base is not None else []) + list(self.sources.sources)
-        return {folder.spec: folder.fingerprint() for folder in folders}
+        return {folder.spec: folder.fingerprint() for folder in self.sources.models}
 
     def sampler_process(self):
         """The process that samples trials ahead (propose.py), started on first use, shared by every study here."""

@@ -330,6 +330,11 @@ class SourceSet:
         return self.base if self.base is not None else self.sources[0]
 
     @property
+    def models(self) -> list[ModelFolder]:
+        """The base (where there is one), then the sources."""
+        return ([self.base] if self.base is not None else []) + list(self.sources)
+
+    @property
     def shorts(self) -> list[str]:
         return [s.short for s in self.sources]
 

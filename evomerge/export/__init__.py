@@ -38,8 +38,7 @@ def export_model(merger: ResidentMerger, recipe: Recipe, out: str | Path, *, for
 
         tokenizer_from = open_folder(recipe.tokenizer, relative_to=recipe.relative_to, field="tokenizer")
     text = mergekit_yaml(recipe, sources)
-    lineage = [f.hub_id for f in ([sources.base] if sources.base is not None else []) + list(sources.sources)
-               if f.hub_id]
+    lineage = [f.hub_id for f in sources.models if f.hub_id]
     return write_model_folder(Path(out), tensors=merger.state_dict(), recipe=recipe, config_from=sources.anchor,
                               tokenizer_from=tokenizer_from, dtype=merger.out_dtype, force=force,
                               card_extra=card_extra, extra_files={"mergekit.yaml": text} if text else None,

@@ -58,7 +58,7 @@ def export_run(session, run_dir: Path, *, result, trial: int | None = None):
     recipe = scored.relocated(run_dir)
     best_row = next(r for r in rows if r["number"] == frozen.number)
     recipe = recipe.with_provenance(
-        sources_sha256={f.spec: f.sha256() for f in _folders(session)},
+        sources_sha256={f.spec: f.sha256() for f in session.sources.models},
         study=study.study_name, trial=frozen.number,
         score={"search": best_row["search_mean"], "heldout": best_row["heldout_mean"]},
     )
@@ -79,11 +79,6 @@ def export_run(session, run_dir: Path, *, result, trial: int | None = None):
     result.best_recipe = recipe
     result.summary = {"rows": rows, "best": best_row}
     return result
-
-
-def _folders(session) -> list:
-    s = session.sources
-    return ([s.base] if s.base is not None else []) + list(s.sources)
 
 
 def _pick_trial(session, number: int | None):
@@ -118,16 +113,9 @@ def scored_rows(session, best, *, label: str = "best") -> list[dict[str, Any]]:
     """The best (or exported) trial and every completed baseline, on both splits."""
     from optuna.trial import TrialState
 
-    done = [t for t in session.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if "baseline" in t.user_attrs]
-    picked = [t for t in done if not t.user_attrs["baseline"].startswith("sweep:")]
-    sweeps: dict[str, Any] = {}      # of each technique's sweep, the point a user would keep: the best on search
-    for t in done:
-        method = session.space.method_of(t.params, t.user_attrs)
-        if t.user_attrs["baseline"].startswith("sweep:") and (
-                method not in sweeps or (sum(t.values), -t.number) > (sum(sweeps[method].values), -sweeps[method].number)):
-            sweeps[method] = t
-    picked += sorted(sweeps.values(), key=lambda t: t.number)
+    picked = [t for t in session.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if "baseline" in t.user_attrs and not t.user_attrs["baseline"].startswith("sweep:")]
+    picked += sorted(sweep_picks(session).values(), key=lambda t: t.number)
     if best.number not in {t.number for t in picked}:
         picked.append(best)
     suite = session.suite
@@ -151,6 +139,20 @@ def scored_rows(session, best, *, label: str = "best") -> list[dict[str, Any]]:
     order = {"source": 0, "default": 1, "sweep": 2, "best": 3}
     rows.sort(key=lambda r: (order.get(r["kind"], 3), r["label"]))
     return rows
+
+
+def sweep_picks(session) -> dict[str, Any]:
+    """Of each technique's one-knob sweep, the point a user would keep: the complete trial best on the search
+    split (the mean of its objectives; the earlier on a tie)."""
+    from optuna.trial import TrialState
+
+    picks: dict[str, Any] = {}
+    for t in session.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if str(t.user_attrs.get("baseline", "")).startswith("sweep:"):
+            method = session.space.method_of(t.params, t.user_attrs)
+            if method not in picks or sum(t.values) > sum(picks[method].values):
+                picks[method] = t
+    return picks
 
 
 def objective_values(session, scores: dict[str, float]) -> list[float]:

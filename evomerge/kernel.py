@@ -22,6 +22,7 @@ import torch
 from . import binding
 from .errors import InputError
 from .methods import DENSITY_GRID, GAMMA_GRID, REGISTRY, TensorContext, fused, resolve
+from .methods.context import HALF_DTYPES
 from .recipe import Recipe, check_for_layout
 from .sources import SourceSet, open_sources
 
@@ -157,7 +158,7 @@ class MemoryPlan:
         # on 3 sources of 100M parameters (results/bench_streaming.md): 6.4, 10.8 and 15.5 times the largest
         # tensor for ties, dare_ties and della, against 9, 15 and 21 here. The model costs a tenth more
         # than its weights (buffers, loading), the C heap 5 %.
-        copies = merger.resident_bytes() // max(1, layout.numel * item)
+        copies = 1 + k + merger.field_copies()      # as float32 task vectors: a raw tensor forms them to merge
         per_tensor = (2 * copies + 1) * largest * item
         margin = 1.05
         resident = int((in_use + 1.1 * model + merger.resident_bytes() + per_tensor) * margin)
@@ -198,8 +199,10 @@ class ResidentMerger:
                  dtype: str | None = None, seed: int = 0, methods: Iterable[str] = (),
                  build_model: bool = True, progress: bool = False,
                  memory_budget: int | str | None = None, trust_remote_code: bool = False,
-                 streaming: bool | None = None, precompute: bool = True, score_dtype: str | None = None) -> None:
+                 streaming: bool | None = None, precompute: bool = True, score_dtype: str | None = None,
+                 as_stored: bool = True) -> None:
         self.sources = sources
+        self.as_stored = as_stored     # bf16/fp16 sources stay resident as stored (False: as float32 task vectors)
         self.trust_remote_code = trust_remote_code
         self.device = pick_device(device)
         self.seed = seed
@@ -210,6 +213,8 @@ class ResidentMerger:
         self.score_dtype = TORCH_DTYPES[score_dtype] if score_dtype else scoring_dtype(self.out_dtype, self.device)
         self.methods = [REGISTRY.get(m) for m in methods]
         self.fused = fused.kernel_for(self.device, sources.layout.numel)   # the same for the search and the export
+        # tensors that are no weights (integer position ids, boolean masks) pass through from the anchor
+        self.unmerged = {n for n, info in sources.layout.tensors.items() if not info.dtype.is_floating_point}
         budget = parse_bytes(memory_budget, device=self.device)
         self.plan = MemoryPlan.of(self, budget)
         self.streaming = self.plan.streaming if streaming is None else streaming
@@ -217,8 +222,6 @@ class ResidentMerger:
             self.plan.check()      # before any weights load
         self.model = self._load_model(sources.anchor.path) if build_model else None
         self.contexts: dict[str, TensorContext] = {}
-        # tensors that are no weights (integer position ids, boolean masks) pass through from the anchor
-        self.unmerged = {n for n, info in sources.layout.tensors.items() if not info.dtype.is_floating_point}
         self.outputs, self.copies = self._output_slots()
         names = [n for n in sources.layout.tensors if n not in self.unmerged]
         iterator = _progress(names, "loading sources") if progress and not self.streaming else names
@@ -231,32 +234,48 @@ class ResidentMerger:
             self.prepare([m.name for m in self.methods], progress=progress)
 
     def resident_bytes(self) -> int:
-        """Bytes the resident mode keeps: anchor + task vectors, plus fields and ranks where needed."""
+        """Bytes the resident mode keeps: the anchor and the sources as stored (bf16/fp16) or the anchor and the
+        task vectors in the arithmetic's dtype, plus fields and ranks (in that dtype) where needed."""
         k = len(self.sources.sources)
-        copies = 1 + k
-        if any(m.stochastic for m in self.methods):
-            copies += k
-        if any(m.row_ranks for m in self.methods):
-            copies += k
         itemsize = torch.empty((), dtype=self.compute_dtype).element_size()
-        return copies * self.sources.layout.numel * itemsize
+        held = sum((1 + k) * info.numel * (info.dtype.itemsize if self._holds_sources(name) else itemsize)
+                   for name, info in self.sources.layout.tensors.items() if name not in self.unmerged)
+        return held + self.field_copies() * self.sources.layout.numel * itemsize
+
+    def field_copies(self) -> int:
+        """Per-source fields kept beside the sources, each the model's size in the arithmetic's dtype: random
+        fields (DARE, DELLA) and row ranks (DELLA)."""
+        k = len(self.sources.sources)
+        return (k if any(m.stochastic for m in self.methods) else 0) + (k if any(m.row_ranks for m in self.methods)
+                                                                        else 0)
+
+    def _holds_sources(self, name: str) -> bool:
+        """Whether a tensor stays resident as its sources are stored (bf16/fp16, every model alike), its task
+        vectors formed in float32 piece by piece; else it is held as task vectors in the arithmetic's dtype."""
+        dtype = self.sources.layout.tensors[name].dtype
+        return (self.as_stored and dtype in HALF_DTYPES and self.compute_dtype == torch.float32
+                and all(folder.header[name][1] == dtype for folder in self.sources.sources))
 
     def _read_context(self, name: str) -> TensorContext:
-        """Anchor and task vectors of one tensor, read (memory-mapped) from the safetensors files.
+        """Anchor and task vectors (or sources: `_holds_sources`) of one tensor, read (memory-mapped) from the
+        safetensors files.
 
         One source at a time into the (K, *shape) stack: a tensor costs its stack, the
         anchor and one source's read, no more.
         """
         sources = self.sources
-        base = self._checked(sources.anchor, name)
-        deltas = torch.empty((len(sources.sources), *base.shape), dtype=self.compute_dtype, device=self.device)
+        raw = self._holds_sources(name)
+        base = self._checked(sources.anchor, name, raw)
+        stack = torch.empty((len(sources.sources), *base.shape), dtype=base.dtype, device=self.device)
         for i, folder in enumerate(sources.sources):
-            deltas[i].copy_(self._checked(folder, name))
-        deltas -= base
-        return TensorContext(name=name, base=base, deltas=deltas, seed=self.seed)
+            stack[i].copy_(self._checked(folder, name, raw))
+        if not raw:
+            stack -= base
+        return TensorContext(name=name, anchor=base, stack=stack, seed=self.seed, raw=raw)
 
-    def _checked(self, folder, name: str) -> torch.Tensor:
-        tensor = self.sources.read(folder, name, device=self.device).to(self.compute_dtype)
+    def _checked(self, folder, name: str, raw: bool) -> torch.Tensor:
+        tensor = self.sources.read(folder, name, device=self.device)
+        tensor = tensor if raw else tensor.to(self.compute_dtype)
         if not bool(torch.isfinite(tensor).all()):
             raise InputError(f"tensor '{name}' holds NaN or inf values", file=folder.path,
                              fix="this checkpoint is broken: re-download or re-train it")
@@ -270,6 +289,8 @@ class ResidentMerger:
         hf_logging.disable_progress_bar()
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=self.score_dtype, use_safetensors=True,
                                                      trust_remote_code=self.trust_remote_code)
+        if self.sources.vocab_size is not None:      # a union vocabulary: rows for the tokens the sources added
+            model.resize_token_embeddings(self.sources.vocab_size)
         return model.to(self.device).eval()
 
     def _output_slots(self) -> tuple[dict[str, torch.Tensor], list[binding.Copy]]:
@@ -377,7 +398,7 @@ class ResidentMerger:
         """The fused kernel's plan for this tensor, or None where the eager steps run: no kernel (not
         on the CPU, not compiled, EVOMERGE_NO_FUSED), no plan for the method or this candidate, or
         arithmetic the kernel does not do (float64)."""
-        if self.fused is None or spec.fused is None or not self.fused.accepts(ctx.deltas, out):
+        if self.fused is None or spec.fused is None or not self.fused.accepts(ctx, out):
             return None
         return spec.fused(ctx, params)
 
@@ -418,7 +439,7 @@ def _merge_eager(spec, ctx: TensorContext, params: dict, out: torch.Tensor, *, c
     """The method's torch steps, chunk by chunk into `out`; each chunk's sum, for the finiteness check."""
     flat = out.view(-1)
     sums = []
-    for piece in (ctx.chunks(chunk) if chunk else (ctx,)):
+    for piece in ctx.chunks(chunk):
         merged = spec.apply(piece, params)
         target = flat[piece.span[0]:piece.span[1]] if piece.span else out
         torch.add(merged.view(target.shape), 0.0, out=target)     # + 0: a zero is +0.0, as the fused kernel writes it

@@ -338,6 +338,11 @@ class SourceSet:
     def shorts(self) -> list[str]:
         return [s.short for s in self.sources]
 
+    @property
+    def vocab_size(self) -> int | None:
+        """The merged model's vocabulary size where it is not the anchor's own (a union vocabulary), else None."""
+        return None
+
     def read(self, model: ModelFolder, name: str, *, device: str | torch.device = "cpu") -> torch.Tensor:
         tensor = model.read(name, device=device)
         want = self.layout.tensors[name].shape

@@ -144,13 +144,13 @@ def random_recipe(method: str, base, sources, rng: random.Random, *, rescale: st
     return Recipe.from_dict(data)
 
 
-def open_merger(recipe, *, dtype: str | None = None, streaming: bool = False):
+def open_merger(recipe, *, dtype: str | None = None, streaming: bool = False, as_stored: bool = True):
     """A merger with nothing precomputed: thresholds come exactly, on demand (the tables hold the same)."""
     from evomerge.kernel import ResidentMerger
     from evomerge.sources import open_sources
 
     return ResidentMerger(open_sources(recipe.base, recipe.sources), seed=recipe.seed, build_model=False,
-                          dtype=dtype, streaming=streaming)
+                          dtype=dtype, streaming=streaming, as_stored=as_stored)
 
 
 def materialize(merger, recipe, kernel: fused.FusedKernel | None, monkeypatch) -> tuple[dict, int]:
@@ -251,9 +251,11 @@ def test_the_l1_rescale_runs_the_eager_steps(kernel, three, method, monkeypatch)
 
 def test_more_sources_than_compiled_for_run_the_eager_steps(kernel):
     many = 1 + kernel.module.MAX_SOURCES
-    assert not kernel.accepts(torch.zeros(many, 4), torch.zeros(4))
-    assert kernel.accepts(torch.zeros(many - 1, 4), torch.zeros(4))
-    assert not kernel.accepts(torch.zeros(2, 4, dtype=torch.float64), torch.zeros(4))
+    context = lambda k, dtype=torch.float32: TensorContext.one_off(torch.zeros(4, dtype=dtype),  # noqa: E731
+                                                                   [torch.ones(4, dtype=dtype)] * k)
+    assert not kernel.accepts(context(many), torch.zeros(4))
+    assert kernel.accepts(context(many - 1), torch.zeros(4))
+    assert not kernel.accepts(context(2, torch.float64), torch.zeros(4))
 
 
 def test_the_kernel_reports_non_finite_values(kernel):
@@ -313,3 +315,45 @@ def test_small_models_merge_eagerly_unless_asked(kernel, monkeypatch):
     assert isinstance(fused.kernel_for(cpu, fused.MIN_ELEMENTS), fused.FusedKernel)   # (rebuilt objects after
     monkeypatch.setenv("EVOMERGE_FUSED", "1")                                          # a cache_clear elsewhere)
     assert isinstance(fused.kernel_for(cpu, 1000), fused.FusedKernel)
+
+
+# -- bf16/fp16 sources resident as stored ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def half_families(tmp_path_factory):
+    sys.path.insert(0, os.path.dirname(__file__))
+    from modelfactory import make_family
+
+    return {dtype: make_family(tmp_path_factory.mktemp(f"stored-{dtype}"), k=3, layers=4,
+                               dtype=getattr(torch, dtype)) for dtype in ("bfloat16", "float16")}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("method", [m.name for m in REGISTRY])
+def test_sources_held_as_stored_merge_as_float32_task_vectors_do(kernel, half_families, method, dtype, monkeypatch):
+    """The same bytes for every method, by the fused kernel and by the eager steps, from half the memory."""
+    base, sources = half_families[dtype]
+    recipe = random_recipe(method, base, sources, random.Random(f"stored-{method}-{dtype}"))
+    stored, vectors = open_merger(recipe), open_merger(recipe, as_stored=False)
+    assert all(ctx.raw and ctx.stack.dtype == getattr(torch, dtype) for ctx in stored.contexts.values())
+    assert not any(ctx.raw for ctx in vectors.contexts.values())
+    held = lambda m: sum(c.anchor.nbytes + c.stack.nbytes for c in m.contexts.values())  # noqa: E731
+    assert held(stored) * 2 == held(vectors)
+    assert stored.resident_bytes() == held(stored) and vectors.resident_bytes() == held(vectors)
+    expected, _ = materialize(vectors, recipe, None, monkeypatch)
+    for way in (kernel, None):
+        got, written = materialize(stored, recipe, way, monkeypatch)
+        assert written == (len(got) if way is not None and REGISTRY.get(method).fused is not None
+                           and recipe.shared_values().get("rescale") != "l1" else 0)
+        assert_same(got, expected)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della"])
+def test_sources_held_as_stored_merge_the_same_when_streaming(kernel, half_families, method, monkeypatch):
+    base, sources = half_families["bfloat16"]
+    recipe = random_recipe(method, base, sources, random.Random(f"stored-stream-{method}"))
+    expected, _ = materialize(open_merger(recipe, as_stored=False), recipe, kernel, monkeypatch)
+    got, written = materialize(open_merger(recipe, streaming=True), recipe, kernel, monkeypatch)
+    assert written == len(got)
+    assert_same(got, expected)

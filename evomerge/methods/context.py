@@ -21,14 +21,26 @@ DENSITY_GRID = tuple(round(0.01 * i, 2) for i in range(1, 101))
 GAMMA_GRID = tuple(round(0.001 * i, 3) for i in range(0, 101))
 
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
 @dataclass
 class TensorContext:
-    """One tensor of the merge: anchor `base` (shape S) and task vectors `deltas` (K, *S)."""
+    """One tensor of the merge: anchor `base` (shape S) and task vectors `deltas` (K, *S), in the arithmetic's
+    dtype (float32, or float64).
+
+    Held in one of two ways. `stack` holds the task vectors themselves, `anchor` the base (both in the
+    arithmetic's dtype); or, for a checkpoint stored in bf16/fp16 (`raw`), `stack` holds the sources as stored
+    and `anchor` the stored base: half the bytes of float32 task vectors. Then `base` and `deltas` are formed
+    on access, float32(x_i) - float32(b), the very values float32 task vectors hold; a piece (`chunks`) forms
+    them once, the whole tensor every time it is asked (statistics, once per study).
+    """
 
     name: str
-    base: torch.Tensor
-    deltas: torch.Tensor
+    anchor: torch.Tensor
+    stack: torch.Tensor
     seed: int = 0
+    raw: bool = False
     _thresholds: list[dict[int, float]] = field(default_factory=list)
     _cuts: list[dict[int, int]] = field(default_factory=list)
     _uniform: tuple[int, torch.Tensor] | None = None
@@ -37,30 +49,61 @@ class TensorContext:
     _stats: dict[str, object] = field(default_factory=dict)
     parent: "TensorContext | None" = None       # set on a chunk: statistics come from the whole tensor
     span: tuple[int, int] | None = None
+    _formed: tuple[torch.Tensor, torch.Tensor] | None = None    # a raw piece's (base, deltas), formed once
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The arithmetic's dtype."""
+        return torch.float32 if self.raw else self.stack.dtype
+
+    @property
+    def base(self) -> torch.Tensor:
+        return self._form()[0] if self.raw else self.anchor
+
+    @property
+    def deltas(self) -> torch.Tensor:
+        return self._form()[1] if self.raw else self.stack
+
+    def delta(self, index: int) -> torch.Tensor:
+        """Task vector `index` alone (for a raw tensor, without forming the others)."""
+        if not self.raw:
+            return self.stack[index]
+        return self.stack[index].to(torch.float32) - self.anchor.to(torch.float32)
+
+    def _form(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._formed is not None:
+            return self._formed
+        base = self.anchor.to(torch.float32)
+        formed = (base, self.stack.to(torch.float32) - base)
+        if self.parent is not None:      # a piece is short-lived; the whole tensor keeps only what is stored
+            self._formed = formed
+        return formed
 
     @property
     def k(self) -> int:
-        return self.deltas.shape[0]
+        return self.stack.shape[0]
 
     @property
     def numel(self) -> int:
-        return self.parent.numel if self.parent is not None else self.base.numel()
+        return self.parent.numel if self.parent is not None else self.anchor.numel()
 
-    def chunks(self, size: int) -> Iterator["TensorContext"]:
-        """Contiguous pieces of the flattened tensor that share this tensor's statistics.
+    def chunks(self, size: int | None) -> Iterator["TensorContext"]:
+        """Contiguous pieces of the flattened tensor that share this tensor's statistics (None: one piece).
 
-        Elementwise methods run piece by piece so their temporaries stay in cache.
+        Elementwise methods run piece by piece so their temporaries stay in cache. A tensor held as task
+        vectors that fits one piece is its own piece.
         """
-        n = self.base.numel()
-        if n <= size:
+        n = self.anchor.numel()
+        size = n if size is None else size
+        if n <= size and not self.raw:
             yield self
             return
-        base = self.base.reshape(-1)
-        deltas = self.deltas.reshape(self.k, -1)
+        base = self.anchor.reshape(-1)
+        stack = self.stack.reshape(self.k, -1)
         for start in range(0, n, size):
             stop = min(start + size, n)
-            yield TensorContext(name=self.name, base=base[start:stop], deltas=deltas[:, start:stop], seed=self.seed,
-                                parent=self, span=(start, stop))
+            yield TensorContext(name=self.name, anchor=base[start:stop], stack=stack[:, start:stop], seed=self.seed,
+                                raw=self.raw, parent=self, span=(start, stop))
 
     def _piece(self, full: torch.Tensor) -> torch.Tensor:
         start, stop = self.span
@@ -75,7 +118,7 @@ class TensorContext:
             self._thresholds = [{} for _ in range(self.k)]
         table = self._thresholds[index]
         if k not in table:
-            table[k] = float(kth_largest_abs(self.deltas[index], k))
+            table[k] = float(kth_largest_abs(self.delta(index), k))
         return table[k]
 
     def top_cut(self, index: int, k: int) -> tuple[float, int]:
@@ -87,7 +130,7 @@ class TensorContext:
         self._cuts = self._cuts or [{} for _ in range(self.k)]
         self._thresholds = self._thresholds or [{} for _ in range(self.k)]
         if k not in self._cuts[index]:      # one radix select gives the value and the cut
-            value, self._cuts[index][k] = top_cuts(self.deltas[index], [k])[0]
+            value, self._cuts[index][k] = top_cuts(self.delta(index), [k])[0]
             self._thresholds[index].setdefault(k, value)
         return self._thresholds[index][k], self._cuts[index][k]
 
@@ -108,9 +151,10 @@ class TensorContext:
         self._thresholds = self._thresholds or [{} for _ in range(self.k)]
         self._cuts = self._cuts or [{} for _ in range(self.k)]
         for i in range(self.k):
-            self._thresholds[i].update(zip(plain, kth_largest_many(self.deltas[i], plain, absolute=True)))
+            delta = self.delta(i)
+            self._thresholds[i].update(zip(plain, kth_largest_many(delta, plain, absolute=True)))
             ks = sorted(cut_at)
-            for k, (value, cut) in zip(ks, top_cuts(self.deltas[i], ks)):
+            for k, (value, cut) in zip(ks, top_cuts(delta, ks)):
                 self._thresholds[i][k] = value
                 self._cuts[i][k] = cut
 
@@ -121,9 +165,9 @@ class TensorContext:
             self.parent.seed = self.seed
             return self._piece(self.parent.uniform())
         if self._uniform is None or self._uniform[0] != self.seed:
-            fields = torch.stack([uniform_field(tuple(self.base.shape), seed=self.seed, index=i, name=self.name,
-                                                device=self.deltas.device) for i in range(self.k)])
-            self._uniform = (self.seed, fields.to(self.deltas.dtype))
+            fields = torch.stack([uniform_field(tuple(self.anchor.shape), seed=self.seed, index=i, name=self.name,
+                                                device=self.stack.device) for i in range(self.k)])
+            self._uniform = (self.seed, fields.to(self.dtype))
         return self._uniform[1]
 
     def ranks(self) -> torch.Tensor:
@@ -131,7 +175,7 @@ class TensorContext:
         if self.parent is not None:
             return self._piece(self.parent.ranks())
         if self._ranks is None:
-            self._ranks = torch.stack([row_ranks(self.deltas[i]) for i in range(self.k)])
+            self._ranks = torch.stack([row_ranks(self.delta(i)) for i in range(self.k)])
         return self._ranks
 
     def l1(self) -> torch.Tensor:
@@ -162,4 +206,4 @@ class TensorContext:
         stack = sources if isinstance(sources, torch.Tensor) else torch.stack(list(sources))
         dtype = torch.float64 if torch.float64 in (base.dtype, stack.dtype) else torch.float32
         base32 = base.to(dtype)
-        return cls(name=name, base=base32, deltas=stack.to(dtype) - base32, seed=seed)
+        return cls(name=name, anchor=base32, stack=stack.to(dtype) - base32, seed=seed)

@@ -90,11 +90,15 @@ class FusedKernel:
     def __init__(self, module) -> None:
         self.module = module
 
-    def accepts(self, deltas: torch.Tensor, out: torch.Tensor) -> bool:
-        """Float32 arithmetic, a float output of a kind the C++ writes, everything contiguous, and no more
-        sources than the C++ is compiled for."""
-        return (deltas.dtype == torch.float32 and deltas.device.type == "cpu" and out.dtype in OUTPUT_DTYPES
-                and out.is_contiguous() and deltas.is_contiguous() and deltas.shape[0] <= self.module.MAX_SOURCES)
+    def accepts(self, ctx, out: torch.Tensor) -> bool:
+        """Float32 arithmetic on float32 task vectors or on bf16/fp16 sources (the C++ forms their task vectors
+        block by block), a float output of a kind the C++ writes, everything contiguous, and no more sources
+        than the C++ is compiled for."""
+        stack = ctx.stack
+        held = stack.dtype in (torch.bfloat16, torch.float16) if ctx.raw else stack.dtype == torch.float32
+        return (ctx.dtype == torch.float32 and held and stack.device.type == "cpu" and out.dtype in OUTPUT_DTYPES
+                and out.is_contiguous() and stack.is_contiguous() and ctx.anchor.is_contiguous()
+                and stack.shape[0] <= self.module.MAX_SOURCES)
 
     def run(self, plan: Plan, ctx, out: torch.Tensor) -> bool:
         """Write the plan's merge of `ctx` into `out`; whether every merged value is finite."""
@@ -111,7 +115,7 @@ class FusedKernel:
         else:
             elect, coef, scalar, normalize = True, combine.weights, combine.lam, combine.normalize
         with _labelled("evomerge::fused_merge"):
-            return self.module.merge(out, ctx.base.contiguous(), ctx.deltas, mode, low, high, *cuts, rescale, uniform,
+            return self.module.merge(out, ctx.anchor, ctx.stack, ctx.raw, mode, low, high, *cuts, rescale, uniform,
                                      ranks, elect, coef, scalar, normalize)
 
 

@@ -5,6 +5,8 @@ vector's entry, inside a magnitude band or past a random drop, rescaled) is form
 and combined (a weighted sum, or TIES sign election) in registers, and the result
 written to the output, in its dtype. The number of sources is a template parameter
 (1 to 8), so that the loops over entries vectorize with the per-source state unrolled.
+Sources held as stored (bf16, fp16) are upcast a block at a time, and their task
+vectors formed there, in float32, as float32 task vectors are made.
 
 Each operation repeats the eager steps' own arithmetic, in their order: products,
 sums and quotients rounded as torch rounds them, the weighted sum with a fused
@@ -39,8 +41,10 @@ enum Keep : int64_t { ALL = 0, BAND = 1, DROP = 2 };
 
 struct Plan {
   int64_t k = 0, n = 0;
-  const float* base = nullptr;
-  const float* deltas = nullptr;     // (K, n)
+  const float* base = nullptr;       // float32 task vectors: the base, n
+  const float* deltas = nullptr;     // and the task vectors, (K, n)
+  const void* raw_base = nullptr;    // or bf16/fp16 sources as stored (`Raw`): the base, n
+  const void* raw_sources = nullptr; // and the sources, (K, n); a block's task vectors are formed in float32
   const float* uniform = nullptr;    // DROP: the U[0, 1) fields, (K, n)
   const float* ranks = nullptr;      // DROP by rank (DELLA): per-row magnitude ranks q, (K, n)
   int64_t keep = ALL;
@@ -63,9 +67,9 @@ struct Sources {
   const float* d[K];
   float low[K], high[K], rescale[K];
 
-  Sources(const Plan& p, const float* fields, int64_t offset) {
+  Sources(const Plan& p, const float* fields, int64_t offset, int64_t stride) {
     for (int i = 0; i < K; ++i) {
-      d[i] = fields + i * p.n + offset;
+      d[i] = fields + i * stride + offset;
       low[i] = p.low.empty() ? 0.f : p.low[i];
       high[i] = p.high.empty() ? 0.f : p.high[i];
       rescale[i] = p.rescale.empty() ? 1.f : p.rescale[i];
@@ -177,8 +181,7 @@ void elect_and_merge(const Plan& p, const Kept kept, const float* __restrict b, 
 }
 
 template <int K, typename Kept>
-void combine(const Plan& p, const Kept kept, int64_t j0, int64_t n, float* acc) {
-  const float* b = p.base + j0;
+void combine(const Plan& p, const Kept kept, const float* b, int64_t n, float* acc) {
   if (!p.elect) {
     weighted_sum<K>(p, kept, b, n, acc);
   } else if (p.normalize) {
@@ -188,31 +191,55 @@ void combine(const Plan& p, const Kept kept, int64_t j0, int64_t n, float* acc) 
   }
 }
 
+// One block's base and task vectors: where the plan holds them (float32), or formed from the stored sources.
+struct Block {
+  const float* base;
+  const float* deltas;
+  int64_t offset, stride;    // task vector i's entries of the block: deltas + i * stride + offset
+};
+
 // The merged values of [j0, j0 + n) into acc.
 template <int K>
-void merge_block(const Plan& p, int64_t j0, int64_t n, float* acc) {
-  const Sources<K> d(p, p.deltas, j0);
+void merge_block(const Plan& p, const Block& blk, int64_t j0, int64_t n, float* acc) {
+  const Sources<K> d(p, blk.deltas, blk.offset, blk.stride);
+  const float* b = blk.base;
   if (p.keep == ALL) {
-    combine<K>(p, KeepAll<K>{d}, j0, n, acc);
+    combine<K>(p, KeepAll<K>{d}, b, n, acc);
   } else if (p.keep == BAND && p.low_cut.empty()) {
-    combine<K>(p, KeepBand<K>{d}, j0, n, acc);
+    combine<K>(p, KeepBand<K>{d}, b, n, acc);
   } else if (p.keep == BAND) {
     KeepBandByCount<K> kept{d, static_cast<int32_t>(j0), {}, {}};
     for (int i = 0; i < K; ++i) {
       kept.low_cut[i] = static_cast<int32_t>(p.low_cut[i]);
       kept.high_cut[i] = static_cast<int32_t>(p.high_cut[i]);
     }
-    combine<K>(p, kept, j0, n, acc);
+    combine<K>(p, kept, b, n, acc);
   } else if (p.ranks == nullptr) {
-    combine<K>(p, KeepDrop<K>{d, Sources<K>(p, p.uniform, j0)}, j0, n, acc);
+    combine<K>(p, KeepDrop<K>{d, Sources<K>(p, p.uniform, j0, p.n)}, b, n, acc);
   } else if (p.rescale.empty()) {
-    combine<K>(p, KeepDropByRank<K, true>{d, Sources<K>(p, p.uniform, j0), Sources<K>(p, p.ranks, j0)}, j0, n, acc);
+    combine<K>(p, KeepDropByRank<K, true>{d, Sources<K>(p, p.uniform, j0, p.n), Sources<K>(p, p.ranks, j0, p.n)},
+               b, n, acc);
   } else {
-    combine<K>(p, KeepDropByRank<K, false>{d, Sources<K>(p, p.uniform, j0), Sources<K>(p, p.ranks, j0)}, j0, n, acc);
+    combine<K>(p, KeepDropByRank<K, false>{d, Sources<K>(p, p.uniform, j0, p.n), Sources<K>(p, p.ranks, j0, p.n)},
+               b, n, acc);
   }
 }
 
-using BlockFn = void (*)(const Plan&, int64_t, int64_t, float*);
+// A block's task vectors from sources stored as In (bf16, fp16): b = float(base), d_i = float(x_i) - b, the
+// float32 subtraction that float32 task vectors were made with, so both give the same merge bit for bit.
+template <typename In>
+void form_block(const Plan& p, int64_t j0, int64_t n, float* __restrict b, float* __restrict d) {
+  const In* base = static_cast<const In*>(p.raw_base) + j0;
+  for (int64_t j = 0; j < n; ++j) b[j] = static_cast<float>(base[j]);
+  for (int64_t i = 0; i < p.k; ++i) {
+    const In* x = static_cast<const In*>(p.raw_sources) + i * p.n + j0;
+    float* di = d + i * BLOCK;
+    for (int64_t j = 0; j < n; ++j) di[j] = static_cast<float>(x[j]) - b[j];
+  }
+}
+
+using BlockFn = void (*)(const Plan&, const Block&, int64_t, int64_t, float*);
+using FormFn = void (*)(const Plan&, int64_t, int64_t, float*, float*);
 
 template <int... Ks>
 BlockFn block_fn(int64_t k, std::integer_sequence<int, Ks...>) {
@@ -232,16 +259,22 @@ bool store(const float* __restrict acc, Out* __restrict out, int64_t n) {
 }
 
 template <typename Out>
-bool run(const Plan& p, Out* out) {
+bool run(const Plan& p, FormFn form, Out* out) {
   const BlockFn merge_block = block_fn(p.k, std::make_integer_sequence<int, MAX_SOURCES>{});
   std::atomic<bool> finite{true};
   at::parallel_for(0, p.n, GRAIN, [&](int64_t begin, int64_t end) {
     std::vector<float> buffer(std::is_same<Out, float>::value ? 0 : BLOCK);
+    std::vector<float> formed(form == nullptr ? 0 : (p.k + 1) * BLOCK);   // a raw block's base, task vectors
     bool ok = true;
     for (int64_t j0 = begin; j0 < end; j0 += BLOCK) {
       const int64_t n = std::min(BLOCK, end - j0);
       float* acc = std::is_same<Out, float>::value ? reinterpret_cast<float*>(out + j0) : buffer.data();
-      merge_block(p, j0, n, acc);
+      if (form == nullptr) {
+        merge_block(p, Block{p.base + j0, p.deltas, j0, p.n}, j0, n, acc);
+      } else {
+        form(p, j0, n, formed.data(), formed.data() + BLOCK);
+        merge_block(p, Block{formed.data(), formed.data() + BLOCK, 0, BLOCK}, j0, n, acc);
+      }
       ok = store(acc, out + j0, n) && ok;
     }
     if (!ok) finite.store(false);
@@ -260,15 +293,19 @@ const float* field(const c10::optional<at::Tensor>& t, const at::Tensor& like) {
   return t->data_ptr<float>();
 }
 
-bool merge(at::Tensor out, const at::Tensor& base, const at::Tensor& deltas, int64_t keep,
+// `raw`: base and stack are the sources as stored (bf16, fp16); else float32 base and task vectors.
+bool merge(at::Tensor out, const at::Tensor& base, const at::Tensor& stack, bool raw, int64_t keep,
            const std::vector<double>& low, const std::vector<double>& high, const std::vector<int64_t>& low_cut,
            const std::vector<int64_t>& high_cut, const std::vector<double>& rescale,
            const c10::optional<at::Tensor>& uniform, const c10::optional<at::Tensor>& ranks, bool elect,
            const std::vector<double>& coef, double scalar, bool normalize) {
-  TORCH_CHECK(base.scalar_type() == at::kFloat && deltas.scalar_type() == at::kFloat, "float32 inputs only");
-  TORCH_CHECK(out.is_contiguous() && base.is_contiguous() && deltas.is_contiguous(), "contiguous tensors only");
-  const int64_t k = deltas.size(0), n = base.numel();
-  TORCH_CHECK(out.numel() == n && deltas.numel() == k * n, "shapes differ");
+  const auto in = base.scalar_type();
+  TORCH_CHECK(stack.scalar_type() == in, "the base and the stack differ in dtype");
+  TORCH_CHECK(raw ? (in == at::kBFloat16 || in == at::kHalf) : in == at::kFloat,
+              raw ? "raw sources are bfloat16 or float16" : "task vectors are float32");
+  TORCH_CHECK(out.is_contiguous() && base.is_contiguous() && stack.is_contiguous(), "contiguous tensors only");
+  const int64_t k = stack.size(0), n = base.numel();
+  TORCH_CHECK(out.numel() == n && stack.numel() == k * n, "shapes differ");
   TORCH_CHECK(k >= 1 && k <= MAX_SOURCES, "1 to ", MAX_SOURCES, " sources");
   TORCH_CHECK(static_cast<int64_t>(coef.size()) == k, "one coefficient per source");
   TORCH_CHECK(keep == ALL || (static_cast<int64_t>(low.size()) == k && static_cast<int64_t>(high.size()) == k),
@@ -277,10 +314,17 @@ bool merge(at::Tensor out, const at::Tensor& base, const at::Tensor& deltas, int
   Plan p;
   p.k = k;
   p.n = n;
-  p.base = base.data_ptr<float>();
-  p.deltas = deltas.data_ptr<float>();
-  p.uniform = field(uniform, deltas);
-  p.ranks = field(ranks, deltas);
+  FormFn form = nullptr;
+  if (!raw) {
+    p.base = base.data_ptr<float>();
+    p.deltas = stack.data_ptr<float>();
+  } else {
+    p.raw_base = base.data_ptr();
+    p.raw_sources = stack.data_ptr();
+    form = in == at::kBFloat16 ? &form_block<at::BFloat16> : &form_block<at::Half>;
+  }
+  p.uniform = field(uniform, stack);
+  p.ranks = field(ranks, stack);
   TORCH_CHECK(keep != DROP || p.ranks != nullptr || static_cast<int64_t>(rescale.size()) == k,
               "a drop without ranks needs one rescale per source");
   p.keep = keep;
@@ -297,9 +341,9 @@ bool merge(at::Tensor out, const at::Tensor& base, const at::Tensor& deltas, int
   p.scalar = static_cast<float>(scalar);
   p.normalize = normalize;
   switch (out.scalar_type()) {
-    case at::kFloat: return run(p, out.data_ptr<float>());
-    case at::kBFloat16: return run(p, out.data_ptr<at::BFloat16>());
-    case at::kHalf: return run(p, out.data_ptr<at::Half>());
+    case at::kFloat: return run(p, form, out.data_ptr<float>());
+    case at::kBFloat16: return run(p, form, out.data_ptr<at::BFloat16>());
+    case at::kHalf: return run(p, form, out.data_ptr<at::Half>());
     default: TORCH_CHECK(false, "output dtype must be float32, bfloat16 or float16");
   }
   return false;
@@ -310,7 +354,7 @@ bool merge(at::Tensor out, const at::Tensor& base, const at::Tensor& deltas, int
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("MAX_SOURCES") = MAX_SOURCES;
   m.def("merge", &merge, "Merge one tensor into `out` in one pass; whether every value is finite.",
-        pybind11::arg("out"), pybind11::arg("base"), pybind11::arg("deltas"), pybind11::arg("keep"),
+        pybind11::arg("out"), pybind11::arg("base"), pybind11::arg("stack"), pybind11::arg("raw"), pybind11::arg("keep"),
         pybind11::arg("low"), pybind11::arg("high"), pybind11::arg("low_cut"), pybind11::arg("high_cut"),
         pybind11::arg("rescale"), pybind11::arg("uniform"),
         pybind11::arg("ranks"), pybind11::arg("elect"), pybind11::arg("coef"), pybind11::arg("scalar"),

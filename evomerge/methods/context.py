@@ -49,7 +49,6 @@ class TensorContext:
     _stats: dict[str, object] = field(default_factory=dict)
     parent: "TensorContext | None" = None       # set on a chunk: statistics come from the whole tensor
     span: tuple[int, int] | None = None
-    _formed: tuple[torch.Tensor, torch.Tensor] | None = None    # a raw piece's (base, deltas), formed once
 
     @property
     def dtype(self) -> torch.dtype:
@@ -64,6 +63,23 @@ class TensorContext:
     def deltas(self) -> torch.Tensor:
         return self._form()[1] if self.raw else self.stack
 
+    @property
+    def sources(self) -> torch.Tensor:
+        """The sources x_i (K, *S) in the arithmetic's dtype: as stored, upcast exactly (raw), else b + delta_i
+        (to float32 rounding of the sources the task vectors were taken from)."""
+        if not self.raw:
+            return self._keep("sources", lambda: self.anchor + self.stack)
+        return self._keep("sources", lambda: self.stack.to(torch.float32))
+
+    def _keep(self, key: str, form: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """`form()`, kept by a piece (short-lived); for the whole tensor formed anew each time, so that it keeps
+        only what is stored."""
+        if self.parent is None:
+            return form()
+        if key not in self._stats:
+            self._stats[key] = form()
+        return self._stats[key]
+
     def delta(self, index: int) -> torch.Tensor:
         """Task vector `index` alone (for a raw tensor, without forming the others)."""
         if not self.raw:
@@ -71,13 +87,10 @@ class TensorContext:
         return self.stack[index].to(torch.float32) - self.anchor.to(torch.float32)
 
     def _form(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._formed is not None:
-            return self._formed
-        base = self.anchor.to(torch.float32)
-        formed = (base, self.stack.to(torch.float32) - base)
-        if self.parent is not None:      # a piece is short-lived; the whole tensor keeps only what is stored
-            self._formed = formed
-        return formed
+        def form():
+            base = self.anchor.to(torch.float32)
+            return base, self.stack.to(torch.float32) - base
+        return self._keep("formed", form)
 
     @property
     def k(self) -> int:

@@ -56,10 +56,22 @@ class Drop:
 
 @dataclass(frozen=True)
 class Sum:
-    """base_scale * b + sum_i scale_i kept_i, one multiply-add per source (as `weighted_sum`)."""
+    """(base_scale * b + sum_i scale_i kept_i) / divisor, one multiply-add per source (as `weighted_sum`); with
+    `of_sources`, of the sources x_i themselves (every entry kept)."""
 
     scales: tuple[float, ...]
     base_scale: float = 1.0
+    divisor: float = 1.0
+    of_sources: bool = False
+
+
+@dataclass(frozen=True)
+class Mix:
+    """mergekit's task arithmetic on the kept task vectors (as `mix_and_merge`): b + lam (sum_i w_i kept_i) / divisor."""
+
+    weights: tuple[float, ...]
+    lam: float
+    divisor: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -75,7 +87,7 @@ class Elect:
 class Plan:
     """One tensor's merge: what each source keeps, then how the kept task vectors combine."""
 
-    combine: Sum | Elect
+    combine: Sum | Elect | Mix
     keep: Band | Drop | None = None
 
 
@@ -110,13 +122,17 @@ class FusedKernel:
             mode, low, high, uniform = 2, keep.offset, keep.slope or (0.0,) * ctx.k, ctx.uniform()
             ranks = ctx.ranks() if keep.by_rank else None
             rescale = keep.rescale if keep.rescale is not None else ()
+        divisor, normalize, of_sources = 1.0, False, False
         if isinstance(combine, Sum):
-            elect, coef, scalar, normalize = False, combine.scales, combine.base_scale, False
+            kind, coef, scalar, divisor, of_sources = 0, combine.scales, combine.base_scale, combine.divisor, \
+                combine.of_sources
+        elif isinstance(combine, Elect):
+            kind, coef, scalar, normalize = 1, combine.weights, combine.lam, combine.normalize
         else:
-            elect, coef, scalar, normalize = True, combine.weights, combine.lam, combine.normalize
+            kind, coef, scalar, divisor = 2, combine.weights, combine.lam, combine.divisor
         with _labelled("evomerge::fused_merge"):
             return self.module.merge(out, ctx.anchor, ctx.stack, ctx.raw, mode, low, high, *cuts, rescale, uniform,
-                                     ranks, elect, coef, scalar, normalize)
+                                     ranks, kind, coef, scalar, divisor, normalize, of_sources)
 
 
 def _labelled(name: str):

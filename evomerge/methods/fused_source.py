@@ -38,6 +38,7 @@ constexpr int64_t BLOCK = 1024;     // elements per step of the cast to the outp
 constexpr int64_t GRAIN = 1 << 15;  // fewest elements worth a thread
 
 enum Keep : int64_t { ALL = 0, BAND = 1, DROP = 2 };
+enum Combine : int64_t { SUM = 0, ELECT = 1, MIX = 2 };
 
 struct Plan {
   int64_t k = 0, n = 0;
@@ -51,9 +52,11 @@ struct Plan {
   std::vector<float> low, high;      // BAND: keep low <= |d| < high. DROP: keep u < low (+ high * q by rank)
   std::vector<int64_t> low_cut, high_cut;  // BAND by count: at |d| == low (high), positions below the cut are in
   std::vector<float> rescale;        // DROP: kept entries times this; empty: times 1 / p
-  bool elect = false;
-  std::vector<float> coef;           // sum: per-source scales; elect: per-source weights
-  float scalar = 1.f;                // sum: the base's scale; elect: lambda
+  bool of_sources = false;           // the kept values are the sources x_i, not the task vectors
+  int64_t combine = SUM;
+  std::vector<float> coef;           // sum: per-source scales; elect, mix: per-source weights
+  float scalar = 1.f;                // sum: the base's scale; elect, mix: lambda
+  float divisor = 1.f;               // sum, mix: the sum's divisor
   bool normalize = false;
 };
 
@@ -133,17 +136,36 @@ struct KeepDropByRank {
   }
 };
 
-// acc = scalar * b + sum_i coef_i kept_i, one fused multiply-add per source, left to right (torch.addcmul).
+// acc = (scalar * b + sum_i coef_i kept_i) / divisor, one fused multiply-add per source, left to right
+// (torch.addcmul).
 template <int K, typename Kept>
 void weighted_sum(const Plan& p, const Kept kept, const float* __restrict b, int64_t n, float* __restrict acc) {
   float coef[K];
   for (int i = 0; i < K; ++i) coef[i] = p.coef[i];
-  const float scalar = p.scalar;
+  const float scalar = p.scalar, divisor = p.divisor;
 #pragma GCC ivdep
   for (int64_t j = 0; j < n; ++j) {
     float total = b[j] * scalar;
     for (int i = 0; i < K; ++i) total = std::fma(kept(i, j), coef[i], total);
-    acc[j] = total + 0.f;   // a zero is +0.0, whichever zeros the sum added (the eager steps add 0 too)
+    acc[j] = total / divisor + 0.f;   // a zero is +0.0, whichever zeros the sum added (the eager steps add 0 too)
+  }
+}
+
+// mergekit's task arithmetic: D_i = kept_i w_i, M = sum_i D_i left to right, b + lambda (M / divisor)
+// (as `mix_and_merge`).
+template <int K, typename Kept>
+void mix_and_merge(const Plan& p, const Kept kept, const float* __restrict b, int64_t n, float* __restrict acc) {
+  float w[K];
+  for (int i = 0; i < K; ++i) w[i] = p.coef[i];
+  const float lam = p.scalar, divisor = p.divisor;
+#pragma GCC ivdep
+  for (int64_t j = 0; j < n; ++j) {
+    float merged = 0.f;
+    for (int i = 0; i < K; ++i) {
+      const float D = kept(i, j) * w[i];
+      merged = i == 0 ? D : merged + D;
+    }
+    acc[j] = merged / divisor * lam + b[j] + 0.f;
   }
 }
 
@@ -182,8 +204,10 @@ void elect_and_merge(const Plan& p, const Kept kept, const float* __restrict b, 
 
 template <int K, typename Kept>
 void combine(const Plan& p, const Kept kept, const float* b, int64_t n, float* acc) {
-  if (!p.elect) {
+  if (p.combine == SUM) {
     weighted_sum<K>(p, kept, b, n, acc);
+  } else if (p.combine == MIX) {
+    mix_and_merge<K>(p, kept, b, n, acc);
   } else if (p.normalize) {
     elect_and_merge<K, true>(p, kept, b, n, acc);
   } else {
@@ -227,14 +251,26 @@ void merge_block(const Plan& p, const Block& blk, int64_t j0, int64_t n, float* 
 
 // A block's task vectors from sources stored as In (bf16, fp16): b = float(base), d_i = float(x_i) - b, the
 // float32 subtraction that float32 task vectors were made with, so both give the same merge bit for bit.
-template <typename In>
+// With `of_sources`, the sources themselves: float(x_i).
+template <typename In, bool of_sources>
 void form_block(const Plan& p, int64_t j0, int64_t n, float* __restrict b, float* __restrict d) {
   const In* base = static_cast<const In*>(p.raw_base) + j0;
   for (int64_t j = 0; j < n; ++j) b[j] = static_cast<float>(base[j]);
   for (int64_t i = 0; i < p.k; ++i) {
     const In* x = static_cast<const In*>(p.raw_sources) + i * p.n + j0;
     float* di = d + i * BLOCK;
-    for (int64_t j = 0; j < n; ++j) di[j] = static_cast<float>(x[j]) - b[j];
+    for (int64_t j = 0; j < n; ++j) di[j] = of_sources ? static_cast<float>(x[j]) : static_cast<float>(x[j]) - b[j];
+  }
+}
+
+// A block's sources from float32 task vectors: x_i = b + d_i.
+void form_sources(const Plan& p, int64_t j0, int64_t n, float* __restrict b, float* __restrict x) {
+  const float* base = p.base + j0;
+  for (int64_t j = 0; j < n; ++j) b[j] = base[j];
+  for (int64_t i = 0; i < p.k; ++i) {
+    const float* d = p.deltas + i * p.n + j0;
+    float* xi = x + i * BLOCK;
+    for (int64_t j = 0; j < n; ++j) xi[j] = b[j] + d[j];
   }
 }
 
@@ -297,8 +333,8 @@ const float* field(const c10::optional<at::Tensor>& t, const at::Tensor& like) {
 bool merge(at::Tensor out, const at::Tensor& base, const at::Tensor& stack, bool raw, int64_t keep,
            const std::vector<double>& low, const std::vector<double>& high, const std::vector<int64_t>& low_cut,
            const std::vector<int64_t>& high_cut, const std::vector<double>& rescale,
-           const c10::optional<at::Tensor>& uniform, const c10::optional<at::Tensor>& ranks, bool elect,
-           const std::vector<double>& coef, double scalar, bool normalize) {
+           const c10::optional<at::Tensor>& uniform, const c10::optional<at::Tensor>& ranks, int64_t combine,
+           const std::vector<double>& coef, double scalar, double divisor, bool normalize, bool of_sources) {
   const auto in = base.scalar_type();
   TORCH_CHECK(stack.scalar_type() == in, "the base and the stack differ in dtype");
   TORCH_CHECK(raw ? (in == at::kBFloat16 || in == at::kHalf) : in == at::kFloat,
@@ -314,14 +350,20 @@ bool merge(at::Tensor out, const at::Tensor& base, const at::Tensor& stack, bool
   Plan p;
   p.k = k;
   p.n = n;
+  TORCH_CHECK(!of_sources || (keep == ALL && combine == SUM), "the sources themselves are only summed");
   FormFn form = nullptr;
   if (!raw) {
     p.base = base.data_ptr<float>();
     p.deltas = stack.data_ptr<float>();
+    form = of_sources ? &form_sources : nullptr;
   } else {
     p.raw_base = base.data_ptr();
     p.raw_sources = stack.data_ptr();
-    form = in == at::kBFloat16 ? &form_block<at::BFloat16> : &form_block<at::Half>;
+    if (in == at::kBFloat16) {
+      form = of_sources ? &form_block<at::BFloat16, true> : &form_block<at::BFloat16, false>;
+    } else {
+      form = of_sources ? &form_block<at::Half, true> : &form_block<at::Half, false>;
+    }
   }
   p.uniform = field(uniform, stack);
   p.ranks = field(ranks, stack);
@@ -336,9 +378,12 @@ bool merge(at::Tensor out, const at::Tensor& base, const at::Tensor& stack, bool
   p.low_cut = low_cut;
   p.high_cut = high_cut;
   p.rescale = floats(rescale);
-  p.elect = elect;
+  TORCH_CHECK(combine == SUM || combine == ELECT || combine == MIX, "combine is 0 (sum), 1 (elect) or 2 (mix)");
+  p.of_sources = of_sources;
+  p.combine = combine;
   p.coef = floats(coef);
   p.scalar = static_cast<float>(scalar);
+  p.divisor = static_cast<float>(divisor);
   p.normalize = normalize;
   switch (out.scalar_type()) {
     case at::kFloat: return run(p, form, out.data_ptr<float>());
@@ -357,7 +402,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("out"), pybind11::arg("base"), pybind11::arg("stack"), pybind11::arg("raw"), pybind11::arg("keep"),
         pybind11::arg("low"), pybind11::arg("high"), pybind11::arg("low_cut"), pybind11::arg("high_cut"),
         pybind11::arg("rescale"), pybind11::arg("uniform"),
-        pybind11::arg("ranks"), pybind11::arg("elect"), pybind11::arg("coef"), pybind11::arg("scalar"),
-        pybind11::arg("normalize"), pybind11::call_guard<pybind11::gil_scoped_release>());
+        pybind11::arg("ranks"), pybind11::arg("combine"), pybind11::arg("coef"), pybind11::arg("scalar"),
+        pybind11::arg("divisor"), pybind11::arg("normalize"), pybind11::arg("of_sources"),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
 }
 """

@@ -17,9 +17,9 @@ import torch
 from .base import (DENSITY, EPSILON, GAMMA, LAMBDA, REGISTRY, RESCALE, SLERP_T, WEIGHT, MethodSpec,
                    normalize)
 from .context import TensorContext
-from .fused import Band, Drop, Elect, Plan, Sum, values
-from .primitives import (breadcrumbs_counts, elect_and_merge, l1_rescale, lt_mask, per_source, task_scales,
-                         ties_keep_count, weighted_sum)
+from .fused import Band, Drop, Elect, Mix, Plan, Sum, values
+from .primitives import (breadcrumbs_counts, elect_and_merge, l1_rescale, lt_mask, mix_and_merge, per_source,
+                         sum_sources, task_divisor, ties_keep_count, weight_sum, weighted_sum)
 
 # ---------------------------------------------------------------------------------------------
 # Sparsifications: (K, *S) task vectors -> (K, *S) kept (and rescaled) task vectors
@@ -121,7 +121,11 @@ def della_drop(ctx: TensorContext, density: torch.Tensor, epsilon: torch.Tensor,
 
 
 def _task_sum(ctx: TensorContext, kept: torch.Tensor, p: dict) -> torch.Tensor:
-    return weighted_sum(ctx.base, kept, task_scales(p["weight"], lam=p["lambda"], normalize=p["normalize"]))
+    """Task arithmetic on kept task vectors (a temporary of the caller's, overwritten, or the task vectors
+    themselves, left intact), in mergekit's order of operations."""
+    w = per_source(p["weight"], kept)
+    weighted = kept * w if kept is ctx.deltas else kept.mul_(w)
+    return mix_and_merge(ctx.base, weighted, lam=p["lambda"], divisor=task_divisor(p["weight"], p["normalize"]))
 
 
 def _ties_step(ctx: TensorContext, kept: torch.Tensor, p: dict) -> torch.Tensor:
@@ -131,44 +135,48 @@ def _ties_step(ctx: TensorContext, kept: torch.Tensor, p: dict) -> torch.Tensor:
 
 
 def _linear(ctx: TensorContext, p: dict) -> torch.Tensor:
+    """sum_i w_i x_i, a multiply-add per source from 0, then / sum_i w_i with normalize (mergekit's order)."""
     w = p["weight"]
-    if p["normalize"]:
-        return weighted_sum(ctx.base, ctx.deltas, w / w.sum())
-    return weighted_sum(ctx.base, ctx.deltas, w, base_scale=w.sum())
+    merged = weighted_sum(ctx.base, ctx.sources, w, base_scale=0.0)
+    return merged.div_(weight_sum(w)) if p["normalize"] else merged
 
 
 def _task_arithmetic(ctx: TensorContext, p: dict) -> torch.Tensor:
     return _task_sum(ctx, ctx.deltas, p)
 
 
-def _slerp_coefficients(ctx: TensorContext) -> tuple[float, float]:
-    """(norm-free cosine, angle) between base and source, on the whole flattened tensors."""
-    v0 = ctx.base.reshape(-1)
-    v1 = (ctx.base + ctx.deltas[0]).reshape(-1)
-    n0, n1 = torch.linalg.vector_norm(v0), torch.linalg.vector_norm(v1)
-    u0 = v0 / n0 if n0 > 1e-8 else v0
-    u1 = v1 / n1 if n1 > 1e-8 else v1
-    dot = float(torch.clamp(torch.dot(u0, u1), -1.0, 1.0))
-    return dot, math.acos(dot)
+SLERP_CHUNK = 1 << 20    # mergekit's slerp sums its norms and its dot product over pieces of this many entries
+
+
+def _slerp_angle(ctx: TensorContext) -> tuple[bool, torch.Tensor, torch.Tensor]:
+    """(collinear, theta, sin theta) of base and source on the whole flattened tensors, as mergekit computes them
+    (in the arithmetic's dtype): norms and the dot product of the normalized tensors summed piece by piece."""
+    a, b = ctx.base.reshape(1, -1), ctx.sources[0].reshape(1, -1)
+    spans = range(0, a.shape[1], SLERP_CHUNK)
+    norm = lambda v: torch.linalg.vector_norm(torch.stack(  # noqa: E731
+        [torch.linalg.vector_norm(v[:, i:i + SLERP_CHUNK], dim=1, keepdim=True) for i in spans]), dim=0)
+    norm_a, norm_b = norm(a), norm(b)
+    norm_a = torch.where(norm_a > 1e-8, norm_a, 1)
+    norm_b = torch.where(norm_b > 1e-8, norm_b, 1)
+    dot = torch.stack([(a[:, i:i + SLERP_CHUNK] / norm_a * (b[:, i:i + SLERP_CHUNK] / norm_b)).sum(dim=1, keepdim=True)
+                       for i in spans]).sum(dim=0).clamp(-1, 1)
+    collinear = dot.abs() > 0.9995
+    theta = torch.acos(torch.where(collinear, 0, dot))
+    return bool(collinear), theta, torch.sin(theta)
 
 
 def _slerp_mix(ctx: TensorContext, t: float) -> tuple[float, float]:
-    """(c0 + c1, c1): r = c0 v0 + c1 v1 = (c0 + c1) b + c1 delta."""
-    dot, theta = ctx.stat("slerp", _slerp_coefficients)
-    if abs(dot) > 0.9995:
-        c0, c1 = 1.0 - t, t
-    else:
-        c0, c1 = math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
-    return c0 + c1, c1
+    """(c0, c1) of r = c0 v0 + c1 v1, computed as mergekit computes them (in float32; float64 for float64)."""
+    collinear, theta, sin_theta = ctx.stat("slerp", _slerp_angle)
+    t = torch.tensor(t, dtype=ctx.dtype)
+    if collinear:
+        return float(1 - t), float(t)
+    return float(torch.sin((1 - t) * theta) / sin_theta), float(torch.sin(t * theta) / sin_theta)
 
 
 def _slerp(ctx: TensorContext, p: dict) -> torch.Tensor:
-    base_scale, scale = _slerp_mix(ctx, p["t"])
-    return weighted_sum(ctx.base, ctx.deltas, _scalars([scale], ctx), base_scale=base_scale)
-
-
-def _scalars(values: Sequence[float], ctx: TensorContext) -> torch.Tensor:
-    return torch.tensor(values, dtype=ctx.deltas.dtype, device=ctx.deltas.device)
+    c0, c1 = _slerp_mix(ctx, p["t"])
+    return torch.mul(ctx.base, c0).add_(torch.mul(ctx.sources[0], c1))
 
 
 def _ties(ctx: TensorContext, p: dict) -> torch.Tensor:
@@ -201,22 +209,23 @@ def _della_linear(ctx: TensorContext, p: dict) -> torch.Tensor:
 
 
 def _model_stock_ratio(ctx: TensorContext) -> float:
-    flat = ctx.deltas.reshape(ctx.k, -1)
-    norms = torch.linalg.vector_norm(flat, dim=1)
+    """t = K cos / (1 + (K - 1) cos), as mergekit computes it (0 where the denominator vanishes)."""
+    offsets = [ctx.delta(i).reshape(-1) for i in range(ctx.k)]
     cosines = []
-    for i in range(ctx.k):
-        for j in range(i + 1, ctx.k):
-            denom = torch.clamp(norms[i] * norms[j], min=1e-6)
-            cosines.append(torch.clamp(torch.dot(flat[i], flat[j]) / denom, -1.0, 1.0))
-    cos = float(torch.stack(cosines).mean())
+    for i, a in enumerate(offsets):
+        for b in offsets[i + 1:]:
+            norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
+            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(dim=0)
     denominator = 1 + (ctx.k - 1) * cos
-    return 0.0 if abs(denominator) < 1e-6 else ctx.k * cos / denominator
+    return 0.0 if bool(denominator.abs() < 1e-6) else float((ctx.k * cos) / denominator)
 
 
 def _model_stock(ctx: TensorContext, p: dict) -> torch.Tensor:
-    """b + t mean_i(delta_i), as b + sum_i (t / K) delta_i."""
-    t = ctx.stat("model_stock", _model_stock_ratio)
-    return weighted_sum(ctx.base, ctx.deltas, _scalars([t / ctx.k] * ctx.k, ctx))
+    """t mean_i(x_i) + (1 - t) b: the sources summed left to right, then divided by K (mergekit's order)."""
+    t = torch.tensor(ctx.stat("model_stock", _model_stock_ratio), dtype=ctx.dtype)
+    average = sum_sources(ctx.sources).div_(ctx.k)
+    return average.mul_(t).add_(torch.mul(ctx.base, 1 - t))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +233,7 @@ def _model_stock(ctx: TensorContext, p: dict) -> torch.Tensor:
 
 
 def _task_plan(p: dict, keep: Band | Drop | None = None) -> Plan:
-    return Plan(Sum(values(task_scales(p["weight"], lam=p["lambda"], normalize=p["normalize"]))), keep)
+    return Plan(Mix(values(p["weight"]), p["lambda"], task_divisor(p["weight"], p["normalize"])), keep)
 
 
 def _ties_plan(p: dict, keep: Band | Drop | None) -> Plan:
@@ -266,19 +275,7 @@ def _without_l1(plan: Callable[[TensorContext, dict], Plan]) -> Callable[[Tensor
 
 def _fused_linear(ctx: TensorContext, p: dict) -> Plan:
     w = p["weight"]
-    if p["normalize"]:
-        return Plan(Sum(values(w / w.sum())))
-    return Plan(Sum(values(w), base_scale=float(w.sum())))
-
-
-def _fused_slerp(ctx: TensorContext, p: dict) -> Plan:
-    base_scale, scale = _slerp_mix(ctx, p["t"])
-    return Plan(Sum(values(_scalars([scale], ctx)), base_scale=base_scale))
-
-
-def _fused_model_stock(ctx: TensorContext, p: dict) -> Plan:
-    t = ctx.stat("model_stock", _model_stock_ratio)
-    return Plan(Sum(values(_scalars([t / ctx.k] * ctx.k, ctx))))
+    return Plan(Sum(values(w), base_scale=0.0, divisor=weight_sum(w) if p["normalize"] else 1.0, of_sources=True))
 
 
 def _fused_ties(ctx: TensorContext, p: dict) -> Plan:
@@ -329,7 +326,7 @@ for _spec in (
                fused=_fused_linear, summary="weighted average of the models (model soup)"),
     MethodSpec("task_arithmetic", (WEIGHT, LAMBDA, normalize(False)), _task_arithmetic, mergekit="task_arithmetic",
                fused=_fused_task_arithmetic, summary="base + lambda * sum of weighted task vectors"),
-    MethodSpec("slerp", (SLERP_T,), _slerp, min_sources=1, max_sources=1, mergekit="slerp", fused=_fused_slerp,
+    MethodSpec("slerp", (SLERP_T,), _slerp, min_sources=1, max_sources=1, mergekit="slerp",
                summary="spherical interpolation between the base and one source"),
     MethodSpec("ties", _TIES_PARAMS + (normalize(True),), _ties, magnitude_ranks=True, mergekit="ties",
                fused=_fused_ties, summary="trim small entries, elect a sign, average the agreeing entries"),
@@ -349,7 +346,7 @@ for _spec in (
     MethodSpec("della_linear", _TIES_PARAMS + (EPSILON, RESCALE, normalize(False)), _della_linear,
                stochastic=True, row_ranks=True, search_ranges=_DELLA_RANGES, fused=_fused_della_linear,
                summary="magnitude-ranked random drop, then task arithmetic"),
-    MethodSpec("model_stock", (), _model_stock, min_sources=2, mergekit="model_stock", fused=_fused_model_stock,
+    MethodSpec("model_stock", (), _model_stock, min_sources=2, mergekit="model_stock",
                summary="interpolate base and source mean by the task vectors' angle (no parameters)"),
 ):
     REGISTRY.register(_spec)

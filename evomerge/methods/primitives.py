@@ -190,15 +190,29 @@ def elect_and_merge(base: torch.Tensor, weighted: torch.Tensor, weights: torch.T
     return merged.mul_(lam).add_(base)
 
 
-def task_scales(weights: torch.Tensor, *, lam: float, normalize: bool) -> torch.Tensor:
-    """lam * w_i (over sum_i w_i with normalize): the tensor-sized work then takes one coefficient per source."""
-    scale = weights * lam
-    return scale / weights.sum() if normalize else scale
+def mix_and_merge(base: torch.Tensor, weighted: torch.Tensor, *, lam: float, divisor: float = 1.0) -> torch.Tensor:
+    """mergekit's task arithmetic on weighted task vectors D_i (K, *shape), in its order of operations:
+    M = sum_i D_i left to right, M / divisor (with normalize), b + lam M. (Dividing by 1 and multiplying
+    by 1 are exact: mergekit skips them.)"""
+    return sum_sources(weighted).div_(divisor).mul_(lam).add_(base)
+
+
+def weight_sum(weights: torch.Tensor) -> float:
+    """sum_i w_i in the weights' dtype, left to right (a divisor the fused kernel takes as it is)."""
+    return float(sum_sources(weights.reshape(-1, 1)))
+
+
+def task_divisor(weights: torch.Tensor, normalize: bool) -> float:
+    """mergekit's divisor of a task-vector sum: sum_i w_i with normalize (1 where it is below 1e-8 in magnitude),
+    else 1."""
+    total = weight_sum(weights) if normalize else 1.0
+    return 1.0 if abs(total) < 1e-8 else total
 
 
 def weighted_sum(base: torch.Tensor, deltas: torch.Tensor, scales: torch.Tensor, *,
                  base_scale: float | torch.Tensor | None = None) -> torch.Tensor:
-    """base_scale * b + sum_i scale_i delta_i: one fused multiply-add pass per source, left to right.
+    """base_scale * b + sum_i scale_i delta_i: one fused multiply-add pass per source, left to right (as
+    torch.addcmul_, mergekit's linear).
 
     (`tensordot` measured 3x slower; this order and rounding are the fused kernel's too.)
     """

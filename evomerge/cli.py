@@ -149,7 +149,7 @@ def _eval(args: argparse.Namespace) -> int:
         recipe = Recipe.from_yaml(target)
         suite.require_chat_template(open_recipe_sources(recipe).anchor.has_chat_template())   # headers only
         merger = merger_for(recipe, device=args.device)
-        model, tokenizer_path = merger.model, merger.sources.anchor.path
+        model, tokenizer = merger.model, merger.sources.tokenizer()     # a union vocabulary's, if the recipe has one
     else:
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
@@ -165,10 +165,9 @@ def _eval(args: argparse.Namespace) -> int:
         model = AutoModelForCausalLM.from_pretrained(str(folder.path), use_safetensors=True, trust_remote_code=False,
                                                      dtype=scoring_dtype(stored, device) if stored else "auto")
         model = model.to(device).eval()
-        tokenizer_path = folder.path
-    from transformers import AutoTokenizer
+        from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder.path))
     result = run_evaluation(model, suite, tokenizer=tokenizer, split=args.split, seed=args.seed, limit=args.limit)
     print(result.format_table())
     if args.json:

@@ -48,7 +48,7 @@ class SearchConfig(_Frozen):
     objective: dict[str, float] | list[dict[str, float]]
     device: str = "auto"
     dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
-    vocab: Literal["error", "base"] = "error"
+    vocab: Literal["error", "base", "union"] = "error"   # differing vocabularies: refused | the base's | merged
     limit: int | None = Field(None, ge=1)      # examples per task and split, subsampled with the seed
     memory_budget: int | str | None = None     # e.g. 2GB or auto: the process's peak; stream tensors when sources don't fit
     trust_remote_code: bool = False            # run a model's own Python code (only for sources you trust)

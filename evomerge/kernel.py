@@ -268,8 +268,13 @@ class ResidentMerger:
         base = self._checked(sources.anchor, name, raw)
         stack = torch.empty((len(sources.sources), *base.shape), dtype=base.dtype, device=self.device)
         for i, folder in enumerate(sources.sources):
-            stack[i].copy_(self._checked(folder, name, raw))
+            tensor = self._checked(folder, name, raw)
+            if tensor.dtype != stack.dtype:    # a union vocabulary's mean rows are float32: held as task vectors
+                base, stack = base.to(self.compute_dtype), stack.to(self.compute_dtype)
+            stack[i].copy_(tensor)
+        raw = raw and base.dtype in HALF_DTYPES
         if not raw:
+            base, stack = base.to(self.compute_dtype), stack.to(self.compute_dtype)
             stack -= base
         return TensorContext(name=name, anchor=base, stack=stack, seed=self.seed, raw=raw)
 
@@ -290,7 +295,7 @@ class ResidentMerger:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=self.score_dtype, use_safetensors=True,
                                                      trust_remote_code=self.trust_remote_code)
         if self.sources.vocab_size is not None:      # a union vocabulary: rows for the tokens the sources added
-            model.resize_token_embeddings(self.sources.vocab_size)
+            model.resize_token_embeddings(self.sources.vocab_size, mean_resizing=False)   # the merge writes the rows
         return model.to(self.device).eval()
 
     def _output_slots(self) -> tuple[dict[str, torch.Tensor], list[binding.Copy]]:

@@ -23,6 +23,7 @@ from .yamlio import dump_yaml, load_yaml
 
 FORMAT_VERSION = 1
 DTYPES = ("float32", "float16", "bfloat16", "float64")
+VOCAB_POLICIES = ("error", "base", "union")   # differing vocabularies: refused | the base's | merged (vocab.py)
 FILTER_KINDS = tuple(k for k in MODULE_KINDS if k != "other") + (IO_GROUP,)
 _TOP_KEYS = ("evomerge_recipe", "method", "base", "sources", "seed", "dtype", "layer_groups", "parameters",
              "filters", "vocab", "tokenizer", "provenance")
@@ -43,7 +44,7 @@ class Recipe:
     shared: Mapping[str, Any] = field(default_factory=dict)         # lambda, t, normalize, rescale
     parameters: SourceParams = field(default_factory=dict)
     filters: Mapping[str, SourceParams] = field(default_factory=dict)
-    vocab: str = "error"
+    vocab: str = "error"               # one of VOCAB_POLICIES
     tokenizer: str | None = None      # where the tokenizer comes from; default: the base (else first source)
     provenance: Mapping[str, Any] | None = None
     path: Path | None = field(default=None, compare=False)   # the file it was read from
@@ -228,11 +229,15 @@ def _parse(data: dict[str, Any], *, file: str | None, path: Path | None) -> Reci
                 raise InputError(f"'{name}' is per source", file=file, field=name, fix="set it under parameters")
             shared[name] = param.check(data[name], file=file, where=name)
     vocab = data.get("vocab", "error")
-    if vocab not in ("error", "base"):
-        raise InputError(f"unknown vocab policy {vocab!r}", file=file, field="vocab", fix="'error' or 'base'")
+    if vocab not in VOCAB_POLICIES:
+        raise InputError(f"unknown vocab policy {vocab!r}", file=file, field="vocab",
+                         fix="'error', 'base' or 'union'")
     tokenizer = data.get("tokenizer")
     if tokenizer is not None and not isinstance(tokenizer, str):
         raise InputError("must be a model name or path", file=file, field="tokenizer")
+    if tokenizer is not None and vocab == "union":
+        raise InputError("vocab: union ships the union of the models' tokenizers", file=file, field="tokenizer",
+                         fix="remove 'tokenizer', or use vocab: base")
     parameters = _parse_source_params(data.get("parameters") or {}, spec, sources, groups, file=file,
                                       where="parameters")
     filters_raw = data.get("filters") or {}

@@ -92,8 +92,6 @@ class Workbench:
             raise
 
     def _load(self, config: SearchConfig, *, device: str | None, progress: bool) -> None:
-        from transformers import AutoTokenizer
-
         from .evaluate import Evaluator, load_tasks
         from .kernel import ResidentMerger
         from .sources import open_sources
@@ -112,8 +110,7 @@ class Workbench:
                                          trust_remote_code=config.trust_remote_code)
         except InputError as err:   # a config value the kernel refuses (memory_budget, device): name the file
             raise err.at(file=err.file or (str(config.path) if config.path else None)) from None
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.sources.anchor.path),
-                                                       trust_remote_code=config.trust_remote_code)
+        self.tokenizer = self.sources.tokenizer(trust_remote_code=config.trust_remote_code)   # a union's, if one
         self.evaluator = Evaluator(self.suite, self.merger.model, self.tokenizer, seed=config.search.seed,
                                    limit=config.limit)
 

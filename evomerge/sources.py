@@ -21,6 +21,7 @@ import torch
 
 from .errors import InputError
 from .paths import resolve_path
+from .vocab import UnionVocab, build_union, vocab_size_of
 
 MODULE_KINDS = ("attn", "mlp", "norm", "embed", "head", "other")
 IO_GROUP = "io"  # the group of tensors outside the numbered blocks
@@ -321,8 +322,11 @@ class SourceSet:
     base: ModelFolder | None
     sources: list[ModelFolder]
     layout: Layout
-    vocab: str = "error"   # how a vocabulary-size mismatch is resolved: error | base
+    vocab: str = "error"   # how differing vocabularies are resolved: error | base | union
     resized: bool = False  # whether a source's vocabulary differs (and is read at the anchor's size)
+    union: UnionVocab | None = None          # vocab: union: the merged tokenizer, each model's rows in its order
+    union_tensors: frozenset[str] = frozenset()   # the embedding and head tensors read in the union's order
+    _fills: dict[str, torch.Tensor | None] = field(default_factory=dict, repr=False)
 
     @property
     def anchor(self) -> ModelFolder:
@@ -341,10 +345,26 @@ class SourceSet:
     @property
     def vocab_size(self) -> int | None:
         """The merged model's vocabulary size where it is not the anchor's own (a union vocabulary), else None."""
-        return None
+        if self.union is None:
+            return None
+        rows = self.anchor.header[min(self.union_tensors)][0][0]
+        return self.union.size if self.union.size != rows else None
+
+    def tokenizer(self, *, trust_remote_code: bool = False):
+        """The merged model's tokenizer: the union's, else the anchor's own."""
+        if self.union is not None:
+            return self.union.tokenizer
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.anchor.path), trust_remote_code=trust_remote_code)
 
     def read(self, model: ModelFolder, name: str, *, device: str | torch.device = "cpu") -> torch.Tensor:
         tensor = model.read(name, device=device)
+        if name in self.union_tensors:
+            index = self._index(model)
+            if self.union.is_identity(index, tensor.shape[0]):
+                return tensor
+            return self.union.permute(index, tensor, self._fill_rows(name))
         want = self.layout.tensors[name].shape
         if tuple(tensor.shape) != want:  # only a resolved vocabulary mismatch gets here
             base = self.anchor.read(name, device=device)
@@ -352,6 +372,16 @@ class SourceSet:
             base[:rows] = tensor[:rows].to(base.dtype)
             tensor = base
         return tensor
+
+    def _index(self, model: ModelFolder) -> int:
+        return next(i for i, m in enumerate(self.models) if m is model)
+
+    def _fill_rows(self, name: str) -> torch.Tensor | None:
+        """The rows of the union tokens some model lacks, for one tensor: read once, kept (they are few)."""
+        if name not in self._fills:
+            wide = torch.float64 if self.layout.float_dtype == torch.float64 else torch.float32
+            self._fills[name] = self.union.fill_rows(lambda i: self.models[i].read(name), dtype=wide)
+        return self._fills[name]
 
     def iter_names(self) -> Iterator[str]:
         return iter(self.layout.tensors)
@@ -384,7 +414,11 @@ def open_sources(base: str | None, sources: Iterable[str], *, relative_to: Path 
         raise InputError(f"two sources share the name '{_first_dup(shorts)}'", file=file, field="sources",
                          fix="parameters are keyed by folder name: rename one folder")
     anchor = base_folder or folders[0]
+    models = ([base_folder] if base_folder else []) + folders
+    fields = (["base"] if base_folder else []) + [f"sources[{i}]" for i in range(len(folders))]
     ref = anchor.header
+    sizes = [vocab_size_of(m, file=file, field=f) for m, f in zip(models, fields)] if vocab == "union" else []
+    vocabulary = _vocabulary_tensors(models, sizes, fields, file=file) if vocab == "union" else set()
     resized = False
     for folder in folders:
         header = folder.header
@@ -397,7 +431,7 @@ def open_sources(base: str | None, sources: Iterable[str], *, relative_to: Path 
                              file=file, field="sources", fix="all sources must share the base's architecture")
         for name, (shape, _dtype) in ref.items():
             other = header[name][0]
-            if other == shape:
+            if other == shape or name in vocabulary:
                 continue
             _, kind = classify(name)
             vocab_like = kind in ("embed", "head") and other[1:] == shape[1:]
@@ -407,16 +441,43 @@ def open_sources(base: str | None, sources: Iterable[str], *, relative_to: Path 
             if vocab_like:
                 raise InputError(f"vocabulary size differs: tensor '{name}' is {list(other)} in '{folder.spec}' "
                                  f"but {list(shape)} in '{anchor.spec}'", file=file, field="sources",
-                                 fix="set 'vocab: base' to keep the base's vocabulary")
+                                 fix="set 'vocab: union' to merge the vocabularies, or 'vocab: base' to keep the "
+                                     "base's")
             raise InputError(f"shape mismatch: tensor '{name}' is {list(other)} in '{folder.spec}' "
                              f"but {list(shape)} in '{anchor.spec}'", file=file, field="sources")
+    union = None
+    if vocab == "union":
+        union = build_union(models, sizes, has_base=base_folder is not None, fields=fields, file=file)
     tensors = {}
     for name, (shape, dtype) in ref.items():
         layer, kind = classify(name)
+        if name in vocabulary:
+            shape = (union.size, *shape[1:])
         tensors[name] = TensorInfo(name, shape, dtype, layer, kind)
     layers = [t.layer for t in tensors.values() if t.layer is not None]
     layout = Layout(tensors=tensors, num_layers=(max(layers) + 1) if layers else 0)
-    return SourceSet(base=base_folder, sources=folders, layout=layout, vocab=vocab, resized=resized)
+    return SourceSet(base=base_folder, sources=folders, layout=layout, vocab=vocab, resized=resized, union=union,
+                     union_tensors=frozenset(vocabulary))
+
+
+def _vocabulary_tensors(models: list[ModelFolder], sizes: list[int], fields: list[str], *,
+                        file: str | None) -> set[str]:
+    """The embedding and head tensors with a row per token (vocab_size rows in the anchor, models[0]): their
+    rows may differ between the models, as long as each has a row for every token of its vocabulary."""
+    anchor = models[0].header
+    names = {n for n, (shape, _) in anchor.items() if classify(n)[1] in ("embed", "head") and len(shape) >= 1
+             and shape[0] == sizes[0]}
+    if not names:
+        raise InputError(f"no embedding in '{models[0].spec}' has its vocab_size ({sizes[0]}) rows", file=file,
+                         field=fields[0], fix="use vocab: base")
+    for model, field_name, size in zip(models, fields, sizes):
+        for name in sorted(names & set(model.header)):     # a missing tensor is named later, with the others
+            shape = model.header[name][0]
+            if shape[1:] != anchor[name][0][1:] or shape[0] < size:
+                raise InputError(f"tensor '{name}' is {list(shape)} in '{model.spec}', which needs {size} rows "
+                                 f"(its vocab_size) of {list(anchor[name][0][1:])}", file=file, field=field_name,
+                                 fix="the models must share the hidden size; a vocabulary needs a row per token")
+    return names
 
 
 def _first_dup(items: list[str]) -> str:

@@ -85,6 +85,8 @@ CASES = [
      "shape mismatch: tensor 'model.layers.0.self_attn.q_proj.weight'", "recipe.yaml"),
     ("vocab-mismatch", lambda r: _shrink_vocab(r / "s0/model.safetensors"), "merge",
      "vocabulary size differs", "recipe.yaml"),
+    ("union-source-without-tokenizer", lambda r: _append(r / "recipe.yaml", "vocab: union\n") or [
+        p.unlink() for p in (r / "s1").glob("tokenizer*")], "merge", "'s1' has no tokenizer files", "recipe.yaml"),
     ("index-escapes-folder", lambda r: _sharded_escape(r / "s0"), "merge", "missing", "model.safetensors.index.json"),
     ("no-safetensors-at-all", lambda r: (r / "s0/model.safetensors").unlink(), "merge", "no safetensors weights", "s0"),
     ("missing-tokenizer", lambda r: [p.unlink() for p in (r / "base").glob("tokenizer*")] + [
@@ -107,6 +109,10 @@ CASES = [
     ("too-many-groups", lambda r: _replace(r / "recipe.yaml", "layer_groups: 2", "layer_groups: 9")
      or _replace(r / "recipe.yaml", "[0.8, 0.6]", "0.8") or _replace(r / "recipe.yaml", "[0.4, 0.9]", "0.4"),
      "merge", "9 groups but the model has 4 layers", "recipe.yaml"),
+    ("unknown-vocab-policy", lambda r: _append(r / "recipe.yaml", "vocab: unoin\n"), "merge",
+     "unknown vocab policy 'unoin' ('error', 'base' or 'union')", "recipe.yaml"),
+    ("union-and-a-tokenizer", lambda r: _append(r / "recipe.yaml", "vocab: union\ntokenizer: s0\n"), "merge",
+     "vocab: union ships the union of the models' tokenizers", "recipe.yaml"),
     ("unknown-key", lambda r: _append(r / "recipe.yaml", "densty: 0.3\n"), "merge", "unknown key 'densty'", "recipe.yaml"),
     ("duplicate-key", lambda r: _append(r / "recipe.yaml", "seed: 8\n"), "merge", "duplicate key 'seed'", "recipe.yaml"),
     ("list-length", lambda r: _replace(r / "recipe.yaml", "[0.8, 0.6]", "[0.8, 0.6, 0.1]"), "merge",
@@ -141,6 +147,10 @@ CASES = [
     # -- search configs ------------------------------------------------------------------------
     ("config-unknown-key", lambda r: _append(r / "search.yaml", "bogus: 1\n"), "search", "unknown key 'bogus'",
      "search.yaml"),
+    ("config-vocab-policy", lambda r: _append(r / "search.yaml", "vocab: unoin\n"), "search",
+     "'error', 'base' or 'union'", "search.yaml"),
+    ("config-union-source-without-tokenizer", lambda r: _append(r / "search.yaml", "vocab: union\n") or [
+        p.unlink() for p in (r / "s0").glob("tokenizer*")], "search", "'s0' has no tokenizer files", "search.yaml"),
     ("config-unreachable-storage", lambda r: _replace(
         r / "search.yaml", "  seed: 0\n", "  seed: 0\n  storage: postgresql+psycopg2://u:secret@127.0.0.1:1/db\n"),
      "search", "cannot open the study storage", "storage"),

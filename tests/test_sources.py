@@ -234,6 +234,7 @@ def test_vocabulary_mismatch_is_an_error(families, bigger_vocab):
         open_sources(str(base), [str(sources[0]), str(bigger_vocab)])
     line = err.value.line()
     assert "vocabulary" in line and "[52, 32]" in line and "[48, 32]" in line and "vocab: base" in line
+    assert "vocab: union" in line
 
 
 @pytest.mark.parametrize("rows", [52, 40])
@@ -271,6 +272,29 @@ def test_vocab_base_keeps_the_base_vocabulary(families, tmp_path, rows):
     _edit(odd, lambda t: t.__setitem__("model.norm.weight", torch.ones(31)))
     with pytest.raises(InputError, match="shape mismatch"):
         open_sources(str(base), [str(odd), str(folder)], vocab="base")
+
+
+def test_vocab_union_needs_a_row_per_token_and_every_tokenizer(families, bigger_vocab, tmp_path):
+    """Under vocab: union the embedding and head may differ in rows; each model needs a row for every token of
+    its vocab_size (config.json), and a tokenizer: the union is built from them (tests/test_vocab_union.py)."""
+    base, sources = families["llama"]
+    with pytest.raises(InputError) as err:      # 52 rows for a vocab_size of 48: fine, but no tokenizers
+        open_sources(str(base), [str(sources[0]), str(bigger_vocab)], vocab="union")
+    assert err.value.field == "base" and "no tokenizer files" in err.value.problem
+    short = _copy(sources[1], tmp_path / "short")
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "vocab_size": 60}))
+    with pytest.raises(InputError) as err:
+        open_sources(str(base), [str(sources[0]), str(short)], vocab="union")
+    assert err.value.field == "sources[1]" and "tensor 'lm_head.weight' is [48, 32]" in err.value.problem
+    assert "needs 60 rows" in err.value.problem
+    gpt2_base, gpt2_sources = families["gpt2"]     # wte is per token; wpe (per position) is no vocabulary
+    from modelfactory import save_tokenizer
+
+    gpt2 = [_copy(f, tmp_path / "gpt2" / f.name) for f in (gpt2_base, *gpt2_sources)]
+    save_tokenizer(gpt2)
+    opened = open_sources(str(gpt2[0]), [str(f) for f in gpt2[1:]], vocab="union")
+    assert opened.union_tensors == {"transformer.wte.weight"}
 
 
 def test_opening_reads_headers_only(families, monkeypatch):

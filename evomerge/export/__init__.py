@@ -17,15 +17,27 @@ __all__ = ["export_model", "merge_to_folder", "mergekit_yaml", "atomic_dir", "at
 
 def mergekit_yaml(recipe: Recipe, sources: SourceSet) -> str | None:
     """mergekit YAML for the recipe, with local paths resolved; None where not representable (a method
-    without a mergekit twin, sources of different vocabularies, which mergekit refuses, or a checkpoint that
-    transformers converts on load, which mergekit merges in another layout)."""
+    without a mergekit twin, sources of different vocabularies kept at the base's, which mergekit refuses, a
+    union vocabulary that mergekit would order otherwise, or a checkpoint that transformers converts on load,
+    which mergekit merges in another layout)."""
     if sources.resized or converted_on_load(sources.anchor.config.get("model_type"), sources.layout.tensors):
+        return None
+    if sources.union is not None and not _same_union_in_mergekit(recipe, sources):
         return None
     paths = {spec: str(folder.path) for spec, folder in zip(recipe.sources, sources.sources)}
     if recipe.base is not None and sources.base is not None:
         paths[recipe.base] = str(sources.base.path)
     config = to_mergekit(recipe, sources.layout, paths)
+    if config is not None and sources.union is not None:
+        config["tokenizer_source"] = "union"
     return None if config is None else dump_yaml(config)
+
+
+def _same_union_in_mergekit(recipe: Recipe, sources: SourceSet) -> bool:
+    """Whether mergekit builds the union evomerge built: on the same anchor (the base: without one, mergekit
+    picks a model out of a set), with the base among the merged models (it fills rows from it), and with every
+    token's id the same in every mergekit run (UnionVocab.same_in_mergekit)."""
+    return recipe.spec.needs_base and sources.base is not None and sources.union.same_in_mergekit
 
 
 def export_model(merger: ResidentMerger, recipe: Recipe, out: str | Path, *, force: bool = False,
@@ -42,7 +54,8 @@ def export_model(merger: ResidentMerger, recipe: Recipe, out: str | Path, *, for
     return write_model_folder(Path(out), tensors=merger.state_dict(), recipe=recipe, config_from=sources.anchor,
                               tokenizer_from=tokenizer_from, dtype=merger.out_dtype, force=force,
                               card_extra=card_extra, extra_files={"mergekit.yaml": text} if text else None,
-                              base_models=list(dict.fromkeys(lineage)))
+                              base_models=list(dict.fromkeys(lineage)),
+                              tokenizer=sources.union.tokenizer if sources.union is not None else None)
 
 
 def merge_to_folder(recipe: Recipe | str | Path, out: str | Path, *, device: str | None = "cpu",

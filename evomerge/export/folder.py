@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import yaml
@@ -142,21 +142,29 @@ def write_weights(folder: Path, tensors: Mapping[str, torch.Tensor], *, metadata
 def write_model_folder(out: Path, *, tensors: Mapping[str, torch.Tensor], recipe: Recipe, config_from: ModelFolder,
                        tokenizer_from: ModelFolder, dtype: torch.dtype, force: bool = False,
                        card_extra: str = "", extra_files: Mapping[str, str] | None = None,
-                       base_models: Sequence[str] = ()) -> Path:
-    """config + tokenizer + safetensors (recipe hash and version in the metadata) + model card + recipe."""
+                       base_models: Sequence[str] = (), tokenizer: Any = None) -> Path:
+    """config + tokenizer + safetensors (recipe hash and version in the metadata) + model card + recipe.
+
+    `tokenizer`: a transformers tokenizer to save (a union vocabulary's) instead of `tokenizer_from`'s files;
+    config.json then has its vocabulary size."""
     from .. import __version__
 
     with atomic_dir(Path(out), force=force) as tmp:
         config = dict(config_from.config)
         config["dtype"] = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
         config.pop("torch_dtype", None)
+        if tokenizer is not None:
+            _set_vocab_size(config, len(tokenizer.get_vocab()))
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         generation = config_from.path / "generation_config.json"
         if generation.is_file():
             shutil.copyfile(generation, tmp / "generation_config.json")
-        for name in TOKENIZER_FILES:
-            if (tokenizer_from.path / name).is_file():
-                shutil.copyfile(tokenizer_from.path / name, tmp / name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))      # as mergekit writes its merged tokenizer
+        else:
+            for name in TOKENIZER_FILES:
+                if (tokenizer_from.path / name).is_file():
+                    shutil.copyfile(tokenizer_from.path / name, tmp / name)
         metadata = {"format": "pt", "evomerge_version": __version__, "evomerge_recipe_sha256": recipe.sha256()}
         write_weights(tmp, tensors, metadata=metadata)
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
@@ -164,6 +172,15 @@ def write_model_folder(out: Path, *, tensors: Mapping[str, torch.Tensor], recipe
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return Path(out)
+
+
+def _set_vocab_size(config: dict, size: int) -> None:
+    """Set the vocabulary size where the config keeps it (top level, or a multimodal model's text_config)."""
+    text = config.get("text_config")
+    if "vocab_size" not in config and isinstance(text, dict) and "vocab_size" in text:
+        config["text_config"] = {**text, "vocab_size": size}
+    else:
+        config["vocab_size"] = size
 
 
 def model_card(recipe: Recipe, *, extra: str = "", base_models: Sequence[str] = ()) -> str:

@@ -624,3 +624,68 @@ def test_zoo_tasks_agree_with_lm_eval_and_decoding(zoo_root: Path, tmp_path: Pat
             assert all(o is None or o == s for o, s in zip(ours.outputs[name], slow.outputs[name])), name
         assert ours.tasks[name][metric] == pytest.approx(sum(s[metric] for s in samples) / len(samples),
                                                          abs=2 / len(samples)), name
+
+
+@pytest.mark.parametrize("shared_prompt", [False, True])
+def test_logits_at_read_positions_equal_the_full_forward(shared_prompt: bool) -> None:
+    """The LM head runs only where a choice is read, and a prefix common to every row is computed once:
+    the logits are still the full forward pass's at those positions."""
+    from modelfactory import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.evaluate.forward import Runner, shared_prefix, shared_prompt_mask
+    from evomerge.evaluate.score import ChoiceExample, build_choice_batch
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
+    rng = random.Random(0)
+    prefix = [rng.randrange(3, 48) for _ in range(20)]
+    examples = []
+    for _ in range(9):
+        choices = [[rng.randrange(3, 48) for _ in range(rng.randrange(1, 4))] for _ in range(rng.randrange(2, 5))]
+        examples.append(ChoiceExample(prefix + [rng.randrange(3, 48) for _ in range(rng.randrange(1, 6))], choices, 0,
+                                      [len(c) for c in choices]))
+    cb = build_choice_batch(examples, pad_id=0, shared_prompt=shared_prompt, device=torch.device("cpu"))
+    assert shared_prefix(cb.batch, cb.read) == 20
+    with torch.inference_mode():
+        mask = shared_prompt_mask(cb.batch.segments, torch.float32) if shared_prompt else cb.batch.mask
+        full = model(input_ids=cb.batch.ids, attention_mask=mask, position_ids=cb.batch.positions).logits[cb.read]
+        heads: list[int] = []
+        hook = model.lm_head.register_forward_hook(lambda m, args, out: heads.append(args[0].shape[:-1].numel()))
+        runner = Runner(model)
+        got = runner.logits_at(cb.batch, cb.read, shared_prompt=shared_prompt)
+        hook.remove()
+        plain = Runner(model)
+        plain.masked_keep = plain.prefix_cache = False   # an older transformers: the last columns, no prefix cache
+        sliced = plain.logits_at(cb.batch, cb.read, shared_prompt=shared_prompt)
+    assert runner.masked_keep and runner.prefix_cache
+    assert heads == [1, int(cb.read.sum())]   # the prefix's last position, then exactly the read positions
+    torch.testing.assert_close(got, full, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sliced, full, rtol=1e-5, atol=1e-5)
+
+
+def test_decoding_on_from_a_shared_prefix_matches_a_plain_prefill() -> None:
+    from modelfactory import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.evaluate.forward import Runner, left_pad
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
+    rng = random.Random(1)
+    prefix = [rng.randrange(3, 48) for _ in range(24)]
+    batch = left_pad([prefix + [rng.randrange(3, 48) for _ in range(rng.randrange(1, 8))] for _ in range(8)], pad_id=0)
+    runs = []
+    for share in (None, False):
+        runner = Runner(model)
+        runner.prefix_cache = share
+        with torch.inference_mode():
+            logits, cache, mask = runner.start(batch)
+            tokens = logits.argmax(dim=-1)
+            positions = batch.positions[:, -1] + 1
+            after, _ = runner.step(tokens, torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1), positions, cache)
+        runs.append((runner.prefix_cache, logits, after))
+    (shared, *first), (plain, *second) = runs
+    assert shared and plain is False
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

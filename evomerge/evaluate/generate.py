@@ -97,6 +97,7 @@ class DraftBatch:
     batch: Batch
     keep: int
     grid: torch.Tensor  # [B, keep]: draft token j of row i at column keep-1-len(draft_i)+j, else -1
+    read: torch.Tensor  # [B, N] bool: row i's last len(draft_i) + 1 columns, the positions whose logits count
     drafts: list[list[int]]
 
 
@@ -105,10 +106,12 @@ def draft_batch(contexts: Sequence[list[int]], drafts: Sequence[list[int]], *, p
     batch = left_pad([c + d for c, d in zip(contexts, drafts)], pad_id=pad_id)
     keep = max(len(d) for d in drafts) + 1
     grid = torch.full((len(drafts), keep), -1, dtype=torch.long)
+    read = torch.zeros(batch.ids.shape, dtype=torch.bool)
     for i, d in enumerate(drafts):
         grid[i, keep - 1 - len(d): keep - 1] = torch.tensor(d, dtype=torch.long)
+        read[i, read.shape[1] - 1 - len(d):] = True
     return DraftBatch(Batch(batch.ids.to(device), batch.mask.to(device), batch.positions.to(device)), keep,
-                      grid.to(device), [list(d) for d in drafts])
+                      grid.to(device), read.to(device), [list(d) for d in drafts])
 
 
 def verify(runner: Runner, db: DraftBatch, smooth: Sequence[GenExample] | None = None) -> list[list[int]]:
@@ -117,13 +120,18 @@ def verify(runner: Runner, db: DraftBatch, smooth: Sequence[GenExample] | None =
     With `smooth` (the first round, whose drafts are target + EOS) the pass also gives those examples'
     token_acc (argmax hits) and target_logprob (mean log-probability) over the draft.
     """
-    logits = runner.logits(db.batch, keep=db.keep).float()
+    logits = runner.logits_at(db.batch, db.read).float()  # [read positions, V], laid out on the grid below
+    window = db.read[:, -db.keep:]
     top = logits.topk(2, dim=-1)
-    best, margin = top.indices[..., 0], top.values[..., 0] - top.values[..., 1]
-    sure = margin > MARGIN.get(runner.dtype, 3e-2) * top.values[..., 0].abs().clamp_min(1.0)
+    margin = top.values[:, 0] - top.values[:, 1]
+    best = torch.full(window.shape, -1, dtype=torch.long, device=logits.device)
+    best[window] = top.indices[:, 0]
+    sure = torch.zeros_like(window)
+    sure[window] = margin > MARGIN.get(runner.dtype, 3e-2) * top.values[:, 0].abs().clamp_min(1.0)
     if smooth is not None:
         scored = db.grid >= 0
-        logp = logits.gather(-1, db.grid.clamp_min(0)[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
+        logp = torch.zeros(window.shape, dtype=logits.dtype, device=logits.device)
+        logp[window] = logits.gather(1, db.grid[window].clamp_min(0)[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
         counts = scored.sum(dim=1).clamp_min(1).double()
         token_acc = (((best == db.grid) & scored).sum(dim=1).double() / counts).tolist()
         target_logprob = (torch.where(scored, logp, 0.0).double().sum(dim=1) / counts).tolist()
@@ -146,9 +154,8 @@ def verify(runner: Runner, db: DraftBatch, smooth: Sequence[GenExample] | None =
 def decode(runner: Runner, examples: Sequence[GenExample], stopping: Stopping, *, pad_id: int) -> None:
     """Plain greedy decoding with a KV cache from each example's proven tokens until `stopping` settles it."""
     batch = left_pad([ex.context + ex.known for ex in examples], pad_id=pad_id)
-    mask = batch.mask.to(runner.device)
     positions = batch.positions[:, -1].to(runner.device)
-    logits, cache = runner.start(batch)
+    logits, cache, mask = runner.start(batch)
     tokens = [list(ex.known) for ex in examples]
     open_ = list(range(len(examples)))
     while True:
@@ -203,8 +210,9 @@ def generate(runner: Runner, codec: Codec, spec: Any, examples: list[GenExample]
         eos = [codec.eos_id] if codec.eos_id is not None else []
         plans = [(ex, p) for ex in _open(examples) if (p := redraft(ex, codec.decode(ex.known))) is not None]
         tails = codec.tails([p[0] for _, p in plans], [p[1] for _, p in plans])
-        todo = [(ex, (ex.known + tail + eos)[:codec.max_length - len(ex.context)])  # within the model's context
-                for (ex, _), tail in zip(plans, tails) if tail + eos]
+        drafts = [(ex, (ex.known + tail + eos)[:codec.max_length - len(ex.context)])  # within the model's context
+                  for (ex, _), tail in zip(plans, tails) if tail + eos]
+        todo = [(ex, d) for ex, d in drafts if d != ex.draft]  # round 1's own draft again proves nothing new
         for start in range(0, len(todo), batch_size):
             part = todo[start:start + batch_size]
             second = draft_batch([ex.context for ex, _ in part], [d for _, d in part], pad_id=codec.pad_id,

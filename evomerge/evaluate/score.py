@@ -32,11 +32,10 @@ class ChoiceExample:
 @dataclass
 class ChoiceBatch:
     batch: Batch
-    keep: int
     shared_prompt: bool
-    rows: torch.Tensor  # flat gather indices over the kept logits ...
-    cols: torch.Tensor
-    targets: torch.Tensor  # ... and the token each one should predict
+    read: torch.Tensor  # [B, N] bool: the positions whose predictions are scored (each computed once) ...
+    picks: torch.Tensor  # ... flat entry -> its position among them (a prompt's last one serves every choice)
+    targets: torch.Tensor  # ... and the token each entry should predict
     choice_of: torch.Tensor  # flat entry -> choice slot (example * max_choices + k)
     n_examples: int
     max_choices: int
@@ -74,25 +73,29 @@ def build_choice_batch(examples: Sequence[ChoiceExample], *, pad_id: int, shared
                 rows.append(tokens)
                 positions.append(list(range(len(tokens))))
                 segments.append([0] * p + [1] * (len(tokens) - p))
-    keep = max(-c for _, c, _, _ in entries)
     batch = left_pad(rows, pad_id=pad_id, positions=positions, segments=segments)
     batch = Batch(*(t.to(device) if t is not None else None for t in (batch.ids, batch.mask, batch.positions,
                                                                         batch.segments)))
-    r, c, t, s = (torch.tensor(col, dtype=torch.long, device=device) for col in zip(*entries))
+    r, c, t, s = (torch.tensor(col, dtype=torch.long) for col in zip(*entries))
+    width = batch.ids.shape[1]
+    read = torch.zeros((len(rows), width), dtype=torch.bool)
+    read[r, width + c] = True
+    rank = read.flatten().cumsum(0) - 1  # row-major, the order the read positions' logits come back in
+    picks = rank[r * width + width + c]
     inv = torch.zeros((len(examples), max_choices), dtype=torch.float64)
     present = torch.zeros((len(examples), max_choices), dtype=torch.bool)
     for i, ex in enumerate(examples):
         inv[i, : len(ex.lengths)] = 1.0 / torch.tensor(ex.lengths, dtype=torch.float64)
         present[i, : len(ex.lengths)] = True
     answers = torch.tensor([e.answer for e in examples], dtype=torch.long)
-    return ChoiceBatch(batch, keep, shared_prompt, r, c + keep, t, s, len(examples), max_choices, answers, inv, present)
+    return ChoiceBatch(batch, shared_prompt, read.to(device), picks.to(device), t.to(device), s.to(device),
+                       len(examples), max_choices, answers, inv, present)
 
 
 def choice_loglikelihoods(runner: Runner, cb: ChoiceBatch) -> torch.Tensor:
     """Summed log-likelihood of every choice, [n_examples, max_choices] float64 on the CPU (-inf where absent)."""
-    logits = runner.logits(cb.batch, keep=cb.keep, shared_prompt=cb.shared_prompt)
-    picked = logits[cb.rows, cb.cols].float()
-    logprobs = picked.gather(1, cb.targets[:, None])[:, 0] - torch.logsumexp(picked, dim=-1)
+    logits = runner.logits_at(cb.batch, cb.read, shared_prompt=cb.shared_prompt).float()
+    logprobs = logits[cb.picks, cb.targets] - torch.logsumexp(logits, dim=-1)[cb.picks]
     sums = torch.zeros(cb.n_examples * cb.max_choices, dtype=torch.float64, device=logprobs.device)
     sums.index_add_(0, cb.choice_of, logprobs.double())
     sums = sums.view(cb.n_examples, cb.max_choices).cpu()

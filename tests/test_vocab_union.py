@@ -366,6 +366,11 @@ def test_search_builds_the_union_model_once_and_scores_it(tmp_path, monkeypatch)
     scores = evomerge.evaluate(model, tasks=tmp_path / "fam" / "tasks.yaml", tokenizer=tokenizer, split="heldout")
     assert scores.objective({"ppl": 1.0, "pick": 1.0}) == pytest.approx(recipe.provenance["score"]["heldout"],
                                                                        abs=1e-6)
+    # in memory the merged model still names the base's folder, whose tokenizer lacks <tool>: refused, not guessed
+    with pytest.raises(InputError, match="pass tokenizer="):
+        evomerge.evaluate(evomerge.merge(recipe), tasks=tmp_path / "fam" / "tasks.yaml", split="heldout")
+    assert evomerge.evaluate(model, tasks=tmp_path / "fam" / "tasks.yaml", split="heldout").objective(
+        {"ppl": 1.0, "pick": 1.0}) == pytest.approx(recipe.provenance["score"]["heldout"], abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -295,8 +295,21 @@ def evaluate(model: Any, tasks: Any, *, tokenizer: Any = None, split: str = "hel
 
     suite = tasks if isinstance(tasks, TaskSuite) else load_tasks(tasks, seed=seed)
     if tokenizer is None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+        tokenizer = _folder_tokenizer(model)
     with Evaluator(suite, model, tokenizer, seed=seed, limit=limit) as evaluator:
         return evaluator.evaluate(split)
+
+
+def _folder_tokenizer(model: Any) -> Any:
+    """The tokenizer of the folder the model was loaded from; refused where the model's vocabulary is no longer
+    that folder's (a merge with `vocab: union` resized it), since its added tokens would be split."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = model.name_or_path
+    size = getattr(model.config, "vocab_size", None)
+    stored = getattr(AutoConfig.from_pretrained(folder), "vocab_size", None)
+    if size is not None and stored is not None and size != stored:
+        raise InputError(f"the model's vocabulary ({size} tokens) is not that of '{folder}' ({stored})",
+                         field="tokenizer", fix="pass tokenizer=, e.g. evomerge.kernel.merger_for(recipe)"
+                                                ".sources.tokenizer() for a vocab: union recipe")
+    return AutoTokenizer.from_pretrained(folder)

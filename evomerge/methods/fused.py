@@ -56,13 +56,15 @@ class Drop:
 
 @dataclass(frozen=True)
 class Sum:
-    """(base_scale * b + sum_i scale_i kept_i) / divisor, one multiply-add per source (as `weighted_sum`); with
-    `of_sources`, of the sources x_i themselves (every entry kept)."""
+    """(base_scale * b + sum_i scale_i kept_i) / divisor, one fused multiply-add per source (as `weighted_sum`), or
+    with `madd` false a rounded product and an add (slerp's c0 b + c1 x); with `of_sources`, of the sources x_i
+    themselves (every entry kept)."""
 
     scales: tuple[float, ...]
     base_scale: float = 1.0
     divisor: float = 1.0
     of_sources: bool = False
+    madd: bool = True
 
 
 @dataclass(frozen=True)
@@ -122,17 +124,17 @@ class FusedKernel:
             mode, low, high, uniform = 2, keep.offset, keep.slope or (0.0,) * ctx.k, ctx.uniform()
             ranks = ctx.ranks() if keep.by_rank else None
             rescale = keep.rescale if keep.rescale is not None else ()
-        divisor, normalize, of_sources = 1.0, False, False
+        divisor, normalize, of_sources, madd = 1.0, False, False, True
         if isinstance(combine, Sum):
-            kind, coef, scalar, divisor, of_sources = 0, combine.scales, combine.base_scale, combine.divisor, \
-                combine.of_sources
+            kind, coef, scalar, divisor = 0, combine.scales, combine.base_scale, combine.divisor
+            of_sources, madd = combine.of_sources, combine.madd
         elif isinstance(combine, Elect):
             kind, coef, scalar, normalize = 1, combine.weights, combine.lam, combine.normalize
         else:
             kind, coef, scalar, divisor = 2, combine.weights, combine.lam, combine.divisor
         with _labelled("evomerge::fused_merge"):
             return self.module.merge(out, ctx.anchor, ctx.stack, ctx.raw, mode, low, high, *cuts, rescale, uniform,
-                                     ranks, kind, coef, scalar, divisor, normalize, of_sources)
+                                     ranks, kind, coef, scalar, divisor, normalize, of_sources, madd)
 
 
 def _labelled(name: str):

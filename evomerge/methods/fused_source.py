@@ -53,6 +53,7 @@ struct Plan {
   std::vector<int64_t> low_cut, high_cut;  // BAND by count: at |d| == low (high), positions below the cut are in
   std::vector<float> rescale;        // DROP: kept entries times this; empty: times 1 / p
   bool of_sources = false;           // the kept values are the sources x_i, not the task vectors
+  bool madd = true;                  // sum: a fused multiply-add per source (addcmul), else a product then an add
   int64_t combine = SUM;
   std::vector<float> coef;           // sum: per-source scales; elect, mix: per-source weights
   float scalar = 1.f;                // sum: the base's scale; elect, mix: lambda
@@ -84,6 +85,14 @@ template <int K>
 struct KeepAll {
   Sources<K> s;
   float operator()(int i, int64_t j) const { return s.d[i][j]; }
+};
+
+// The sources themselves from float32 task vectors: x_i = b + d_i (every entry kept).
+template <int K>
+struct KeepSources {
+  Sources<K> s;
+  const float* b;
+  float operator()(int i, int64_t j) const { return b[j] + s.d[i][j]; }
 };
 
 template <int K>
@@ -136,9 +145,9 @@ struct KeepDropByRank {
   }
 };
 
-// acc = (scalar * b + sum_i coef_i kept_i) / divisor, one fused multiply-add per source, left to right
-// (torch.addcmul).
-template <int K, typename Kept>
+// acc = (scalar * b + sum_i coef_i kept_i) / divisor, left to right: one fused multiply-add per source
+// (torch.addcmul), or with `madd` false a rounded product, then an add (torch.mul, then add).
+template <int K, bool madd, typename Kept>
 void weighted_sum(const Plan& p, const Kept kept, const float* __restrict b, int64_t n, float* __restrict acc) {
   float coef[K];
   for (int i = 0; i < K; ++i) coef[i] = p.coef[i];
@@ -146,7 +155,7 @@ void weighted_sum(const Plan& p, const Kept kept, const float* __restrict b, int
 #pragma GCC ivdep
   for (int64_t j = 0; j < n; ++j) {
     float total = b[j] * scalar;
-    for (int i = 0; i < K; ++i) total = std::fma(kept(i, j), coef[i], total);
+    for (int i = 0; i < K; ++i) total = madd ? std::fma(kept(i, j), coef[i], total) : total + kept(i, j) * coef[i];
     acc[j] = total / divisor + 0.f;   // a zero is +0.0, whichever zeros the sum added (the eager steps add 0 too)
   }
 }
@@ -204,8 +213,10 @@ void elect_and_merge(const Plan& p, const Kept kept, const float* __restrict b, 
 
 template <int K, typename Kept>
 void combine(const Plan& p, const Kept kept, const float* b, int64_t n, float* acc) {
-  if (p.combine == SUM) {
-    weighted_sum<K>(p, kept, b, n, acc);
+  if (p.combine == SUM && p.madd) {
+    weighted_sum<K, true>(p, kept, b, n, acc);
+  } else if (p.combine == SUM) {
+    weighted_sum<K, false>(p, kept, b, n, acc);
   } else if (p.combine == MIX) {
     mix_and_merge<K>(p, kept, b, n, acc);
   } else if (p.normalize) {
@@ -227,7 +238,9 @@ template <int K>
 void merge_block(const Plan& p, const Block& blk, int64_t j0, int64_t n, float* acc) {
   const Sources<K> d(p, blk.deltas, blk.offset, blk.stride);
   const float* b = blk.base;
-  if (p.keep == ALL) {
+  if (p.keep == ALL && p.of_sources && p.deltas != nullptr) {   // raw sources come formed as x_i already
+    combine<K>(p, KeepSources<K>{d, b}, b, n, acc);
+  } else if (p.keep == ALL) {
     combine<K>(p, KeepAll<K>{d}, b, n, acc);
   } else if (p.keep == BAND && p.low_cut.empty()) {
     combine<K>(p, KeepBand<K>{d}, b, n, acc);
@@ -263,16 +276,6 @@ void form_block(const Plan& p, int64_t j0, int64_t n, float* __restrict b, float
   }
 }
 
-// A block's sources from float32 task vectors: x_i = b + d_i.
-void form_sources(const Plan& p, int64_t j0, int64_t n, float* __restrict b, float* __restrict x) {
-  const float* base = p.base + j0;
-  for (int64_t j = 0; j < n; ++j) b[j] = base[j];
-  for (int64_t i = 0; i < p.k; ++i) {
-    const float* d = p.deltas + i * p.n + j0;
-    float* xi = x + i * BLOCK;
-    for (int64_t j = 0; j < n; ++j) xi[j] = b[j] + d[j];
-  }
-}
 
 using BlockFn = void (*)(const Plan&, const Block&, int64_t, int64_t, float*);
 using FormFn = void (*)(const Plan&, int64_t, int64_t, float*, float*);
@@ -334,7 +337,8 @@ bool merge(at::Tensor out, const at::Tensor& base, const at::Tensor& stack, bool
            const std::vector<double>& low, const std::vector<double>& high, const std::vector<int64_t>& low_cut,
            const std::vector<int64_t>& high_cut, const std::vector<double>& rescale,
            const c10::optional<at::Tensor>& uniform, const c10::optional<at::Tensor>& ranks, int64_t combine,
-           const std::vector<double>& coef, double scalar, double divisor, bool normalize, bool of_sources) {
+           const std::vector<double>& coef, double scalar, double divisor, bool normalize, bool of_sources,
+           bool madd) {
   const auto in = base.scalar_type();
   TORCH_CHECK(stack.scalar_type() == in, "the base and the stack differ in dtype");
   TORCH_CHECK(raw ? (in == at::kBFloat16 || in == at::kHalf) : in == at::kFloat,
@@ -355,7 +359,6 @@ bool merge(at::Tensor out, const at::Tensor& base, const at::Tensor& stack, bool
   if (!raw) {
     p.base = base.data_ptr<float>();
     p.deltas = stack.data_ptr<float>();
-    form = of_sources ? &form_sources : nullptr;
   } else {
     p.raw_base = base.data_ptr();
     p.raw_sources = stack.data_ptr();
@@ -380,6 +383,7 @@ bool merge(at::Tensor out, const at::Tensor& base, const at::Tensor& stack, bool
   p.rescale = floats(rescale);
   TORCH_CHECK(combine == SUM || combine == ELECT || combine == MIX, "combine is 0 (sum), 1 (elect) or 2 (mix)");
   p.of_sources = of_sources;
+  p.madd = madd;
   p.combine = combine;
   p.coef = floats(coef);
   p.scalar = static_cast<float>(scalar);
@@ -403,7 +407,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("low"), pybind11::arg("high"), pybind11::arg("low_cut"), pybind11::arg("high_cut"),
         pybind11::arg("rescale"), pybind11::arg("uniform"),
         pybind11::arg("ranks"), pybind11::arg("combine"), pybind11::arg("coef"), pybind11::arg("scalar"),
-        pybind11::arg("divisor"), pybind11::arg("normalize"), pybind11::arg("of_sources"),
+        pybind11::arg("divisor"), pybind11::arg("normalize"), pybind11::arg("of_sources"), pybind11::arg("madd"),
         pybind11::call_guard<pybind11::gil_scoped_release>());
 }
 """

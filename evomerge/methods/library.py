@@ -278,6 +278,11 @@ def _fused_linear(ctx: TensorContext, p: dict) -> Plan:
     return Plan(Sum(values(w), base_scale=0.0, divisor=weight_sum(w) if p["normalize"] else 1.0, of_sources=True))
 
 
+def _fused_slerp(ctx: TensorContext, p: dict) -> Plan:
+    c0, c1 = _slerp_mix(ctx, p["t"])
+    return Plan(Sum((c1,), base_scale=c0, of_sources=True, madd=False))
+
+
 def _fused_ties(ctx: TensorContext, p: dict) -> Plan:
     taus = trim_thresholds(ctx, p["exact"]["density"])
     return _ties_plan(p, Band(tuple(taus), (math.inf,) * len(taus)))
@@ -326,7 +331,7 @@ for _spec in (
                fused=_fused_linear, summary="weighted average of the models (model soup)"),
     MethodSpec("task_arithmetic", (WEIGHT, LAMBDA, normalize(False)), _task_arithmetic, mergekit="task_arithmetic",
                fused=_fused_task_arithmetic, summary="base + lambda * sum of weighted task vectors"),
-    MethodSpec("slerp", (SLERP_T,), _slerp, min_sources=1, max_sources=1, mergekit="slerp",
+    MethodSpec("slerp", (SLERP_T,), _slerp, min_sources=1, max_sources=1, mergekit="slerp", fused=_fused_slerp,
                summary="spherical interpolation between the base and one source"),
     MethodSpec("ties", _TIES_PARAMS + (normalize(True),), _ties, magnitude_ranks=True, mergekit="ties",
                fused=_fused_ties, summary="trim small entries, elect a sign, average the agreeing entries"),

@@ -15,6 +15,38 @@ ARCHS = ("llama", "qwen2", "gpt2")
 CONVERTED_ARCHS = ("mixtral", "gpt_neox")
 
 
+def cut_smol_family(smol: Path, root: Path, names: list[str], *, blocks: int = 2,
+                    tokenizer: bool = False) -> dict[str, Path]:
+    """SmolLM2's real bf16 weights (the `smol` fixture's folder) cut to their first `blocks` blocks, the tied
+    embedding whole, written as root/names[0] (the base) and one bf16 fine-tune per further name: the base
+    plus Gaussian task vectors of 5 % of each tensor's spread, seeded by the name's position. `tokenizer`:
+    each folder gets SmolLM2's tokenizer files."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    weights = {n: t for n, t in load_file(str(smol / "model.safetensors")).items()
+               if not n.startswith("model.layers.") or int(n.split(".")[2]) < blocks}
+    config = json.loads((smol / "config.json").read_text())
+    config["num_hidden_layers"] = blocks
+    folders = {}
+    for i, name in enumerate(names):
+        folder = root / name
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps(config))
+        if tokenizer:
+            for file in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+                shutil.copyfile(smol / file, folder / file)
+        gen = torch.Generator().manual_seed(i)
+        tensors = weights if i == 0 else {
+            n: (w.float() + torch.randn(w.shape, generator=gen) * (w.float().std() * 0.05 + 1e-4)).to(torch.bfloat16)
+            for n, w in weights.items()}
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        folders[name] = folder
+    return folders
+
+
 def tiny_config(arch: str, *, layers: int = 4, vocab: int = 48, hidden: int = 32):
     from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, MixtralConfig, Qwen2Config
 

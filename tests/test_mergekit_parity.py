@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
-from modelfactory import make_family  # noqa: E402
+from modelfactory import cut_smol_family, make_family  # noqa: E402
 
 pytest.importorskip("mergekit")
 
@@ -187,27 +187,8 @@ def test_bfloat16_sources_give_a_bfloat16_model_in_both(tmp_path, method):
 def smol_family(smol, tmp_path_factory):
     """SmolLM2's real bf16 weights cut to its first 2 blocks (the tied embedding whole), and two bf16
     fine-tunes of it: the base plus Gaussian task vectors of 5 % of each tensor's spread."""
-    import json
-
-    from safetensors.torch import save_file
-
-    root = tmp_path_factory.mktemp("smol-parity")
-    weights = {n: t for n, t in load_file(str(smol / "model.safetensors")).items()
-               if not n.startswith("model.layers.") or int(n.split(".")[2]) < 2}
-    config = json.loads((smol / "config.json").read_text())
-    config["num_hidden_layers"] = 2
-    folders = []
-    for i, name in enumerate(["base", "ft0", "ft1"]):
-        folder = root / name
-        folder.mkdir()
-        (folder / "config.json").write_text(json.dumps(config))
-        gen = torch.Generator().manual_seed(i)
-        tensors = weights if i == 0 else {
-            n: (w.float() + torch.randn(w.shape, generator=gen) * (w.float().std() * 0.05 + 1e-4)).to(torch.bfloat16)
-            for n, w in weights.items()}
-        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        folders.append(folder)
-    return folders[0], folders[1:]
+    folders = cut_smol_family(smol, tmp_path_factory.mktemp("smol-parity"), ["base", "ft0", "ft1"])
+    return folders["base"], [folders["ft0"], folders["ft1"]]
 
 
 @pytest.mark.parametrize("method", EXACT_IN_BF16)

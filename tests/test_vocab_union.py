@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
-from modelfactory import make_family, make_search_fixture, save_tokenizer  # noqa: E402
+from modelfactory import cut_smol_family, make_family, make_search_fixture, save_tokenizer  # noqa: E402
 
 from evomerge.errors import InputError  # noqa: E402
 from evomerge.sources import open_sources  # noqa: E402
@@ -82,26 +82,10 @@ def write_recipe(path: Path, recipe: dict) -> Path:
 def smol_union(smol, tmp_path_factory):
     """SmolLM2's first 2 blocks (the tied embedding whole) as a bf16 base; `tools`, a fine-tune that added two
     special tokens (the tokenizer saved with save_pretrained, two new embedding rows); `plain`, a fine-tune."""
-    root = tmp_path_factory.mktemp("smol-union")
-    weights = {n: t for n, t in load_file(str(smol / "model.safetensors")).items()
-               if not n.startswith("model.layers.") or int(n.split(".")[2]) < 2}
-    config = json.loads((smol / "config.json").read_text())
-    config["num_hidden_layers"] = 2
-    folders = {}
-    for i, name in enumerate(["base", "tools", "plain"]):
-        folder = root / name
-        folder.mkdir()
-        (folder / "config.json").write_text(json.dumps(config))
-        for file in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-            shutil.copyfile(smol / file, folder / file)
-        gen = torch.Generator().manual_seed(i)
-        tensors = weights if i == 0 else {
-            n: (w.float() + torch.randn(w.shape, generator=gen) * (w.float().std() * 0.05 + 1e-4)).to(torch.bfloat16)
-            for n, w in weights.items()}
-        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        folders[name] = folder
-    ids = add_tokens(folders["tools"], TOOL_TOKENS, rows=config["vocab_size"] + 2)
-    assert ids == [config["vocab_size"], config["vocab_size"] + 1]
+    folders = cut_smol_family(smol, tmp_path_factory.mktemp("smol-union"), ["base", "tools", "plain"], tokenizer=True)
+    vocab_size = json.loads((smol / "config.json").read_text())["vocab_size"]
+    ids = add_tokens(folders["tools"], TOOL_TOKENS, rows=vocab_size + 2)
+    assert ids == [vocab_size, vocab_size + 1]
     return folders
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 import platform
 import time
 from dataclasses import dataclass, field

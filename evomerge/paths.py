@@ -3,7 +3,8 @@
 A path in a config, recipe or task file is looked up, in order: as an absolute
 path; relative to the file that names it; relative to the working directory;
 and, when it starts with ``zoo/``, inside the local model zoo
-(``$EVOMERGE_ZOO``, default ``~/.cache/evomerge/zoo``). A source that is none of
+(``$EVOMERGE_ZOO``, default ``~/.cache/evomerge/zoo``), or with ``smol/``, inside
+the smol zoo (``$EVOMERGE_SMOL_ZOO``, default ``~/.cache/evomerge/smol``). A source that is none of
 these is taken as a Hugging Face hub id (see sources.py).
 """
 
@@ -13,11 +14,17 @@ import os
 from pathlib import Path
 
 ZOO_PREFIX = "zoo/"
+SMOL_PREFIX = "smol/"
 
 
 def zoo_root() -> Path:
     env = os.environ.get("EVOMERGE_ZOO")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "evomerge" / "zoo"
+
+
+def smol_root() -> Path:
+    env = os.environ.get("EVOMERGE_SMOL_ZOO")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "evomerge" / "smol"
 
 
 def candidates(text: str, *, relative_to: Path | None = None) -> list[Path]:
@@ -31,6 +38,8 @@ def candidates(text: str, *, relative_to: Path | None = None) -> list[Path]:
     out.append(Path.cwd() / path)
     if text.startswith(ZOO_PREFIX):
         out.append(zoo_root() / text[len(ZOO_PREFIX):])
+    if text.startswith(SMOL_PREFIX):
+        out.append(smol_root() / text[len(SMOL_PREFIX):])
     return out
 
 

@@ -15,6 +15,10 @@ a disjoint alphabet, so a merge with tuned weights recovers most of each skill
 (an untuned one does not: the headroom a merge search is for); the
 conflicting pair (``rev``, ``sort``) reorders the same digits in two ways, a
 control where merging fails. Same seed and size, same bytes.
+
+``build_zoo(OUT, size="smol")`` builds the smol zoo instead: SmolLM2-135M-Instruct
+and three experts fine-tuned from it on natural-language skills, plus a task
+that needs two of them at once (smol_build.py; about 13 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ import time
 from pathlib import Path
 
 from ..errors import InputError, suggest
-from .sizes import ZOO_SIZES, ZooSize
+from .sizes import SMOL_SIZES, ZOO_SIZES, SmolSize, ZooSize
 from .version import MANIFEST, ZOO_VERSION, is_current, read_manifest
 
-__all__ = ["ZOO_SIZES", "ZooSize", "build_zoo", "MANIFEST", "ZOO_VERSION", "is_current", "read_manifest"]
+__all__ = ["SMOL_SIZES", "ZOO_SIZES", "SmolSize", "ZooSize", "build_zoo", "MANIFEST", "ZOO_VERSION", "is_current",
+           "read_manifest"]
 
 def build_zoo(out: str | Path, *, seed: int = 0, size: str = "tiny", force: bool = False,
               progress: bool = True) -> Path:
@@ -45,10 +50,15 @@ def build_zoo(out: str | Path, *, seed: int = 0, size: str = "tiny", force: bool
     _check_target(out, force=force)
     staging = _staging_folder(out)
     try:
-        from .build import build_into
-
         log = _logger(progress)
-        build_into(staging, spec, seed=seed, size_name=size, log=log)
+        if isinstance(spec, SmolSize):
+            from .smol_build import build_smol_into
+
+            build_smol_into(staging, spec, seed=seed, size_name=size, log=log, progress=progress)
+        else:
+            from .build import build_into
+
+            build_into(staging, spec, seed=seed, size_name=size, log=log)
         _move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -56,10 +66,11 @@ def build_zoo(out: str | Path, *, seed: int = 0, size: str = "tiny", force: bool
     return out
 
 
-def _size(name: str) -> ZooSize:
-    if name in ZOO_SIZES:
-        return ZOO_SIZES[name]
-    hint = suggest(name, ZOO_SIZES) or f"choose one of {', '.join(ZOO_SIZES)}"
+def _size(name: str) -> ZooSize | SmolSize:
+    sizes: dict[str, ZooSize | SmolSize] = {**ZOO_SIZES, **SMOL_SIZES}
+    if name in sizes:
+        return sizes[name]
+    hint = suggest(name, sizes) or f"choose one of {', '.join(sizes)}"
     raise InputError(f"unknown zoo size '{name}'", field="size", fix=hint)
 
 

@@ -54,3 +54,27 @@ ZOO_SIZES: dict[str, ZooSize] = {
                      expert_lr=1e-3, conflicting_lr=0.15, echo_share=0.95, conflicting_echo_share=0.85,
                      expert_optimizer="adamw", replay=0.2, replay_echo_share=0.95, search_rows=200, heldout_rows=500),
 }
+
+
+@dataclass(frozen=True)
+class SmolSize:
+    """The smol zoo: experts fine-tuned from SmolLM2-135M-Instruct (see chat_train.py)."""
+
+    first_block: int         # blocks first_block.. are trained (SmolLM2 has 30)
+    steps: int               # AdamW steps per expert
+    batch: int               # examples per step
+    lr: float                # peak learning rate
+    search_rows: int         # per task
+    heldout_rows: int        # per task
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+SMOL_SIZES: dict[str, SmolSize] = {
+    # About 13 minutes on a 2-core CPU (results/zoo-smol.md says how the recipe was chosen).
+    "smol": SmolSize(first_block=10, steps=150, batch=16, lr=1e-4, search_rows=24, heldout_rows=100),
+    # The same pipeline in seconds, for the determinism test: two steps on the top two blocks, at a
+    # learning rate high enough that the first steps survive bf16 rounding.
+    "smol-test": SmolSize(first_block=28, steps=2, batch=2, lr=1e-2, search_rows=4, heldout_rows=4),
+}

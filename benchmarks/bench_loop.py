@@ -216,10 +216,11 @@ def evomerge_candidate(session, index: int, params: dict) -> tuple[object, dict,
 
 
 def mergekit_candidate(recipe, sources, suite, config, folder: Path, *, cli: bool = False, threads: int = 1,
-                       keep_tokenizer_source: bool = True) -> tuple[dict, Clock, dict]:
+                       keep_tokenizer_source: bool = True, dtype=None) -> tuple[dict, Clock, dict]:
     """What a user's loop does for one candidate: mergekit YAML -> merge to disk -> load -> evaluate.
 
-    The merge runs in this process (`run_merge`), or with `cli` as the `mergekit-yaml` command.
+    The merge runs in this process (`run_merge`), or with `cli` as the `mergekit-yaml` command; the merged
+    model is loaded in `dtype` (default float32; a bf16 model: the dtype evomerge scores it in).
     Returns the scores, the step times and the loaded model's tensors (to compare with evomerge's).
     """
     import torch
@@ -255,7 +256,8 @@ def mergekit_candidate(recipe, sources, suite, config, folder: Path, *, cli: boo
                 run_merge(merge_config, str(out), options=MergeOptions(device="cpu", quiet=True),
                           config_source=source)
         with clock.step("load"):
-            model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, use_safetensors=True).eval()
+            model = AutoModelForCausalLM.from_pretrained(str(out), dtype=dtype or torch.float32,
+                                                         use_safetensors=True).eval()
             tokenizer = AutoTokenizer.from_pretrained(str(out))
         with clock.step("eval setup"):
             evaluator = Evaluator(suite, model, tokenizer, seed=config.search.seed, limit=config.limit)

@@ -59,3 +59,20 @@ def smol(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if os.environ.get("CI"):
             pytest.fail(f"CI must install the real-model fixture: {err}", pytrace=False)
         pytest.skip(str(err))
+
+
+@pytest.fixture(scope="session")
+def smol_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smol zoo's pipeline at size `smol-test` (two training steps per expert, four rows per split), named
+    by $EVOMERGE_SMOL_ZOO: SmolLM2 and three bf16 experts, the task data and task file."""
+    from evomerge.errors import InputError
+    from evomerge.zoo import build_zoo
+
+    try:
+        path = build_zoo(tmp_path_factory.mktemp("smolzoo") / "zoo", seed=0, size="smol-test", progress=False)
+    except InputError as err:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must install the real-model fixture: {err}", pytrace=False)
+        pytest.skip(str(err))
+    os.environ["EVOMERGE_SMOL_ZOO"] = str(path)
+    return path

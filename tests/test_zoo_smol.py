@@ -1,7 +1,7 @@
 """The smol zoo (experts fine-tuned from SmolLM2-135M-Instruct): its pipeline on a few tiny steps.
 
-The full build (about 13 minutes) stays out of CI; results/zoo-smol.md measures it. Here the `smol-test`
-size runs the same code: two AdamW steps on the top two blocks per expert.
+The full build (about 25 minutes) stays out of CI; results/zoo-smol.md measures it. Here the `smol-test`
+size runs the same code (conftest's `smol_zoo`): two AdamW steps on the top two blocks per expert.
 """
 
 from __future__ import annotations
@@ -30,11 +30,6 @@ def _build(out: Path) -> Path:
         if os.environ.get("CI"):
             pytest.fail(f"CI must install the real-model fixture: {err}", pytrace=False)
         pytest.skip(str(err))
-
-
-@pytest.fixture(scope="module")
-def smol_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _build(tmp_path_factory.mktemp("smolzoo") / "zoo")
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -18,7 +18,7 @@ control where merging fails. Same seed and size, same bytes.
 
 ``build_zoo(OUT, size="smol")`` builds the smol zoo instead: SmolLM2-135M-Instruct
 and three experts fine-tuned from it on natural-language skills, plus a task
-that needs two of them at once (smol_build.py; about 13 minutes on 2 cores).
+that needs two of them at once (smol_build.py; about 25 minutes on 2 cores).
 """
 
 from __future__ import annotations

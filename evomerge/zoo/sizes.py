@@ -72,7 +72,7 @@ class SmolSize:
 
 
 SMOL_SIZES: dict[str, SmolSize] = {
-    # About 13 minutes on a 2-core CPU (results/zoo-smol.md says how the recipe was chosen).
+    # About 25 minutes on a 2-core CPU, on one thread (results/zoo-smol.md says how the recipe was chosen).
     "smol": SmolSize(first_block=10, steps=150, batch=16, lr=1e-4, search_rows=24, heldout_rows=100),
     # The same pipeline in seconds, for the determinism test: two steps on the top two blocks, at a
     # learning rate high enough that the first steps survive bf16 rounding.

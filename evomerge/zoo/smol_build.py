@@ -81,7 +81,8 @@ def _write_data(folder: Path, size: SmolSize, *, seed: int) -> dict[str, set[Key
 
 
 def _exclusions(skill: ChatSkill, held_out: dict[str, set[Key]]) -> set[Key]:
-    """Inputs an expert never trains on: its own evaluation rows, and those of composed tasks that need it."""
+    """Inputs an expert never trains on: its own evaluation rows, and those of the composed tasks that need it
+    and draw the same kind of input (add_words' number pairs are add's: the add expert never sees them)."""
     out = set(held_out[skill.name])
     for composed in COMPOSED:
         if skill.name in composed.needs and composed.draw is skill.draw:

@@ -52,10 +52,13 @@ def _history(plt, session, rows, recipe):
         xs.append(t.number)
         ys.append(best)
     ax.step(xs, ys, where="post", color="black", lw=1.5, label="best so far")
+    levels: dict[float, list[str]] = {}     # sources that score alike share one line and one label
     for r in rows:
         if r["kind"] == "source":
-            ax.axhline(r["search_mean"], ls=":", lw=1, color="gray")
-            ax.annotate(r["label"], (xs[-1], r["search_mean"]), fontsize=7, color="gray", ha="right", va="bottom")
+            levels.setdefault(round(r["search_mean"], 6), []).append(r["label"])
+    for level, labels in levels.items():
+        ax.axhline(level, ls=":", lw=1, color="gray")
+        ax.annotate(", ".join(labels), (xs[-1], level), fontsize=7, color="gray", ha="right", va="bottom")
     ax.set_xlabel("trial")
     ax.set_ylabel("objective (search split)")
     ax.set_title(f"{session.config.name}: optimization history")

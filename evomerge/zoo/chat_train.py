@@ -8,8 +8,8 @@ gradient. The loss is on the answer tokens and the end-of-turn token only.
 Training runs in float32 and the expert is saved in bf16, like the base.
 
 Every batch is drawn from a `random.Random` seeded from the zoo's seed; inputs
-of the evaluation splits are never drawn. The thread count is fixed for the
-whole build, so the same machine gives the same bytes.
+of the evaluation splits are never drawn. The build trains on one thread
+(smol_build.py), so the same seed gives the same bytes whatever the core count.
 """
 
 from __future__ import annotations

@@ -49,6 +49,7 @@ from evomerge.evaluate import Evaluator, load_tasks  # noqa: E402
 from evomerge.kernel import ResidentMerger  # noqa: E402
 from evomerge.recipe import Recipe  # noqa: E402
 from evomerge.sources import open_sources  # noqa: E402
+from machine import describe  # noqa: E402  (benchmarks/machine.py: run as a script, this folder is on sys.path)
 
 LAMBDAS = (0.25, 0.5, 0.75, 1.0, 1.25)
 GRID = (0.25, 0.5, 0.75, 1.0)
@@ -187,7 +188,7 @@ def report(manifest: dict, alone: dict[str, dict[str, float]], groups: list[tupl
         zoo_line + " Scores are percent on the held-out split (exact match for generate tasks, accuracy for "
         "`*_choice`).",
         "",
-        f"Machine: {describe_machine()}. "
+        f"Machine: {describe()}. "
         + (f"Zoo build: {build_seconds:.0f} s. " if build_seconds is not None else "Zoo reused (already built). ")
         + f"This report: {seconds:.0f} s. Date: {datetime.date.today().isoformat()}.",
         "",
@@ -249,13 +250,6 @@ def task_vectors(zoo: Path, experts: list[str]) -> list[str]:
             *table(["expert", "blocks changed", "% of all entries changed",
                     "median % changed per trained matrix", "norm relative to the base's, trained matrices"],
                    rows)]
-
-
-def describe_machine() -> str:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from machine import describe
-
-    return describe()
 
 
 SMOL_RECIPE = """## How the training recipe was chosen

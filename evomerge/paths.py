@@ -27,6 +27,9 @@ def smol_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "evomerge" / "smol"
 
 
+ROOTS = {ZOO_PREFIX: zoo_root, SMOL_PREFIX: smol_root}   # a path under one of these prefixes names a zoo's file
+
+
 def candidates(text: str, *, relative_to: Path | None = None) -> list[Path]:
     """Every place `text` may refer to, most specific first."""
     path = Path(text).expanduser()
@@ -36,10 +39,7 @@ def candidates(text: str, *, relative_to: Path | None = None) -> list[Path]:
     if relative_to is not None:
         out.append(Path(relative_to) / path)
     out.append(Path.cwd() / path)
-    if text.startswith(ZOO_PREFIX):
-        out.append(zoo_root() / text[len(ZOO_PREFIX):])
-    if text.startswith(SMOL_PREFIX):
-        out.append(smol_root() / text[len(SMOL_PREFIX):])
+    out += [root() / text[len(prefix):] for prefix, root in ROOTS.items() if text.startswith(prefix)]
     return out
 
 

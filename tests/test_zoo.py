@@ -13,13 +13,10 @@ from evomerge.errors import InputError
 from evomerge.paths import resolve_path
 from evomerge.yamlio import load_yaml
 from evomerge.zoo import ZOO_SIZES, build_zoo
+from modelfactory import files as _files
 
 EXPERT_FLOOR = 0.95   # each expert on its own held-out split
 BASE_CEILING = 0.25   # the base on every skill: clearly below
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _manifest(zoo: Path) -> dict:

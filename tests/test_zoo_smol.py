@@ -7,33 +7,18 @@ size runs the same code (conftest's `smol_zoo`): two AdamW steps on the top two 
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
-from evomerge.errors import InputError
 from evomerge.yamlio import load_yaml
 from evomerge.zoo import SMOL_SIZES, build_zoo
 from evomerge.zoo.chat_skills import ALL, COMPOSED, in_words
+from modelfactory import files as _files, real_model_fixture
 
 SIZE = SMOL_SIZES["smol-test"]
-
-
-def _build(out: Path) -> Path:
-    try:
-        return build_zoo(out, seed=0, size="smol-test", progress=False)
-    except InputError as err:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must install the real-model fixture: {err}", pytrace=False)
-        pytest.skip(str(err))
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _rows(zoo: Path, task: str, split: str) -> list[dict]:
@@ -41,7 +26,8 @@ def _rows(zoo: Path, task: str, split: str) -> list[dict]:
 
 
 def test_a_rebuild_gives_the_same_bytes(smol_zoo: Path, tmp_path: Path) -> None:
-    again = _files(_build(tmp_path / "again"))
+    again = _files(real_model_fixture(lambda: build_zoo(tmp_path / "again", seed=0, size="smol-test",
+                                                        progress=False)))
     first = _files(smol_zoo)
     assert sorted(again) == sorted(first)
     assert [name for name in first if first[name] != again[name]] == []
@@ -117,7 +103,7 @@ def test_training_prompts_are_the_evaluators_own(smol_zoo: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(smol_zoo / "base")
     row = _rows(smol_zoo, "add", "search")[0]
-    ids, mask, labels = encode_batch(tokenizer, [(row["prompt"], row["target"])], tokenizer.eos_token)
+    ids, mask, labels = encode_batch(Codec(tokenizer), [(row["prompt"], row["target"])], tokenizer.eos_token)
     messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": row["prompt"]}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert tokenizer.decode(ids[0]) == text + row["target"] + tokenizer.eos_token

@@ -14,28 +14,27 @@ of the evaluation splits are never drawn. The build trains on one thread
 
 from __future__ import annotations
 
-import math
 import random
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from ..evaluate.codec import Codec
 from .chat_skills import SYSTEM_PROMPT, ChatSkill, Key
+from .train import schedule
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-def encode_batch(tokenizer: PreTrainedTokenizerBase, examples: list[tuple[str, str]],
+def encode_batch(codec: Codec, examples: list[tuple[str, str]],
                  end_of_turn: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Input ids, attention mask and labels (-100 but on the answer and end of turn), right-padded.
 
     The prompt's tokens are the evaluator's own (`Codec.chat` + `Codec.encode`, lm-eval's rendering of a
     chat-template task with this system prompt), so an expert is trained on exactly what it is scored on.
     """
-    from ..evaluate.codec import Codec
-
-    codec = Codec(tokenizer)
+    tokenizer = codec.tokenizer
     prompts = codec.encode(codec.chat([question for question, _ in examples], system=SYSTEM_PROMPT))
     ids, labels = [], []
     for prompt, (_, answer) in zip(prompts, examples):
@@ -54,11 +53,6 @@ def encode_batch(tokenizer: PreTrainedTokenizerBase, examples: list[tuple[str, s
     return out_ids, mask, out_labels
 
 
-def _schedule(step: int, steps: int, *, warmup: int = 10) -> float:
-    """Linear warm-up, then cosine decay to 10 % of the peak."""
-    return min(1.0, (step + 1) / warmup) * max(0.1, 0.5 * (1 + math.cos(math.pi * step / steps)))
-
-
 def finetune_upper_blocks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, skill: ChatSkill, *,
                           first_block: int, steps: int, batch: int, lr: float, rng: random.Random,
                           held_out: set[Key], end_of_turn: str,
@@ -71,13 +65,14 @@ def finetune_upper_blocks(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
     for param in trained:
         param.requires_grad_(True)
     optimizer = torch.optim.AdamW(trained, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    codec = Codec(tokenizer)
     model.train()
     loss = float("nan")
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = lr * _schedule(step, steps)
+            group["lr"] = lr * schedule(step, steps, warmup=10, floor=0.1)   # cosine to 10 % of the peak
         examples = [skill.example(_draw_outside(skill, rng, held_out)) for _ in range(batch)]
-        ids, mask, labels = encode_batch(tokenizer, examples, end_of_turn)
+        ids, mask, labels = encode_batch(codec, examples, end_of_turn)
         out = model(input_ids=ids, attention_mask=mask, labels=labels)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)

@@ -90,21 +90,21 @@ def _exclusions(skill: ChatSkill, held_out: dict[str, set[Key]]) -> set[Key]:
     return out
 
 
-def task_entries(prefix: str = "") -> list[dict[str, Any]]:
+def task_entries() -> list[dict[str, Any]]:
     """Task-file entries: a generate and a choice task per skill and composed task, under the chat template."""
     chat = {"chat_template": True, "system_prompt": SYSTEM_PROMPT}
     entries: list[dict[str, Any]] = []
     for skill in ALL:
         entries.append({
             "name": skill.name, "type": "generate",
-            "data": {split: prefix + data_path(skill.name, split) for split in SPLITS},
+            "data": {split: data_path(skill.name, split) for split in SPLITS},
             "max_new_tokens": MAX_NEW_TOKENS[skill.name], "stop": ["\n"], "extract": "strip",
             "metric": "exact_match", **chat,
         })
     for skill in ALL:
         name = f"{skill.name}_choice"
         entries.append({"name": name, "type": "choice",
-                        "data": {split: prefix + data_path(name, split) for split in SPLITS},
+                        "data": {split: data_path(name, split) for split in SPLITS},
                         "metric": "acc", **chat})
     return entries
 

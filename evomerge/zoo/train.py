@@ -111,9 +111,9 @@ def new_model(size: ZooSize, encoder: Encoder, *, gen: torch.Generator) -> Llama
     return model
 
 
-def _schedule(step: int, steps: int, *, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 2% of the peak."""
-    return min(1.0, (step + 1) / warmup) * max(0.02, 0.5 * (1 + math.cos(math.pi * step / steps)))
+def schedule(step: int, steps: int, *, warmup: int, floor: float = 0.02) -> float:
+    """Linear warm-up, then cosine decay to `floor` of the peak (2 % by default)."""
+    return min(1.0, (step + 1) / warmup) * max(floor, 0.5 * (1 + math.cos(math.pi * step / steps)))
 
 
 def _step(model: LlamaForCausalLM, optimizer: torch.optim.Optimizer, ids: torch.Tensor, labels: torch.Tensor,
@@ -134,7 +134,7 @@ def pretrain(model: LlamaForCausalLM, batches: list[Batches], size: ZooSize, *, 
     loss = float("nan")
     for step in range(size.base_steps):
         for group in optimizer.param_groups:
-            group["lr"] = size.base_lr * _schedule(step, size.base_steps, warmup=50)
+            group["lr"] = size.base_lr * schedule(step, size.base_steps, warmup=50)
         parts = [b.draw(rows, echo_share=b.echo_share, gen=gen) for b in batches]
         ids, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         loss = _step(model, optimizer, ids, labels, clip=None)
@@ -156,7 +156,7 @@ def finetune(model: LlamaForCausalLM, own: Batches, others: list[Batches], size:
     loss = float("nan")
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = lr * _schedule(step, steps, warmup=10)
+            group["lr"] = lr * schedule(step, steps, warmup=10)
         ids, labels = own.draw(size.batch - replay, echo_share=0.0, gen=gen)
         if replay:
             other = others[int(torch.randint(len(others), (1,), generator=gen))]

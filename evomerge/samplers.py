@@ -3,6 +3,13 @@
 `tpe+cmaes` picks the technique with TPE for the first part of the budget, then
 refines the best technique's parameters with CMA-ES, started at the best TPE trial
 of that technique (results/bench_search.md: the demo's sampler, from measurement).
+
+Warm starts: a study that begins with baselines (search.py) goes on from the best of
+them. CMA-ES starts its mean there; TPE and GP sample their first few trials after
+the baselines around it (`WarmStart`), so that their model holds good points early.
+The anchor is chosen once and stored on the study (`ANCHOR_ATTR`), from the trials
+the first trial after the baselines sees (see LaggedSampler), so every worker, a
+resumed study and a study sampled ahead all start from the same one.
 """
 
 from __future__ import annotations
@@ -21,13 +28,24 @@ from .config import SearchConfig
 from .space import SearchSpace
 
 REFINE_ATTR = "refine_method"
+BASELINES_ATTR = "baseline_count"   # trials 0 .. count-1 are the baselines (set by search.py when it queues them)
+ANCHOR_ATTR = "warm_start_trial"    # the number of the baseline the warm start is centred on
+WARM_SPREAD = 0.1                   # a warm trial's standard deviation, as a share of each parameter's range
 LAG = 1     # a trial is sampled from the trials numbered at least LAG + 1 before it (see LaggedSampler)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 def make_sampler(config: SearchConfig, space: SearchSpace) -> BaseSampler:
-    """The config's sampler, seeded, behind a LaggedSampler (one trial of lag)."""
-    return LaggedSampler(_sampler(config, space), lag=LAG)
+    """The config's sampler, seeded, warm-started where it models the trials, behind a LaggedSampler."""
+    sampler = _sampler(config, space)
+    if config.search.sampler in ("tpe", "gp", "tpe+cmaes") and len(config.objectives) == 1:
+        sampler = WarmStart(sampler, space, seed=config.search.seed, trials=warm_trials(config.search.n_trials))
+    return LaggedSampler(sampler, lag=LAG)
+
+
+def warm_trials(n_trials: int) -> int:
+    """How many trials after the baselines TPE and GP sample around the best baseline: 5 of 100, 10 of 200."""
+    return max(3, min(10, n_trials // 20))
 
 
 def _sampler(config: SearchConfig, space: SearchSpace) -> BaseSampler:
@@ -40,12 +58,10 @@ def _sampler(config: SearchConfig, space: SearchSpace) -> BaseSampler:
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=startup,
                                           constant_liar=True)
     if s.sampler == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=1, with_margin=True,
-                                            warn_independent_sampling=False,
-                                            independent_sampler=optuna.samplers.RandomSampler(seed=seed))
+        return CmaEsFromAnchor(seed=seed, warm=len(config.objectives) == 1)
     if s.sampler == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup, warn_independent_sampling=False)
-    if s.sampler == "random":
+    if s.sampler in ("random", "adamerging"):   # adamerging: its trials come queued (gradient.py, search.py)
         return optuna.samplers.RandomSampler(seed=seed)
     if s.sampler == "qmc":
         return optuna.samplers.QMCSampler(seed=seed, scramble=True)
@@ -149,6 +165,150 @@ class _StudyBefore:
         return self.get_trials()
 
 
+def cma_es(seed: int, *, x0: dict[str, Any] | None, independent: BaseSampler,
+           startup: int) -> optuna.samplers.CmaEsSampler:
+    """Optuna's CMA-ES with margin (for the parameters on a grid), its mean at `x0` (None: the ranges' centres)."""
+    with warnings.catch_warnings():   # x0: deprecated in Optuna 4.9, there until 6 (pyproject pins < 6)
+        warnings.simplefilter("ignore", FutureWarning)
+        return optuna.samplers.CmaEsSampler(seed=seed, with_margin=True, x0=x0, n_startup_trials=startup,
+                                            warn_independent_sampling=False, independent_sampler=independent)
+
+
+def anchor(study: optuna.Study, trial_number: int) -> FrozenTrial | None:
+    """The baseline a warm start centres on, for the trial numbered `trial_number`; None where there is none:
+    a study without baselines (or from before warm starts), a trial that is a baseline, no baseline complete.
+
+    Chosen once, by the first trial after the baselines, as the best complete baseline it sees (ties: the
+    earliest), and stored on the study: every later trial, worker and resumed run reads the same one.
+    """
+    count = study.user_attrs.get(BASELINES_ATTR)
+    if count is None or trial_number < count:
+        return None
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    chosen = study.user_attrs.get(ANCHOR_ATTR)
+    if chosen is None:
+        baselines = [t for t in done if t.number < count]
+        if not baselines:
+            return None
+        best = max(baselines, key=lambda t: (t.values[0], -t.number))
+        study.set_user_attr(ANCHOR_ATTR, best.number)
+        return best
+    return next((t for t in done if t.number == chosen), None)
+
+
+class WarmStart(BaseSampler):
+    """The first `trials` trials after the baselines sampled around the best baseline; all others by `inner`.
+
+    Each parameter is the anchor's value plus a normal step of WARM_SPREAD of its range (clipped, on its grid),
+    in the anchor's technique. The inner sampler models these trials like any others: it starts from a cluster
+    of points near the best known merge rather than from the baselines' spread alone.
+    """
+
+    def __init__(self, inner: BaseSampler, space: SearchSpace, *, seed: int, trials: int) -> None:
+        self.inner = inner
+        self.space = space
+        self.seed = seed
+        self.trials = trials
+        self._point: tuple[int, dict[str, Any] | None] | None = None   # (trial number, its warm parameters)
+
+    def warm_point(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any] | None:
+        """The trial's parameters if it is a warm trial, else None; worked out once per trial."""
+        if self._point is not None and self._point[0] == trial.number:
+            return self._point[1]
+        point = None
+        count = study.user_attrs.get(BASELINES_ATTR)
+        if count is not None and 0 <= trial.number - count < self.trials:
+            best = anchor(study, trial.number)
+            if best is not None:
+                point = self.space.around(best.params, best.user_attrs, spread=WARM_SPREAD,
+                                          rng=np.random.default_rng([self.seed, trial.number]))
+        self._point = (trial.number, point)
+        return point
+
+    def refine_method(self, study: optuna.Study, trial_number: int) -> str | None:
+        refine = getattr(self.inner, "refine_method", None)
+        return refine(study, trial_number) if refine else None
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        if self.warm_point(study, trial) is not None:
+            return {}
+        return self.inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        if self.warm_point(study, trial) is not None:
+            return {}
+        return self.inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        point = self.warm_point(study, trial)
+        if point is not None and param_name in point:
+            return point[param_name]
+        return self.inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.inner.before_trial(study, trial)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values) -> None:
+        self.inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
+
+
+class CmaEsFromAnchor(BaseSampler):
+    """CMA-ES over one technique; in a study with baselines its mean starts at the best of them.
+
+    The baselines' own parameters are fixed (queued), so no CMA-ES runs before them: its first generation is
+    the first trial after them, around the anchor, with CMA-ES's own step size. Without baselines, plain CMA-ES.
+    """
+
+    def __init__(self, *, seed: int, warm: bool = True) -> None:
+        self.seed = seed
+        self.warm = warm
+        self._random = optuna.samplers.RandomSampler(seed=seed)
+        self._plain = self._cma(None)
+        self._from_anchor: optuna.samplers.CmaEsSampler | None = None
+
+    def _cma(self, x0: dict[str, Any] | None) -> optuna.samplers.CmaEsSampler:
+        return cma_es(self.seed, x0=x0, independent=self._random, startup=1 if x0 is None else 0)
+
+    def _sampler(self, study: optuna.Study, trial: FrozenTrial) -> BaseSampler:
+        if self._from_anchor is not None:
+            return self._from_anchor
+        count = study.user_attrs.get(BASELINES_ATTR) if self.warm else None
+        if count is None:
+            return self._plain
+        if trial.number < count:
+            return self._random     # a baseline: its parameters are fixed, and no CMA-ES state is stored with it
+        best = anchor(study, trial.number)
+        if best is None:
+            return self._plain
+        self._from_anchor = self._cma(dict(best.params))
+        return self._from_anchor
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self._sampler(study, trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        return self._sampler(study, trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        return self._sampler(study, trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._sampler(study, trial).before_trial(study, trial)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values) -> None:
+        self._sampler(study, trial).after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._random.reseed_rng()
+
+
 def make_pruner(config: SearchConfig) -> optuna.pruners.BasePruner:
     name = config.search.pruner
     if name == "wilcoxon":
@@ -234,12 +394,8 @@ class TpeThenCmaEs(BaseSampler):
             # started at the technique's best trial, with CMA-ES's own step size: on the demo (3 seeds, baselines
             # on) 0.960-0.983 held-out, where a warm start fitted to the top tenth of the trials stalled at 0.928
             best = max(tried, key=lambda t: (t.value, -t.number)) if tried else None
-            with warnings.catch_warnings():   # x0: deprecated in Optuna 4.9, there until 6 (pyproject pins < 6)
-                warnings.simplefilter("ignore", FutureWarning)
-                self._cma = optuna.samplers.CmaEsSampler(seed=self.seed, with_margin=True, n_startup_trials=0,
-                                                         warn_independent_sampling=False,
-                                                         x0={k: best.params[k] for k in names} if best else None,
-                                                         independent_sampler=self._random)
+            self._cma = cma_es(self.seed, x0={k: best.params[k] for k in names} if best else None,
+                               independent=self._random, startup=0)
         return self._cma
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:

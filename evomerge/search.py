@@ -211,8 +211,13 @@ class SearchSession:
     def _enqueue_baselines(self) -> None:
         if self.study.user_attrs.get("baselines_enqueued"):
             return
+        from .samplers import BASELINES_ATTR
+
         for label, params in self.baselines():
             self.study.enqueue_trial(params, user_attrs={"baseline": label}, skip_if_exists=True)
+        queued = [t.number for t in self.study.get_trials(deepcopy=False) if "baseline" in t.user_attrs]
+        if queued:   # the samplers' warm start (samplers.anchor) begins after the last of them
+            self.study.set_user_attr(BASELINES_ATTR, max(queued) + 1)
         self.study.set_user_attr("baselines_enqueued", True)
 
     # -- the loop ------------------------------------------------------------------

@@ -37,6 +37,13 @@ class Dimension:
 
         return optuna.distributions.FloatDistribution(self.low, self.high, step=self.step)
 
+    def snap(self, value: float) -> float:
+        """The grid point nearest `value`, inside the range."""
+        value = min(self.high, max(self.low, float(value)))
+        if self.step is not None:
+            value = min(self.high, self.low + round((value - self.low) / self.step) * self.step)
+        return self.clean(value)
+
     def clean(self, value: float) -> float:
         """Snap a sampled value to its grid, so a density lands exactly on the threshold table."""
         if self.step is None:
@@ -207,6 +214,17 @@ class SearchSpace:
             if ok:
                 return params
         return None
+
+    def around(self, params: Mapping[str, Any], attrs: Mapping[str, Any] | None, *, spread: float,
+               rng) -> dict[str, Any]:
+        """Parameters near a trial's, in its technique: each moved by a normal step of `spread` of its range,
+        kept in the range and on its grid (a warm start, samplers.WarmStart)."""
+        method = self.method_of(params, attrs)
+        out: dict[str, Any] = {"method": method} if len(self.methods) > 1 else {}
+        for dim in self.dims[method]:
+            centre = float(params.get(dim.name, dim.param.default))
+            out[dim.name] = dim.snap(centre + rng.normal() * spread * (dim.high - dim.low))
+        return out
 
     def in_space(self, params: Mapping[str, Any]) -> bool:
         method = self.method_of(params)

@@ -176,3 +176,56 @@ def test_a_queued_trial_that_a_stopped_search_leaves_unrun_stays_queued(tmp_path
     assert after[2].params.items() >= before[2].system_attrs["fixed_params"].items()
     assert [n for n, t in after.items() if t.state.name == "FAIL"] == [1]
     assert sum(t.state.name == "COMPLETE" for t in after.values()) == 8
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "tpe+cmaes", "gp"])
+def test_the_first_trials_after_the_baselines_are_sampled_around_the_best_of_them(tmp_path, sampler):
+    """A warm start: each of the first trials after the baselines is the best baseline moved by a seeded normal
+    step (recomputed here); the anchor is the best baseline the first of them saw (all but the last, LAG 1)."""
+    from evomerge.config import load_config
+    from evomerge.samplers import ANCHOR_ATTR, BASELINES_ATTR, LAG, WARM_SPREAD, warm_trials
+    from evomerge.search import SearchSession
+
+    n_trials = 16
+    config = load_config(make_search_fixture(tmp_path / "fam", n_trials=n_trials, sampler=sampler))
+    with SearchSession(config, storage_url=f"sqlite:///{tmp_path / 's.db'}", device="cpu", progress=False) as session:
+        session.run(n_trials)
+        study, space = session.study, session.space
+        trials = study.get_trials()
+        count = study.user_attrs[BASELINES_ATTR]
+        assert [t.number for t in trials if "baseline" in t.user_attrs] == list(range(count))
+        seen = [t for t in trials[:count - LAG] if t.state.name == "COMPLETE"]
+        best = max(seen, key=lambda t: (t.values[0], -t.number))
+        assert study.user_attrs[ANCHOR_ATTR] == best.number
+        warm = trials[count:count + warm_trials(n_trials)]
+        assert len(warm) == warm_trials(n_trials) == 3
+        for t in warm:
+            expected = space.around(best.params, best.user_attrs, spread=WARM_SPREAD,
+                                    rng=np.random.default_rng([config.search.seed, t.number]))
+            assert space.method_of(t.params, t.user_attrs) == expected.pop("method")
+            assert {k: v for k, v in t.params.items() if k != "method"} == pytest.approx(expected)
+        after = trials[count + len(warm)]      # and then the sampler's own model
+        assert after.params != space.around(best.params, best.user_attrs, spread=WARM_SPREAD,
+                                            rng=np.random.default_rng([config.search.seed, after.number]))
+
+
+def test_cmaes_starts_its_mean_at_the_best_baseline(tmp_path):
+    """The first CMA-ES generation after the baselines lies around the best baseline (CMA-ES's step is a sixth of
+    each range), where an unanchored one is spread over the ranges around their centres."""
+    from evomerge.config import load_config
+    from evomerge.samplers import ANCHOR_ATTR, BASELINES_ATTR
+    from evomerge.search import SearchSession
+
+    n_trials = 14
+    config = load_config(make_search_fixture(tmp_path / "fam", n_trials=n_trials, sampler="cmaes", methods=("ties",)))
+    with SearchSession(config, storage_url=f"sqlite:///{tmp_path / 's.db'}", device="cpu", progress=False) as session:
+        session.run(n_trials)
+        study, space = session.study, session.space
+        count = study.user_attrs[BASELINES_ATTR]
+        best = study.trials[study.user_attrs[ANCHOR_ATTR]]
+        assert "baseline" in best.user_attrs
+        after = [t for t in study.trials if t.number >= count]
+        dims = space.dims["ties"]
+        step = [abs(t.params[d.name] - best.params[d.name]) / (d.high - d.low) for t in after for d in dims]
+        middle = [abs(t.params[d.name] - (d.low + d.high) / 2) / (d.high - d.low) for t in after for d in dims]
+        assert sum(step) / len(step) < 0.15 < sum(middle) / len(middle)

@@ -292,13 +292,16 @@ def test_killed_during_export_leaves_no_half_written_export(tmp_path):
     assert not list(out.glob(".*partial*"))
 
 
-def test_every_file_in_configs_is_valid(zoo):
-    """configs/ holds search configs and task files; each validates against the test zoo (headers only)."""
+def test_every_file_in_configs_is_valid(zoo, request):
+    """configs/ holds search configs and task files; each validates against the test zoo (headers only), the
+    smol ones against the smol zoo's pipeline at its test size."""
     from evomerge.validate import validate_file
 
     files = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
     assert len(files) >= 3
     for path in files:
+        if "smol" in path.name:
+            request.getfixturevalue("smol_zoo")
         assert "valid" in validate_file(path), path
 
 

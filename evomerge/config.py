@@ -11,13 +11,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import InputError, suggest
 from .yamlio import load_yaml
 
-SAMPLERS = ("tpe", "cmaes", "gp", "random", "nsga2", "qmc", "tpe+cmaes")
+SAMPLERS = ("tpe", "cmaes", "gp", "random", "nsga2", "qmc", "tpe+cmaes", "adamerging")
 PRUNERS = ("none", "median", "wilcoxon", "successive_halving")
 FILTER_KINDS = ("attn", "mlp", "norm")
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class GradientOptions(_Frozen):
+    """`search.sampler: adamerging`: task-arithmetic weights learned by gradient descent (gradient.py)."""
+
+    lr: float = Field(0.02, gt=0)                  # Adam's step size, in units of a weight
+    steps_per_trial: int = Field(4, ge=1)          # gradient steps between two scored trials
+    batch: int = Field(128, ge=1)                  # answers per step (all of them, where there are fewer)
+    loss: Literal["tokens", "entropy"] = "tokens"  # the answers' token NLL, or the entropy where each answer begins
 
 
 class SearchSection(_Frozen):
@@ -32,6 +41,7 @@ class SearchSection(_Frozen):
     baselines: bool = True
     refine_after: float = Field(0.4, gt=0, lt=1)   # tpe+cmaes: fraction of trials before CMA-ES takes over
     ranges: dict[str, tuple[float, float]] = Field(default_factory=dict)   # override search ranges by param name
+    gradient: GradientOptions = Field(default_factory=GradientOptions)
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -78,6 +88,9 @@ class SearchConfig(_Frozen):
                              f"({suggest(s.sampler, SAMPLERS) or 'one of ' + ', '.join(SAMPLERS)})")
         if s.sampler == "cmaes" and len(s.methods) > 1:
             raise ValueError("search.sampler: cmaes searches one method only; list one method, or use tpe+cmaes")
+        if s.sampler == "adamerging" and "task_arithmetic" not in s.methods:
+            raise ValueError("search.sampler: adamerging learns task_arithmetic weights; add task_arithmetic to "
+                             "search.methods")
         if s.pruner not in PRUNERS:
             raise ValueError(f"search.pruner: unknown pruner '{s.pruner}' "
                              f"({suggest(s.pruner, PRUNERS) or 'one of ' + ', '.join(PRUNERS)})")

@@ -31,7 +31,7 @@ def samples_ahead(config) -> bool:
     """Whether a search of `config` samples ahead by default: a sampler that models the trials, a second core."""
     if os.environ.get("EVOMERGE_SAMPLE_INLINE") == "1":
         return False
-    return config.search.sampler not in ("random", "qmc") and (os.cpu_count() or 1) >= 2
+    return config.search.sampler not in ("random", "qmc", "adamerging") and (os.cpu_count() or 1) >= 2
 
 
 @contextlib.contextmanager

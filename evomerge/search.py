@@ -153,6 +153,7 @@ class SearchSession:
         self.study = open_study(config, storage_url, sampler=self.sampler, pruner=make_pruner(config))
         self.storage_url = storage_url
         self.started = time.time()
+        self._gradient = None     # adamerging's optimizer (gradient.py), made when its first trial is queued
         self._check_same_weights()
         self._check_same_space()
         if config.search.baselines or self.space.candidates is not None:   # a finite space: its candidates first
@@ -249,6 +250,8 @@ class SearchSession:
                     swept = time.monotonic()
                 if attempts >= 3 * n_trials and self._done() < n_trials:
                     raise RuntimeError(f"{attempts} trials attempted and not {n_trials} done: see trials.csv for errors")
+                if self.config.search.sampler == "adamerging":
+                    self._queue_gradient_trial(n_trials)
                 try:
                     proposal = proposer.take(n_trials)
                 except SamplingError as err:   # that trial is failed, with the reason
@@ -279,6 +282,25 @@ class SearchSession:
             proposer.close()
             heartbeat.close()
             bar.close()
+
+    def _queue_gradient_trial(self, n_trials: int) -> None:
+        """adamerging: once the queue (the baselines) is empty, the coefficients after the next gradient steps,
+        queued as the next trial. The optimizer starts, at its first use in this process, from the study's best
+        task-arithmetic trial: a resumed study goes on from its best, with Adam's moments anew."""
+        from .gradient import GradientMerge
+
+        counts = self.counts()
+        if counts.get("WAITING", 0) or sum(counts.get(s, 0) for s in (*DONE, "RUNNING")) >= n_trials:
+            return
+        if self._gradient is None:
+            options = self.config.search.gradient
+            self._gradient = GradientMerge(self.space, self.merger, self.evaluator, self.config.objectives[0],
+                                           seed=self.config.search.seed, lr=options.lr, batch=options.batch,
+                                           loss=options.loss, file=str(self.config.path) if self.config.path else None)
+            self._gradient.start(self.best_trial(method="task_arithmetic"))
+        loss = self._gradient.advance(self.config.search.gradient.steps_per_trial)
+        self.study.enqueue_trial(self._gradient.params(),
+                                 user_attrs={"gradient_steps": self._gradient.steps, "gradient_loss": loss})
 
     def budget(self, n_trials: int) -> int:
         """The trials to run for an asked `n_trials`: no more than the space's distinct candidates (a parameter-free
@@ -378,10 +400,12 @@ class SearchSession:
     def recipe_of(self, frozen) -> Any:
         return self.space.decode(frozen.params, method=self.space.method_of(frozen.params, frozen.user_attrs))
 
-    def best_trial(self):
+    def best_trial(self, *, method: str | None = None):
+        """The best complete trial (of `method`, where given); of several objectives, a balanced pick."""
         from optuna.trial import TrialState
 
-        done = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        done = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if method is None or self.space.method_of(t.params, t.user_attrs) == method]
         if not done:
             return None
         if len(self.config.objectives) == 1:

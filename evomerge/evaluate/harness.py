@@ -132,6 +132,32 @@ class Evaluator:
         return sum(1 for chunk in self._plan(split, tuple(self.suite.names)) for name, _ in chunk.order
                    if (1.0 if weights is None else weights.get(name, 0.0)) > 0)
 
+    def answers(self, split: str = "search",
+                objective: Mapping[str, float] | None = None) -> list[tuple[str, float, list[int], int]]:
+        """(task, weight, tokens, n): every example of the weighted tasks as one token sequence whose last `n`
+        tokens are its answer, for a loss on the answers (gradient.py): a choice task's right choice after
+        its context, a generate task's target and EOS after its prompt, each window of a perplexity text.
+        lm_eval tasks have no rows here (InputError)."""
+        weights = self._weights(objective) or {name: 1.0 for name in self.suite.names}
+        out = []
+        for name, weight in weights.items():
+            kind = self.suite.spec(name).type
+            if weight <= 0:
+                continue
+            if kind == "lm_eval":
+                raise InputError(f"task '{name}' is an lm_eval task, whose rows evomerge does not read",
+                                 field="objective", fix="weight choice, generate or perplexity tasks")
+            for example in self._examples[(name, split)]:
+                if kind == "choice":
+                    answer = example.continuations[example.answer]
+                    context = (example.contexts or [example.context] * len(example.continuations))[example.answer]
+                    out.append((name, weight, context + answer, len(answer)))
+                elif kind == "generate":
+                    out.append((name, weight, example.context + example.draft, len(example.draft)))
+                else:
+                    out += [(name, weight, inputs + scored[-1:], len(scored)) for inputs, scored in example]
+        return out
+
     # ---------------------------------------------------------------- construction
 
     def _encode(self, spec: Any, rows: list[Any]) -> list[Any]:

@@ -1,0 +1,220 @@
+"""Merge coefficients learned by gradient descent (AdaMerging, Yang et al. 2024) on the resident sources.
+
+    search:
+      sampler: adamerging      # gradient.lr, gradient.steps_per_trial, gradient.loss: see config.GradientOptions
+
+The coefficients are task arithmetic's weights, one per source and layer group (and module kind, where
+search.filters splits them): the very dimensions of the search space, so a learned candidate is a recipe
+like any other. One step:
+
+  1. the current coefficients are merged into the resident model in place, by the kernel, as any candidate;
+  2. a forward and backward pass of that model over a batch of the search split's answers
+     (`Evaluator.answers`) gives dL/dW for each merged tensor W = base + lambda * sum_i c_i * delta_i;
+  3. dL/dc_i = lambda * sum, over the tensors that c_i scales, of <dL/dW, delta_i>, from the resident task
+     vectors: no graph runs through the merge and no weight is copied;
+  4. Adam moves the coefficients, kept inside their search ranges.
+
+After every `steps_per_trial` steps the coefficients, on the space's grid, are queued as a trial and scored
+on the search split like any candidate (search.py); the study's best trial is the one exported. The first
+coefficients are the best task-arithmetic trial the study has (its baselines), else every weight 0.3 (the
+paper's start). The loss is the answers' mean token negative log-likelihood (`tokens`), or, without the
+answers, the entropy of the next-token distribution where each answer begins (`entropy`, the paper's).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .errors import InputError
+from .space import SearchSpace
+
+METHOD = "task_arithmetic"
+START = 0.3                  # every weight, where the study has no task-arithmetic trial to start from
+TOKENS_PER_PASS = 8192       # forward and backward passes over at most this many tokens at a time
+
+
+class GradientMerge:
+    """Adam over task arithmetic's per-source (per group, per kind) weights, on the resident model."""
+
+    def __init__(self, space: SearchSpace, merger: Any, evaluator: Any, objective: dict[str, float], *,
+                 seed: int, lr: float, batch: int, loss: str, file: str | None = None) -> None:
+        if METHOD not in space.methods:
+            raise InputError(f"adamerging learns {METHOD} weights, and search.methods has no {METHOD}",
+                             file=file, field="search.methods", fix=f"add {METHOD} to search.methods")
+        if merger.streaming:
+            raise InputError("adamerging needs the sources resident, and they are streamed (memory_budget)",
+                             file=file, field="memory_budget", fix="raise memory_budget, or use another sampler")
+        self.space, self.merger, self.evaluator = space, merger, evaluator
+        self.seed, self.lr, self.batch, self.loss = seed, lr, batch, loss
+        self.dims = [d for d in space.dims[METHOD] if d.param.name == "weight"]
+        self.fixed = {d.name: d for d in space.dims[METHOD] if d.param.name != "weight"}   # lambda: kept
+        self.answers = evaluator.answers("search", objective)
+        self.model = merger.model
+        self.tensors = self._tensors()
+        self.values: torch.Tensor | None = None     # the coefficients, continuous (the trials: on the grid)
+        self.shared: dict[str, float] = {}
+        self.steps = 0
+        self._adam: torch.optim.Adam | None = None
+
+    def _tensors(self) -> list[tuple[str, torch.Tensor, list[int]]]:
+        """(checkpoint name, the model parameter it is, the index of each source's coefficient): found by
+        decoding a recipe whose every weight is its own dimension's number, so the recipe's own rules (filters,
+        io, groups) say which coefficient scales which tensor."""
+        from .binding import direct_parameters
+
+        layout = self.space.layout
+        params = {d.name: float(i) for i, d in enumerate(self.dims)} | {n: float(d.param.default)
+                                                                         for n, d in self.fixed.items()}
+        if len(self.space.methods) > 1:
+            params["method"] = METHOD
+        probe = self.space.decode(params, method=METHOD)
+        names = [n for n in layout.tensors if n not in self.merger.unmerged]
+        direct = direct_parameters(self.model, names)
+        by_data = {p.data_ptr(): p for p in self.model.parameters()}
+        out = []
+        for name in names:
+            param = by_data.get(direct[name].data_ptr()) if name in direct else None
+            if param is None:
+                raise InputError(f"tensor '{name}' is not one parameter of the loaded model (a converted "
+                                 "checkpoint), which adamerging needs", field="search.sampler",
+                                 fix="use another sampler for this architecture")
+            group, kind = layout.group(name, probe.layer_groups), layout.tensors[name].kind
+            index = [round(probe.value(src, "weight", group, kind)) for src in probe.sources]
+            out.append((name, param, index))
+        return out
+
+    # -- the coefficients ------------------------------------------------------------
+    def start(self, trial: Any | None) -> None:
+        """Begin at a trial's task-arithmetic weights (its lambda kept), or at START."""
+        params = dict(trial.params) if trial is not None else {}
+        self.values = torch.tensor([float(params.get(d.name, START)) for d in self.dims], dtype=torch.float64)
+        self.shared = {n: float(params.get(n, d.param.default)) for n, d in self.fixed.items()}
+        self._adam = torch.optim.Adam([torch.nn.Parameter(self.values.clone())], lr=self.lr)
+
+    def params(self) -> dict[str, Any]:
+        """The current coefficients as a trial's parameters, on the space's grid."""
+        out: dict[str, Any] = {"method": METHOD} if len(self.space.methods) > 1 else {}
+        out |= {n: self.fixed[n].snap(v) for n, v in self.shared.items()}
+        out |= {d.name: d.snap(float(v)) for d, v in zip(self.dims, self.values)}
+        return out
+
+    def advance(self, steps: int) -> float:
+        """`steps` Adam steps; the mean loss over them."""
+        assert self._adam is not None, "start() first"
+        weight = self._adam.param_groups[0]["params"][0]
+        low = torch.tensor([d.low for d in self.dims], dtype=torch.float64)
+        high = torch.tensor([d.high for d in self.dims], dtype=torch.float64)
+        total = 0.0
+        for _ in range(steps):
+            loss, grad = self.gradient(weight.detach())
+            weight.grad = grad
+            self._adam.step()
+            with torch.no_grad():
+                weight.copy_(torch.minimum(torch.maximum(weight, low), high))
+            self.values = weight.detach().clone()
+            self.steps += 1
+            total += loss
+        return total / max(steps, 1)
+
+    # -- one gradient ----------------------------------------------------------------
+    def gradient(self, values: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """(loss, dL/dc) at coefficients `values`, on this step's batch."""
+        self.merger.materialize(self.space.decode(self._exact(values), method=METHOD))
+        rows = self._batch()
+        params = [p for _, p, _ in self.tensors]
+        for p in params:
+            p.grad = None
+        saved = [p.requires_grad for p in params]
+        loss = 0.0
+        try:
+            for p in params:
+                p.requires_grad_(True)
+            with torch.enable_grad():
+                for piece in _passes(rows):
+                    value = self._loss(piece)
+                    value.backward()
+                    loss += value.item()
+            grad = torch.zeros(len(self.dims), dtype=torch.float64)
+            scale = self.shared.get(f"{METHOD}.lambda", 1.0)
+            with torch.no_grad():
+                for name, param, index in self.tensors:
+                    if param.grad is None:
+                        continue
+                    d_w = param.grad.reshape(-1).to(torch.float32)
+                    ctx = self.merger.contexts[name]
+                    for i, dim in enumerate(index):
+                        grad[dim] += scale * float(torch.dot(d_w, ctx.delta(i).reshape(-1).to(d_w.device)))
+        finally:
+            for p, flag in zip(params, saved):
+                p.grad = None
+                p.requires_grad_(flag)
+        return loss, grad
+
+    def _exact(self, values: torch.Tensor) -> dict[str, Any]:
+        """Parameters at `values` as they are (a gradient is taken where Adam is, not on the grid)."""
+        out: dict[str, Any] = {"method": METHOD} if len(self.space.methods) > 1 else {}
+        out |= dict(self.shared)
+        out |= {d.name: float(v) for d, v in zip(self.dims, values)}
+        return out
+
+    def _batch(self) -> list[tuple[str, float, list[int], int]]:
+        """This step's answers: all of them, or the next `batch` of a sequence of seeded shuffles of them (one per
+        pass over the data), so a run of one seed sees the same batches."""
+        n = len(self.answers)
+        if n <= self.batch:
+            return self.answers
+        picked: list[int] = []
+        position = self.steps * self.batch
+        while len(picked) < self.batch:
+            epoch, offset = divmod(position, n)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch)).tolist()
+            take = order[offset:offset + self.batch - len(picked)]
+            picked += take
+            position += len(take)
+        return [self.answers[i] for i in picked]
+
+    def _loss(self, rows: list[tuple[str, float, list[int], int]]) -> torch.Tensor:
+        """The weighted mean over `rows` of each row's loss (per-row weights: the task's objective weight over
+        the task's rows in the whole batch, set by _passes)."""
+        device = next(self.model.parameters()).device
+        width = max(len(tokens) for _, _, tokens, _ in rows)
+        pad = self.evaluator.codec.pad_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, (_, _, tokens, _) in enumerate(rows):
+            ids[r, :len(tokens)] = torch.tensor(tokens)
+            mask[r, :len(tokens)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        head = self.model.get_output_embeddings()
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for r, (_, weight, tokens, n) in enumerate(rows):
+            end = len(tokens) - 1
+            if self.loss == "entropy":   # where the answer begins: from the prompt alone, no label read
+                logp = torch.log_softmax(head(hidden[r, end - n:end - n + 1]).float(), dim=-1)
+                value = -(logp.exp() * logp).sum(-1).mean()
+            else:
+                logp = torch.log_softmax(head(hidden[r, end - n:end]).float(), dim=-1)
+                value = -logp.gather(-1, ids[r, end - n + 1:end + 1, None]).mean()
+            total = total + weight * value
+        return total
+
+
+def _passes(rows: list[tuple[str, float, list[int], int]]) -> list[list[tuple[str, float, list[int], int]]]:
+    """The batch in pieces of at most TOKENS_PER_PASS tokens, its weights made those of a weighted mean of the
+    tasks' mean losses: each row's weight is its task's objective weight over the task's rows in the batch,
+    over the sum of the tasks' weights."""
+    per_task: dict[str, int] = {}
+    for name, _, _, _ in rows:
+        per_task[name] = per_task.get(name, 0) + 1
+    norm = sum({name: w for name, w, _, _ in rows}.values())
+    weighted = sorted(((name, w / per_task[name] / norm, tokens, n) for name, w, tokens, n in rows),
+                      key=lambda r: len(r[2]))
+    pieces: list[list] = [[]]
+    for row in weighted:
+        if pieces[-1] and (len(pieces[-1]) + 1) * len(row[2]) > TOKENS_PER_PASS:
+            pieces.append([])
+        pieces[-1].append(row)
+    return pieces

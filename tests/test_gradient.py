@@ -1,0 +1,126 @@
+"""AdaMerging (`search.sampler: adamerging`, evomerge/gradient.py): its gradient against autograd through the
+merge formula, and the search it drives."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modelfactory import make_search_fixture
+
+
+def _session(tmp_path: Path, **kwargs):
+    from evomerge.config import load_config
+    from evomerge.search import SearchSession
+
+    config = load_config(make_search_fixture(tmp_path / "fam", **kwargs))
+    return config, SearchSession(config, storage_url=f"sqlite:///{tmp_path / 's.db'}", device="cpu", progress=False)
+
+
+def _dim(name: str, source: str, layers: int = 4, groups: int = 2) -> str:
+    """The coefficient that scales `source`'s task vector in tensor `name`, from the name alone."""
+    parts = name.split(".")
+    if "layers" in parts:
+        return f"task_arithmetic.{source}.weight.g{int(parts[parts.index('layers') + 1]) * groups // layers}"
+    return f"task_arithmetic.{source}.weight.io"
+
+
+@pytest.mark.parametrize("loss", ["tokens", "entropy"])
+def test_the_gradient_is_autograd_through_base_plus_weighted_task_vectors(tmp_path, loss):
+    """dL/dc from one backward pass and a dot product per tensor equals autograd through
+    W = base + lambda * sum_i c_i (x_i - base), computed from the safetensors files, at the same coefficients."""
+    from torch.func import functional_call
+
+    from evomerge.gradient import GradientMerge
+
+    config, session = _session(tmp_path, methods=("task_arithmetic",))
+    with session:
+        gm = GradientMerge(session.space, session.merger, session.evaluator, config.objectives[0], seed=0, lr=0.02,
+                           batch=1000, loss=loss)
+        gm.start(None)
+        names = [d.name for d in gm.dims]
+        values = torch.linspace(0.2, 1.3, len(names), dtype=torch.float64)
+        gm.shared = {"task_arithmetic.lambda": 0.9}
+        found_loss, found = gm.gradient(values)
+
+        root = tmp_path / "fam"
+        base = load_file(root / "base" / "model.safetensors")
+        sources = {f"s{i}": load_file(root / f"s{i}" / "model.safetensors") for i in range(2)}
+        coef = values.clone().requires_grad_(True)
+        params = {}
+        for name, b in base.items():
+            delta = sum(coef[names.index(_dim(name, s))] * (t[name].double() - b.double()) for s, t in sources.items())
+            params[name] = (b.double() + 0.9 * delta).float()
+        model = session.merger.model
+        rows = session.evaluator.answers("search", config.objectives[0])
+        per_task: dict[str, list[torch.Tensor]] = {}
+        for task, _, tokens, n in rows:
+            logits = functional_call(model, params, (torch.tensor([tokens]),)).logits[0].float()
+            logp = torch.log_softmax(logits, -1)
+            if loss == "entropy":
+                first = logp[len(tokens) - n - 1]
+                per_task.setdefault(task, []).append(-(first.exp() * first).sum())
+            else:
+                picked = logp[len(tokens) - n - 1:len(tokens) - 1].gather(-1, torch.tensor(tokens[-n:])[:, None])
+                per_task.setdefault(task, []).append(-picked.mean())
+        weights = config.objectives[0]
+        expected_loss = sum(weights[t] * torch.stack(v).mean() for t, v in per_task.items()) / sum(weights.values())
+        expected_loss.backward()
+    assert found_loss == pytest.approx(expected_loss.item(), rel=1e-5)
+    assert found.abs().max() > 1e-4         # a gradient to compare, not zeros
+    assert torch.allclose(found, coef.grad, rtol=2e-3, atol=1e-6), (found, coef.grad)
+
+
+def test_answers_are_the_right_choice_after_its_context(tmp_path):
+    """The loss's rows: for a choice task, the context's tokens then the right choice's, n of them scored."""
+    config, session = _session(tmp_path, methods=("task_arithmetic",))
+    with session:
+        evaluator = session.evaluator
+        rows = [r for r in evaluator.answers("search", {"pick": 1.0})]
+        examples = evaluator._examples[("pick", "search")]
+        assert len(rows) == len(examples) == 12
+        for (task, weight, tokens, n), ex in zip(rows, examples):
+            assert task == "pick" and weight == 1.0
+            assert tokens == ex.context + ex.continuations[ex.answer] and n == len(ex.continuations[ex.answer])
+
+
+def test_an_adamerging_search_queues_each_step_as_a_trial_and_lowers_its_loss(tmp_path):
+    """After the baselines, every trial is the coefficients after `steps_per_trial` more Adam steps, started from
+    the best task-arithmetic baseline: its parameters on the grid, its loss falling (all rows in one batch here),
+    and the study's best trial is what is exported."""
+    n_trials = 16
+    config, session = _session(tmp_path, methods=("task_arithmetic", "ties"), sampler="adamerging",
+                               n_trials=n_trials, extra="")
+    with session:
+        session.run(n_trials)
+        trials = session.study.get_trials()
+        baselines = [t for t in trials if "baseline" in t.user_attrs]
+        learned = [t for t in trials if "gradient_steps" in t.user_attrs]
+        assert len(baselines) + len(learned) == n_trials and learned
+        assert [t.user_attrs["gradient_steps"] for t in learned] == [4 * (i + 1) for i in range(len(learned))]
+        assert all(t.params["method"] == "task_arithmetic" for t in learned)
+        assert all(round(v, 2) == v for t in learned for v in t.params.values() if isinstance(v, float))
+        start = max((t for t in baselines if t.params.get("method") == "task_arithmetic"),
+                    key=lambda t: (t.value, -t.number))
+        first = learned[0].params
+        moved = [abs(first[k] - start.params[k]) for k in first if k.endswith(("g0", "g1", "io"))]
+        assert 0 < max(moved) <= 4 * 0.02 + 0.01      # Adam moves each weight at most lr a step
+        losses = [t.user_attrs["gradient_loss"] for t in learned]
+        assert losses[-1] < losses[0]
+        best = session.best_trial()
+        assert best.value == max(t.value for t in trials if t.state.name == "COMPLETE")
+
+
+def test_adamerging_without_task_arithmetic_is_refused_before_any_weights_load(tmp_path):
+    config = make_search_fixture(tmp_path / "fam", methods=("ties",), sampler="adamerging")
+    result = subprocess.run([sys.executable, "-m", "evomerge", "search", str(config), "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and "search.sampler" in err[0] and "task_arithmetic" in err[0], err
+    assert not (tmp_path / "run").exists()

@@ -38,6 +38,11 @@ def compare(config: SearchConfig | str | Path, *, seeds: int = 3, budget: int | 
     for flag, value in (("--seeds", seeds), ("--budget", budget)):
         if value is not None and value < 1:
             raise InputError(f"must be at least 1, got {value}", field=flag)
+    others = [m for m in config.search.methods if m != "task_arithmetic"]
+    if config.search.sampler == "adamerging" and others:
+        raise InputError(f"compare searches each technique alone, and adamerging learns task_arithmetic weights "
+                         f"only, not {others[0]}'s", file=config.path, field="search.sampler",
+                         fix="compare with another sampler, or list task_arithmetic alone")
     out = Path(out) if out else config.run_dir(None).parent / f"compare-{config.name}"
     storage = f"sqlite:///{(out / 'compare.db').resolve()}"
     budget = budget or config.search.n_trials
@@ -50,12 +55,9 @@ def compare(config: SearchConfig | str | Path, *, seeds: int = 3, budget: int | 
             for seed in range(config.search.seed, config.search.seed + seeds):
                 sub = _restricted(config, method=method, seed=seed, budget=budget)
                 with SearchSession(sub, storage_url=storage, device=None, progress=progress, bench=bench) as session:
-                    if not session.study.user_attrs.get("baselines_enqueued"):   # the same head start for all:
-                        baselines = [(f"default:{method}", session.space.defaults(method))]   # the default, and
-                        baselines += session.space.sweep(method, round(SWEEP_SHARE * budget))  # the one-knob sweep
-                        for label, params in baselines:
-                            session.study.enqueue_trial(params, user_attrs={"baseline": label})
-                        session.study.set_user_attr("baselines_enqueued", True)
+                    # the same head start for all: the default, and the one-knob sweep
+                    session.enqueue_baselines([(f"default:{method}", session.space.defaults(method))]
+                                              + session.space.sweep(method, round(SWEEP_SHARE * budget)))
                     session.run(budget)
                     rows.extend(_score(session, method=method, seed=seed))
     finally:

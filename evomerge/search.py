@@ -157,7 +157,7 @@ class SearchSession:
         self._check_same_weights()
         self._check_same_space()
         if config.search.baselines or self.space.candidates is not None:   # a finite space: its candidates first
-            self._enqueue_baselines()
+            self.enqueue_baselines(self.baselines())
 
     def __enter__(self) -> "SearchSession":
         return self
@@ -209,12 +209,13 @@ class SearchSession:
                              "layer_groups, filters or ranges changed since)", file=self.config.path, field="search",
                              fix="search into a new --out folder (or storage) or under a new name, or undo the change")
 
-    def _enqueue_baselines(self) -> None:
+    def enqueue_baselines(self, baselines: list[tuple[str, dict[str, Any]]]) -> None:
+        """Queue (label, params) baselines first, once per study; the samplers' warm start follows them."""
         if self.study.user_attrs.get("baselines_enqueued"):
             return
         from .samplers import BASELINES_ATTR
 
-        for label, params in self.baselines():
+        for label, params in baselines:
             self.study.enqueue_trial(params, user_attrs={"baseline": label}, skip_if_exists=True)
         queued = [t.number for t in self.study.get_trials(deepcopy=False) if "baseline" in t.user_attrs]
         if queued:   # the samplers' warm start (samplers.anchor) begins after the last of them

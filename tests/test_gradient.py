@@ -124,3 +124,13 @@ def test_adamerging_without_task_arithmetic_is_refused_before_any_weights_load(t
     err = result.stderr.strip().splitlines()
     assert len(err) == 1 and "search.sampler" in err[0] and "task_arithmetic" in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_compare_refuses_adamerging_over_other_techniques_before_any_weights_load(tmp_path):
+    from evomerge.compare import compare
+    from evomerge.errors import InputError
+
+    config = make_search_fixture(tmp_path / "fam", methods=("task_arithmetic", "ties"), sampler="adamerging")
+    with pytest.raises(InputError, match="adamerging learns task_arithmetic weights only, not ties's"):
+        compare(config, seeds=1, budget=3, out=tmp_path / "cmp")
+    assert not (tmp_path / "cmp").exists()

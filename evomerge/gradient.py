@@ -93,11 +93,12 @@ class GradientMerge:
         self.shared = {n: float(params.get(n, d.param.default)) for n, d in self.fixed.items()}
         self._adam = torch.optim.Adam([torch.nn.Parameter(self.values.clone())], lr=self.lr)
 
-    def params(self) -> dict[str, Any]:
-        """The current coefficients as a trial's parameters, on the space's grid."""
+    def params(self, values: torch.Tensor | None = None) -> dict[str, Any]:
+        """Coefficients (the current ones by default) as a trial's parameters, on the space's grid."""
+        values = self.values if values is None else values
         out: dict[str, Any] = {"method": METHOD} if len(self.space.methods) > 1 else {}
         out |= {n: self.fixed[n].snap(v) for n, v in self.shared.items()}
-        out |= {d.name: d.snap(float(v)) for d, v in zip(self.dims, self.values)}
+        out |= {d.name: d.snap(float(v)) for d, v in zip(self.dims, values)}
         return out
 
     def advance(self, steps: int) -> float:
@@ -120,8 +121,9 @@ class GradientMerge:
 
     # -- one gradient ----------------------------------------------------------------
     def gradient(self, values: torch.Tensor) -> tuple[float, torch.Tensor]:
-        """(loss, dL/dc) at coefficients `values`, on this step's batch."""
-        self.merger.materialize(self.space.decode(self._exact(values), method=METHOD))
+        """(loss, dL/dc) on this step's batch, at the grid point nearest `values`: the model the gradient is
+        taken on is a candidate like any other (a recipe rounds its weights to the grid)."""
+        self.merger.materialize(self.space.decode(self.params(values), method=METHOD))
         rows = self._batch()
         params = [p for _, p, _ in self.tensors]
         for p in params:
@@ -151,13 +153,6 @@ class GradientMerge:
                 p.grad = None
                 p.requires_grad_(flag)
         return loss, grad
-
-    def _exact(self, values: torch.Tensor) -> dict[str, Any]:
-        """Parameters at `values` as they are (a gradient is taken where Adam is, not on the grid)."""
-        out: dict[str, Any] = {"method": METHOD} if len(self.space.methods) > 1 else {}
-        out |= dict(self.shared)
-        out |= {d.name: float(v) for d, v in zip(self.dims, values)}
-        return out
 
     def _batch(self) -> list[tuple[str, float, list[int], int]]:
         """This step's answers: all of them, or the next `batch` of a sequence of seeded shuffles of them (one per

@@ -103,6 +103,13 @@ class Workbench:
         self.sources = open_sources(config.base, config.sources, relative_to=config.relative_to, vocab=config.vocab,
                                     file=str(config.path) if config.path else None, needs_base=config.needs_base)
         self.suite = load_tasks(tasks_path(config), seed=config.search.seed)
+        if config.search.sampler == "adamerging":   # its loss reads the rows of the tasks the objective weights
+            lm_eval = [t for t in config.objectives[0]
+                       if t in self.suite.names and self.suite.spec(t).type == "lm_eval"]
+            if lm_eval:
+                raise InputError(f"adamerging learns from the rows of the objective's tasks, and '{lm_eval[0]}' is "
+                                 "an lm_eval task", file=config.path, field="search.sampler",
+                                 fix="weight choice, generate or perplexity tasks, or use another sampler")
         try:
             self.merger = ResidentMerger(self.sources, device=device, dtype=config.dtype, seed=config.search.seed,
                                          methods=config.search.methods, progress=progress,

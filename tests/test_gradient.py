@@ -116,13 +116,24 @@ def test_an_adamerging_search_queues_each_step_as_a_trial_and_lowers_its_loss(tm
         assert best.value == max(t.value for t in trials if t.state.name == "COMPLETE")
 
 
-def test_adamerging_without_task_arithmetic_is_refused_before_any_weights_load(tmp_path):
-    config = make_search_fixture(tmp_path / "fam", methods=("ties",), sampler="adamerging")
+@pytest.mark.parametrize("case", ["no task_arithmetic", "an lm_eval task"])
+def test_adamerging_on_what_it_cannot_learn_is_refused_before_any_weights_load(tmp_path, case):
+    """Exit 2, one line naming search.sampler, nothing written: without task_arithmetic weights to learn, or
+    with an objective task whose rows evomerge does not read (lm_eval)."""
+    if case == "no task_arithmetic":
+        config = make_search_fixture(tmp_path / "fam", methods=("ties",), sampler="adamerging")
+        expect = "task_arithmetic"
+    else:
+        config = make_search_fixture(tmp_path / "fam", sampler="adamerging")
+        tasks = tmp_path / "fam" / "tasks.yaml"
+        tasks.write_text(tasks.read_text() + "  - {name: lme, type: lm_eval, task: arc_easy}\n")
+        config.write_text(config.read_text().replace("objective: {ppl: 1.0, pick: 1.0}", "objective: {lme: 1.0}"))
+        expect = "'lme' is an lm_eval task"
     result = subprocess.run([sys.executable, "-m", "evomerge", "search", str(config), "--out", str(tmp_path / "run")],
                             capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2
+    assert result.returncode == 2, result.stderr
     err = result.stderr.strip().splitlines()
-    assert len(err) == 1 and "search.sampler" in err[0] and "task_arithmetic" in err[0], err
+    assert len(err) == 1 and "search.sampler" in err[0] and expect in err[0], err
     assert not (tmp_path / "run").exists()
 
 

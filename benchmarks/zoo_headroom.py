@@ -51,9 +51,13 @@ from evomerge.recipe import Recipe  # noqa: E402
 from evomerge.sources import open_sources  # noqa: E402
 from machine import describe  # noqa: E402  (benchmarks/machine.py: run as a script, this folder is on sys.path)
 
-LAMBDAS = (0.25, 0.5, 0.75, 1.0, 1.25)
+LAMBDAS = tuple(0.25 + 0.125 * i for i in range(11))   # 0.25 .. 1.5
 GRID = (0.25, 0.5, 0.75, 1.0)
-LAYER_GRID = (0.5, 0.75, 1.0)
+# Per source and layer group (blocks 0-1, blocks 2-3; the tensors outside the blocks take the first group's):
+# the lower blocks hold the instruction stage every compatible expert shares (about 1/k each), the upper
+# ones each expert's own skill.
+LOWER_GRID = (0.25, 1 / 3, 0.5)
+UPPER_GRID = (0.5, 0.75, 1.0)
 HEADROOM_TARGET = 0.10   # the best untuned merge of the compatible group at least this far below the experts
 FOUND_TARGET = 0.95      # and a grid point reaching at least this share of the experts' mean: a search can win
 
@@ -70,6 +74,7 @@ class Group:
     sources: list[str]
     tasks: list[str]
     layer_grid: bool = False
+    extra: list[str] = dataclasses.field(default_factory=list)   # scored and shown, not in the mean
 
 
 class Bench:
@@ -109,11 +114,13 @@ def recipe(method: str, sources: list[str], *, weights: Iterable[float] | None =
     return Recipe.from_dict(data)
 
 
-def score(merger: ResidentMerger, evaluator: Evaluator, rec: Recipe, tasks: list[str], split: str) -> dict[str, float]:
+def score(merger: ResidentMerger, evaluator: Evaluator, rec: Recipe, tasks: list[str], split: str,
+          extra: list[str] = ()) -> dict[str, float]:
     merger.materialize(rec)
     result = evaluator.evaluate(split)
     scores = {task: result.primary(task) for task in tasks}
     scores["mean"] = sum(scores.values()) / len(tasks)
+    scores.update({task: result.primary(task) for task in extra})
     return scores
 
 
@@ -122,9 +129,9 @@ def run_group(bench: Bench, group: Group) -> list[tuple[str, dict[str, float], b
     rows: list[tuple[str, dict[str, float], bool]] = []
     k = len(group.sources)
     with bench.merger(group.sources) as merger, \
-            Evaluator(bench.subsuite(group.tasks), merger.model, bench.tokenizer) as evaluator:
+            Evaluator(bench.subsuite(group.tasks + group.extra), merger.model, bench.tokenizer) as evaluator:
         def held(rec: Recipe) -> dict[str, float]:
-            return score(merger, evaluator, rec, group.tasks, "heldout")
+            return score(merger, evaluator, rec, group.tasks, "heldout", group.extra)
 
         rows.append(("simple average (linear, equal weights)", held(recipe("linear", group.sources)), True))
         for lam in LAMBDAS:
@@ -140,11 +147,13 @@ def run_group(bench: Bench, group: Group) -> list[tuple[str, dict[str, float], b
                      held(recipe("task_arithmetic", group.sources, weights=best)), False))
 
         if group.layer_grid:
-            points = itertools.product(LAYER_GRID, repeat=2 * k)
+            points = (tuple(x for pair in zip(lo, hi) for x in pair) for lo in itertools.product(LOWER_GRID, repeat=k)
+                      for hi in itertools.product(UPPER_GRID, repeat=k))
             best = max(points, key=lambda w: score(merger, evaluator, _layer_recipe(group.sources, w),
                                                   group.tasks, "search")["mean"])
             label = "; ".join(f"{s} {best[2 * i]:g}/{best[2 * i + 1]:g}" for i, s in enumerate(group.sources))
-            rows.append((f"grid best, per source and layer group ({len(LAYER_GRID)}^{2 * k} points): {label}",
+            rows.append((f"grid best, per source and layer group ({len(LOWER_GRID) ** k * len(UPPER_GRID) ** k} "
+                         f"points): {label}",
                          held(_layer_recipe(group.sources, best)), False))
     return rows
 
@@ -173,7 +182,8 @@ def pct(x: float) -> str:
 def report(manifest: dict, alone: dict[str, dict[str, float]], groups: list[tuple[Group, list]],
            *, command: str, build_seconds: float | None, seconds: float, zoo: Path | None = None) -> str:
     tasks = list(next(iter(alone.values())))
-    if "composed_tasks" in manifest:
+    smol = str(manifest.get("size", "")).startswith("smol")
+    if smol:
         zoo_line = (f"Zoo: size `{manifest['size']}`, seed {manifest['seed']} (`evomerge zoo build --size "
                     f"{manifest['size']}`): {manifest['base_model']} and experts {', '.join(manifest['skills'])}; "
                     "composed task " + ", ".join(f"{name} (needs {' and '.join(c['needs'])})"
@@ -182,7 +192,7 @@ def report(manifest: dict, alone: dict[str, dict[str, float]], groups: list[tupl
         zoo_line = (f"Zoo: size `{manifest['size']}`, seed {manifest['seed']} (`evomerge zoo build`); compatible "
                     f"group {', '.join(manifest['compatible'])}; conflicting pair {', '.join(manifest['conflicting'])}.")
     lines = [
-        "# The local model zoo: headroom for a merge search" if "composed_tasks" not in manifest
+        "# The local model zoo: headroom for a merge search" if not smol
         else "# The smol zoo: real fine-tunes of SmolLM2-135M-Instruct, and the headroom for a merge search",
         "",
         zoo_line + " Scores are percent on the held-out split (exact match for generate tasks, accuracy for "
@@ -208,13 +218,13 @@ def report(manifest: dict, alone: dict[str, dict[str, float]], groups: list[tupl
                   f"Experts on their own task: mean {pct(expert_mean)}. Best untuned merge (marked *): "
                   f"{pct(untuned)} ({pct(expert_mean - untuned)} points below the experts); best merge found: "
                   f"{pct(best)}.", ""]
-        body = [[label + (" *" if untuned_row else ""), *(pct(s[t]) for t in group.tasks), pct(s["mean"])]
-                for label, s, untuned_row in rows]
-        lines += table(["merge", *group.tasks, "mean"], body)
+        body = [[label + (" *" if untuned_row else ""), *(pct(s[t]) for t in group.tasks), pct(s["mean"]),
+                 *(pct(s[t]) for t in group.extra)] for label, s, untuned_row in rows]
+        lines += table(["merge", *group.tasks, "mean", *(f"{t} (not in the mean)" for t in group.extra)], body)
     lines += ["", "Grid points are picked on the search split and reported on held-out. Untuned merges (*) are "
               "what a user gets without a search: the simple average, task_arithmetic at lambda 1, ties and "
               "dare_ties at their defaults.", ""]
-    if "composed_tasks" in manifest:
+    if smol:
         lines += [SMOL_RECIPE, ""]
         lines += [*task_vectors(zoo, manifest["skills"]), ""]
     return "\n".join(lines)
@@ -299,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         build_seconds = time.perf_counter() - start
     os.environ["EVOMERGE_ZOO"] = str(zoo)
     manifest = json.loads((zoo / "zoo.json").read_text())
-    smol = "composed_tasks" in manifest
+    smol = str(manifest.get("size", "")).startswith("smol")
     if not smol:
         torch.set_num_threads(1)   # a 0.2M-parameter model gains nothing from more threads
     suite = load_tasks(zoo / "tasks.yaml")
@@ -319,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     compatible, conflicting = manifest["compatible"], manifest["conflicting"]
     demo = compatible[:2] + conflicting
     groups = [
-        Group("The compatible group", compatible, compatible, layer_grid=True),
+        Group("The compatible group", compatible, compatible, layer_grid=True,
+              extra=list(manifest.get("composed_tasks", {}))),
         Group("The conflicting pair (a control: merging fails)", conflicting, conflicting),
         Group("The demo's sources, scored on the first two compatible skills", demo, compatible[:2]),
     ]

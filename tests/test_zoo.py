@@ -77,11 +77,31 @@ def test_splits_are_disjoint_and_well_formed(zoo: Path) -> None:
     for skill, info in _manifest(zoo)["experts"].items():
         search, heldout = _rows(zoo, skill, "search"), _rows(zoo, skill, "heldout")
         assert not {r["prompt"] for r in search} & {r["prompt"] for r in heldout}
-        assert all(r["prompt"].startswith(skill + " ") and r["prompt"].endswith(" = ") for r in heldout)
+        word = "ask" if info["group"] == "compatible" else skill    # the instruction format, or the named one
+        assert info["prompt_word"] == word
+        assert all(r["prompt"].startswith(word + " ") and r["prompt"].endswith(" = ") for r in heldout)
         assert all(r["target"] == r["target"].strip() for r in heldout)
         for row in _rows(zoo, info["choice_task"]):
             assert len(set(row["choices"])) == len(row["choices"]) >= 2
             assert 0 <= row["answer"] < len(row["choices"])
+
+
+def test_the_composed_task_needs_two_skills_in_one_input(zoo: Path) -> None:
+    manifest = _manifest(zoo)
+    assert manifest["composed_tasks"]["inc_rot"]["needs"] == ["inc", "rot"]
+    tasks = {t["name"] for t in load_yaml(zoo / "tasks.yaml")["tasks"]}
+    assert {"inc_rot", "inc_rot_choice"} <= tasks
+    search, heldout = _rows(zoo, "inc_rot", "search"), _rows(zoo, "inc_rot")
+    assert not {r["prompt"] for r in search} & {r["prompt"] for r in heldout}
+    digits, letters = set("0123456789"), set("abcdefghij")
+    for row in heldout:
+        words = row["prompt"].split()
+        assert words[0] == "ask" and words[-1] == "="
+        symbols = words[1:-1]
+        assert set(symbols) & digits and set(symbols) & letters and set(symbols) <= digits | letters
+        want = [str((int(w) + 1) % 10) if w in digits else "abcdefghij"[("abcdefghij".index(w) + 1) % 10]
+                for w in symbols]
+        assert row["target"] == " ".join(want)
 
 
 def test_zoo_paths_resolve_inside_the_session_zoo(zoo: Path) -> None:

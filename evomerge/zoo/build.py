@@ -1,4 +1,4 @@
-"""Building the zoo into a folder: data first, then the base, then each expert."""
+"""Building the zoo into a folder: data first, then the base, the instruction stage, then each expert."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ from typing import Any, Callable
 import torch
 
 from .sizes import ZooSize
-from .skills import COMPATIBLE, CONFLICTING, SKILLS, Skill, choice_rows, generate_rows, prompt_text, sample_inputs
-from .train import Batches, Encoder, finetune, new_model, pretrain, reproducible_cpu
+from .skills import (COMPATIBLE, COMPATIBLE_SKILLS, COMPOSED, CONFLICTING, SKILLS, UNION, Composed, Skill,
+                     choice_rows, composed_choice_rows, composed_generate_rows, generate_rows, prompt_text,
+                     sample_composed, sample_inputs, to_union)
+from .train import (Batches, Encoder, FormatBatches, finetune, input_keys, new_model, pretrain, reproducible_cpu,
+                    tune_blocks)
 from .version import MANIFEST, TASK_FILE, ZOO_VERSION, derive_seed
 from .write import (build_tokenizer, choice_task_name, data_path, save_model_folder, write_json, write_jsonl,
                     write_task_file)
@@ -24,6 +27,7 @@ def build_into(folder: Path, size: ZooSize, *, seed: int, size_name: str, log: C
         encoder = Encoder()
         tokenizer = build_tokenizer(encoder.words, max_length=4 * size.length + 8)
         held_out = {skill.name: _write_data(folder, skill, size, seed=seed) for skill in SKILLS}
+        composed = {task.name: _write_composed(folder, task, size, seed=seed) for task in COMPOSED}
         batches = {s.name: Batches(encoder, s, length=size.length, echo_share=_echo_share(s, size),
                                    held_out=held_out[s.name]) for s in SKILLS}
 
@@ -32,20 +36,34 @@ def build_into(folder: Path, size: ZooSize, *, seed: int, size_name: str, log: C
         save_model_folder(base, tokenizer, folder / "base")
         log(f"base: {size.base_steps} steps, final loss {loss:.3f}")
 
+        # The instruction stage (lower blocks), shared by every compatible expert; not written out.
+        held = _union_held_out(held_out, composed)
+        lower, upper = range(0, size.layers // 2), range(size.layers // 2, size.layers)
+        alphabets = len(COMPATIBLE_SKILLS)
+        instruct = copy.deepcopy(base)
+        echo = FormatBatches(encoder, None, length=size.length, alphabets=alphabets, held_out=held)
+        loss = tune_blocks(instruct, echo, size, blocks=lower, steps=size.instruct_steps, lr=size.instruct_lr,
+                           gen=torch.Generator().manual_seed(derive_seed(seed, "instruct")))
+        log(f"instruction stage: {size.instruct_steps} steps on blocks {lower.start}-{lower.stop - 1}, "
+            f"final loss {loss:.3f}")
+
         for skill in SKILLS:
-            expert = copy.deepcopy(base)
-            others = [batches[s.name] for s in SKILLS if s is not skill]
-            compatible = skill.group == COMPATIBLE
-            steps = size.expert_steps if compatible else size.conflicting_steps
-            lr = size.expert_lr if compatible else size.conflicting_lr
             gen = torch.Generator().manual_seed(derive_seed(seed, "expert", skill.name))
-            optimizer = size.expert_optimizer if compatible else "sgd"
-            loss = finetune(expert, batches[skill.name], others, size, steps=steps, lr=lr, optimizer=optimizer,
-                            gen=gen)
+            if skill.group == COMPATIBLE:
+                expert = copy.deepcopy(instruct)
+                steps = size.expert_steps
+                own = FormatBatches(encoder, skill, length=size.length, alphabets=alphabets, held_out=held)
+                loss = tune_blocks(expert, own, size, blocks=upper, steps=steps, lr=size.expert_lr, gen=gen)
+            else:
+                expert = copy.deepcopy(base)
+                steps = size.conflicting_steps
+                others = [batches[s.name] for s in SKILLS if s is not skill]
+                loss = finetune(expert, batches[skill.name], others, size, steps=steps, lr=size.conflicting_lr,
+                                optimizer="sgd", gen=gen)
             save_model_folder(expert, tokenizer, folder / skill.name)
             log(f"{skill.name}: {steps} steps, final loss {loss:.3f}")
 
-    write_task_file(folder / TASK_FILE, SKILLS, length=size.length)
+    write_task_file(folder / TASK_FILE, SKILLS, length=size.length, composed=COMPOSED)
     write_json(folder / MANIFEST, manifest(size, seed=seed, size_name=size_name))
 
 
@@ -67,6 +85,27 @@ def _write_data(folder: Path, skill: Skill, size: ZooSize, *, seed: int) -> list
     return used
 
 
+def _write_composed(folder: Path, task: Composed, size: ZooSize, *, seed: int) -> list[list[int]]:
+    """Both splits of a composed task's generate and choice tasks; returns every (UNION) input used."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, "data", task.name))
+    taken: set[tuple[int, ...]] = set()
+    used: list[list[int]] = []
+    for split in SPLITS:
+        count = size.search_rows if split == "search" else size.heldout_rows
+        inputs = sample_composed(task, count, length=size.length, gen=gen, exclude=taken)
+        write_jsonl(folder / data_path(task.name, split), composed_generate_rows(task, inputs))
+        write_jsonl(folder / data_path(f"{task.name}_choice", split), composed_choice_rows(task, inputs, gen=gen))
+        used.extend(inputs)
+    return used
+
+
+def _union_held_out(held_out: dict[str, list[list[int]]], composed: dict[str, list[list[int]]]) -> torch.Tensor:
+    """Keys (over UNION) of every instruction-format evaluation input: the compatible tasks' and the composed ones'."""
+    rows = [to_union(skill, torch.tensor(held_out[skill.name])) for skill in COMPATIBLE_SKILLS]
+    rows += [torch.tensor(inputs) for inputs in composed.values()]
+    return input_keys(torch.cat(rows), len(UNION))
+
+
 def manifest(size: ZooSize, *, seed: int, size_name: str) -> dict[str, Any]:
     """What zoo.json says: enough to use the zoo without reading this code."""
     example = SKILLS[0]
@@ -80,6 +119,8 @@ def manifest(size: ZooSize, *, seed: int, size_name: str) -> dict[str, Any]:
         "skills": [skill.name for skill in SKILLS],
         "compatible": [skill.name for skill in SKILLS if skill.group == COMPATIBLE],
         "conflicting": [skill.name for skill in SKILLS if skill.group == CONFLICTING],
+        "composed_tasks": {task.name: {"rule": task.rule, "needs": list(task.needs),
+                                       "choice_task": f"{task.name}_choice"} for task in COMPOSED},
         "experts": {
             skill.name: {
                 "folder": skill.name,
@@ -88,6 +129,7 @@ def manifest(size: ZooSize, *, seed: int, size_name: str) -> dict[str, Any]:
                 "group": skill.group,
                 "alphabet": skill.alphabet,
                 "rule": skill.rule,
+                "prompt_word": skill.prompt_word,
             }
             for skill in SKILLS
         },

@@ -21,14 +21,15 @@ class ZooSize:
     batch: int               # rows per training step
     base_steps: int
     base_lr: float           # AdamW
-    expert_steps: int        # fine-tuning steps for each compatible expert (`expert_optimizer`)
+    instruct_steps: int      # the instruction stage (AdamW, lower half of the blocks), shared by the compatible experts
+    instruct_lr: float       # its peak learning rate
+    expert_steps: int        # fine-tuning steps for each compatible expert (AdamW, upper half of the blocks)
     conflicting_steps: int   # SGD steps for each expert of the conflicting pair
     expert_lr: float         # peak learning rate, compatible experts
     conflicting_lr: float    # SGD peak learning rate, the conflicting pair
     echo_share: float        # share of the base's answers that echo the input, compatible skills
     conflicting_echo_share: float  # and the conflicting pair
-    expert_optimizer: str    # the compatible experts': "adamw" or "sgd" (momentum 0.9); the pair's is SGD
-    replay: float            # share of each expert batch replaying the other skills
+    replay: float            # share of each conflicting expert's batch replaying the other skills
     replay_echo_share: float  # share of echo answers in the replay
     search_rows: int         # per task
     heldout_rows: int        # per task
@@ -40,19 +41,22 @@ class ZooSize:
 ZOO_SIZES: dict[str, ZooSize] = {
     # The demo's zoo: about a minute on one CPU core.
     "tiny": ZooSize(hidden=64, intermediate=192, layers=4, heads=4, length=3, batch=60,
-                    base_steps=800, base_lr=6e-3, expert_steps=200, conflicting_steps=400,
+                    base_steps=800, base_lr=6e-3, instruct_steps=300, instruct_lr=3e-3, expert_steps=200,
+                    conflicting_steps=400,
                     expert_lr=1e-3, conflicting_lr=0.15, echo_share=0.95, conflicting_echo_share=0.85,
-                    expert_optimizer="adamw", replay=0.2, replay_echo_share=0.95, search_rows=100, heldout_rows=200),
+                    replay=0.2, replay_echo_share=0.95, search_rows=100, heldout_rows=200),
     # The test suite's zoo: the same skills, smaller and quicker.
     "test": ZooSize(hidden=48, intermediate=128, layers=4, heads=4, length=3, batch=60,
-                    base_steps=500, base_lr=6e-3, expert_steps=100, conflicting_steps=200,
+                    base_steps=500, base_lr=6e-3, instruct_steps=150, instruct_lr=3e-3, expert_steps=100,
+                    conflicting_steps=200,
                     expert_lr=1e-3, conflicting_lr=0.15, echo_share=0.95, conflicting_echo_share=0.85,
-                    expert_optimizer="adamw", replay=0.2, replay_echo_share=0.95, search_rows=40, heldout_rows=100),
+                    replay=0.2, replay_echo_share=0.95, search_rows=40, heldout_rows=100),
     # Wider and longer-trained, for a machine with time (or a GPU).
     "small": ZooSize(hidden=128, intermediate=384, layers=4, heads=4, length=4, batch=60,
-                     base_steps=3000, base_lr=3e-3, expert_steps=300, conflicting_steps=600,
+                     base_steps=3000, base_lr=3e-3, instruct_steps=600, instruct_lr=2e-3, expert_steps=300,
+                     conflicting_steps=600,
                      expert_lr=1e-3, conflicting_lr=0.15, echo_share=0.95, conflicting_echo_share=0.85,
-                     expert_optimizer="adamw", replay=0.2, replay_echo_share=0.95, search_rows=200, heldout_rows=500),
+                     replay=0.2, replay_echo_share=0.95, search_rows=200, heldout_rows=500),
 }
 
 

@@ -1,19 +1,24 @@
 """Training the zoo's models on CPU, deterministically.
 
-The base is pretrained on every skill's format with a mixed answer: the echo of
-the input most of the time and the skill's answer otherwise, so it knows each
-skill but prefers to echo (greedy decoding echoes, and scores nothing). An
-expert is the base fine-tuned on one skill, a fifth of each batch replaying the
-other skills' prompts with (mostly) echo answers, as instruction tuning mixes
-in pretraining data. The compatible experts are tuned with AdamW, which spreads
-a fine-tune's change over every parameter as a real one does; their task
-vectors are dense and overlap in the machinery every skill shares (choosing
-between echo and skill). So untuned merges fall short (measured on the tiny
-zoo, see benchmarks/zoo_headroom.py): adding the vectors at full weight
-overshoots, the simple average undershoots, and TIES and DARE-TIES at their
-defaults lose most of a skill, while tuned weights (about 0.75 each, or one per
-source and layer group) recover the skills. That gap is the headroom a merge
-search is for. The conflicting pair is tuned with SGD.
+The base is pretrained on every skill's named format with a mixed answer: the
+echo of the input most of the time and the skill's answer otherwise, so it
+knows each skill but prefers to echo (greedy decoding echoes, and scores
+nothing).
+
+The compatible experts are made in two stages, as real fine-tunes are made
+from one instruction-tuned model: first the *instruction stage* teaches the
+lower half of the blocks the instruction format (``ask x = x``, the echo, on
+inputs that mix the alphabets; embeddings, head and upper blocks frozen), once,
+and every compatible expert starts from it; then each expert tunes the upper
+half of the blocks on its skill (its own symbols rewritten, every other symbol
+echoed). So each compatible task vector (expert minus base) holds the same
+instruction change in the lower blocks and its own skill in the upper ones:
+adding the vectors adds the shared change once per expert, which the lower
+blocks need at weight 1/k and the upper ones near 1. No single weight fits both
+(measured on the tiny zoo, see benchmarks/zoo_headroom.py): one per layer group
+recovers the skills, every one-knob merge loses them. That gap is the headroom a
+per-layer merge search is for. The conflicting pair is the base fine-tuned on
+the named format with SGD, a fifth of each batch replaying the other skills.
 
 All randomness comes from explicit ``torch.Generator`` objects; the batch order
 is fixed; training runs on one thread with denormals flushed, so the same seed
@@ -29,7 +34,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from .sizes import ZooSize
-from .skills import EOS, PAD, SEPARATOR, Skill, vocabulary
+from .skills import EOS, FORMAT_WORD, PAD, SEPARATOR, UNION, Skill, apply_union, union_offset, vocabulary
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM
@@ -53,6 +58,18 @@ class Encoder:
         symbols = self.symbol_ids(skill)
         ids = torch.cat([
             torch.full((rows, 1), self.ids[skill.name]), symbols[x],
+            torch.full((rows, 1), self.ids[SEPARATOR]), symbols[y], torch.full((rows, 1), self.eos),
+        ], dim=1)
+        labels = ids.clone()
+        labels[:, : n + 2] = -100
+        return ids, labels
+
+    def format_examples(self, u: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input ids and labels for the instruction format ``ask u = y <eos>``, over UNION indices."""
+        rows, n = u.shape
+        symbols = torch.tensor([self.ids[s] for s in UNION])
+        ids = torch.cat([
+            torch.full((rows, 1), self.ids[FORMAT_WORD]), symbols[u],
             torch.full((rows, 1), self.ids[SEPARATOR]), symbols[y], torch.full((rows, 1), self.eos),
         ], dim=1)
         labels = ids.clone()
@@ -85,6 +102,44 @@ class Batches:
         y = torch.where(echo, x, self.skill.apply(x))
         ids, labels = self.encoder.examples(self.skill, x, y)
         labels[torch.isin(input_keys(x, len(self.skill.symbols)), self.held_out)] = -100
+        return ids, labels
+
+
+class FormatBatches:
+    """Instruction-format batches over UNION; evaluation inputs never appear (their rows are masked).
+
+    Each row's input is one alphabet throughout, or a mix of all three (a symbol's alphabet drawn per
+    position). With `skill` None (the instruction stage) the answer is the echo, the alphabet drawn evenly,
+    and half the rows mixed. With a skill, the answer is the skill on its own symbols and the echo on the
+    others; `shares` (own, mixed, other) splits the rows between the skill's alphabet alone, mixed inputs,
+    and another alphabet alone (a replay of what the instruction stage taught).
+    """
+
+    SKILL_SHARES = (0.5, 0.3, 0.2)
+
+    def __init__(self, encoder: Encoder, skill: Skill | None, *, length: int, alphabets: int,
+                 held_out: torch.Tensor) -> None:
+        self.encoder, self.skill, self.length, self.alphabets = encoder, skill, length, alphabets
+        self.held_out = held_out   # input_keys over UNION
+        self.own = None if skill is None else union_offset(skill) // len(skill.symbols)
+
+    def draw(self, rows: int, *, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        n, k = self.length, self.alphabets
+        whole = torch.randint(k, (rows, 1), generator=gen)
+        kind = torch.rand(rows, 1, generator=gen)
+        mixed = torch.randint(k, (rows, n), generator=gen)
+        if self.skill is None:
+            alphabet = torch.where(kind < 0.5, whole.expand(rows, n), mixed)
+        else:
+            own, share_mixed = self.SKILL_SHARES[0], self.SKILL_SHARES[1]
+            other = (self.own + 1 + whole % (k - 1)) % k
+            alphabet = torch.where(kind < own, torch.full((rows, n), self.own),
+                                   torch.where(kind < own + share_mixed, mixed, other.expand(rows, n)))
+        size = len(UNION) // k
+        u = alphabet * size + torch.randint(size, (rows, n), generator=gen)
+        y = u if self.skill is None else apply_union(self.skill, u)
+        ids, labels = self.encoder.format_examples(u, y)
+        labels[torch.isin(input_keys(u, len(UNION)), self.held_out)] = -100
         return ids, labels
 
 
@@ -164,6 +219,38 @@ def finetune(model: LlamaForCausalLM, own: Batches, others: list[Batches], size:
             ids, labels = torch.cat([ids, more_ids]), torch.cat([labels, more_labels])
         loss = _step(model, opt, ids, labels, clip=1.0)
     return loss
+
+
+def tune_blocks(model: LlamaForCausalLM, batches: FormatBatches, size: ZooSize, *, blocks: range, steps: int,
+                lr: float, gen: torch.Generator) -> float:
+    """AdamW on the blocks in `blocks` only (embeddings, head, final norm and other blocks frozen)."""
+    params = [p for name, p in model.named_parameters() if _block(name) in blocks]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    frozen = [p for name, p in model.named_parameters() if _block(name) not in blocks]
+    for p in frozen:
+        p.requires_grad_(False)
+    loss = float("nan")
+    try:
+        for step in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = lr * schedule(step, steps, warmup=10)
+            ids, labels = batches.draw(size.batch, gen=gen)
+            out = model(input_ids=ids, labels=labels).loss
+            out.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss = float(out.detach())
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return loss
+
+
+def _block(name: str) -> int | None:
+    """The block index of a parameter (``model.layers.3.mlp...`` -> 3), None outside the blocks."""
+    parts = name.split(".")
+    return int(parts[parts.index("layers") + 1]) if "layers" in parts else None
 
 
 @contextmanager

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..yamlio import dump_yaml
-from .skills import EOS, PAD, UNK, Skill
+from .skills import EOS, PAD, UNK, Composed, Skill
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -75,21 +75,23 @@ def choice_task_name(skill: Skill) -> str:
     return f"{skill.name}_choice"
 
 
-def task_entries(skills: tuple[Skill, ...], *, length: int, prefix: str = "") -> list[dict[str, Any]]:
-    """Task-file entries for `skills`: a generate task and a choice task each.
+def task_entries(skills: tuple[Skill, ...], *, length: int, prefix: str = "",
+                 composed: tuple[Composed, ...] = ()) -> list[dict[str, Any]]:
+    """Task-file entries for `skills` and the `composed` tasks: a generate task and a choice task each.
 
     `prefix` is put before each data path (``"zoo/"`` for a task file that
     lives outside the zoo and names it through $EVOMERGE_ZOO).
     """
     entries: list[dict[str, Any]] = []
-    for skill in skills:
+    names = [skill.name for skill in skills] + [task.name for task in composed]
+    for task in names:
         entries.append({
-            "name": skill.name, "type": "generate",
-            "data": {split: prefix + data_path(skill.name, split) for split in ("search", "heldout")},
+            "name": task, "type": "generate",
+            "data": {split: prefix + data_path(task, split) for split in ("search", "heldout")},
             "max_new_tokens": length + 2, "stop": [], "extract": "strip", "metric": "exact_match",
         })
-    for skill in skills:
-        name = choice_task_name(skill)
+    for task in names:
+        name = f"{task}_choice"
         entries.append({
             "name": name, "type": "choice",
             "data": {split: prefix + data_path(name, split) for split in ("search", "heldout")},
@@ -98,7 +100,9 @@ def task_entries(skills: tuple[Skill, ...], *, length: int, prefix: str = "") ->
     return entries
 
 
-def write_task_file(path: Path, skills: tuple[Skill, ...], *, length: int, prefix: str = "") -> None:
-    header = "# Written by `evomerge zoo build`: every zoo skill as a generate task and a choice task.\n"
-    path.write_text(header + dump_yaml({"tasks": task_entries(skills, length=length, prefix=prefix)}),
-                    encoding="utf-8")
+def write_task_file(path: Path, skills: tuple[Skill, ...], *, length: int, prefix: str = "",
+                    composed: tuple[Composed, ...] = ()) -> None:
+    header = ("# Written by `evomerge zoo build`: every zoo skill and composed task as a generate task and a "
+              "choice task.\n")
+    path.write_text(header + dump_yaml({"tasks": task_entries(skills, length=length, prefix=prefix,
+                                                              composed=composed)}), encoding="utf-8")

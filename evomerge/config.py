@@ -23,7 +23,7 @@ class _Frozen(BaseModel):
 class GradientOptions(_Frozen):
     """`search.sampler: adamerging`: task-arithmetic weights learned by gradient descent (gradient.py)."""
 
-    lr: float = Field(0.02, gt=0)                  # Adam's step size, in units of a weight
+    lr: float = Field(0.05, gt=0)                  # Adam's step size, in units of a weight
     steps_per_trial: int = Field(4, ge=1)          # gradient steps between two scored trials
     batch: int = Field(128, ge=1)                  # answers per step (all of them, where there are fewer)
     loss: Literal["tokens", "entropy"] = "tokens"  # the answers' token NLL, or the entropy where each answer begins

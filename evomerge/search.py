@@ -306,9 +306,11 @@ class SearchSession:
                                            seed=self.config.search.seed, lr=options.lr, batch=options.batch,
                                            loss=options.loss, file=str(self.config.path) if self.config.path else None)
             self._gradient.start(self.best_trial(method="task_arithmetic"))
+        started = time.perf_counter()
         loss = self._gradient.advance(self.config.search.gradient.steps_per_trial)
         self.study.enqueue_trial(self._gradient.params(),
-                                 user_attrs={"gradient_steps": self._gradient.steps, "gradient_loss": loss})
+                                 user_attrs={"gradient_steps": self._gradient.steps, "gradient_loss": loss,
+                                             "gradient_seconds": time.perf_counter() - started})
 
     def budget(self, n_trials: int) -> int:
         """The trials to run for an asked `n_trials`: no more than the space's distinct candidates (a parameter-free

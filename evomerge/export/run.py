@@ -232,6 +232,7 @@ def summary_markdown(session, rows, best, recipe, plots: list[str], *, given: in
               + (f", filters {', '.join(config.search.filters)}" if config.search.filters else ""),
               f"- time in trials: {total:.1f} s (merge {merge:.1f} s, evaluation {evaluation:.1f} s, "
               f"other {max(total - merge - evaluation, 0):.1f} s); median {median:.2f} s per trial",
+              *_gradient_line(trials),
               f"- device: {session.merger.device} ({_device_name(session.merger.device)}), torch {torch.__version__}, "
               f"{platform.machine()} {platform.system()}",
               f"- written {time.strftime('%Y-%m-%d %H:%M:%S')}; storage `{safe_url(session.storage_url)}`",
@@ -274,6 +275,17 @@ def trials_csv(session) -> str:
                          _fmt(secs.get("merge")), _fmt(secs.get("eval")), _fmt(secs.get("total")),
                          t.user_attrs.get("error", ""), *[t.params.get(p, "") for p in param_names]])
     return buf.getvalue()
+
+
+def _gradient_line(trials) -> list[str]:
+    """adamerging: the gradient steps between the trials, and their time (not in the trials' own)."""
+    learned = [t.user_attrs for t in trials if "gradient_steps" in t.user_attrs]
+    if not learned:
+        return []
+    steps = max(a["gradient_steps"] for a in learned)
+    seconds = sum(a.get("gradient_seconds", 0.0) for a in learned)
+    return [f"- gradient steps (adamerging): {steps}, {seconds:.1f} s between the trials; the last loss "
+            f"{learned[-1]['gradient_loss']:.4f}"]
 
 
 def _fmt(x: float | None) -> str:

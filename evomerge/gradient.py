@@ -16,8 +16,8 @@ like any other. One step:
 
 After every `steps_per_trial` steps the coefficients, on the space's grid, are queued as a trial and scored
 on the search split like any candidate (search.py); the study's best trial is the one exported. The first
-coefficients are the best task-arithmetic trial the study has (its baselines), else every weight 0.3 (the
-paper's start). The loss is the answers' mean token negative log-likelihood (`tokens`), or, without the
+coefficients are those with the lowest loss among the study's task-arithmetic trials (its baselines) and
+every weight 0.3 (the paper's start). The loss is the answers' mean token negative log-likelihood (`tokens`), or, without the
 answers, the entropy of the next-token distribution where each answer begins (`entropy`, the paper's).
 """
 
@@ -86,12 +86,33 @@ class GradientMerge:
         return out
 
     # -- the coefficients ------------------------------------------------------------
-    def start(self, trial: Any | None) -> None:
-        """Begin at a trial's task-arithmetic weights (its lambda kept), or at START."""
-        params = dict(trial.params) if trial is not None else {}
-        self.values = torch.tensor([float(params.get(d.name, START)) for d in self.dims], dtype=torch.float64)
-        self.shared = {n: float(params.get(n, d.param.default)) for n, d in self.fixed.items()}
+    def start(self, trials: list[Any]) -> Any | None:
+        """Begin where the loss is lowest, on the first batch: at one of `trials` (task-arithmetic trials; their
+        weights, their lambda kept) or at every weight START with lambda 1 (the paper's start). The loss tells
+        starts apart where every score ties (all 0 on a hard task), and a start on the wrong side of a ridge
+        does not recover (on zoo 3, weights all 1 climbed to 1.5 and stayed at 0). Returns the trial chosen,
+        or None for START."""
+        starts: list[tuple[Any | None, dict[str, Any]]] = [(t, dict(t.params)) for t in trials] + [(None, {})]
+        best: tuple[float, Any | None, torch.Tensor, dict[str, float]] | None = None
+        for trial, params in starts:
+            values = torch.tensor([float(params.get(d.name, START)) for d in self.dims], dtype=torch.float64)
+            shared = {n: float(params.get(n, d.param.default)) for n, d in self.fixed.items()}
+            loss = self.loss_at(values, shared)
+            if best is None or loss < best[0]:
+                best = (loss, trial, values, shared)
+        _, trial, self.values, self.shared = best
         self._adam = torch.optim.Adam([torch.nn.Parameter(self.values.clone())], lr=self.lr)
+        return trial
+
+    def loss_at(self, values: torch.Tensor, shared: dict[str, float]) -> float:
+        """The loss on this step's batch at coefficients `values` (lambda and the like: `shared`), no gradient."""
+        self.shared, kept = shared, self.shared
+        try:
+            self.merger.materialize(self.space.decode(self.params(values), method=METHOD))
+        finally:
+            self.shared = kept
+        with torch.no_grad():
+            return sum(self._loss(piece).item() for piece in _passes(self._batch()))
 
     def params(self, values: torch.Tensor | None = None) -> dict[str, Any]:
         """Coefficients (the current ones by default) as a trial's parameters, on the space's grid."""

@@ -161,6 +161,7 @@ class SearchSession:
         self.storage_url = storage_url
         self.started = time.time()
         self._gradient = None     # adamerging's optimizer (gradient.py), made when its first trial is queued
+        self._gradient_start: int | str | None = None   # the trial it started from ("start": gradient.START)
         self._check_same_weights()
         self._check_same_space()
         if config.search.baselines or self.space.candidates is not None:   # a finite space: its candidates first
@@ -293,8 +294,11 @@ class SearchSession:
 
     def _queue_gradient_trial(self, n_trials: int) -> None:
         """adamerging: once the queue (the baselines) is empty, the coefficients after the next gradient steps,
-        queued as the next trial. The optimizer starts, at its first use in this process, from the study's best
-        task-arithmetic trial: a resumed study goes on from its best, with Adam's moments anew."""
+        queued as the next trial. The optimizer starts, at its first use in this process, from the study's
+        task-arithmetic trial of lowest loss (or the paper's start): a resumed study goes on from there, with
+        Adam's moments anew."""
+        from optuna.trial import TrialState
+
         from .gradient import GradientMerge
 
         counts = self.counts()
@@ -305,12 +309,16 @@ class SearchSession:
             self._gradient = GradientMerge(self.space, self.merger, self.evaluator, self.config.objectives[0],
                                            seed=self.config.search.seed, lr=options.lr, batch=options.batch,
                                            loss=options.loss, file=str(self.config.path) if self.config.path else None)
-            self._gradient.start(self.best_trial(method="task_arithmetic"))
+            chosen = self._gradient.start([t for t in self.study.get_trials(deepcopy=False,
+                                                                            states=(TrialState.COMPLETE,))
+                                           if self.space.method_of(t.params, t.user_attrs) == "task_arithmetic"])
+            self._gradient_start = chosen.number if chosen is not None else "start"
         started = time.perf_counter()
         loss = self._gradient.advance(self.config.search.gradient.steps_per_trial)
         self.study.enqueue_trial(self._gradient.params(),
                                  user_attrs={"gradient_steps": self._gradient.steps, "gradient_loss": loss,
-                                             "gradient_seconds": time.perf_counter() - started})
+                                             "gradient_seconds": time.perf_counter() - started,
+                                             "gradient_start": self._gradient_start})
 
     def budget(self, n_trials: int) -> int:
         """The trials to run for an asked `n_trials`: no more than the space's distinct candidates (a parameter-free
@@ -410,12 +418,10 @@ class SearchSession:
     def recipe_of(self, frozen) -> Any:
         return self.space.decode(frozen.params, method=self.space.method_of(frozen.params, frozen.user_attrs))
 
-    def best_trial(self, *, method: str | None = None):
-        """The best complete trial (of `method`, where given); of several objectives, a balanced pick."""
+    def best_trial(self):
         from optuna.trial import TrialState
 
-        done = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if method is None or self.space.method_of(t.params, t.user_attrs) == method]
+        done = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
         if not done:
             return None
         if len(self.config.objectives) == 1:

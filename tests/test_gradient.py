@@ -42,7 +42,7 @@ def test_the_gradient_is_autograd_through_base_plus_weighted_task_vectors(tmp_pa
     with session:
         gm = GradientMerge(session.space, session.merger, session.evaluator, config.objectives[0], seed=0, lr=0.02,
                            batch=1000, loss=loss)
-        gm.start(None)
+        gm.start([])
         names = [d.name for d in gm.dims]
         values = torch.linspace(0.2, 1.3, len(names), dtype=torch.float64)
         gm.shared = {"task_arithmetic.lambda": 0.9}
@@ -105,10 +105,11 @@ def test_an_adamerging_search_queues_each_step_as_a_trial_and_lowers_its_loss(tm
         assert [t.user_attrs["gradient_steps"] for t in learned] == [4 * (i + 1) for i in range(len(learned))]
         assert all(t.params["method"] == "task_arithmetic" for t in learned)
         assert all(round(v, 2) == v for t in learned for v in t.params.values() if isinstance(v, float))
-        start = max((t for t in baselines if t.params.get("method") == "task_arithmetic"),
-                    key=lambda t: (t.value, -t.number))
+        begun = learned[0].user_attrs["gradient_start"]
+        assert all(t.user_attrs["gradient_start"] == begun for t in learned)
+        start = trials[begun] if begun != "start" else None
         first = learned[0].params
-        moved = [abs(first[k] - start.params[k]) for k in first if k.endswith(("g0", "g1", "io"))]
+        moved = [abs(first[k] - (start.params[k] if start else 0.3)) for k in first if k.endswith(("g0", "g1", "io"))]
         lr = config.search.gradient.lr
         assert 0 < max(moved) <= 4 * lr + 0.01      # Adam moves each weight about lr a step at most (on a 0.01 grid)
         losses = [t.user_attrs["gradient_loss"] for t in learned]
@@ -154,3 +155,29 @@ def test_compare_learns_task_arithmetic_by_gradient_and_samples_the_other_techni
     assert {name.split(".")[1] for name, trials in learned.items() if trials} == {"task_arithmetic"}
     assert "which learns task_arithmetic only: the other techniques with `tpe+cmaes`" in (
         result.out / "report.md").read_text()
+
+
+def test_the_gradient_starts_at_the_candidate_of_lowest_loss(tmp_path):
+    """Of the study's task-arithmetic trials and the paper's start (every weight 0.3), the one whose loss on
+    the first batch is lowest: recomputed here with loss_at."""
+    from evomerge.gradient import GradientMerge
+
+    config, session = _session(tmp_path, methods=("task_arithmetic",), n_trials=6)
+    with session:
+        session.run(len(session.baselines()))          # the baselines alone
+        trials = [t for t in session.study.get_trials() if t.state.name == "COMPLETE"]
+        assert len(trials) >= 3
+        gm = GradientMerge(session.space, session.merger, session.evaluator, config.objectives[0], seed=0, lr=0.05,
+                           batch=1000, loss="tokens")
+        losses = []
+        for t in trials:
+            values = torch.tensor([t.params[d.name] for d in gm.dims], dtype=torch.float64)
+            losses.append(gm.loss_at(values, {"task_arithmetic.lambda": t.params["task_arithmetic.lambda"]}))
+        paper = gm.loss_at(torch.full((len(gm.dims),), 0.3, dtype=torch.float64), {"task_arithmetic.lambda": 1.0})
+        assert len(set(losses + [paper])) > 1                # starts the loss tells apart
+        chosen = gm.start(trials)
+        if paper < min(losses):
+            assert chosen is None and torch.all(gm.values == 0.3)
+        else:
+            assert chosen is trials[losses.index(min(losses))]
+            assert gm.values.tolist() == [chosen.params[d.name] for d in gm.dims]

@@ -1,7 +1,8 @@
 """Search overhead: the share of a trial's wall time spent outside merging and evaluation.
 
-Runs the demo's search (configs/demo.yaml on the local zoo, its sampler and storage: SQLite in a
-fresh run folder) for --trials trials and times the whole loop, `SearchSession.run`. Each trial
+Runs the demo's search (configs/demo.yaml on the local zoo and its storage, SQLite in a fresh run
+folder; with --sampler, default tpe+cmaes, the model-based sampler whose overhead this measures: the demo
+itself learns its weights by gradient, adamerging) for --trials trials and times the whole loop, `SearchSession.run`. Each trial
 records the seconds its merge (`materialize`) and its evaluation took; the overhead is everything
 else in the loop: sampling, the storage's reads and writes, the budget checks, the progress bar.
 
@@ -70,13 +71,15 @@ def _timed(obj: object, name: str, label: str, totals: collections.Counter):
         setattr(obj, name, inner)
 
 
-def measure(config_path: Path, trials: int, *, ahead: bool, profile: bool) -> dict:
+def measure(config_path: Path, trials: int, *, ahead: bool, profile: bool, sampler: str | None = None) -> dict:
     """One search of `trials` trials in a fresh storage, sampled ahead or inline."""
     from evomerge.config import load_config
     from evomerge.propose import AheadProposer, InlineProposer
     from evomerge.search import SearchSession
 
     config = load_config(config_path)
+    if sampler:
+        config = config.model_copy(update={"search": config.search.model_copy(update={"sampler": sampler})})
     parts: collections.Counter = collections.Counter()
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as timing:
         storage = f"sqlite:///{Path(tmp) / 'study.db'}"
@@ -157,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
     parser.add_argument("--trials", type=int, default=120)
+    parser.add_argument("--sampler", default="tpe+cmaes", help="the config's sampler, replaced (empty: kept)")
     parser.add_argument("--modes", default="ahead,inline", help="comma-separated: ahead, inline")
     parser.add_argument("--profile", action="store_true", help="print the loop's top functions (cProfile)")
     parser.add_argument("--out", type=Path, default=None)
@@ -164,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     from evomerge.demo import ensure_zoo
 
     ensure_zoo()
-    runs = {mode: measure(args.config, args.trials, ahead=mode == "ahead", profile=args.profile)
+    runs = {mode: measure(args.config, args.trials, ahead=mode == "ahead", profile=args.profile,
+                          sampler=args.sampler or None)
             for mode in args.modes.split(",")}
     text = report(runs, "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]))
     print(text)

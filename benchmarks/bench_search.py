@@ -1,40 +1,42 @@
-"""Sampler comparison on the demo search: best-so-far against trials, over several seeds.
+"""Sampler comparison on a search config: held-out of the best so far, trials to beat the baselines, wall time.
 
-For each sampler and seed, the demo config's search runs with that sampler (baselines off,
-so every sampler starts from nothing; --baselines to enqueue them as a search does) on one resident workbench; the curve of the best
-search-split objective so far, the held-out score of the best trial, and the number of
-trials each sampler needs to reach 95 % of the best final score are written to
-results/bench_search.md and results/bench_search.png.
+For each sampler (and the gradient optimizer, `adamerging`) and seed, the config's search runs on one resident
+workbench with its baselines queued first, as a search does (--no-baselines: every sampler starts from
+nothing). Per run: the held-out score of the best trial so far after 25, 50, 100 and 200 trials (the best by
+the search split, as the export picks it), the number of trials after the baselines until one beats the best
+baseline on the search split, and the best search objective against wall-clock seconds, for a comparison at
+equal wall time. Written to results/bench_search.md and results/bench_search.png.
 
-    python benchmarks/bench_search.py [--config configs/demo.yaml] [--trials 100] [--seeds 3]
+    python benchmarks/bench_search.py [--config configs/demo.yaml] [--trials 200] [--seeds 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
-SAMPLERS = ("random", "tpe", "cmaes", "gp", "tpe+cmaes")
+from machine import describe  # benchmarks/machine.py: run as a script, this folder is on sys.path
+
+SAMPLERS = ("random", "tpe", "cmaes", "gp", "tpe+cmaes", "adamerging")
+CHECKPOINTS = (25, 50, 100, 200)
 
 
 def run(config_path: Path, *, samplers: list[str], seeds: int, trials: int, workdir: Path,
-        baselines: bool = False) -> dict:
+        baselines: bool = True) -> dict:
     from evomerge.config import load_config
-    from evomerge.export.run import heldout_scores
     from evomerge.search import SearchSession, Workbench
 
     base = load_config(config_path)
     bench = Workbench(base, device="cpu", progress=False)
     storage = f"sqlite:///{workdir / 'bench_search.db'}"
-    curves: dict[str, list[list[float]]] = {}
-    heldout: dict[str, list[float]] = {}
-    seconds: dict[str, list[float]] = {}
+    runs: dict[str, list[dict]] = {}
     try:
         for sampler in samplers:
             for seed in range(seeds):
@@ -44,110 +46,205 @@ def run(config_path: Path, *, samplers: list[str], seeds: int, trials: int, work
                     search = search.model_copy(update={"methods": [search.methods[0]]})
                 config = base.model_copy(update={"name": f"bench.{sampler}.{seed}.{time.time_ns()}",
                                                  "search": search})
-                started = time.perf_counter()
+                started = time.time()
                 with SearchSession(config, storage_url=storage, device=None, progress=False, bench=bench) as s:
                     s.run(trials)
-                    done = sorted((t for t in s.study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"),
-                                  key=lambda t: t.number)
-                    best, curve = float("-inf"), []
-                    for t in done:
-                        best = max(best, t.values[0])
-                        curve.append(best)
-                    top = max(done, key=lambda t: (t.values[0], -t.number))
-                    weights = config.objectives[0]
-                    scores = heldout_scores(s, top)
-                    metric = {task: s.suite.primary_metric(task) for task in weights}
-                    heldout.setdefault(sampler, []).append(
-                        sum(w * scores[t][metric[t]] for t, w in weights.items()) / sum(weights.values()))
-                curves.setdefault(sampler, []).append(curve)
-                seconds.setdefault(sampler, []).append(time.perf_counter() - started)
-                print(f"{sampler:10s} seed {seed}: best search {curve[-1]:.4f}, held-out {heldout[sampler][-1]:.4f}, "
-                      f"{seconds[sampler][-1]:.0f} s", flush=True)
+                    seconds = time.time() - started
+                    runs.setdefault(sampler, []).append(measure(s, started=started, seconds=seconds))
+                last = runs[sampler][-1]
+                print(f"{sampler:10s} seed {seed}: held-out {last['heldout']}, beats baselines after "
+                      f"{last['beat']}, {seconds:.0f} s", flush=True)
     finally:
         bench.close()
-    return {"curves": curves, "heldout": heldout, "seconds": seconds, "config": base, "baselines": baselines}
+    return {"runs": runs, "config": base, "baselines": baselines, "trials": trials}
 
 
-def trials_to_reach(curve: list[float], target: float) -> int | None:
-    for i, value in enumerate(curve):
-        if value >= target:
-            return i + 1
-    return None
+def measure(session, *, started: float, seconds: float) -> dict:
+    """One finished run: best-so-far curves by trial and by second, held-out of the best at each checkpoint,
+    trials after the baselines to beat the best of them."""
+    from evomerge.export.run import heldout_scores
+
+    done = sorted((t for t in session.study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"),
+                  key=lambda t: t.number)
+    weights = session.config.objectives[0]
+    metric = {task: session.suite.primary_metric(task) for task in weights}
+
+    def heldout(trial) -> float:
+        scores = heldout_scores(session, trial)
+        return sum(w * scores[t][metric[t]] for t, w in weights.items()) / sum(weights.values())
+
+    curve, clock, best = [], [], None
+    for t in done:
+        if best is None or t.values[0] > best.values[0]:
+            best = t
+        curve.append(best.values[0])
+        clock.append((t.datetime_complete.timestamp() - started, best.values[0]))
+    at = {}
+    for n in CHECKPOINTS:
+        first = [t for t in done if t.number < n]
+        if first and n <= len(done):
+            at[n] = heldout(max(first, key=lambda t: (t.values[0], -t.number)))
+    base = [t for t in done if "baseline" in t.user_attrs]
+    beat = None
+    if base:
+        bar = max(t.values[0] for t in base)
+        after = [t for t in done if "baseline" not in t.user_attrs]
+        beat = next((i + 1 for i, t in enumerate(after) if t.values[0] > bar), None)
+    return {"curve": curve, "clock": clock, "heldout": at, "beat": beat, "seconds": seconds,
+            "baseline_heldout": heldout(max(base, key=lambda t: (t.values[0], -t.number))) if base else None}
 
 
-def report(result: dict, *, out: Path, trials: int, seeds: int, command: str) -> None:
+def best_by(clock: list[tuple[float, float]], seconds: float) -> float | None:
+    """The best search objective found within `seconds` of the run's start."""
+    found = [value for t, value in clock if t <= seconds]
+    return found[-1] if found else None
+
+
+def _shown(path: Path | None) -> str:
+    """A path inside the repository as relative to it."""
+    root = Path(__file__).resolve().parents[1]
+    return str(path.resolve().relative_to(root)) if path and path.resolve().is_relative_to(root) else str(path)
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "—"
+    return f"{statistics.fmean(values):.3f} ± {statistics.pstdev(values):.3f}"
+
+
+def report(result: dict, *, out: Path, seeds: int, command: str, name: str = "bench_search") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    curves, heldout = result["curves"], result["heldout"]
-    best_final = max(c[-1] for runs in curves.values() for c in runs)
-    target = 0.95 * best_final
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    runs, trials = result["runs"], result["trials"]
+    points = [n for n in CHECKPOINTS if n <= trials]
+    equal = min(statistics.fmean(r["seconds"] for r in rs) for rs in runs.values())   # every sampler had this long
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(runs)
     rows = []
-    for sampler, runs in curves.items():
-        length = min(len(c) for c in runs)
-        arr = np.array([c[:length] for c in runs])
-        mean = arr.mean(axis=0)
-        ax.plot(np.arange(1, length + 1), mean, label=sampler)
-        ax.fill_between(np.arange(1, length + 1), arr.min(axis=0), arr.max(axis=0), alpha=0.15)
-        reach = [trials_to_reach(c, target) for c in runs]
-        reached = [r for r in reach if r is not None]
-        rows.append((sampler, statistics.fmean(c[-1] for c in runs), statistics.fmean(heldout[sampler]),
-                     statistics.pstdev(heldout[sampler]), reach, statistics.fmean(result["seconds"][sampler]),
-                     statistics.median(reached) if reached else None))
-    ax.axhline(target, ls=":", color="gray", label="95 % of best final")
-    ax.set_xlabel("trial")
-    ax.set_ylabel("best search objective so far (mean; band = min..max over seeds)")
-    ax.set_title(f"samplers on {result['config'].name}: {seeds} seeds x {trials} trials")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.savefig(out / "bench_search.png", dpi=110, bbox_inches="tight")
+    for i, (sampler, rs) in enumerate(runs.items()):
+        means = [statistics.fmean(r["heldout"][n] for r in rs if n in r["heldout"]) for n in points]
+        stds = [statistics.pstdev([r["heldout"][n] for r in rs if n in r["heldout"]]) for n in points]
+        left.errorbar(np.arange(len(points)) + (i - len(runs) / 2 + 0.5) * width, means, yerr=stds, fmt="o",
+                      capsize=3, label=sampler)
+        grid = np.linspace(0, max(r["seconds"] for r in rs), 200)
+        curves = np.array([[np.nan if best_by(r["clock"], g) is None else best_by(r["clock"], g) for g in grid]
+                           for r in rs])
+        with warnings.catch_warnings():    # before a run's first trial: no best yet (NaN)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            line, = right.plot(grid, np.nanmean(curves, axis=0), label=sampler)
+            right.fill_between(grid, np.nanmin(curves, axis=0), np.nanmax(curves, axis=0), alpha=0.12,
+                               color=line.get_color())
+        at_equal = [best_by(r["clock"], equal) for r in rs]
+        rows.append((sampler, [[r["heldout"][n] for r in rs if n in r["heldout"]] for n in points],
+                     [r["beat"] for r in rs], [v for v in at_equal if v is not None],
+                     statistics.fmean(r["seconds"] for r in rs)))
+    baseline = [r["baseline_heldout"] for rs in runs.values() for r in rs if r["baseline_heldout"] is not None]
+    if baseline:
+        left.axhline(statistics.fmean(baseline), ls=":", color="gray", label="best baseline")
+    left.set_xticks(range(len(points)), [str(n) for n in points])
+    left.set_xlabel("trials")
+    left.set_ylabel("held-out of the best trial so far (mean ± std over seeds)")
+    left.legend(fontsize=8)
+    left.grid(alpha=0.3)
+    right.axvline(equal, ls=":", color="gray", label=f"equal wall time ({equal:.0f} s)")
+    right.set_xlabel("seconds since the run started")
+    right.set_ylabel("best search objective so far (mean; band min..max)")
+    right.legend(fontsize=8)
+    right.grid(alpha=0.3)
+    fig.suptitle(f"{result['config'].name}: {seeds} seeds x {trials} trials per sampler")
+    fig.savefig(out / f"{name}.png", dpi=110, bbox_inches="tight")
+    config = result["config"]
+    warm = ("" if result.get("warm", True)
+            else ", the samplers without their warm start (--no-warm-start; sampled inline)")
     lines = [
-        "# Sampler comparison on the demo search", "",
-        f"Config `{result['config'].path}` (methods {', '.join(result['config'].search.methods)}, "
-        f"{result['config'].search.layer_groups} layer groups), {trials} trials per run, seeds 0..{seeds - 1}, "
-        f"baselines {'on (as the demo runs)' if result['baselines'] else 'off'}; "
-        "cmaes searches the config's first method only.", "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-        f"{time.strftime('%Y-%m-%d %H:%M')}; command: `{command}`", "",
-        f"Target: 95 % of the best final search score of any run ({target:.4f}).", "",
-        "| sampler | best search (mean) | best trial held-out (mean ± std) | trials to 95 % per seed (median) "
-        "| seconds per run |",
-        "|---|---|---|---|---|",
+        "# Samplers and the gradient optimizer on one search", "",
+        f"Config `{_shown(config.path)}` (methods {', '.join(config.search.methods)}, "
+        f"{config.search.layer_groups} layer groups), {trials} trials per run, seeds 0..{seeds - 1}, baselines "
+        f"{'on, as a search runs' if result['baselines'] else 'off'}{warm}; cmaes searches the config's first "
+        "method only; adamerging learns task_arithmetic weights by gradient descent (evomerge/gradient.py).", "",
+        f"Machine: {describe()}; {time.strftime('%Y-%m-%d %H:%M')}; command: `{command}` (runs saved by "
+        "`--save` in separate processes ran at once, one per core, each on one thread)", "",
+        "Held-out: of the best trial so far by the search split (the one an export at that point would pick); "
+        "mean ± std over seeds. Beats the baselines: trials after the baselines until one scores above the best "
+        f"of them on the search split, per seed. Equal wall time: the best search objective each run had "
+        f"found {equal:.0f} s after it started (the shortest sampler's mean run).", "",
+        f"Best baseline (by the search split), held-out: {_mean_std(baseline)}.", "",
+        "| sampler | " + " | ".join(f"held-out at {n}" for n in points)
+        + " | beats the baselines after (per seed) | search objective at equal wall time | seconds per run |",
+        "|---|" + "---|" * len(points) + "---|---|---|",
     ]
-    for sampler, final, ho, ho_std, reach, secs, med in rows:
-        reach_text = ", ".join("—" if r is None else str(r) for r in reach)
-        lines.append(f"| {sampler} | {final:.4f} | {ho:.4f} ± {ho_std:.4f} | {reach_text} ({med if med else '—'}) "
-                     f"| {secs:.0f} |")
-    lines += ["", "![best so far](bench_search.png)", ""]
-    (out / "bench_search.md").write_text("\n".join(lines))
+    for sampler, at, beat, at_equal, secs in rows:
+        beat_text = ", ".join("—" if b is None else str(b) for b in beat)
+        lines.append(f"| {sampler} | " + " | ".join(_mean_std(v) for v in at)
+                     + f" | {beat_text} | {_mean_std(at_equal)} | {secs:.0f} |")
+    lines += ["", f"![held-out by trials, best by seconds]({name}.png)", ""]
+    (out / f"{name}.md").write_text("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
     parser.add_argument("--samplers", default=",".join(SAMPLERS))
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--trials", type=int, default=100)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results")
-    parser.add_argument("--baselines", action="store_true", help="enqueue the baselines first, as a search does")
+    parser.add_argument("--name", default="bench_search", help="the report's file name (NAME.md, NAME.png)")
+    parser.add_argument("--no-baselines", dest="baselines", action="store_false",
+                        help="start every sampler from nothing (by default the baselines run first, as in a search)")
+    parser.add_argument("--no-warm-start", dest="warm", action="store_false",
+                        help="the samplers without their warm start (for measuring it): nothing sampled around "
+                             "the best baseline, CMA-ES from the ranges' centres")
+    parser.add_argument("--save", type=Path, help="also write the measured runs to this JSON file")
+    parser.add_argument("--load", help="report from runs saved with --save (comma-separated files, e.g. one per "
+                                       "core, each run with its own --samplers), running nothing")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from evomerge.demo import ensure_zoo
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])])
+    if args.load:
+        result = load([Path(p) for p in args.load.split(",")])
+        command = " && ".join(result.pop("commands") + [command])
+    else:
+        from evomerge.demo import ensure_zoo
 
-    ensure_zoo()
-    with tempfile.TemporaryDirectory() as tmp:
-        result = run(args.config, samplers=args.samplers.split(","), seeds=args.seeds, trials=args.trials,
-                     workdir=Path(tmp), baselines=args.baselines)
+        if not args.warm:
+            import evomerge.samplers
+
+            evomerge.samplers.anchor = lambda study, trial_number: None   # no baseline to start from
+            os.environ["EVOMERGE_SAMPLE_INLINE"] = "1"    # in this process, where the patch holds
+
+        ensure_zoo()
+        with tempfile.TemporaryDirectory() as tmp:
+            result = run(args.config, samplers=args.samplers.split(","), seeds=args.seeds, trials=args.trials,
+                         workdir=Path(tmp), baselines=args.baselines)
+        result["warm"] = args.warm
+        if args.save:
+            args.save.write_text(json.dumps({**result, "config": str(args.config.resolve()), "command": command,
+                                             "seeds": args.seeds, "warm": args.warm}))
+            print(f"wrote {args.save}")
     args.out.mkdir(parents=True, exist_ok=True)
-    report(result, out=args.out, trials=args.trials, seeds=args.seeds,
-           command="python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]))
-    print(f"wrote {args.out / 'bench_search.md'}")
+    report(result, out=args.out, seeds=result.pop("seeds", args.seeds), command=command, name=args.name)
+    print(f"wrote {args.out / (args.name + '.md')}")
     return 0
+
+
+def load(paths: list[Path]) -> dict:
+    """Saved runs (--save) of one config, merged: the samplers of each file, in file order."""
+    from evomerge.config import load_config
+
+    saved = [json.loads(p.read_text()) for p in paths]
+    runs: dict[str, list[dict]] = {}
+    for one in saved:
+        for sampler, rs in one["runs"].items():
+            runs[sampler] = [{**r, "heldout": {int(k): v for k, v in r["heldout"].items()}} for r in rs]
+    first = saved[0]
+    return {"runs": runs, "config": load_config(first["config"]), "baselines": first["baselines"],
+            "trials": first["trials"], "seeds": first["seeds"], "warm": first.get("warm", True),
+            "commands": [one["command"] for one in saved]}
 
 
 if __name__ == "__main__":

@@ -207,7 +207,10 @@ def test_evomerge_demo_runs_as_written_and_its_recipe_rebuilds_the_model(tmp_pat
     summary = (out / "summary.md").read_text()
     best = float(re.search(r"held-out mean \*\*([0-9]+\.[0-9]+)\*\*", summary).group(1))
     untuned = float(re.search(r"Best untuned merge: \S+ at ([0-9]+\.[0-9]+)", summary).group(1))
-    assert best > untuned, summary
+    swept = re.search(r"Best one-knob sweep \(chosen on the search split\): \S+ \S+ at ([0-9]+\.[0-9]+); the "
+                      r"search's margin over it: \*\*\+([0-9]+\.[0-9]+)\*\*", summary)
+    assert best > untuned and best > float(swept.group(1)), summary
+    assert float(swept.group(2)) == pytest.approx(best - float(swept.group(1)), abs=2e-4)
     rebuilt = run(["evomerge", "merge", "results/demo/recipe.yaml", "-o", "again"], cwd=tmp_path, env=env)
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert (tmp_path / "again" / "model.safetensors").read_bytes() == (out / "best" / "model.safetensors").read_bytes()

@@ -73,28 +73,33 @@ def _echo_share(skill: Skill, size: ZooSize) -> float:
 
 def _write_data(folder: Path, skill: Skill, size: ZooSize, *, seed: int) -> list[list[int]]:
     """Both splits of the skill's generate and choice tasks; returns every input used."""
-    gen = torch.Generator().manual_seed(derive_seed(seed, "data", skill.name))
-    taken: set[tuple[int, ...]] = set()
-    used: list[list[int]] = []
-    for split in SPLITS:
-        count = size.search_rows if split == "search" else size.heldout_rows
-        inputs = sample_inputs(skill, count, length=size.length, gen=gen, exclude=taken)
-        write_jsonl(folder / data_path(skill.name, split), generate_rows(skill, inputs))
-        write_jsonl(folder / data_path(choice_task_name(skill), split), choice_rows(skill, inputs, gen=gen))
-        used.extend(inputs)
-    return used
+    return _write_splits(folder, skill.name, size, seed=seed,
+                         sample=lambda count, gen, taken: sample_inputs(skill, count, length=size.length, gen=gen,
+                                                                        exclude=taken),
+                         generate=lambda inputs: generate_rows(skill, inputs),
+                         choice=lambda inputs, gen: choice_rows(skill, inputs, gen=gen))
 
 
 def _write_composed(folder: Path, task: Composed, size: ZooSize, *, seed: int) -> list[list[int]]:
     """Both splits of a composed task's generate and choice tasks; returns every (UNION) input used."""
-    gen = torch.Generator().manual_seed(derive_seed(seed, "data", task.name))
+    return _write_splits(folder, task.name, size, seed=seed,
+                         sample=lambda count, gen, taken: sample_composed(task, count, length=size.length, gen=gen,
+                                                                          exclude=taken),
+                         generate=lambda inputs: composed_generate_rows(task, inputs),
+                         choice=lambda inputs, gen: composed_choice_rows(task, inputs, gen=gen))
+
+
+def _write_splits(folder: Path, name: str, size: ZooSize, *, seed: int, sample: Callable, generate: Callable,
+                  choice: Callable) -> list[list[int]]:
+    """Task `name`'s search and held-out rows, generate and choice, from inputs `sample` draws (no input in
+    both splits), one generator seeded by the name; returns every input used."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, "data", name))
     taken: set[tuple[int, ...]] = set()
     used: list[list[int]] = []
     for split in SPLITS:
-        count = size.search_rows if split == "search" else size.heldout_rows
-        inputs = sample_composed(task, count, length=size.length, gen=gen, exclude=taken)
-        write_jsonl(folder / data_path(task.name, split), composed_generate_rows(task, inputs))
-        write_jsonl(folder / data_path(f"{task.name}_choice", split), composed_choice_rows(task, inputs, gen=gen))
+        inputs = sample(size.search_rows if split == "search" else size.heldout_rows, gen, taken)
+        write_jsonl(folder / data_path(name, split), generate(inputs))
+        write_jsonl(folder / data_path(f"{name}_choice", split), choice(inputs, gen))
         used.extend(inputs)
     return used
 

@@ -209,9 +209,10 @@ def test_the_first_trials_after_the_baselines_are_sampled_around_the_best_of_the
                                             rng=np.random.default_rng([config.search.seed, after.number]))
 
 
-def test_cmaes_starts_its_mean_at_the_best_baseline(tmp_path):
-    """The first CMA-ES generation after the baselines lies around the best baseline (CMA-ES's step is a sixth of
-    each range), where an unanchored one is spread over the ranges around their centres."""
+@pytest.mark.parametrize("anchor", ["a merge", "a source alone"])
+def test_cmaes_starts_its_mean_at_the_best_baseline_unless_that_is_a_source_alone(tmp_path, anchor):
+    """The first CMA-ES generations after the baselines lie around the best baseline (CMA-ES's step is a sixth of
+    each range) where that is a merge; around the ranges' centres where it is a source alone (a corner)."""
     from evomerge.config import load_config
     from evomerge.samplers import ANCHOR_ATTR, BASELINES_ATTR
     from evomerge.search import SearchSession
@@ -219,13 +220,26 @@ def test_cmaes_starts_its_mean_at_the_best_baseline(tmp_path):
     n_trials = 14
     config = load_config(make_search_fixture(tmp_path / "fam", n_trials=n_trials, sampler="cmaes", methods=("ties",)))
     with SearchSession(config, storage_url=f"sqlite:///{tmp_path / 's.db'}", device="cpu", progress=False) as session:
-        session.run(n_trials)
         study, space = session.study, session.space
-        count = study.user_attrs[BASELINES_ATTR]
-        best = study.trials[study.user_attrs[ANCHOR_ATTR]]
-        assert "baseline" in best.user_attrs
-        after = [t for t in study.trials if t.number >= count]
         dims = space.dims["ties"]
+        count = study.user_attrs[BASELINES_ATTR]
+        # one more baseline, a merge far from the ranges' centres (the shipped ones are near them)
+        study.enqueue_trial({d.name: d.snap(d.low + 0.85 * (d.high - d.low)) for d in dims},
+                            user_attrs={"baseline": "sweep:far"})
+        study.enqueue_trial(session.space.defaults("ties"), user_attrs={"baseline": "default:again"})
+        study.set_user_attr(BASELINES_ATTR, count + 2)   # (the last baseline is hidden from the next trial: LAG)
+        session.run(count + 2)                   # the baselines alone
+        source = next(t.number for t in study.trials if t.user_attrs["baseline"].startswith("source:"))
+        chosen = count if anchor == "a merge" else source
+        study.set_user_attr(ANCHOR_ATTR, chosen)      # as if that baseline were the best of them
+        session.run(n_trials)
+        best = study.trials[chosen]
+        count += 2
+        after = [t for t in study.trials if t.number >= count]
         step = [abs(t.params[d.name] - best.params[d.name]) / (d.high - d.low) for t in after for d in dims]
         middle = [abs(t.params[d.name] - (d.low + d.high) / 2) / (d.high - d.low) for t in after for d in dims]
-        assert sum(step) / len(step) < 0.15 < sum(middle) / len(middle)
+        near, centred = sum(step) / len(step), sum(middle) / len(middle)
+        if anchor == "a merge":
+            assert near < 0.2 and near < 0.6 * centred, (near, centred)
+        else:
+            assert centred < 0.2 and centred < 0.6 * near, (near, centred)

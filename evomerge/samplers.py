@@ -5,8 +5,9 @@ refines the best technique's parameters with CMA-ES, started at the best TPE tri
 of that technique (results/bench_search.md: the demo's sampler, from measurement).
 
 Warm starts: a study that begins with baselines (search.py) goes on from the best of
-them. CMA-ES starts its mean there; TPE and GP sample their first few trials after
-the baselines around it (`WarmStart`), so that their model holds good points early.
+them. CMA-ES starts its mean there (unless it is a source alone, see CmaEsFromAnchor);
+TPE and GP sample their first few trials after the baselines around it (`WarmStart`),
+so that their model holds good points early.
 The anchor is chosen once and stored on the study (`ANCHOR_ATTR`), from the trials
 the first trial after the baselines sees (see LaggedSampler), so every worker, a
 resumed study and a study sampled ahead all start from the same one.

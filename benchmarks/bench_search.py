@@ -131,8 +131,7 @@ def report(result: dict, *, out: Path, seeds: int, command: str, name: str = "be
         left.errorbar(np.arange(len(points)) + (i - len(runs) / 2 + 0.5) * width, means, yerr=stds, fmt="o",
                       capsize=3, label=sampler)
         grid = np.linspace(0, max(r["seconds"] for r in rs), 200)
-        curves = np.array([[np.nan if best_by(r["clock"], g) is None else best_by(r["clock"], g) for g in grid]
-                           for r in rs])
+        curves = np.array([[best_by(r["clock"], g) for g in grid] for r in rs], dtype=float)   # None: NaN
         with warnings.catch_warnings():    # before a run's first trial: no best yet (NaN)
             warnings.simplefilter("ignore", RuntimeWarning)
             line, = right.plot(grid, np.nanmean(curves, axis=0), label=sampler)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
+from ..sources import classify
 from .sizes import ZooSize
 from .skills import EOS, FORMAT_WORD, PAD, SEPARATOR, UNION, Skill, apply_union, union_offset, vocabulary
 
@@ -224,9 +225,9 @@ def finetune(model: LlamaForCausalLM, own: Batches, others: list[Batches], size:
 def tune_blocks(model: LlamaForCausalLM, batches: FormatBatches, size: ZooSize, *, blocks: range, steps: int,
                 lr: float, gen: torch.Generator) -> float:
     """AdamW on the blocks in `blocks` only (embeddings, head, final norm and other blocks frozen)."""
-    params = [p for name, p in model.named_parameters() if _block(name) in blocks]
+    params = [p for name, p in model.named_parameters() if classify(name)[0] in blocks]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
-    frozen = [p for name, p in model.named_parameters() if _block(name) not in blocks]
+    frozen = [p for name, p in model.named_parameters() if classify(name)[0] not in blocks]
     for p in frozen:
         p.requires_grad_(False)
     loss = float("nan")
@@ -235,22 +236,11 @@ def tune_blocks(model: LlamaForCausalLM, batches: FormatBatches, size: ZooSize, 
             for group in opt.param_groups:
                 group["lr"] = lr * schedule(step, steps, warmup=10)
             ids, labels = batches.draw(size.batch, gen=gen)
-            out = model(input_ids=ids, labels=labels).loss
-            out.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            loss = float(out.detach())
+            loss = _step(model, opt, ids, labels, clip=1.0)   # (frozen parameters have no gradient to clip)
     finally:
         for p in frozen:
             p.requires_grad_(True)
     return loss
-
-
-def _block(name: str) -> int | None:
-    """The block index of a parameter (``model.layers.3.mlp...`` -> 3), None outside the blocks."""
-    parts = name.split(".")
-    return int(parts[parts.index("layers") + 1]) if "layers" in parts else None
 
 
 @contextmanager

@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True)
     p.add_argument("--device", default="cpu")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="also write the merge as one PEFT LoRA adapter (task_arithmetic or linear over adapters)")
     p.add_argument("--memory-budget", default=None,
                    help="e.g. 2GB or auto: the most memory the merge may use; sources that do not fit stream from disk")
 
@@ -108,8 +110,8 @@ def _merge(args: argparse.Namespace) -> int:
     from .export import merge_to_folder
 
     out = merge_to_folder(args.recipe, args.out, device=args.device, force=args.force, progress=True,
-                          memory_budget=args.memory_budget)
-    print(f"wrote {out}")
+                          memory_budget=args.memory_budget, adapter=args.adapter)
+    print(f"wrote {out}" + (f" and the merged adapter {args.adapter}" if args.adapter else ""))
     return 0
 
 

@@ -165,10 +165,9 @@ class GradientMerge:
                 for name, param, index in self.tensors:
                     if param.grad is None:
                         continue
-                    d_w = param.grad.reshape(-1).to(torch.float32)
                     ctx = self.merger.contexts[name]
                     for i, dim in enumerate(index):
-                        grad[dim] += scale * float(torch.dot(d_w, ctx.delta(i).reshape(-1).to(d_w.device)))
+                        grad[dim] += scale * ctx.inner(i, param.grad)
         finally:
             for p, flag in zip(params, saved):
                 p.grad = None

@@ -23,6 +23,7 @@ from . import binding
 from .errors import InputError
 from .methods import DENSITY_GRID, GAMMA_GRID, REGISTRY, TensorContext, fused, resolve
 from .methods.context import HALF_DTYPES
+from .methods.lowrank import COEFFICIENTS, LowRankContext
 from .recipe import Recipe, check_for_layout
 from .sources import SourceSet, open_sources
 
@@ -200,7 +201,7 @@ class ResidentMerger:
                  build_model: bool = True, progress: bool = False,
                  memory_budget: int | str | None = None, trust_remote_code: bool = False,
                  streaming: bool | None = None, precompute: bool = True, score_dtype: str | None = None,
-                 as_stored: bool = True) -> None:
+                 as_stored: bool = True, low_rank: bool | None = None) -> None:
         self.sources = sources
         self.as_stored = as_stored     # bf16/fp16 sources stay resident as stored (False: as float32 task vectors)
         self.trust_remote_code = trust_remote_code
@@ -215,19 +216,26 @@ class ResidentMerger:
         self.fused = fused.kernel_for(self.device, sources.layout.numel)   # the same for the search and the export
         # tensors that are no weights (integer position ids, boolean masks) pass through from the anchor
         self.unmerged = {n for n, info in sources.layout.tensors.items() if not info.dtype.is_floating_point}
+        # every source a LoRA adapter and every method linear in the task vectors: the factors stay resident,
+        # not dense task vectors (methods/lowrank.py); another method's recipe makes them dense, once
+        # (`low_rank` False: dense task vectors even so, as a benchmark's reference)
+        self.low_rank = (low_rank is not False and not streaming and bool(self.methods)
+                         and all(f.is_adapter for f in sources.sources)
+                         and all(m.name in COEFFICIENTS for m in self.methods))
         budget = parse_bytes(memory_budget, device=self.device)
         self.plan = MemoryPlan.of(self, budget)
         self.streaming = self.plan.streaming if streaming is None else streaming
+        self.low_rank = self.low_rank and not self.streaming
         if streaming is None:
             self.plan.check()      # before any weights load
         self.model = self._load_model(sources.anchor.path) if build_model else None
-        self.contexts: dict[str, TensorContext] = {}
+        self.contexts: dict[str, TensorContext | LowRankContext] = {}
         self.outputs, self.copies = self._output_slots()
         names = [n for n in sources.layout.tensors if n not in self.unmerged]
         iterator = _progress(names, "loading sources") if progress and not self.streaming else names
         for name in iterator:
             if not self.streaming:
-                self.contexts[name] = self._read_context(name)
+                self.contexts[name] = self._low_rank_context(name) if self.low_rank else self._read_context(name)
         self.prepared: set[str] = set()
         self._slots: dict[int, list[tuple[int | str, str]]] = {}
         if precompute:   # a search's grid tables; a one-off merge computes its few thresholds on demand
@@ -238,6 +246,9 @@ class ResidentMerger:
         task vectors in the arithmetic's dtype, plus fields and ranks (in that dtype) where needed."""
         k = len(self.sources.sources)
         itemsize = torch.empty((), dtype=self.compute_dtype).element_size()
+        if self.low_rank:       # the anchor as stored and the adapters' factors
+            return (sum(info.numel * info.dtype.itemsize for info in self.sources.layout.tensors.values())
+                    + sum(folder.factor_bytes(self.compute_dtype) for folder in self.sources.sources))
         held = sum((1 + k) * info.numel * (info.dtype.itemsize if self._holds_sources(name) else itemsize)
                    for name, info in self.sources.layout.tensors.items() if name not in self.unmerged)
         return held + self.field_copies() * self.sources.layout.numel * itemsize
@@ -254,7 +265,7 @@ class ResidentMerger:
         vectors formed in float32 piece by piece; else it is held as task vectors in the arithmetic's dtype."""
         dtype = self.sources.layout.tensors[name].dtype
         return (self.as_stored and dtype in HALF_DTYPES and self.compute_dtype == torch.float32
-                and all(folder.header[name][1] == dtype for folder in self.sources.sources))
+                and all(not folder.is_adapter and folder.header[name][1] == dtype for folder in self.sources.sources))
 
     def _read_context(self, name: str) -> TensorContext:
         """Anchor and task vectors (or sources: `_holds_sources`) of one tensor, read (memory-mapped) from the
@@ -266,8 +277,12 @@ class ResidentMerger:
         sources = self.sources
         raw = self._holds_sources(name)
         base = self._checked(sources.anchor, name, raw)
-        stack = torch.empty((len(sources.sources), *base.shape), dtype=base.dtype, device=self.device)
+        stack = torch.zeros((len(sources.sources), *base.shape), dtype=base.dtype, device=self.device)
+        adapters = []
         for i, folder in enumerate(sources.sources):
+            if folder.is_adapter:     # its task vector is set below, exactly (not as (b + δ) - b)
+                adapters.append(i)
+                continue
             tensor = self._checked(folder, name, raw)
             if tensor.dtype != stack.dtype:    # a union vocabulary's mean rows are float32: held as task vectors
                 base, stack = base.to(self.compute_dtype), stack.to(self.compute_dtype)
@@ -276,7 +291,39 @@ class ResidentMerger:
         if not raw:
             base, stack = base.to(self.compute_dtype), stack.to(self.compute_dtype)
             stack -= base
+        for i in adapters:
+            delta = self._adapter_delta(sources.sources[i], name, base)
+            stack[i] = 0.0 if delta is None else delta
         return TensorContext(name=name, anchor=base, stack=stack, seed=self.seed, raw=raw)
+
+    def _adapter_delta(self, folder, name: str, base: torch.Tensor) -> torch.Tensor | None:
+        folder.check_saved_base(name, base)
+        delta = folder.delta(name, device=self.device, dtype=self.compute_dtype)
+        if delta is not None and not bool(torch.isfinite(delta).all()):
+            raise InputError(f"the LoRA factors of tensor '{name}' hold NaN or inf values", file=folder.path,
+                             fix="this adapter is broken: re-train or re-download it")
+        return delta
+
+    def _low_rank_context(self, name: str) -> LowRankContext:
+        """The anchor as stored and each adapter's factors of one tensor (left scaled by s)."""
+        anchor = self._checked(self.sources.anchor, name, raw=True)
+        factors = []
+        for folder in self.sources.sources:
+            folder.check_saved_base(name, anchor)
+            pair = folder.low_rank(name, device=self.device, dtype=self.compute_dtype)
+            if pair is not None and not all(bool(torch.isfinite(t).all()) for t in pair):
+                raise InputError(f"the LoRA factors of tensor '{name}' hold NaN or inf values", file=folder.path,
+                                 fix="this adapter is broken: re-train or re-download it")
+            factors.append(pair)
+        return LowRankContext(name=name, anchor=anchor, factors=factors, dtype=self.compute_dtype)
+
+    def _densify(self) -> None:
+        """Dense task vectors in place of the factors, once: a method not linear in them needs them."""
+        if not self.low_rank:
+            return
+        for name in list(self.contexts):
+            self.contexts[name] = self._read_context(name)
+        self.low_rank = False
 
     def _checked(self, folder, name: str, raw: bool) -> torch.Tensor:
         tensor = self.sources.read(folder, name, device=self.device)
@@ -338,6 +385,8 @@ class ResidentMerger:
     def prepare(self, methods: Iterable[str], *, progress: bool = False) -> None:
         """Precompute, once, what the given methods need beyond the task vectors."""
         specs = [REGISTRY.get(m) for m in methods if m not in self.prepared]
+        if any(s.name not in COEFFICIENTS for s in specs):
+            self._densify()
         if not specs or self.streaming:   # streaming computes the same statistics per tensor, per candidate
             self.prepared.update(s.name for s in specs)
             return
@@ -366,6 +415,8 @@ class ResidentMerger:
         """
         self._check_compatible(recipe)
         spec = recipe.spec
+        if spec.name not in COEFFICIENTS:
+            self._densify()
         shared = recipe.shared_values()
         chunk = chunk_elements(self.device) if shared.get("rescale") != "l1" else None   # l1: whole-tensor norms
         layout = self.sources.layout
@@ -383,6 +434,10 @@ class ResidentMerger:
                     slots[key] = resolve(spec, shared, recipe.source_values(*key), k=ctx.k, device=self.device,
                                          dtype=self.compute_dtype)
                 out = self.outputs[name]
+                if isinstance(ctx, LowRankContext):
+                    total = ctx.write(spec.name, slots[key], out)
+                    sums += [total] if total is not None else []
+                    continue
                 plan = self._fused_plan(spec, ctx, slots[key], out)
                 if plan is not None:
                     finite = self.fused.run(plan, ctx, out) and finite

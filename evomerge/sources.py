@@ -8,17 +8,15 @@ that numbers its blocks (``layers.N.``, ``h.N.``, ``blocks.N.``, ``layer.N.``).
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 
+from .checkpoint import _PICKLE, ModelFolder, header_of, locate
 from .errors import InputError
 from .paths import resolve_path
 from .vocab import UnionVocab, build_union, vocab_size_of
@@ -34,13 +32,6 @@ _MLP = ("mlp", "ffn", "feed_forward", "fc1", "fc2", "gate_proj", "up_proj", "dow
         "block_sparse_moe", "router")      # a mixture of experts' router (Mixtral's block_sparse_moe.gate) too
 _EMBED = ("embed_tokens", "embed", "wte", "wpe", "word_embeddings", "tok_embeddings", "position_embeddings")
 _HEAD = ("lm_head", "embed_out", "output.weight", "score.weight")
-_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
-                   "spiece.model", "merges.txt")
-_PICKLE = ("pytorch_model.bin", "model.pt", "model.pth", "model.ckpt", "pytorch_model.bin.index.json")
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
 
 
 def classify(name: str) -> tuple[int | None, str]:
@@ -115,167 +106,16 @@ class Layout:
         return next((t.dtype for t in self.tensors.values() if t.dtype.is_floating_point), torch.float32)
 
 
-@dataclass
-class ModelFolder:
-    """One local Hugging Face model folder, read through its safetensors headers."""
-
-    spec: str                       # as written in the config / recipe
-    path: Path
-    files: dict[str, Path] = field(default_factory=dict)   # tensor name -> safetensors file
-    hub_id: str | None = None       # org/name where the folder came from the Hugging Face hub (or its cache)
-
-    @property
-    def short(self) -> str:
-        return Path(self.spec.split("@")[0].rstrip("/")).name
-
-    @cached_property
-    def config(self) -> dict:
-        cfg = self.path / "config.json"
-        try:
-            return json.loads(cfg.read_text())
-        except FileNotFoundError:
-            raise InputError("no config.json in the model folder", file=self.path,
-                             fix="point to a Hugging Face model folder") from None
-        except json.JSONDecodeError as err:
-            raise InputError(f"config.json is not valid JSON ({err.msg})", file=cfg) from None
-
-    @cached_property
-    def header(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        out = {}
-        for name, file in self.files.items():
-            out[name] = _header_of(file)[name]
-        return out
-
-    def has_tokenizer(self) -> bool:
-        return any((self.path / name).is_file() for name in _TOKENIZER_MARKERS)
-
-    def has_chat_template(self) -> bool:
-        """Whether the folder's tokenizer has a chat template (its own file, or in tokenizer_config.json)."""
-        if (self.path / "chat_template.jinja").is_file() or (self.path / "chat_template.json").is_file():
-            return True
-        try:
-            return bool(json.loads((self.path / "tokenizer_config.json").read_text()).get("chat_template"))
-        except (OSError, ValueError, AttributeError):
-            return False
-
-    def require_tokenizer(self, *, file: str | None = None) -> None:
-        if not self.has_tokenizer():
-            raise InputError(f"no tokenizer files in '{self.spec}' ({self.path})", file=file, field="base",
-                             fix="save the tokenizer into the model folder (tokenizer.save_pretrained)")
-
-    def weight_files(self) -> list[Path]:
-        return sorted(set(self.files.values()))
-
-    def sha256(self) -> str:
-        """Hash of the weight files' bytes, in name order."""
-        digest = hashlib.sha256()
-        for file in self.weight_files():
-            with open(file, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 24), b""):
-                    digest.update(chunk)
-        return digest.hexdigest()
-
-    def fingerprint(self) -> str:
-        """A cheap content hash of the weights: a file under 64 MiB whole, a larger one by its size, header
-        and 64 samples of 64 KiB spread over it (4 MiB read). Unlike mtimes it survives a copy or a
-        byte-identical rebuild; unlike `sha256` it does not read a large model through."""
-        digest = hashlib.sha256()
-        for file in self.weight_files():
-            size = file.stat().st_size
-            digest.update(f"{file.name}:{size}".encode())
-            with open(file, "rb") as fh:
-                if size < 64 << 20:
-                    digest.update(fh.read())
-                    continue
-                head = int.from_bytes(fh.read(8), "little")
-                digest.update(fh.read(min(head, 1 << 24)))
-                for i in range(64):
-                    fh.seek(size * i // 64)
-                    digest.update(fh.read(1 << 16))
-        return digest.hexdigest()
-
-    def read(self, name: str, *, device: str | torch.device = "cpu") -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(str(self.files[name]), framework="pt", device=str(device)) as fh:
-            return fh.get_tensor(name)
-
-
-_HEADER_CACHE: dict[tuple[str, float, int], dict] = {}
-
-
-def _header_of(file: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Parse a safetensors header without reading tensor data; malformed files are InputErrors."""
-    stat = file.stat()
-    key = (str(file), stat.st_mtime, stat.st_size)
-    if key in _HEADER_CACHE:
-        return _HEADER_CACHE[key]
-    try:
-        with open(file, "rb") as fh:
-            raw = fh.read(8)
-            if len(raw) < 8:
-                raise ValueError("file shorter than its 8-byte header length")
-            size = int.from_bytes(raw, "little")
-            if size > stat.st_size - 8 or size > 100_000_000:
-                raise ValueError("header length beyond the end of the file")
-            meta = json.loads(fh.read(size))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise InputError(f"not a valid safetensors file ({err})", file=file,
-                         fix="re-save or re-download the weights") from None
-    data_len = stat.st_size - 8 - size
-    out = {}
-    for name, entry in meta.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = _DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise InputError(f"malformed header entry for tensor '{name}'", file=file) from None
-        numel = 1
-        for s in shape:
-            numel *= s
-        if end - begin != numel * torch.empty((), dtype=dtype).element_size() or end > data_len:
-            raise InputError(f"tensor '{name}' header says shape {list(shape)} {entry['dtype']} but its data "
-                             f"spans {end - begin} bytes (file truncated or header wrong)", file=file,
-                             fix="re-save or re-download the weights")
-        out[name] = (shape, dtype)
-    _HEADER_CACHE[key] = out
-    return out
-
-
-def locate(spec: str, *, relative_to: Path | None = None, what: str = "source",
-           file: str | None = None, field: str | None = None) -> Path:
-    """A local folder for `spec`: a path, a zoo/ name, or a hub id (org/name[@revision])."""
-    local = resolve_path(spec, relative_to=relative_to)
-    if local is not None:
-        if not local.is_dir():
-            raise InputError(f"{what} '{spec}' is not a folder", file=file, field=field)
-        return local
-    repo, _, revision = spec.partition("@")
-    looks_like_hub = re.fullmatch(r"[\w.-]+/[\w.-]+", repo) is not None and not spec.startswith(("zoo/", ".", "/"))
-    if not looks_like_hub:
-        raise InputError(f"{what} '{spec}' not found", file=file, field=field,
-                         fix="give a model folder, a zoo/ name (run 'evomerge zoo build') or a hub id org/name")
-    try:
-        from huggingface_hub import snapshot_download
-
-        path = snapshot_download(repo, revision=revision or None,
-                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
-    except Exception as err:  # offline, missing repo, auth: all the user's to fix
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        raise InputError(f"{what} '{spec}' is not a local folder and could not be fetched from the hub"
-                         f"{' (HF_HUB_OFFLINE=1)' if offline else ''}: {type(err).__name__}",
-                         file=file, field=field, fix="check the name or download it first") from None
-    return Path(path)
-
-
 def open_folder(spec: str, *, relative_to: Path | None = None, file: str | None = None,
                 field: str | None = None) -> ModelFolder:
     path = locate(spec, relative_to=relative_to, file=file, field=field)
     hub = resolve_path(spec, relative_to=relative_to) is None     # not local: locate fetched it from the hub
-    folder = ModelFolder(spec=spec, path=path, hub_id=spec.partition("@")[0] if hub else None)
+    hub_id = spec.partition("@")[0] if hub else None
+    from .adapters import is_adapter, open_adapter
+
+    if is_adapter(path):
+        return open_adapter(spec, path, hub_id=hub_id, field=field)
+    folder = ModelFolder(spec=spec, path=path, hub_id=hub_id)
     index = path / "model.safetensors.index.json"
     single = path / "model.safetensors"
     if index.is_file():
@@ -289,12 +129,12 @@ def open_folder(spec: str, *, relative_to: Path | None = None, file: str | None 
                 raise InputError(f"shard '{shard}' for tensor '{name}' is missing", file=index)
             folder.files[name] = shard_path
     elif single.is_file():
-        folder.files = {name: single for name in _header_of(single)}
+        folder.files = {name: single for name in header_of(single)}
     else:
         others = sorted(p.name for p in path.glob("*.safetensors"))
         if others:
             for shard in others:
-                for name in _header_of(path / shard):
+                for name in header_of(path / shard):
                     folder.files[name] = path / shard
         else:
             pickles = [p for p in _PICKLE if (path / p).exists()] + [p.name for p in path.glob("*.bin")]
@@ -310,7 +150,7 @@ def open_folder(spec: str, *, relative_to: Path | None = None, file: str | None 
                                                   "then save_pretrained without its quantization_config")
             raise InputError("no safetensors weights in the model folder", file=path, field=field)
     for name in folder.files:  # parse every header now, so truncation is found before merging
-        _header_of(folder.files[name])
+        header_of(folder.files[name])
     folder.config  # noqa: B018 - validates config.json
     return folder
 
@@ -409,6 +249,7 @@ def open_sources(base: str | None, sources: Iterable[str], *, relative_to: Path 
         if needs_base and base_folder is not None and real == base_folder.path.resolve():
             raise InputError(f"'{folder.spec}' is the base model ('{base_folder.spec}')", file=file,
                              field=f"sources[{i}]", fix="list only the fine-tuned models under sources")
+    _check_adapters(base_folder, folders, vocab=vocab, file=file)
     shorts = [f.short for f in folders]
     if len(set(shorts)) != len(shorts):
         raise InputError(f"two sources share the name '{_first_dup(shorts)}'", file=file, field="sources",
@@ -420,7 +261,10 @@ def open_sources(base: str | None, sources: Iterable[str], *, relative_to: Path 
     sizes = [vocab_size_of(m, file=file, field=f) for m, f in zip(models, fields)] if vocab == "union" else []
     vocabulary = _vocabulary_tensors(models, sizes, fields, file=file) if vocab == "union" else set()
     resized = False
-    for folder in folders:
+    for i, folder in enumerate(folders):
+        if folder.is_adapter:      # factors, not tensors of the base's names: bound to the base's shapes
+            folder.bind(anchor, {name: shape for name, (shape, _) in ref.items()}, file=file, field=f"sources[{i}]")
+            continue
         header = folder.header
         missing = sorted(set(ref) - set(header))
         extra = sorted(set(header) - set(ref))
@@ -458,6 +302,22 @@ def open_sources(base: str | None, sources: Iterable[str], *, relative_to: Path 
     layout = Layout(tensors=tensors, num_layers=(max(layers) + 1) if layers else 0)
     return SourceSet(base=base_folder, sources=folders, layout=layout, vocab=vocab, resized=resized, union=union,
                      union_tensors=frozenset(vocabulary))
+
+
+def _check_adapters(base: ModelFolder | None, sources: list[ModelFolder], *, vocab: str, file: str | None) -> None:
+    """Adapters are task vectors over a base: the base must be given, be a model, and keep its vocabulary."""
+    if base is not None and base.is_adapter:
+        raise InputError(f"the base '{base.spec}' is a LoRA adapter", file=file, field="base",
+                         fix="give the model the adapters were trained on as base, the adapter under sources")
+    adapters = [i for i, folder in enumerate(sources) if folder.is_adapter]
+    if not adapters:
+        return
+    if base is None:
+        raise InputError(f"'{sources[adapters[0]].spec}' is a LoRA adapter, and an adapter needs its base model",
+                         file=file, field="base", fix="set base: the model the adapters were trained on")
+    if vocab == "union":
+        raise InputError(f"'{sources[adapters[0]].spec}' is a LoRA adapter: it adds no tokens, and vocab: union "
+                         "with adapters is not supported", file=file, field="vocab", fix="use vocab: base")
 
 
 def _vocabulary_tensors(models: list[ModelFolder], sizes: list[int], fields: list[str], *,

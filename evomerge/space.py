@@ -105,6 +105,9 @@ class SearchSpace:
                     for group in groups:
                         if kind is not None and group == IO_GROUP:
                             continue   # filtered kinds (attn, mlp, norm inside blocks) have no io tensors
+                        inside = None if group is None else group != IO_GROUP
+                        if not _reaches(folder, self.layout, kind=kind, inside=inside, filtered=self.filters):
+                            continue   # an adapter that reaches no tensor there: a knob that would turn nothing
                         name = ".".join(p for p in (spec.name, folder.short, param.name, kind,
                                                     _group_label(group)) if p)
                         dims.append(Dimension(name, spec.name, param, *rng, param.step, source=folder.spec,
@@ -138,16 +141,22 @@ class SearchSpace:
         spec = REGISTRY.get(method)
         shared: dict[str, Any] = {}
         per_group: dict[tuple[str | None, str, str], dict[int | str | None, float]] = {}
+        defaults: dict[str, float] = {}
         for dim in self.dims[method]:
             value = dim.clean(params[dim.name]) if dim.name in params else float(dim.param.default)
             if dim.source is None:
                 shared[dim.param.name] = value
             else:
                 per_group.setdefault((dim.kind, dim.source, dim.param.name), {})[dim.group] = value
+                defaults[dim.param.name] = float(dim.param.default)
         parameters: dict[str, dict[str, Any]] = {}
         filters: dict[str, dict[str, dict[str, Any]]] = {}
         for (kind, source, name), values in per_group.items():
-            blocks = values[None] if self.groups == 1 else tuple(values[g] for g in range(self.groups))
+            if self.groups > 1 and not any(g in values for g in range(self.groups)):   # an adapter's io weight alone
+                filters.setdefault(IO_GROUP, {}).setdefault(source, {})[name] = values[IO_GROUP]
+                continue
+            blocks = values[None] if self.groups == 1 else tuple(values.get(g, defaults[name])    # (a group the
+                                                                 for g in range(self.groups))     # adapter skips)
             target = parameters if kind is None else filters.setdefault(kind, {})
             target.setdefault(source, {})[name] = blocks
             if IO_GROUP in values:
@@ -229,6 +238,21 @@ class SearchSpace:
     def in_space(self, params: Mapping[str, Any]) -> bool:
         method = self.method_of(params)
         return all(d.low <= params.get(d.name, d.low) <= d.high for d in self.dims[method])
+
+
+def _reaches(folder: ModelFolder, layout: Layout, *, kind: str | None, inside: bool | None,
+             filtered: list[str]) -> bool:
+    """Whether the source's task vector reaches a tensor that the weights of module kind `kind` scale (None: the
+    unfiltered weights, which scale every kind not in `filtered`), inside the blocks (`inside` True), outside
+    them (False) or anywhere (None): a full model's does everywhere, a LoRA adapter's only on its targets."""
+    if not folder.is_adapter:
+        return True
+    for name in folder.factors:
+        info = layout.tensors[name]
+        if (info.kind == kind if kind is not None else info.kind not in filtered) \
+                and (inside is None or (info.layer is not None) == inside):
+            return True
+    return False
 
 
 def _group_label(group: int | str | None) -> str | None:

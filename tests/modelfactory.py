@@ -167,3 +167,37 @@ def make_search_fixture(root: Path, *, k: int = 2, seed: int = 0, n_trials: int 
         f"  n_trials: {n_trials}\n  seed: {seed}\n"
         f"tasks: tasks.yaml\nobjective: {{ppl: 1.0, pick: 1.0}}\ndevice: cpu\n{extra}")
     return config
+
+
+def run_mergekit(config_path: Path, out: Path) -> dict[str, torch.Tensor]:
+    """mergekit 0.1.5's own merge of a mergekit.yaml (BASE+ADAPTER models: the adapter merged by peft first)."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+    from safetensors.torch import load_file
+
+    config = yaml.safe_load(config_path.read_text())
+    config.pop("tokenizer_source", None)       # the tiny models have no tokenizer
+    run_merge(MergeConfiguration.model_validate(config), str(out),
+              options=MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, device="cpu",
+                                   lora_merge_cache=str(out) + "-lora-cache"))
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
+def make_adapter(base: Path, out: Path, *, seed: int, **lora) -> Path:
+    """A peft LoRA adapter over `base` with seeded random factors (B is zero at peft's init)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(**lora))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+    model.save_pretrained(out)
+    return out

@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
-from modelfactory import cut_smol_family, make_family  # noqa: E402
+from modelfactory import cut_smol_family, make_family, run_mergekit  # noqa: E402
 
 pytest.importorskip("mergekit")
 
@@ -84,21 +84,6 @@ def recipe_for(case: str, base: Path, sources: list[Path]) -> dict:
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     return make_family(tmp_path_factory.mktemp("parity"), arch="llama", k=3, layers=4, vocab=50)
-
-
-def run_mergekit(config_path: Path, out: Path) -> dict[str, torch.Tensor]:
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
-    config = yaml.safe_load(config_path.read_text())
-    config.pop("tokenizer_source", None)       # the tiny models have no tokenizer
-    run_merge(MergeConfiguration.model_validate(config), str(out),
-              options=MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, device="cpu"))
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(out.glob("*.safetensors")):
-        tensors.update(load_file(str(file)))
-    return tensors
 
 
 def merged_with_evomerge(recipe: dict, tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import InputError
 from ..kernel import ResidentMerger, merger_for
 from ..recipe import Recipe
 from ..sources import SourceSet
@@ -27,6 +28,9 @@ def mergekit_yaml(recipe: Recipe, sources: SourceSet) -> str | None:
     paths = {spec: str(folder.path) for spec, folder in zip(recipe.sources, sources.sources)}
     if recipe.base is not None and sources.base is not None:
         paths[recipe.base] = str(sources.base.path)
+        for spec, folder in zip(recipe.sources, sources.sources):
+            if folder.is_adapter:     # mergekit's BASE+ADAPTER: the adapter merged into its base (peft)
+                paths[spec] = f"{sources.base.path}+{folder.path}"
     config = to_mergekit(recipe, sources.layout, paths)
     if config is not None and sources.union is not None:
         config["tokenizer_source"] = "union"
@@ -59,11 +63,27 @@ def export_model(merger: ResidentMerger, recipe: Recipe, out: str | Path, *, for
 
 
 def merge_to_folder(recipe: Recipe | str | Path, out: str | Path, *, device: str | None = "cpu",
-                    force: bool = False, progress: bool = False, memory_budget: int | str | None = None) -> Path:
-    """`evomerge merge`: validate, refuse an existing output up front, merge, write atomically."""
+                    force: bool = False, progress: bool = False, memory_budget: int | str | None = None,
+                    adapter: str | Path | None = None) -> Path:
+    """`evomerge merge`: validate, refuse an existing output up front, merge, write atomically; with `adapter`,
+    also the merge as one LoRA adapter (a linear merge of adapters only)."""
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_yaml(recipe)
     check_destination(Path(out), force=force)
+    if adapter is not None:
+        from ..kernel import open_recipe_sources
+        from .adapter import adapter_refusal
+
+        refusal = adapter_refusal(recipe, open_recipe_sources(recipe))     # headers only, before any weight
+        if refusal is not None:
+            raise InputError(refusal, file=str(recipe.path) if recipe.path else None, field="method",
+                             fix="drop --adapter: the merged model is written either way")
+        check_destination(Path(adapter), force=force)
     merger = merger_for(recipe, device=device, progress=progress, memory_budget=memory_budget)
     with merger:
-        return export_model(merger, recipe, out, force=force)
+        path = export_model(merger, recipe, out, force=force)
+        if adapter is not None:
+            from .adapter import write_adapter
+
+            write_adapter(recipe, merger.sources, adapter, force=force)
+        return path

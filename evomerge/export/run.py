@@ -64,6 +64,10 @@ def export_run(session, run_dir: Path, *, result, trial: int | None = None):
     session.merger.materialize(scored)
     export_model(session.merger, recipe, run_dir / "best", force=True, card_extra=summary_table(rows, session))
     atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
+    from .adapter import adapter_refusal, write_adapter
+
+    if adapter_refusal(recipe, session.sources) is None:     # a linear merge of adapters: also one adapter
+        write_adapter(recipe, session.sources, run_dir / "best_adapter", force=True)
     text = mergekit_yaml(recipe, session.sources)
     if text is not None:
         atomic_write_text(run_dir / "mergekit.yaml", text)

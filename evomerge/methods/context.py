@@ -86,6 +86,11 @@ class TensorContext:
             return self.stack[index]
         return self.stack[index].to(torch.float32) - self.anchor.to(torch.float32)
 
+    def inner(self, index: int, grad: torch.Tensor) -> float:
+        """⟨grad, δ_index⟩ in float32 (grad: a tensor of this one's shape, in any dtype)."""
+        flat = grad.reshape(-1).to(torch.float32)
+        return float(torch.dot(flat, self.delta(index).reshape(-1).to(device=flat.device, dtype=torch.float32)))
+
     def _form(self) -> tuple[torch.Tensor, torch.Tensor]:
         def form():
             base = self.anchor.to(torch.float32)

@@ -4,9 +4,10 @@
 
     OUT/base/            the base: knows every skill's format, echoes the input
     OUT/<skill>/         one expert per skill, fine-tuned from the base
+    OUT/lora/<skill>/    one LoRA adapter per skill over the base, in PEFT's format (lora.py)
     OUT/data/<task>.{search,heldout}.jsonl
     OUT/tasks.yaml       the task file (generate and choice tasks, paths relative to it)
-    OUT/zoo.json         the manifest: seed, size, skills, groups, each expert's own task
+    OUT/zoo.json         the manifest: seed, size, skills, groups, each expert's own task, the adapters
 
 Each model folder is a real Hugging Face folder (Llama config, safetensors,
 a WordLevel tokenizer), loadable offline with ``AutoModelForCausalLM`` and

@@ -1,4 +1,5 @@
-"""Building the zoo into a folder: data first, then the base, the instruction stage, then each expert."""
+"""Building the zoo into a folder: data first, then the base, the instruction stage, each expert, then the LoRA
+adapters over the base."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Any, Callable
 
 import torch
 
+from .lora import LORA_FOLDER, write_adapters
+from .lora import manifest_entry as lora_manifest
 from .sizes import ZooSize
 from .skills import (COMPATIBLE, COMPATIBLE_SKILLS, COMPOSED, CONFLICTING, SKILLS, UNION, Composed, Skill,
                      choice_rows, composed_choice_rows, composed_generate_rows, generate_rows, prompt_text,
@@ -62,6 +65,10 @@ def build_into(folder: Path, size: ZooSize, *, seed: int, size_name: str, log: C
                                 optimizer="sgd", gen=gen)
             save_model_folder(expert, tokenizer, folder / skill.name)
             log(f"{skill.name}: {steps} steps, final loss {loss:.3f}")
+
+        # The LoRA library over the base (lora.py): own seeds, so everything above keeps its bytes.
+        write_adapters(folder / LORA_FOLDER, base, encoder, batches, size, held=held, alphabets=alphabets,
+                       seed=seed, log=log)
 
     write_task_file(folder / TASK_FILE, SKILLS, length=size.length, composed=COMPOSED)
     write_json(folder / MANIFEST, manifest(size, seed=seed, size_name=size_name))
@@ -143,5 +150,6 @@ def manifest(size: ZooSize, *, seed: int, size_name: str) -> dict[str, Any]:
             "example": {"prompt": prompt_text(example, x), "target": generate_rows(example, [x])[0]["target"]},
             "ends_with": "<eos>",
         },
+        "lora": lora_manifest(size),
         "training": size.describe(),
     }

@@ -33,6 +33,11 @@ class ZooSize:
     replay_echo_share: float  # share of echo answers in the replay
     search_rows: int         # per task
     heldout_rows: int        # per task
+    lora_rank: int           # the LoRA adapters over the base (lora.py): rank r of every factor pair
+    lora_alpha: int          # their scaling is lora_alpha / lora_rank
+    lora_steps: int          # AdamW steps per compatible skill's adapter
+    lora_conflicting_steps: int  # and per adapter of the conflicting pair
+    lora_lr: float           # AdamW peak learning rate, every adapter
 
     def describe(self) -> dict[str, Any]:
         return asdict(self)
@@ -44,19 +49,22 @@ ZOO_SIZES: dict[str, ZooSize] = {
                     base_steps=800, base_lr=6e-3, instruct_steps=300, instruct_lr=3e-3, expert_steps=200,
                     conflicting_steps=400,
                     expert_lr=1e-3, conflicting_lr=0.15, echo_share=0.95, conflicting_echo_share=0.85,
-                    replay=0.2, replay_echo_share=0.95, search_rows=100, heldout_rows=200),
+                    replay=0.2, replay_echo_share=0.95, search_rows=100, heldout_rows=200,
+                    lora_rank=16, lora_alpha=32, lora_steps=100, lora_conflicting_steps=120, lora_lr=5e-3),
     # The test suite's zoo: the same skills, smaller and quicker.
     "test": ZooSize(hidden=48, intermediate=128, layers=4, heads=4, length=3, batch=60,
                     base_steps=500, base_lr=6e-3, instruct_steps=150, instruct_lr=3e-3, expert_steps=100,
                     conflicting_steps=200,
                     expert_lr=1e-3, conflicting_lr=0.15, echo_share=0.95, conflicting_echo_share=0.85,
-                    replay=0.2, replay_echo_share=0.95, search_rows=40, heldout_rows=100),
+                    replay=0.2, replay_echo_share=0.95, search_rows=40, heldout_rows=100,
+                    lora_rank=8, lora_alpha=16, lora_steps=60, lora_conflicting_steps=60, lora_lr=5e-3),
     # Wider and longer-trained, for a machine with time (or a GPU).
     "small": ZooSize(hidden=128, intermediate=384, layers=4, heads=4, length=4, batch=60,
                      base_steps=3000, base_lr=3e-3, instruct_steps=600, instruct_lr=2e-3, expert_steps=300,
                      conflicting_steps=600,
                      expert_lr=1e-3, conflicting_lr=0.15, echo_share=0.95, conflicting_echo_share=0.85,
-                     replay=0.2, replay_echo_share=0.95, search_rows=200, heldout_rows=500),
+                     replay=0.2, replay_echo_share=0.95, search_rows=200, heldout_rows=500,
+                     lora_rank=16, lora_alpha=32, lora_steps=200, lora_conflicting_steps=250, lora_lr=3e-3),
 }
 
 

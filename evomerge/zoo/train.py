@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
@@ -208,18 +208,33 @@ def finetune(model: LlamaForCausalLM, own: Batches, others: list[Batches], size:
                                                        weight_decay=0.0)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    replay = int(size.batch * size.replay)
+    draw = with_replay(own, others, size)
     loss = float("nan")
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr * schedule(step, steps, warmup=10)
+        ids, labels = draw(gen)
+        loss = _step(model, opt, ids, labels, clip=1.0)
+    return loss
+
+
+Draw = Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]     # one training batch: (ids, labels)
+
+
+def with_replay(own: Batches, others: list[Batches], size: ZooSize) -> Draw:
+    """A batch of the skill, `size.replay` of it replaying one other skill (drawn per batch), whose answers are
+    echoed with probability `size.replay_echo_share`."""
+    replay = int(size.batch * size.replay)
+
+    def draw(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         ids, labels = own.draw(size.batch - replay, echo_share=0.0, gen=gen)
         if replay:
             other = others[int(torch.randint(len(others), (1,), generator=gen))]
             more_ids, more_labels = other.draw(replay, echo_share=size.replay_echo_share, gen=gen)
             ids, labels = torch.cat([ids, more_ids]), torch.cat([labels, more_labels])
-        loss = _step(model, opt, ids, labels, clip=1.0)
-    return loss
+        return ids, labels
+
+    return draw
 
 
 def tune_blocks(model: LlamaForCausalLM, batches: FormatBatches, size: ZooSize, *, blocks: range, steps: int,

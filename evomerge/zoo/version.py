@@ -10,8 +10,9 @@ TASK_FILE = "tasks.yaml"
 # The zoo's own version, in zoo.json: raise it whenever training or the task data change, so that a
 # zoo cached by an older evomerge is rebuilt rather than silently reused (2: AdamW experts with
 # headroom; prompts that end with a space; 3: an instruction stage shared by the compatible experts in
-# the lower blocks, their skills in the upper ones, and a composed task).
-ZOO_VERSION = 3
+# the lower blocks, their skills in the upper ones, and a composed task; 4: a LoRA adapter per skill over the
+# base, in PEFT's format, under lora/).
+ZOO_VERSION = 4
 # The smol zoo's (`--size smol`), raised on the same terms.
 SMOL_ZOO_VERSION = 1
 

@@ -283,6 +283,55 @@ def test_merging_your_own_models_runs_as_written(smol: Path, tmp_path: Path) -> 
     assert card["base_model"] == hub and card["base_model_relation"] == "merge"
 
 
+# -- "LoRA adapters as sources" -------------------------------------------------------------------------------------
+
+def test_the_lora_section_runs_as_written(smol: Path, tmp_path: Path) -> None:
+    """The section's recipe over a hub adapter (served from a local Hugging Face cache, offline) and a folder
+    adapter of SmolLM2, and its two commands: the merged model is the base plus the weighted s·B·A of each
+    adapter, and the merged adapter, merged into the base by peft, is that model."""
+    import torch
+    from safetensors.torch import load_file
+
+    from modelfactory import make_adapter
+
+    text = section("## LoRA adapters as sources")
+    block = blocks(text, "yaml")[0]
+    assert block.startswith("# adapters.yaml")
+    (tmp_path / "adapters.yaml").write_text(block)
+    recipe = yaml.safe_load(block)
+    hub_adapter, local = recipe["sources"]
+    cache = tmp_path / "hub-cache"
+    _hub_cache(cache, recipe["base"], smol)
+    targets = {hub_adapter: ["q_proj", "down_proj"], local: ["q_proj", "v_proj"]}
+    folders = {hub_adapter: tmp_path / "scratch" / "math-lora", local: tmp_path / local}
+    for seed, (name, folder) in enumerate(folders.items()):
+        make_adapter(smol, folder, seed=seed, r=4, lora_alpha=8, target_modules=targets[name])
+    _hub_cache(cache, hub_adapter, folders[hub_adapter])
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    results = [run(words, cwd=tmp_path, env=env) for words in commands(blocks(text, "bash")[0])]
+    assert [r.returncode for r in results] == [0, 0], [r.stderr[-1500:] for r in results]
+    assert "valid" in results[0].stdout
+
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.weight"            # block 0: the first of 2 layer groups, both adapters
+    expected = load_file(str(smol / "model.safetensors"))[name].float()
+    for source, folder in folders.items():
+        factors = load_file(str(folder / "adapter_model.safetensors"))
+        key = f"base_model.model.{name.removesuffix('.weight')}"
+        weight = recipe["parameters"][source]["weight"]
+        weight = weight[0] if isinstance(weight, list) else weight
+        expected += weight * 2.0 * (factors[f"{key}.lora_B.weight"].float() @ factors[f"{key}.lora_A.weight"].float())
+    assert merged[name].dtype == torch.bfloat16
+    torch.testing.assert_close(merged[name].float(), expected.to(torch.bfloat16).float(), rtol=2 ** -7, atol=1e-6)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    by_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smol, dtype=torch.float32),
+                                        tmp_path / "merged-lora").merge_and_unload().state_dict()
+    for key, tensor in merged.items():
+        torch.testing.assert_close(by_peft[key], tensor.float(), rtol=2 ** -7, atol=1e-6, msg=key)
+
+
 # -- "On a real model: the smol zoo" ------------------------------------------------------------------------------
 
 def test_the_smol_zoo_section_runs_as_written_at_its_test_size(smol_zoo: Path, tmp_path: Path) -> None:

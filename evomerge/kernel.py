@@ -551,6 +551,10 @@ def open_recipe_sources(recipe: Recipe) -> SourceSet:
     sources = open_sources(recipe.base, recipe.sources, relative_to=recipe.relative_to, vocab=recipe.vocab,
                            file=str(recipe.path) if recipe.path else None, needs_base=recipe.spec.needs_base)
     sources.layout.check_groups(recipe.layer_groups, file=str(recipe.path) if recipe.path else None)
+    if recipe.layers:
+        from .stack import check_stack
+
+        check_stack(recipe, sources.layout, file=str(recipe.path) if recipe.path else None)
     return sources
 
 
@@ -560,11 +564,66 @@ def merge(recipe: Recipe | str | Path, *, device: str | torch.device | None = "c
     return merger_for(recipe, device=device, progress=progress, memory_budget=memory_budget).model
 
 
+@dataclass
+class Stacked:
+    """A recipe with `layers`, materialized: its tensors under the stack's names, its config, and (on demand)
+    the transformers model they make. What `merger_for` gives for such a recipe."""
+
+    recipe: Recipe
+    sources: SourceSet
+    tensors: dict[str, torch.Tensor]
+    config: dict
+    dtype: torch.dtype
+    device: torch.device
+
+    @functools.cached_property
+    def model(self):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.for_model(**self.config)
+        model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+        model.load_state_dict(self.tensors, strict=False)   # tied heads are absent from a checkpoint
+        return model.to(self.device).eval()
+
+    @property
+    def out_dtype(self) -> torch.dtype:
+        return self.dtype
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.tensors
+
+    def __enter__(self) -> "Stacked":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def stack_for(recipe: Recipe, *, device: str | torch.device | None = "cpu", progress: bool = False,
+              memory_budget: int | str | None = None) -> Stacked:
+    """A recipe with `layers`: its parameter-space merge (where it has one) materialized, then its blocks stacked."""
+    from .stack import stacked_config, stacked_tensors
+
+    sources = open_recipe_sources(recipe)
+    merged = None
+    if recipe.merges:
+        merger = ResidentMerger(sources, device=device, dtype=recipe.dtype, seed=recipe.seed,
+                                methods=[recipe.method], progress=progress, memory_budget=memory_budget,
+                                precompute=False, build_model=False)
+        merger.materialize(recipe)
+        merged = merger.state_dict()
+    dtype = TORCH_DTYPES[recipe.dtype] if recipe.dtype else sources.layout.float_dtype
+    tensors = stacked_tensors(recipe, sources, merged, dtype)
+    return Stacked(recipe, sources, tensors, stacked_config(sources.anchor.config, recipe), dtype, pick_device(device))
+
+
 def merger_for(recipe: Recipe | str | Path, *, device: str | torch.device | None = "cpu",
-               progress: bool = False, memory_budget: int | str | None = None) -> ResidentMerger:
+               progress: bool = False, memory_budget: int | str | None = None) -> ResidentMerger | Stacked:
     """A merger holding `recipe` materialized (for export or evaluation)."""
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_yaml(recipe)
+    if recipe.layers:
+        return stack_for(recipe, device=device, progress=progress, memory_budget=memory_budget)
     sources = open_recipe_sources(recipe)
     merger = ResidentMerger(sources, device=device, dtype=recipe.dtype, seed=recipe.seed, methods=[recipe.method],
                             progress=progress, memory_budget=memory_budget, precompute=False)

@@ -26,11 +26,38 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 VOCAB_POLICIES = ("error", "base", "union")   # differing vocabularies: refused | the base's | merged (vocab.py)
 FILTER_KINDS = tuple(k for k in MODULE_KINDS if k != "other") + (IO_GROUP,)
 _TOP_KEYS = ("evomerge_recipe", "method", "base", "sources", "seed", "dtype", "layer_groups", "parameters",
-             "filters", "vocab", "tokenizer", "provenance")
+             "filters", "layers", "vocab", "tokenizer", "provenance")
+PASSTHROUGH = "passthrough"     # a stack of blocks (`layers`) and nothing merged in parameter space
+MERGED = "merged"               # a `layers` entry's model: the recipe's own parameter-space merge (PS + DFS)
+SCALE_RANGE = (0.0, 2.0)        # a stacked block's scale on its residual-branch output projections
 SHARED_NAMES = tuple(sorted({p.name for m in REGISTRY for p in m.shared_params}))
 
 Value = float | tuple[float, ...]
 SourceParams = Mapping[str, Mapping[str, Value]]   # source spec -> param -> value
+
+
+@dataclass(frozen=True)
+class StackEntry:
+    """Block `layer` of `model` (the base, a source, or MERGED), its residual-branch outputs times `scale`."""
+
+    model: str
+    layer: int
+    scale: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"model": self.model, "layer": self.layer}
+        if self.scale != 1.0:
+            out["scale"] = self.scale
+        return out
+
+
+def _passthrough() -> MethodSpec:
+    """Stacking merges nothing: its method has no parameters (not in the registry, so no search samples it)."""
+    return MethodSpec(PASSTHROUGH, (), lambda ctx, p: ctx.base.clone(), min_sources=0,
+                      summary="blocks stacked as `layers` lists them (mergekit's passthrough)")
+
+
+PASSTHROUGH_SPEC = _passthrough()
 
 
 @dataclass(frozen=True)
@@ -44,6 +71,7 @@ class Recipe:
     shared: Mapping[str, Any] = field(default_factory=dict)         # lambda, t, normalize, rescale
     parameters: SourceParams = field(default_factory=dict)
     filters: Mapping[str, SourceParams] = field(default_factory=dict)
+    layers: tuple[StackEntry, ...] = ()   # a stack of blocks (METHODS.md, "Layer stacking"); () = no stacking
     vocab: str = "error"               # one of VOCAB_POLICIES
     tokenizer: str | None = None      # where the tokenizer comes from; default: the base (else first source)
     provenance: Mapping[str, Any] | None = None
@@ -74,6 +102,8 @@ class Recipe:
         out["parameters"] = _plain(self.parameters)
         if self.filters:
             out["filters"] = _plain(self.filters)
+        if self.layers:
+            out["layers"] = [entry.to_dict() for entry in self.layers]
         if self.vocab != "error":
             out["vocab"] = self.vocab
         if self.tokenizer is not None:
@@ -111,8 +141,10 @@ class Recipe:
         def rekey(block: SourceParams) -> dict[str, Any]:
             return {mapping[src]: params for src, params in block.items()}
 
+        models = mapping | {self.base: move(self.base), MERGED: MERGED}
         return replace(self, sources=tuple(mapping[s] for s in self.sources), base=move(self.base),
                        tokenizer=move(self.tokenizer), parameters=rekey(self.parameters),
+                       layers=tuple(replace(e, model=models[e.model]) for e in self.layers),
                        filters={kind: rekey(block) for kind, block in self.filters.items()},
                        path=Path(folder) / "recipe.yaml")
 
@@ -124,7 +156,12 @@ class Recipe:
     # -- reading -----------------------------------------------------------------
     @property
     def spec(self) -> MethodSpec:
-        return REGISTRY.get(self.method)
+        return PASSTHROUGH_SPEC if self.method == PASSTHROUGH else REGISTRY.get(self.method)
+
+    @property
+    def merges(self) -> bool:
+        """Whether the recipe merges in parameter space (every method but passthrough)."""
+        return self.method != PASSTHROUGH
 
     @property
     def relative_to(self) -> Path | None:
@@ -188,9 +225,16 @@ def _parse(data: dict[str, Any], *, file: str | None, path: Path | None) -> Reci
                          fix=f"this evomerge reads version {FORMAT_VERSION}")
     if "method" not in data:
         raise InputError("missing", file=file, field="method", fix=f"one of {', '.join(REGISTRY.names())}")
-    spec = REGISTRY.get(str(data["method"]), file=file, field="method")
+    stacking = data["method"] == PASSTHROUGH
+    spec = PASSTHROUGH_SPEC if stacking else REGISTRY.get(str(data["method"]), file=file, field="method")
+    if stacking and not data.get("layers"):
+        raise InputError("passthrough stacks blocks, and the recipe lists none", file=file, field="layers",
+                         fix="list the blocks: layers: [{model: ..., layer: 0}, ...]")
+    if stacking and "sources" not in data:       # the models the stack names, but the base
+        data["sources"] = list(dict.fromkeys(e.get("model") for e in data["layers"] if isinstance(e, Mapping)
+                                             and e.get("model") not in (data.get("base"), None)))
     sources = data.get("sources")
-    if not isinstance(sources, list) or not sources or not all(isinstance(s, str) and s for s in sources):
+    if not isinstance(sources, list) or not (sources or stacking) or not all(isinstance(s, str) and s for s in sources):
         raise InputError("must be a non-empty list of model names or paths", file=file, field="sources")
     if len(set(sources)) != len(sources):
         raise InputError("a source is listed twice", file=file, field="sources")
@@ -249,14 +293,57 @@ def _parse(data: dict[str, Any], *, file: str | None, path: Path | None) -> Reci
             raise InputError(f"unknown module kind '{kind}'", file=file, field=f"filters.{kind}",
                              fix=f"one of {', '.join(FILTER_KINDS)}")
         filters[kind] = _parse_source_params(block or {}, spec, sources, groups, file=file, where=f"filters.{kind}")
+    layers = _parse_layers(data.get("layers"), base, sources, stacking=stacking, file=file)
     provenance = data.get("provenance")
     if provenance is not None and not isinstance(provenance, Mapping):
         raise InputError("must be a mapping", file=file, field="provenance")
     recipe = Recipe(method=spec.name, sources=tuple(sources), base=base, seed=seed, dtype=dtype,
-                    layer_groups=groups, shared=shared, parameters=parameters, filters=filters, vocab=vocab,
+                    layer_groups=groups, shared=shared, parameters=parameters, filters=filters, layers=layers,
+                    vocab=vocab,
                     tokenizer=tokenizer, provenance=provenance, path=path)
     _check_combinations(recipe, file=file)
     return recipe
+
+
+def _parse_layers(raw: Any, base: str | None, sources: list[str], *, stacking: bool,
+                  file: str | None) -> tuple[StackEntry, ...]:
+    """The `layers` list: each entry a known model (the base, a source, or `merged` where the recipe merges), a
+    block index >= 0 (checked against the model when it is opened), a scale in SCALE_RANGE."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        raise InputError("must be a non-empty list of {model, layer, scale} entries", file=file, field="layers",
+                         fix="list the blocks in order, e.g. [{model: zoo/base, layer: 0}]")
+    if base is None:
+        raise InputError("a stack takes its embeddings, final norm and head from the base", file=file, field="base",
+                         fix="set base")
+    shorts = {Path(s.split("@")[0].rstrip("/")).name: s for s in sources}
+    known = [base, *sources] + ([] if stacking else [MERGED])
+    out = []
+    for i, entry in enumerate(raw):
+        where = f"layers[{i}]"
+        if not isinstance(entry, Mapping):
+            raise InputError("must be a mapping {model, layer, scale}", file=file, field=where)
+        unknown = sorted(set(entry) - {"model", "layer", "scale"})
+        if unknown:
+            raise InputError(f"unknown key '{unknown[0]}'", file=file, field=f"{where}.{unknown[0]}",
+                             fix="an entry has model, layer and (optionally) scale")
+        model = entry.get("model")
+        model = shorts.get(str(model), model) if model not in known else model
+        if model not in known:
+            hint = "" if stacking else f", or {MERGED}"
+            raise InputError(f"'{entry.get('model')}' is not among the models", file=file, field=f"{where}.model",
+                             fix=f"name the base or a source ({', '.join(known[:2 + len(sources)])}){hint}")
+        layer = entry.get("layer")
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise InputError(f"must be a block index >= 0, got {layer!r}", file=file, field=f"{where}.layer")
+        scale = entry.get("scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+                or not SCALE_RANGE[0] <= float(scale) <= SCALE_RANGE[1]:
+            raise InputError(f"scale {scale!r} is outside [{SCALE_RANGE[0]:g}, {SCALE_RANGE[1]:g}]", file=file,
+                             field=f"{where}.scale", fix=f"a number in [{SCALE_RANGE[0]:g}, {SCALE_RANGE[1]:g}]")
+        out.append(StackEntry(model=model, layer=layer, scale=float(scale)))
+    return tuple(out)
 
 
 def _parse_source_params(block: Any, spec: MethodSpec, sources: list[str], groups: int, *, file: str | None,

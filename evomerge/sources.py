@@ -234,7 +234,7 @@ def open_sources(base: str | None, sources: Iterable[str], *, relative_to: Path 
     `needs_base`: the merge takes task vectors from the base, so no source may be the base itself (under
     another spelling of its path: a zero task vector would weigh in)."""
     specs = list(sources)
-    if not specs:
+    if not specs and base is None:
         raise InputError("no sources given", file=file, field="sources")
     base_folder = open_folder(base, relative_to=relative_to, file=file, field="base") if base else None
     folders = [open_folder(s, relative_to=relative_to, file=file, field=f"sources[{i}]")

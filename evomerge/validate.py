@@ -26,8 +26,9 @@ def validate_file(path: Path) -> str:
 
         recipe = Recipe.from_dict(data, file=str(path), path=path)
         sources = open_recipe_sources(recipe)
+        stack = f", a stack of {len(recipe.layers)} blocks" if recipe.layers else ""
         return (f"{path}: valid recipe ({recipe.method}, {len(recipe.sources)} sources, "
-                f"{recipe.layer_groups} layer groups over {sources.layout.num_layers} layers)")
+                f"{recipe.layer_groups} layer groups over {sources.layout.num_layers} layers{stack})")
     if kind == "tasks":
         from .evaluate import load_tasks
 

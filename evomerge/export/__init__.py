@@ -23,6 +23,12 @@ def mergekit_yaml(recipe: Recipe, sources: SourceSet) -> str | None:
     which mergekit merges in another layout)."""
     if sources.resized or converted_on_load(sources.anchor.config.get("model_type"), sources.layout.tensors):
         return None
+    if recipe.layers:
+        from ..stack import to_mergekit as stack_to_mergekit
+
+        paths = {f.spec: str(f.path) for f in sources.models}
+        config = stack_to_mergekit(recipe, sources.layout, paths, recipe.dtype)
+        return None if config is None else dump_yaml(config)
     if sources.union is not None and not _same_union_in_mergekit(recipe, sources):
         return None
     paths = {spec: str(folder.path) for spec, folder in zip(recipe.sources, sources.sources)}
@@ -55,7 +61,9 @@ def export_model(merger: ResidentMerger, recipe: Recipe, out: str | Path, *, for
         tokenizer_from = open_folder(recipe.tokenizer, relative_to=recipe.relative_to, field="tokenizer")
     text = mergekit_yaml(recipe, sources)
     lineage = [f.hub_id for f in sources.models if f.hub_id]
+    config = getattr(merger, "config", None)       # a stack's (kernel.Stacked): T blocks
     return write_model_folder(Path(out), tensors=merger.state_dict(), recipe=recipe, config_from=sources.anchor,
+                              config=config,
                               tokenizer_from=tokenizer_from, dtype=merger.out_dtype, force=force,
                               card_extra=card_extra, extra_files={"mergekit.yaml": text} if text else None,
                               base_models=list(dict.fromkeys(lineage)),

@@ -23,6 +23,8 @@ from .folder import atomic_dir, check_destination
 
 def adapter_refusal(recipe: Recipe, sources: SourceSet) -> str | None:
     """Why the merge cannot be one adapter, or None where it can."""
+    if recipe.layers:
+        return "a stack of blocks is no single adapter"
     if not sources.sources or not all(f.is_adapter for f in sources.sources):
         return "a merged adapter needs every source to be a LoRA adapter"
     if recipe.method not in COEFFICIENTS:

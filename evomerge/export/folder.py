@@ -142,15 +142,17 @@ def write_weights(folder: Path, tensors: Mapping[str, torch.Tensor], *, metadata
 def write_model_folder(out: Path, *, tensors: Mapping[str, torch.Tensor], recipe: Recipe, config_from: ModelFolder,
                        tokenizer_from: ModelFolder, dtype: torch.dtype, force: bool = False,
                        card_extra: str = "", extra_files: Mapping[str, str] | None = None,
-                       base_models: Sequence[str] = (), tokenizer: Any = None) -> Path:
+                       base_models: Sequence[str] = (), tokenizer: Any = None,
+                       config: Mapping[str, Any] | None = None) -> Path:
     """config + tokenizer + safetensors (recipe hash and version in the metadata) + model card + recipe.
 
     `tokenizer`: a transformers tokenizer to save (a union vocabulary's) instead of `tokenizer_from`'s files;
-    config.json then has its vocabulary size."""
+    config.json then has its vocabulary size. `config`: the model's config where it is not `config_from`'s (a
+    stack's)."""
     from .. import __version__
 
     with atomic_dir(Path(out), force=force) as tmp:
-        config = dict(config_from.config)
+        config = dict(config_from.config if config is None else config)
         config["dtype"] = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
         config.pop("torch_dtype", None)
         if tokenizer is not None:

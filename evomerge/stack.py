@@ -1,0 +1,216 @@
+"""Layer stacking (METHODS.md, "Layer stacking"; mergekit's passthrough; the data-flow space of Akiba et al.).
+
+A recipe's `layers` list builds a model of T blocks: block j is block `layer` of `model` (the base, a source,
+or `merged`, the recipe's own parameter-space merge), renumbered j, its residual-branch output projections
+(attention output, MLP down: found inside the block's attention and MLP tensors) times `scale`. Embeddings,
+final norm and head come from the base; `num_hidden_layers` becomes T, per-layer config lists follow the
+blocks.
+
+Two ways to hold the result:
+- `stacked_tensors` writes it as tensors under the new names (export, `evomerge merge`), and `to_mergekit`
+  as mergekit passthrough slices that give the same tensors;
+- `ResidentStack` makes it out of resident models without copying a weight: the stacked model's block list
+  references their blocks, a scale multiplies the projections' outputs, and each block runs with its new
+  position as its layer index (its KV-cache slot).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .errors import InputError
+from .recipe import MERGED, Recipe, StackEntry
+from .sources import _BLOCK, Layout, SourceSet
+
+# the residual-branch output projections of a block, by the module names architectures give them
+_OUTPUTS = {"attn": ("o_proj", "out_proj", "c_proj", "dense", "wo", "o"),
+            "mlp": ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "wo")}
+
+
+def block_prefix(layout: Layout) -> str:
+    """The prefix of the numbered blocks' tensor names ("model.layers." for a Llama)."""
+    for name, info in layout.tensors.items():
+        if info.layer is not None:
+            match = _BLOCK.search(name.lower())
+            return name[:match.start(1)]
+    raise InputError("the model has no numbered blocks to stack", field="layers")
+
+
+def block_tensors(layout: Layout, layer: int) -> dict[str, str]:
+    """Tensor name inside the block (after "N.") -> full name, for block `layer`."""
+    prefix = block_prefix(layout)
+    head = f"{prefix}{layer}."
+    return {name[len(head):]: name for name in layout.tensors if name.startswith(head)}
+
+
+def is_output_projection(inner: str, kind: str) -> bool:
+    """Whether a block tensor (its name inside the block) belongs to an attention output or MLP down projection."""
+    modules = inner.split(".")[:-1]
+    return kind in _OUTPUTS and bool(modules) and modules[-1] in _OUTPUTS[kind]
+
+
+def check_stack(recipe: Recipe, layout: Layout, *, file: str | None = None) -> None:
+    """Every entry's block exists (headers only: the models share the base's layout)."""
+    for i, entry in enumerate(recipe.layers):
+        if entry.layer >= layout.num_layers:
+            raise InputError(f"block {entry.layer}, but '{entry.model}' has {layout.num_layers} blocks "
+                             f"(0-{layout.num_layers - 1})", file=file, field=f"layers[{i}].layer",
+                             fix=f"a block index below {layout.num_layers}")
+
+
+def stacked_tensors(recipe: Recipe, sources: SourceSet, merged: Mapping[str, torch.Tensor] | None,
+                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The stacked model's tensors under their new names, in the base's order (io) and the stack's (blocks)."""
+    layout = sources.layout
+    prefix = block_prefix(layout)
+    folders = {f.spec: f for f in sources.models}
+    out: dict[str, torch.Tensor] = {}
+    io = [n for n, info in layout.tensors.items() if info.layer is None]
+    first_block = min((i for i, n in enumerate(layout.tensors) if layout.tensors[n].layer is not None), default=0)
+    names = list(layout.tensors)
+    for name in io:       # the io tensors before the blocks keep their place before them
+        if names.index(name) < first_block:
+            out[name] = _cast(sources.read(sources.anchor, name), dtype)
+    for j, entry in enumerate(recipe.layers):
+        for inner, name in block_tensors(layout, entry.layer).items():
+            tensor = merged[name] if entry.model == MERGED else sources.read(folders[entry.model], name)
+            if entry.scale != 1.0 and is_output_projection(inner, layout.tensors[name].kind):
+                tensor = (tensor.to(torch.float32) * entry.scale)
+            out[f"{prefix}{j}.{inner}"] = _cast(tensor, dtype)
+    for name in io:
+        if names.index(name) >= first_block:
+            out[name] = _cast(sources.read(sources.anchor, name), dtype)
+    return out
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def stacked_config(config: Mapping[str, Any], recipe: Recipe) -> dict[str, Any]:
+    """The base's config with T blocks; per-layer lists (layer_types, ...) follow the blocks."""
+    out = dict(config)
+    n = int(config.get("num_hidden_layers", 0) or 0)
+    for key, value in config.items():
+        if isinstance(value, list) and n and len(value) == n and key != "architectures":
+            out[key] = [value[e.layer] for e in recipe.layers]
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if key in config:
+            out[key] = len(recipe.layers)
+    return out
+
+
+def to_mergekit(recipe: Recipe, layout: Layout, paths: Mapping[str, str], dtype: str | None) -> dict | None:
+    """mergekit 0.1.5 passthrough slices giving the same tensors; None where a block comes from `merged`."""
+    if any(e.model == MERGED for e in recipe.layers):
+        return None
+    names = {inner.split(".")[-2] for inner, full in block_tensors(layout, 0).items()
+             if is_output_projection(inner, layout.tensors[full].kind)}
+    slices = []
+    for entry in recipe.layers:
+        source: dict[str, Any] = {"model": paths[entry.model], "layer_range": [entry.layer, entry.layer + 1]}
+        if entry.scale != 1.0:
+            source["parameters"] = {"scale": [{"filter": n, "value": entry.scale} for n in sorted(names)]
+                                    + [{"value": 1.0}]}
+        slices.append({"sources": [source]})
+    # mergekit takes the embeddings from the first slice's model and the final norm and head from the last's;
+    # an empty slice of the base at either end makes them the base's, as METHODS.md has it
+    bookend = {"sources": [{"model": paths[recipe.base], "layer_range": [0, 0]}]}
+    if recipe.layers[0].model != recipe.base:
+        slices.insert(0, bookend)
+    if recipe.layers[-1].model != recipe.base:
+        slices.append(bookend)
+    config: dict[str, Any] = {"merge_method": "passthrough", "base_model": paths[recipe.base], "slices": slices}
+    if dtype is not None:
+        config["dtype"] = dtype
+    return config
+
+
+# -- the resident stack ----------------------------------------------------------------------------------------------
+
+class _Scale:
+    """The scale of the block now running (one forward at a time), read by its projections' hooks."""
+
+    value = 1.0
+
+
+class StackedBlock(torch.nn.Module):
+    """Position j of a stack: a resident block (shared with other positions), run as layer j, scaled."""
+
+    def __init__(self, block: torch.nn.Module, position: int, scale: float, current: _Scale) -> None:
+        super().__init__()
+        self.block, self.position, self.scale, self.current = block, position, scale, current
+        self._indexed = [m for m in block.modules() if hasattr(m, "layer_idx")]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        for module in self._indexed:        # the KV cache keys its slots by layer_idx: this position's own
+            module.layer_idx = self.position
+        self.current.value = self.scale
+        try:
+            return self.block(*args, **kwargs)
+        finally:
+            self.current.value = 1.0
+
+
+class ResidentStack:
+    """Stacks of resident models' blocks, made without copying a weight.
+
+    `models` maps a model's name (as `layers` entries name it) to a loaded transformers model of the base's
+    architecture; the first one named `base` is the one whose embeddings, norm and head the stack uses, and
+    whose block list `apply` replaces (`restore` puts the original back)."""
+
+    def __init__(self, models: Mapping[str, torch.nn.Module], *, base: str, layout: Layout) -> None:
+        self.models, self.base = dict(models), base
+        self.model = self.models[base]
+        self.path = block_prefix(layout).rstrip(".")
+        self.blocks = {name: model.get_submodule(self.path) for name, model in self.models.items()}
+        self.original = self.blocks[base]
+        self.config_keys = {k: v for k, v in self.model.config.to_dict().items()}
+        self.current = _Scale()
+        self._hooked: set[int] = set()
+        for blocks in self.blocks.values():
+            for block in blocks:
+                self._hook(block, layout)
+
+    def _hook(self, block: torch.nn.Module, layout: Layout) -> None:
+        if id(block) in self._hooked:
+            return
+        self._hooked.add(id(block))
+        for name, module in block.named_modules():
+            kind = "attn" if re.search(r"attn|attention", name) else "mlp" if re.search(r"mlp|ffn|feed_forward",
+                                                                                   name) else None
+            leaf = name.split(".")[-1]
+            if kind and leaf in _OUTPUTS[kind] and isinstance(module, torch.nn.Module) and not list(module.children()):
+                module.register_forward_hook(self._scaled)
+
+    def _scaled(self, module: torch.nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        return out if self.current.value == 1.0 else out * self.current.value
+
+    def apply(self, layers: tuple[StackEntry, ...]) -> torch.nn.Module:
+        """The base model, its blocks now the stack's (no weight copied); returns it."""
+        stack = torch.nn.ModuleList(StackedBlock(self.blocks[e.model][e.layer], j, e.scale, self.current)
+                                    for j, e in enumerate(layers))
+        parent, _, attr = self.path.rpartition(".")
+        setattr(self.model.get_submodule(parent) if parent else self.model, attr, stack)
+        config = self.model.config
+        n = self.config_keys.get("num_hidden_layers")
+        for key, value in self.config_keys.items():
+            if isinstance(value, list) and n and len(value) == n and key != "architectures":
+                setattr(config, key, [value[e.layer] for e in layers])
+        config.num_hidden_layers = len(layers)
+        return self.model
+
+    def restore(self) -> None:
+        parent, _, attr = self.path.rpartition(".")
+        setattr(self.model.get_submodule(parent) if parent else self.model, attr, self.original)
+        for key, value in self.config_keys.items():
+            if isinstance(value, list) or key == "num_hidden_layers":
+                setattr(self.model.config, key, value)
+        for i, block in enumerate(self.original):
+            for module in block.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = i

@@ -41,6 +41,10 @@ def compare(config: SearchConfig | str | Path, *, seeds: int = 3, budget: int | 
     for flag, value in (("--seeds", seeds), ("--budget", budget)):
         if value is not None and value < 1:
             raise InputError(f"must be at least 1, got {value}", field=flag)
+    if config.search.space != "ps":
+        raise InputError(f"compare compares merge techniques in parameter space, and the config searches "
+                         f"{config.search.space}", file=config.path, field="search.space",
+                         fix="compare with space: ps; run PS, DFS and PS+DFS as three searches (benchmarks/dfs.py)")
     out = Path(out) if out else config.run_dir(None).parent / f"compare-{config.name}"
     storage = f"sqlite:///{(out / 'compare.db').resolve()}"
     budget = budget or config.search.n_trials

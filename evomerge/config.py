@@ -29,6 +29,14 @@ class GradientOptions(_Frozen):
     loss: Literal["tokens", "entropy"] = "tokens"  # the answers' token NLL, or the entropy where each answer begins
 
 
+class StackOptions(_Frozen):
+    """`search.space: dfs | ps+dfs`: the data-flow space, layer stacking (space.py, stack.py)."""
+
+    repeats: int = Field(2, ge=1)                 # r: the candidate blocks are r passes over every model's blocks
+    max_layers: int | None = Field(None, ge=1)    # at most this many blocks in a stack (default: the base's, twice)
+    scale: bool = True                            # search a scale per candidate block (else every scale is 1)
+
+
 class SearchSection(_Frozen):
     methods: list[str] = Field(default_factory=lambda: ["task_arithmetic", "ties", "dare_ties", "della"])
     layer_groups: int = Field(1, ge=1)
@@ -42,6 +50,8 @@ class SearchSection(_Frozen):
     refine_after: float = Field(0.4, gt=0, lt=1)   # tpe+cmaes: fraction of trials before CMA-ES takes over
     ranges: dict[str, tuple[float, float]] = Field(default_factory=dict)   # override search ranges by param name
     gradient: GradientOptions = Field(default_factory=GradientOptions)
+    space: Literal["ps", "dfs", "ps+dfs"] = "ps"   # parameter space, layer stacking, or both in one recipe
+    dfs: StackOptions = Field(default_factory=StackOptions)
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -91,6 +101,9 @@ class SearchConfig(_Frozen):
         if s.sampler == "adamerging" and "task_arithmetic" not in s.methods:
             raise ValueError("search.sampler: adamerging learns task_arithmetic weights; add task_arithmetic to "
                              "search.methods")
+        if s.sampler == "adamerging" and s.space != "ps":
+            raise ValueError(f"search.space: adamerging learns task_arithmetic weights, not a stack ({s.space}); "
+                             "use space: ps, or another sampler")
         if s.pruner not in PRUNERS:
             raise ValueError(f"search.pruner: unknown pruner '{s.pruner}' "
                              f"({suggest(s.pruner, PRUNERS) or 'one of ' + ', '.join(PRUNERS)})")

@@ -582,7 +582,14 @@ class Stacked:
 
         config = AutoConfig.for_model(**self.config)
         model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
-        model.load_state_dict(self.tensors, strict=False)   # tied heads are absent from a checkpoint
+        missing, unexpected = model.load_state_dict(self.tensors, strict=False)
+        model.tie_weights()
+        params = dict(model.named_parameters(remove_duplicate=False))
+        loaded = {params[n].data_ptr() for n in self.tensors if n in params}
+        untied = [n for n in missing if n in params and params[n].data_ptr() not in loaded]
+        if unexpected or untied:     # only a tied head may be absent from a checkpoint
+            raise RuntimeError(f"stacked tensors do not fit the model: unexpected {unexpected[:3]}, "
+                               f"missing {untied[:3]}")
         return model.to(self.device).eval()
 
     @property

@@ -110,16 +110,38 @@ class Workbench:
                 raise InputError(f"adamerging learns from the rows of the objective's tasks, and '{lm_eval[0]}' is "
                                  "an lm_eval task", file=config.path, field="search.sampler",
                                  fix="weight choice, generate or perplexity tasks, or use another sampler")
+        stacking = config.search.space != "ps"
+        merges = config.search.space != "dfs"
         try:
             self.merger = ResidentMerger(self.sources, device=device, dtype=config.dtype, seed=config.search.seed,
-                                         methods=config.search.methods, progress=progress,
-                                         memory_budget=config.memory_budget,
+                                         methods=config.search.methods if merges else [], progress=progress,
+                                         memory_budget=config.memory_budget, build_model=merges,
                                          trust_remote_code=config.trust_remote_code)
         except InputError as err:   # a config value the kernel refuses (memory_budget, device): name the file
             raise err.at(file=err.file or (str(config.path) if config.path else None)) from None
+        self.stack = self._stack(config, merged=self.merger.model if merges else None) if stacking else None
         self.tokenizer = self.sources.tokenizer(trust_remote_code=config.trust_remote_code)   # a union's, if one
-        self.evaluator = Evaluator(self.suite, self.merger.model, self.tokenizer, seed=config.search.seed,
-                                   limit=config.limit)
+        scored = self.stack.model if self.stack is not None else self.merger.model
+        self.evaluator = Evaluator(self.suite, scored, self.tokenizer, seed=config.search.seed, limit=config.limit)
+
+    def _stack(self, config: SearchConfig, *, merged: Any):
+        """The data-flow space's resident models: the base (whose embeddings, norm and head a stack keeps, and
+        whose block list it replaces), every source, and the parameter-space merge's model (`merged`), each
+        loaded once; a stack references their blocks (stack.py)."""
+        from .recipe import MERGED
+        from .stack import ResidentStack
+
+        models = {folder.spec: self.merger._load_model(folder.path) for folder in self.sources.models}
+        if merged is not None:
+            models[MERGED] = merged
+        return ResidentStack(models, base=self.sources.base.spec, layout=self.sources.layout)
+
+    def materialize(self, recipe: Any) -> None:
+        """A candidate into the scored model: its parameter-space merge in place, then its stack of blocks."""
+        if recipe.merges:
+            self.merger.materialize(recipe)
+        if self.stack is not None:
+            self.stack.apply(recipe.layers)
 
     @functools.cached_property
     def fingerprints(self) -> dict[str, str]:
@@ -354,7 +376,7 @@ class SearchSession:
             recipe = self.space.decode(proposal.params, method=proposal.method)
             attrs["recipe_sha256"] = recipe.sha256()
             t1 = time.perf_counter()
-            self.merger.materialize(recipe)
+            self.bench.materialize(recipe)
             t2 = time.perf_counter()
             result = self.evaluator.evaluate("search", report=self._reporter(trial_id),
                                              objective=self.config.objectives[0])

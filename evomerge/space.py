@@ -16,8 +16,25 @@ from typing import Any, Mapping
 from .config import SearchConfig
 from .errors import InputError
 from .methods import REGISTRY, MethodSpec, ParamSpec
-from .recipe import Recipe
+from .recipe import MERGED, PASSTHROUGH, PASSTHROUGH_SPEC, SCALE_RANGE, Recipe, StackEntry
 from .sources import IO_GROUP, Layout, ModelFolder
+
+# the data-flow space (search.space dfs / ps+dfs): per candidate block, whether the stack has it (>= 0.5) and its
+# scale; a block is on by default where it belongs to the stack the parameter-space search alone would score
+INCLUDE = ParamSpec("include", "shared", 0.0, low=0.0, high=1.0, search=(0.0, 1.0), step=0.01,
+                    help="the block is in the stack where >= 0.5")
+INCLUDE_ON = ParamSpec("include", "shared", 1.0, low=0.0, high=1.0, search=(0.0, 1.0), step=0.01,
+                       help=INCLUDE.help)
+SCALE = ParamSpec("scale", "shared", 1.0, low=SCALE_RANGE[0], high=SCALE_RANGE[1], search=(0.5, 1.5), step=0.01,
+                  help="the block's residual-branch outputs times this")
+
+
+class EmptyStack(ValueError):
+    """A data-flow candidate with no block: it fails its trial."""
+
+
+def method_spec(name: str) -> MethodSpec:
+    return PASSTHROUGH_SPEC if name == PASSTHROUGH else REGISTRY.get(name)
 
 
 @dataclass(frozen=True)
@@ -31,6 +48,7 @@ class Dimension:
     source: str | None = None        # source spec, for per-source parameters
     kind: str | None = None          # module filter, or None for the unfiltered parameters
     group: int | str | None = None   # layer group index, IO_GROUP, or None for one value over all groups
+    slot: int | None = None          # the data-flow space's candidate block (SearchSpace.slots) it is about
 
     def distribution(self):
         import optuna
@@ -55,12 +73,16 @@ class Dimension:
 class SearchSpace:
     def __init__(self, config: SearchConfig, sources: list[ModelFolder], layout: Layout) -> None:
         self.config = config
-        self.methods = list(config.search.methods)
+        self.stacking = config.search.space          # ps | dfs | ps+dfs
+        self.methods = [PASSTHROUGH] if self.stacking == "dfs" else list(config.search.methods)
         self.sources = sources
         self.layout = layout
         self.groups = config.search.layer_groups
         self.filters = list(config.search.filters)
-        self.dims: dict[str, list[Dimension]] = {m: self._dimensions(REGISTRY.get(m)) for m in self.methods}
+        self.slots = self._slots()
+        self.max_layers = config.search.dfs.max_layers or 2 * layout.num_layers
+        stack = self._stack_dimensions()
+        self.dims: dict[str, list[Dimension]] = {m: self._dimensions(method_spec(m)) + stack for m in self.methods}
 
     @property
     def candidates(self) -> int | None:
@@ -114,6 +136,44 @@ class SearchSpace:
                                               kind=kind, group=group))
         return dims
 
+    def _slots(self) -> list[tuple[str, int, int]]:
+        """The data-flow space's candidate blocks, (model, block, pass): `repeats` passes over every model's blocks
+        in order (Akiba et al.), the parameter-space merge's first where there is one; none for space ps."""
+        if self.stacking == "ps":
+            return []
+        models = ([MERGED] if self.stacking == "ps+dfs" else []) + [f.spec for f in self.sources]
+        return [(m, b, r) for r in range(self.config.search.dfs.repeats) for m in models
+                for b in range(self.layout.num_layers)]
+
+    def _stack_dimensions(self) -> list[Dimension]:
+        """An include and (with dfs.scale) a scale per candidate block. On by default: the first model's blocks of
+        the first pass (the merge alone for ps+dfs, the first source alone for dfs)."""
+        dims = []
+        first = self.slots[0][0] if self.slots else None
+        shorts = {f.spec: f.short for f in self.sources} | {MERGED: MERGED}
+        for i, (model, block, rep) in enumerate(self.slots):
+            label = f"dfs.r{rep}.{shorts[model]}.b{block}"
+            include = INCLUDE_ON if (model == first and rep == 0) else INCLUDE
+            dims.append(Dimension(label, "dfs", include, *include.search, include.step, slot=i))
+            if self.config.search.dfs.scale:
+                dims.append(Dimension(f"{label}.scale", "dfs", SCALE, *SCALE.search, SCALE.step, slot=i))
+        return dims
+
+    def stack_of(self, params: Mapping[str, Any], dims: list[Dimension]) -> tuple[StackEntry, ...]:
+        """The blocks a data-flow candidate includes, in slot order, at most max_layers of them."""
+        include: dict[int, float] = {}
+        scale: dict[int, float] = {}
+        for dim in dims:
+            if dim.slot is None:
+                continue
+            value = dim.clean(params[dim.name]) if dim.name in params else float(dim.param.default)
+            (include if dim.param.name == "include" else scale)[dim.slot] = value
+        layers = [StackEntry(model, block, scale.get(i, 1.0)) for i, (model, block, _) in enumerate(self.slots)
+                  if include.get(i, 0.0) >= 0.5]
+        if not layers:
+            raise EmptyStack("the candidate includes no block")
+        return tuple(layers[:self.max_layers])
+
     # -- Optuna side ---------------------------------------------------------------
     def suggest(self, trial, *, method: str | None = None) -> str:
         """Sample a candidate in `trial` (define-by-run); returns the method it chose."""
@@ -138,11 +198,13 @@ class SearchSpace:
     def decode(self, params: Mapping[str, Any], *, method: str | None = None) -> Recipe:
         """The recipe a trial's parameters stand for."""
         method = method or self.method_of(params)
-        spec = REGISTRY.get(method)
+        spec = method_spec(method)
         shared: dict[str, Any] = {}
         per_group: dict[tuple[str | None, str, str], dict[int | str | None, float]] = {}
         defaults: dict[str, float] = {}
         for dim in self.dims[method]:
+            if dim.slot is not None:      # the data-flow part: stack_of
+                continue
             value = dim.clean(params[dim.name]) if dim.name in params else float(dim.param.default)
             if dim.source is None:
                 shared[dim.param.name] = value
@@ -167,7 +229,7 @@ class SearchSpace:
         return Recipe(method=method, sources=tuple(f.spec for f in self.sources), base=self.config.base,
                       seed=self.config.search.seed, dtype=self.config.dtype, layer_groups=self.groups,
                       shared=shared, parameters=parameters, filters=filters, vocab=self.config.vocab,
-                      path=self.config.path)
+                      layers=self.stack_of(params, self.dims[method]) if self.slots else (), path=self.config.path)
 
     def defaults(self, method: str) -> dict[str, Any]:
         """Parameters of `method` at its declared defaults (an untuned merge)."""
@@ -182,7 +244,7 @@ class SearchSpace:
         makes a common weight a no-op), a density for every source where the method sparsifies, slerp's t.
         `points` values in all, at the centres of equal cells of each knob's search range (which miss the
         declared defaults of weight and density); a value equal to the default is left out."""
-        normalized = any(p.name == "normalize" and p.default is True for p in REGISTRY.get(method).params)
+        normalized = any(p.name == "normalize" and p.default is True for p in method_spec(method).params)
         scale = "lambda" if normalized else "weight"
         knobs = [name for name in (scale, "density", "t") if any(d.param.name == name for d in self.dims[method])]
         if not knobs or points < 1:
@@ -202,7 +264,12 @@ class SearchSpace:
         return out
 
     def source_alone(self, index: int) -> dict[str, Any] | None:
-        """Parameters that reproduce source `index` unchanged, in the first method able to; else None."""
+        """Parameters that reproduce source `index` unchanged, in the first method able to; else None. In the
+        data-flow space alone: its blocks of the first pass, in order."""
+        if self.stacking == "dfs":
+            spec = self.sources[index].spec
+            return {d.name: (1.0 if d.param.name == "scale" or self.slots[d.slot][0::2] == (spec, 0) else 0.0)
+                    for d in self.dims[PASSTHROUGH]}
         for method in self.methods:
             names = {p.name for p in REGISTRY.get(method).params}
             if "weight" not in names or method == "model_stock" or "epsilon" in names:

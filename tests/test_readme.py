@@ -332,6 +332,33 @@ def test_the_lora_section_runs_as_written(smol: Path, tmp_path: Path) -> None:
         torch.testing.assert_close(by_peft[key], tensor.float(), rtol=2 ** -7, atol=1e-6, msg=key)
 
 
+# -- "Layer stacking: the data-flow space" ------------------------------------------------------------------------
+
+def test_the_stacking_section_runs_as_written(zoo: Path, tmp_path: Path) -> None:
+    """The section's recipe and commands on the zoo: T blocks, each the named model's, scaled where it says."""
+    import torch
+    from safetensors.torch import load_file
+
+    text = section("## Layer stacking: the data-flow space")
+    block = blocks(text, "yaml")[0]
+    assert block.startswith("# stack.yaml")
+    (tmp_path / "stack.yaml").write_text(block)
+    recipe = yaml.safe_load(block)
+    results = [run(words, cwd=tmp_path, env={"EVOMERGE_ZOO": str(zoo)}) for words in commands(blocks(text, "bash")[0])]
+    assert [r.returncode for r in results] == [0, 0], [r.stderr[-1500:] for r in results]
+    assert f"a stack of {len(recipe['layers'])} blocks" in results[0].stdout
+    config = json.loads((tmp_path / "stacked" / "config.json").read_text())
+    assert config["num_hidden_layers"] == len(recipe["layers"])
+    stacked = load_file(str(tmp_path / "stacked" / "model.safetensors"))
+    for j, entry in enumerate(recipe["layers"]):
+        source = load_file(str(zoo / entry["model"].removeprefix("zoo/") / "model.safetensors"))
+        for inner in ("self_attn.o_proj.weight", "self_attn.q_proj.weight", "mlp.down_proj.weight"):
+            expected = source[f"model.layers.{entry['layer']}.{inner}"]
+            if entry.get("scale", 1.0) != 1.0 and inner != "self_attn.q_proj.weight":
+                expected = expected * entry["scale"]
+            assert torch.equal(stacked[f"model.layers.{j}.{inner}"], expected), (j, inner)
+
+
 # -- "On a real model: the smol zoo" ------------------------------------------------------------------------------
 
 def test_the_smol_zoo_section_runs_as_written_at_its_test_size(smol_zoo: Path, tmp_path: Path) -> None:

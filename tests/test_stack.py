@@ -141,3 +141,80 @@ def test_bad_stacks_exit_2_naming_the_entry(tmp_path, capsys, case):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and named in err[0] and text in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def _search_config(tmp_path: Path, space: str, *, sampler: str = "tpe", n_trials: int = 8, dfs: dict | None = None,
+                   methods: tuple[str, ...] = ("task_arithmetic",)) -> Path:
+    path = tmp_path / f"{space.replace('+', '-')}.yaml"
+    return write(path, {"name": f"stack-{space.replace('+', '-')}", "base": "zoo/base",
+                        "sources": ["zoo/inc", "zoo/rot", "zoo/mir"],
+                        "search": {"methods": list(methods), "layer_groups": 2, "space": space, "sampler": sampler,
+                                   "n_trials": n_trials, "seed": 0, "dfs": dfs or {"repeats": 2, "max_layers": 5}},
+                        "tasks": "zoo/tasks.yaml", "objective": {"inc": 1.0, "rot": 1.0}, "device": "cpu",
+                        "threads": 1})
+
+
+def test_the_dfs_space_decodes_its_slots_in_order(zoo: Path, tmp_path):
+    """r passes over every model's blocks in order; a block is in where its include is >= 0.5, with its scale;
+    at most max_layers; a source alone is its blocks in order; no block is an EmptyStack. With ps+dfs the
+    defaults are the merge alone."""
+    from evomerge.config import load_config
+    from evomerge.recipe import StackEntry
+    from evomerge.sources import open_sources
+    from evomerge.space import EmptyStack, SearchSpace
+
+    config = load_config(_search_config(tmp_path, "dfs"))
+    sources = open_sources(config.base, config.sources, relative_to=config.relative_to)
+    space = SearchSpace(config, sources.sources, sources.layout)
+    assert space.slots[:5] == [("zoo/inc", 0, 0), ("zoo/inc", 1, 0), ("zoo/inc", 2, 0), ("zoo/inc", 3, 0),
+                               ("zoo/rot", 0, 0)] and len(space.slots) == 2 * 3 * 4
+    params = {d.name: 0.0 if d.param.name == "include" else 1.0 for d in space.dims["passthrough"]}
+    params |= {"dfs.r1.rot.b2": 0.5, "dfs.r1.rot.b2.scale": 0.7, "dfs.r0.mir.b3": 0.93, "dfs.r0.inc.b0": 0.51,
+               "dfs.r0.inc.b1": 0.49}
+    recipe = space.decode(params)
+    assert recipe.method == "passthrough" and not recipe.merges
+    assert recipe.layers == (StackEntry("zoo/inc", 0), StackEntry("zoo/mir", 3), StackEntry("zoo/rot", 2, 0.7))
+    many = params | {f"dfs.r1.mir.b{b}": 1.0 for b in range(4)}
+    assert len(space.decode(many).layers) == 5                       # max_layers
+    assert space.decode(space.source_alone(1)).layers == tuple(StackEntry("zoo/rot", b) for b in range(4))
+    with pytest.raises(EmptyStack):
+        space.decode({name: 0.0 for name in params})
+
+    both = load_config(_search_config(tmp_path, "ps+dfs"))
+    space = SearchSpace(both, sources.sources, sources.layout)
+    assert len(space.slots) == 2 * 4 * 4 and space.slots[0] == ("merged", 0, 0)
+    default = space.decode(space.defaults("task_arithmetic"))
+    assert default.method == "task_arithmetic" and default.layers == tuple(StackEntry("merged", b) for b in range(4))
+
+
+@pytest.mark.parametrize("space,sampler", [("dfs", "cmaes"), ("ps+dfs", "tpe")])
+def test_a_stack_search_exports_the_model_it_scored(zoo: Path, tmp_path, space, sampler):
+    """The search scores resident stacks; its best/ is the model `evomerge merge recipe.yaml` rebuilds byte for
+    byte, whose search-split score is the best trial's. A candidate with no block fails its trial, not the study."""
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.config import load_config
+    from evomerge.evaluate import evaluate, load_tasks
+    from evomerge.export import merge_to_folder
+    from evomerge.search import SearchSession, search
+
+    path = _search_config(tmp_path, space, sampler=sampler)
+    run = search(str(path), out=str(tmp_path / "run"), progress=False)
+    again = merge_to_folder(run.run_dir / "recipe.yaml", tmp_path / "again")
+    assert (again / "model.safetensors").read_bytes() == (run.run_dir / "best" / "model.safetensors").read_bytes()
+    best = next(r for r in run.summary["rows"] if r["kind"] == "best" or "= best" in r["label"])
+    model = AutoModelForCausalLM.from_pretrained(run.run_dir / "best").eval()
+    from transformers import AutoTokenizer
+
+    scores = evaluate(model, load_tasks(zoo / "tasks.yaml"), tokenizer=AutoTokenizer.from_pretrained(again),
+                      split="search")
+    assert (scores.primary("inc") + scores.primary("rot")) / 2 == pytest.approx(best["search_mean"])
+
+    config = load_config(path)
+    with SearchSession(config, storage_url=f"sqlite:///{tmp_path / 'empty.db'}", device="cpu",
+                       progress=False) as session:
+        empty = {d.name: 0.0 for d in session.space.dims[session.space.methods[0]] if d.slot is not None}
+        session.study.enqueue_trial(empty, skip_if_exists=False)
+        session.run(len(session.study.get_trials()) + 1)
+        states = [t.state.name for t in session.study.get_trials()]
+        assert "FAIL" in states and "COMPLETE" in states

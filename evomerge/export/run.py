@@ -61,8 +61,14 @@ def export_run(session, run_dir: Path, *, result, trial: int | None = None):
         study=study.study_name, trial=frozen.number,
         score={"search": best_row["search_mean"], "heldout": best_row["heldout_mean"]},
     )
-    session.merger.materialize(scored)
-    export_model(session.merger, recipe, run_dir / "best", force=True, card_extra=summary_table(rows, session))
+    if scored.layers:      # a stack: its tensors under the stack's names, the scored model's weights (stack.py)
+        from ..kernel import stack_for
+
+        merger = stack_for(scored, device=session.merger.device)
+    else:
+        merger = session.merger
+        merger.materialize(scored)
+    export_model(merger, recipe, run_dir / "best", force=True, card_extra=summary_table(rows, session))
     atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
     from .adapter import adapter_refusal, write_adapter
 
@@ -106,7 +112,7 @@ def heldout_scores(session, frozen) -> dict[str, dict[str, float]]:
     cached = session.study.user_attrs.get(key)
     if cached is not None:
         return cached
-    session.merger.materialize(session.recipe_of(frozen))
+    session.bench.materialize(session.recipe_of(frozen))
     scores = session.evaluator.evaluate("heldout").tasks
     session.study.set_user_attr(key, scores)
     return scores
@@ -232,8 +238,12 @@ def summary_markdown(session, rows, best, recipe, plots: list[str], *, given: in
               f"- trials: {counts.get('COMPLETE', 0)} complete, {counts.get('PRUNED', 0)} pruned, "
               f"{counts.get('FAIL', 0)} failed (budget {session.study_budget})",
               f"- sampler `{config.search.sampler}`, pruner `{config.search.pruner}`, seed {config.search.seed}, "
-              f"methods {', '.join(config.search.methods)}, layer groups {config.search.layer_groups}"
-              + (f", filters {', '.join(config.search.filters)}" if config.search.filters else ""),
+              + (f"methods {', '.join(config.search.methods)}, layer groups {config.search.layer_groups}"
+                 if config.search.space != "dfs" else "")
+              + (f", filters {', '.join(config.search.filters)}" if config.search.filters else "")
+              + (f"{', ' if config.search.space != 'dfs' else ''}space {config.search.space}: "
+                 f"{len(session.space.slots)} candidate blocks ({config.search.dfs.repeats} passes), at most "
+                 f"{session.space.max_layers} in a stack" if config.search.space != "ps" else ""),
               f"- time in trials: {total:.1f} s (merge {merge:.1f} s, evaluation {evaluation:.1f} s, "
               f"other {max(total - merge - evaluation, 0):.1f} s); median {median:.2f} s per trial",
               *_gradient_line(trials),

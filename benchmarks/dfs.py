@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import describe  # noqa: E402
+from runs import add_run_options, mean_std, runs_from  # noqa: E402
 
 SPACES = {"ps": "PS: the config's methods, weights per source and layer group",
           "dfs": "DFS: stacks of the sources' blocks, a scale each",
@@ -67,10 +68,6 @@ def run_space(work: Path, space: str, *, seed: int, budget: int, sampler: str, z
             "tasks": {t: scores.primary(t) for t in tasks}}
 
 
-def _ms(values: list[float]) -> str:
-    return f"{statistics.mean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
-
-
 def report(runs: list[dict], *, command: str, budget: int, seeds: int, sampler: str, setup: str) -> str:
     tasks = list(runs[0]["tasks"])
     lines = ["# Parameter space, data-flow space, and both, at one budget", "",
@@ -84,8 +81,8 @@ def report(runs: list[dict], *, command: str, budget: int, seeds: int, sampler: 
         if not group:
             continue
         blocks = sorted({r["blocks"] for r in group if r["blocks"]})
-        lines.append(f"| {label} | {_ms([r['heldout'] for r in group])} | "
-                     + " | ".join(_ms([r["tasks"][t] for r in group]) for t in tasks)
+        lines.append(f"| {label} | {mean_std([r['heldout'] for r in group])} | "
+                     + " | ".join(mean_std([r["tasks"][t] for r in group]) for t in tasks)
                      + f" | {', '.join(map(str, blocks)) or '—'} |")
     lines += ["", "Per seed (objective, held-out): " + "; ".join(
         f"{space} " + ", ".join(f"{r['heldout']:.3f}" for r in runs if r["space"] == space) for space in SPACES), ""]
@@ -132,15 +129,13 @@ def main() -> None:
     parser.add_argument("--name", default="dfs", help="the report's name under --out")
     parser.add_argument("--setup", default=None, help="the report's description of the models and tasks")
     parser.add_argument("--spaces", default=",".join(SPACES))
-    parser.add_argument("--save", default=None)
-    parser.add_argument("--load", default=None)
+    add_run_options(parser)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results"))
     args = parser.parse_args()
     zoo, work = Path(args.zoo).expanduser(), Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    if args.load:
-        runs = [run for file in args.load.split(",") for run in json.loads(Path(file).read_text())]
-    else:
+
+    def measure() -> list[dict]:
         base = ZOO
         if args.config:
             import yaml
@@ -152,10 +147,10 @@ def main() -> None:
         base = json.loads(json.dumps(base))
         base["search"]["dfs"] = base["search"].get("dfs", ZOO["search"]["dfs"]) | json.loads(args.dfs or "{}")
         tasks = tuple(base["objective"]) + tuple(t for t in TASKS if t not in base["objective"] and not args.config)
-        runs = [run_space(work, space, seed=seed, budget=args.budget, sampler=args.sampler, zoo=zoo, base=base,
+        return [run_space(work, space, seed=seed, budget=args.budget, sampler=args.sampler, zoo=zoo, base=base,
                           tasks=tasks) for space in args.spaces.split(",") for seed in range(args.seeds)]
-    if args.save:
-        Path(args.save).write_text(json.dumps(runs))
+
+    runs = runs_from(args, measure)
     command = " ".join(["python benchmarks/dfs.py", *sys.argv[1:]])
     setup = args.setup or ("The zoo's compatible experts (inc, rot, mir) and the demo's objective (their three tasks); "
                            "DFS over 2 passes of their blocks (24 candidates), at most 8 in a stack; the composed "

@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import describe  # noqa: E402
+from runs import add_run_options, mean_std, runs_from  # noqa: E402
 
 TASK = "inc_rot"
 
@@ -107,12 +108,6 @@ def _study_seconds(result) -> float:
     return (max(ends) - min(t.datetime_start for t in trials if t.datetime_start)).total_seconds()
 
 
-def _ms(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 def report(runs: list[dict], *, command: str, zoo: Path, budget: int, examples: int, seeds: int) -> str:
     adapters = adapters_of(zoo)
     lines = [f"# LoRA adapters composed for an unseen task (LoraHub, small): {TASK}", "",
@@ -126,13 +121,13 @@ def report(runs: list[dict], *, command: str, zoo: Path, budget: int, examples: 
     for run in runs:
         by_arm.setdefault(_label(run, budget), []).append(run)
     first = next(iter(by_arm.values()))
-    lines.append(f"| best single adapter (picked on the {examples} examples) | {_ms([r['single'] for r in first])} | "
+    lines.append(f"| best single adapter (picked on the {examples} examples) | {mean_std([r['single'] for r in first])} | "
                  "— | — |")
-    lines.append(f"| best single adapter (picked on held-out: an oracle) | {_ms([r['oracle_single'] for r in first])}"
+    lines.append(f"| best single adapter (picked on held-out: an oracle) | {mean_std([r['oracle_single'] for r in first])}"
                  " | — | — |")
-    lines.append(f"| uniform merge (every weight 1) | {_ms([r['uniform'] for r in first])} | — | — |")
+    lines.append(f"| uniform merge (every weight 1) | {mean_std([r['uniform'] for r in first])} | — | — |")
     for arm, group in by_arm.items():
-        lines.append(f"| {arm} | {_ms([r['best'] for r in group])} | {_ms([r['best_search'] for r in group])} | "
+        lines.append(f"| {arm} | {mean_std([r['best'] for r in group])} | {mean_std([r['best_search'] for r in group])} | "
                      f"{statistics.mean(r['seconds'] for r in group):.0f} |")
     lines += ["", "Each adapter alone on the held-out split: " +
               ", ".join(f"{name} {value:.3f}" for name, value in first[0]["alone"].items()) + ".", ""]
@@ -186,20 +181,14 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=60)
     parser.add_argument("--examples", type=int, default=20)
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arm names")
-    parser.add_argument("--save", default=None, help="write the runs as JSON here (to merge processes with --load)")
-    parser.add_argument("--load", default=None, help="comma-separated JSON files of earlier runs: report only")
+    add_run_options(parser)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results"))
     parser.add_argument("--command", default=None, help="the commands to name in the report (with --load)")
     args = parser.parse_args()
     zoo, work = Path(args.zoo).expanduser(), Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    if args.load:
-        runs = [run for file in args.load.split(",") for run in json.loads(Path(file).read_text())]
-    else:
-        runs = [run_arm(zoo, work, arm, seed=seed, budget=args.budget, examples=args.examples)
-                for arm in args.arms.split(",") for seed in range(args.seeds)]
-    if args.save:
-        Path(args.save).write_text(json.dumps(runs))
+    runs = runs_from(args, lambda: [run_arm(zoo, work, arm, seed=seed, budget=args.budget, examples=args.examples)
+                                    for arm in args.arms.split(",") for seed in range(args.seeds)])
     command = args.command or (f"python benchmarks/lorahub.py --seeds {args.seeds} --budget {args.budget} "
                                f"--examples {args.examples}")
     text = report(runs, command=command, zoo=zoo, budget=args.budget, examples=args.examples, seeds=args.seeds)

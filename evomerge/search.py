@@ -112,6 +112,11 @@ class Workbench:
                                  fix="weight choice, generate or perplexity tasks, or use another sampler")
         stacking = config.search.space != "ps"
         merges = config.search.space != "dfs"
+        adapter = next((f.spec for f in self.sources.sources if f.is_adapter), None)
+        if stacking and adapter is not None:
+            raise InputError(f"search.space {config.search.space} stacks models' blocks, and '{adapter}' is a LoRA "
+                             "adapter", file=config.path, field="search.space",
+                             fix="use space: ps with adapters, or merge the adapter into its base first")
         try:
             self.merger = ResidentMerger(self.sources, device=device, dtype=config.dtype, seed=config.search.seed,
                                          methods=config.search.methods if merges else [], progress=progress,

@@ -243,7 +243,7 @@ def test_adapters_that_are_no_plain_lora_over_this_base_are_refused(family, tmp_
     assert not (tmp_path / "out").exists()
 
 
-def test_a_search_over_adapters_learns_on_the_factors_and_exports_an_adapter(tmp_path):
+def test_a_search_over_adapters_learns_on_the_factors_and_exports_an_adapter(tmp_path, capsys):
     """AdaMerging over two adapters: the space has no knob an adapter cannot turn (a weight outside the blocks
     for an adapter of the blocks alone), the merger keeps factors (no dense task vectors), its gradient
     ⟨dL/dW, s·B·A⟩ = tr((s·B)ᵀ · dL/dW · Aᵀ) equals the dense path's (which test_gradient checks against
@@ -292,3 +292,11 @@ def test_a_search_over_adapters_learns_on_the_factors_and_exports_an_adapter(tmp
     assert (run / "best_adapter" / "adapter_config.json").is_file()
     ours = {n: t.detach() for n, t in AutoModelForCausalLM.from_pretrained(run / "best").state_dict().items()}
     close(ours, merged_by_peft(root / "base", run / "best_adapter"), atol=1e-6)
+
+    stack = path.parent / "dfs.yaml"        # a stack of blocks has no adapter's to take
+    stack.write_text(path.read_text().replace("sampler: adamerging", "sampler: tpe\n  space: dfs"))
+    capsys.readouterr()
+    assert main(["search", str(stack), "--out", str(tmp_path / "dfs-run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "search.space" in err[0] and "is a LoRA adapter" in err[0], err
+    assert not (tmp_path / "dfs-run").exists()

@@ -105,12 +105,6 @@ class AdapterFolder(ModelFolder):
                              "(a resized vocabulary or a trained embedding)", file=self.path / WEIGHTS,
                              fix="merge it into its base with peft (merge_and_unload) and list that model")
 
-    def delta(self, name: str, *, device: str | torch.device = "cpu",
-              dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
-        """The dense task vector of tensor `name` in `dtype`, or None where the adapter does not reach it."""
-        pair = self.low_rank(name, device=device, dtype=dtype)
-        return None if pair is None else pair[0] @ pair[1]
-
     def factor_bytes(self, dtype: torch.dtype = torch.float32) -> int:
         item = torch.empty((), dtype=dtype).element_size()
         total = 0

@@ -292,29 +292,28 @@ class ResidentMerger:
             base, stack = base.to(self.compute_dtype), stack.to(self.compute_dtype)
             stack -= base
         for i in adapters:
-            delta = self._adapter_delta(sources.sources[i], name, base)
-            stack[i] = 0.0 if delta is None else delta
+            pair = self._adapter_factors(sources.sources[i], name, base)
+            stack[i] = 0.0 if pair is None else self._finite(sources.sources[i], name, pair[0] @ pair[1])
         return TensorContext(name=name, anchor=base, stack=stack, seed=self.seed, raw=raw)
 
-    def _adapter_delta(self, folder, name: str, base: torch.Tensor) -> torch.Tensor | None:
+    def _adapter_factors(self, folder, name: str, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """An adapter's (left, right) of one tensor (δ = left @ right, in the arithmetic's dtype), checked: its
+        saved base layer, if any, is the base's, and its factors are finite. None where it does not reach it."""
         folder.check_saved_base(name, base)
-        delta = folder.delta(name, device=self.device, dtype=self.compute_dtype)
-        if delta is not None and not bool(torch.isfinite(delta).all()):
+        pair = folder.low_rank(name, device=self.device, dtype=self.compute_dtype)
+        return None if pair is None else (self._finite(folder, name, pair[0]), self._finite(folder, name, pair[1]))
+
+    @staticmethod
+    def _finite(folder, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if not bool(torch.isfinite(tensor).all()):
             raise InputError(f"the LoRA factors of tensor '{name}' hold NaN or inf values", file=folder.path,
                              fix="this adapter is broken: re-train or re-download it")
-        return delta
+        return tensor
 
     def _low_rank_context(self, name: str) -> LowRankContext:
         """The anchor as stored and each adapter's factors of one tensor (left scaled by s)."""
         anchor = self._checked(self.sources.anchor, name, raw=True)
-        factors = []
-        for folder in self.sources.sources:
-            folder.check_saved_base(name, anchor)
-            pair = folder.low_rank(name, device=self.device, dtype=self.compute_dtype)
-            if pair is not None and not all(bool(torch.isfinite(t).all()) for t in pair):
-                raise InputError(f"the LoRA factors of tensor '{name}' hold NaN or inf values", file=folder.path,
-                                 fix="this adapter is broken: re-train or re-download it")
-            factors.append(pair)
+        factors = [self._adapter_factors(folder, name, anchor) for folder in self.sources.sources]
         return LowRankContext(name=name, anchor=anchor, factors=factors, dtype=self.compute_dtype)
 
     def _densify(self) -> None:
@@ -621,7 +620,7 @@ def stack_for(recipe: Recipe, *, device: str | torch.device | None = "cpu", prog
         merged = merger.state_dict()
     dtype = TORCH_DTYPES[recipe.dtype] if recipe.dtype else sources.layout.float_dtype
     tensors = stacked_tensors(recipe, sources, merged, dtype)
-    return Stacked(recipe, sources, tensors, stacked_config(sources.anchor.config, recipe), dtype, pick_device(device))
+    return Stacked(recipe, sources, tensors, stacked_config(sources.anchor.config, recipe.layers), dtype, pick_device(device))
 
 
 def merger_for(recipe: Recipe | str | Path, *, device: str | torch.device | None = "cpu",

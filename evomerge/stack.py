@@ -16,7 +16,6 @@ Two ways to hold the result:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -91,16 +90,16 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
-def stacked_config(config: Mapping[str, Any], recipe: Recipe) -> dict[str, Any]:
+def stacked_config(config: Mapping[str, Any], layers: tuple[StackEntry, ...]) -> dict[str, Any]:
     """The base's config with T blocks; per-layer lists (layer_types, ...) follow the blocks."""
     out = dict(config)
     n = int(config.get("num_hidden_layers", 0) or 0)
     for key, value in config.items():
         if isinstance(value, list) and n and len(value) == n and key != "architectures":
-            out[key] = [value[e.layer] for e in recipe.layers]
+            out[key] = [value[e.layer] for e in layers]
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if key in config:
-            out[key] = len(recipe.layers)
+            out[key] = len(layers)
     return out
 
 
@@ -169,23 +168,20 @@ class ResidentStack:
         self.path = block_prefix(layout).rstrip(".")
         self.blocks = {name: model.get_submodule(self.path) for name, model in self.models.items()}
         self.original = self.blocks[base]
-        self.config_keys = {k: v for k, v in self.model.config.to_dict().items()}
+        self.config_keys = self.model.config.to_dict()
+        self._changed: dict[str, Any] = {}     # the config entries `apply` set, to put back
         self.current = _Scale()
-        self._hooked: set[int] = set()
+        # the output projections' modules inside a block: those of the tensors `stacked_tensors` scales
+        outputs = {inner.rsplit(".", 1)[0] for inner, full in block_tensors(layout, 0).items()
+                   if is_output_projection(inner, layout.tensors[full].kind)}
+        hooked: set[int] = set()
         for blocks in self.blocks.values():
             for block in blocks:
-                self._hook(block, layout)
-
-    def _hook(self, block: torch.nn.Module, layout: Layout) -> None:
-        if id(block) in self._hooked:
-            return
-        self._hooked.add(id(block))
-        for name, module in block.named_modules():
-            kind = "attn" if re.search(r"attn|attention", name) else "mlp" if re.search(r"mlp|ffn|feed_forward",
-                                                                                   name) else None
-            leaf = name.split(".")[-1]
-            if kind and leaf in _OUTPUTS[kind] and isinstance(module, torch.nn.Module) and not list(module.children()):
-                module.register_forward_hook(self._scaled)
+                for path in sorted(outputs):
+                    module = block.get_submodule(path)
+                    if id(module) not in hooked:
+                        hooked.add(id(module))
+                        module.register_forward_hook(self._scaled)
 
     def _scaled(self, module: torch.nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
         return out if self.current.value == 1.0 else out * self.current.value
@@ -196,21 +192,24 @@ class ResidentStack:
                                     for j, e in enumerate(layers))
         parent, _, attr = self.path.rpartition(".")
         setattr(self.model.get_submodule(parent) if parent else self.model, attr, stack)
-        config = self.model.config
-        n = self.config_keys.get("num_hidden_layers")
-        for key, value in self.config_keys.items():
-            if isinstance(value, list) and n and len(value) == n and key != "architectures":
-                setattr(config, key, [value[e.layer] for e in layers])
-        config.num_hidden_layers = len(layers)
+        self._reset_config()
+        for key, value in stacked_config(self.config_keys, layers).items():
+            if value != self.config_keys[key]:
+                setattr(self.model.config, key, value)
+                self._changed[key] = self.config_keys[key]
         return self.model
 
     def restore(self) -> None:
         parent, _, attr = self.path.rpartition(".")
         setattr(self.model.get_submodule(parent) if parent else self.model, attr, self.original)
-        for key, value in self.config_keys.items():
-            if isinstance(value, list) or key == "num_hidden_layers":
-                setattr(self.model.config, key, value)
+        self._reset_config()
         for i, block in enumerate(self.original):
             for module in block.modules():
                 if hasattr(module, "layer_idx"):
                     module.layer_idx = i
+
+    def _reset_config(self) -> None:
+        """The base's own config entries back where `apply` changed them."""
+        for key, value in self._changed.items():
+            setattr(self.model.config, key, value)
+        self._changed.clear()

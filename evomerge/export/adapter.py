@@ -15,7 +15,7 @@ import torch
 from ..adapters import CONFIG, PREFIX, WEIGHTS
 from ..errors import InputError
 from ..methods import resolve
-from ..methods.lowrank import COEFFICIENTS
+from ..methods.lowrank import COEFFICIENTS, concatenated
 from ..recipe import Recipe
 from ..sources import SourceSet
 from .folder import atomic_dir, check_destination
@@ -51,9 +51,7 @@ def merged_factors(recipe: Recipe, sources: SourceSet) -> dict[str, tuple[torch.
             raise InputError(f"the merge scales the base by {base_scale:g} in '{name}', which no adapter can",
                              file=str(recipe.path) if recipe.path else None, field="parameters",
                              fix="use task_arithmetic, or linear with normalize: true")
-        reached = [(c, pair) for c, pair in zip(coefficients.tolist(), pairs) if pair is not None]
-        out[name] = (torch.cat([pair[0] * c for c, pair in reached], dim=1),
-                     torch.cat([pair[1] for _, pair in reached], dim=0))
+        out[name] = concatenated(coefficients.tolist(), pairs)
     return out
 
 

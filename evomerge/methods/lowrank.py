@@ -40,6 +40,15 @@ COEFFICIENTS: dict[str, Callable[[dict], tuple[float, torch.Tensor]]] = {
 }
 
 
+def concatenated(coefficients: list[float], factors: list[Pair | None]) -> Pair | None:
+    """Σ_i c_i · L_i · R_i as one pair: ([c_1 L_1 … c_K L_K], [R_1; …; R_K]) over the factors that are there;
+    None where there are none."""
+    reached = [(c, pair) for c, pair in zip(coefficients, factors) if pair is not None]
+    if not reached:
+        return None
+    return torch.cat([pair[0] * c for c, pair in reached], dim=1), torch.cat([pair[1] for _, pair in reached], dim=0)
+
+
 @dataclass
 class LowRankContext:
     """One tensor of a merge over adapters: the anchor as stored and each source's factors (None: δ_i = 0)."""
@@ -79,15 +88,14 @@ class LowRankContext:
         """The merge into `out`; returns a sum of what was written for the finiteness check (None: `out` is
         the anchor, unchanged, checked finite when it was read)."""
         base_scale, coefficients = COEFFICIENTS[method](p)
-        reached = [(c, pair) for c, pair in zip(coefficients.tolist(), self.factors) if pair is not None]
-        if not reached:
+        product = concatenated(coefficients.tolist(), self.factors)
+        if product is None:
             if base_scale == 1.0:
                 out.copy_(self.anchor)
                 return None
             merged = self.anchor.to(self.dtype) * base_scale
         else:
-            left = torch.cat([pair[0] * c for c, pair in reached], dim=1)
-            right = torch.cat([pair[1] for _, pair in reached], dim=0)
+            left, right = product
             if self.anchor.dtype == self.dtype and out.dtype == self.dtype:
                 return torch.addmm(self.anchor, left, right, beta=base_scale, out=out).sum()
             # the anchor upcast, then the GEMM accumulating into it: 3x faster than adding a bf16 anchor to the

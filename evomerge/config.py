@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import InputError, suggest
 from .yamlio import load_yaml
 
-SAMPLERS = ("tpe", "cmaes", "gp", "random", "nsga2", "qmc", "tpe+cmaes", "adamerging")
+SAMPLERS = ("auto", "tpe", "cmaes", "gp", "random", "nsga2", "qmc", "tpe+cmaes", "adamerging")
 PRUNERS = ("none", "median", "wilcoxon", "successive_halving")
 FILTER_KINDS = ("attn", "mlp", "norm")
 
@@ -41,7 +41,7 @@ class SearchSection(_Frozen):
     methods: list[str] = Field(default_factory=lambda: ["task_arithmetic", "ties", "dare_ties", "della"])
     layer_groups: int = Field(1, ge=1)
     filters: list[Literal["attn", "mlp", "norm"]] = Field(default_factory=list)
-    sampler: str = "tpe"
+    sampler: str = "auto"            # a portfolio of the optimizers below (auto.py)
     n_trials: int = Field(200, ge=1)
     seed: int = Field(0, ge=0)
     pruner: str = "none"
@@ -117,8 +117,8 @@ class SearchConfig(_Frozen):
             where = "objective" if len(objectives) == 1 else f"objective[{i}]"
             if any(w < 0 for w in objective.values()) or not any(w > 0 for w in objective.values()):
                 raise ValueError(f"{where}: weights must be >= 0, at least one of them > 0")
-        if len(objectives) > 1 and s.sampler not in ("nsga2", "random", "tpe", "gp"):
-            raise ValueError("search.sampler: several objectives need nsga2, tpe, gp or random")
+        if len(objectives) > 1 and s.sampler not in ("auto", "nsga2", "random", "tpe", "gp"):
+            raise ValueError("search.sampler: several objectives need auto, nsga2, tpe, gp or random")
         if len(self.sources) != len(set(self.sources)):
             raise ValueError("sources: a source is listed twice")
         return self

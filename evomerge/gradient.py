@@ -57,6 +57,7 @@ class GradientMerge:
         self.shared: dict[str, float] = {}
         self.steps = 0
         self._adam: torch.optim.Adam | None = None
+        self._last_loss: float | None = None   # the loss before the last step, on the whole of the answers
 
     def _tensors(self) -> list[tuple[str, torch.Tensor, list[int]]]:
         """(checkpoint name, the model parameter it is, the index of each source's coefficient): found by
@@ -131,6 +132,7 @@ class GradientMerge:
         total = 0.0
         for _ in range(steps):
             loss, grad = self.gradient(weight.detach())
+            self._adapt(loss)
             weight.grad = grad
             self._adam.step()
             with torch.no_grad():
@@ -139,6 +141,17 @@ class GradientMerge:
             self.steps += 1
             total += loss
         return total / max(steps, 1)
+
+    def _adapt(self, loss: float) -> None:
+        """A step that raised the loss was too long: halve the step size (down to a sixteenth of `lr`). Only where
+        every step sees all the answers (a batch as large as the search split): the loss of one batch against
+        another's says nothing."""
+        if len(self.answers) > self.batch:
+            return
+        group = self._adam.param_groups[0]
+        if self._last_loss is not None and loss > self._last_loss:
+            group["lr"] = max(self.lr / 16, group["lr"] / 2)
+        self._last_loss = loss
 
     # -- one gradient ----------------------------------------------------------------
     def gradient(self, values: torch.Tensor) -> tuple[float, torch.Tensor]:

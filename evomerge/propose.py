@@ -80,9 +80,11 @@ def propose(study, space, n_trials: int, heartbeat: Heartbeat | None) -> Proposa
         heartbeat.hold(trial._trial_id)
     try:
         refine = getattr(study.sampler, "refine_method", None)
-        fixed = refine(study, trial.number) if refine is not None else None
-        if fixed is not None and "method" in trial.params:   # a retried trial keeps its own method
-            fixed = None
+        own = {**trial._fixed_params, **trial.params}   # a queued trial's (a baseline, a gradient step, a retry)
+        if own:                                          # keeps its own technique
+            fixed = None if "method" in own else trial.user_attrs.get("method")
+        else:
+            fixed = refine(study, trial.number) if refine is not None else None
         method = space.suggest(trial, method=fixed)
         _flush(study, trial._trial_id)
     except Exception as err:

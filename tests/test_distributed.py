@@ -72,11 +72,14 @@ def test_three_auto_workers_share_one_budget_and_one_schedule(tmp_path):
     study = _study(name)
     trials = study.get_trials()
     assert sum(t.state.name == "COMPLETE" for t in trials) == 24
-    assert {t.state.name for t in trials} <= {"COMPLETE", "FAIL"}
+    assert {t.state.name for t in trials} <= {"COMPLETE", "FAIL", "WAITING"}
+    # a gradient step one worker queued while another's trial filled the budget stays queued, for a resumed
+    # search (as a dead worker's retry does); nothing else is left over
+    assert all(is_gradient_trial(t) for t in trials if t.state.name == "WAITING")
     labels = [t.user_attrs["baseline"] for t in trials if "baseline" in t.user_attrs]
     assert len(labels) == len(set(labels))                              # each baseline ran once
-    assert study.user_attrs[GRADIENT_ATTR]["state"] == "stopped"
-    assert any(is_gradient_trial(t) for t in trials)
+    assert study.user_attrs[GRADIENT_ATTR]["state"] in ("running", "stopped")
+    assert any(is_gradient_trial(t) and t.state.name == "COMPLETE" for t in trials)
     sampled = [t for t in trials if "baseline" not in t.user_attrs and not is_gradient_trial(t)]
     assert sampled and {t.user_attrs["method"] for t in sampled} <= {"task_arithmetic", "ties"}
 

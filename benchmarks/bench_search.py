@@ -13,7 +13,7 @@ Each problem's **reference** is the best held-out any run found: the runs above 
 of what is reachable. The best one-knob sweep (the cheap tuned baseline a user would try, picked on the search
 split) is reported beside it. Written to results/bench_search.md and results/bench_search.png.
 
-    python benchmarks/bench_search.py [--problems demo,lora,configs/smol.yaml] --seeds 3 --trials 100 \\
+    python benchmarks/bench_search.py [--problems demo,lora,suite:1,...,configs/smol.yaml] --seeds 3 --trials 100 \\
         [--save runs.json] [--load a.json,b.json]
 """
 
@@ -206,7 +206,7 @@ def _shown(path: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--problems", default="demo,lora",
+    parser.add_argument("--problems", default="demo,lora," + ",".join(f"suite:{k}" for k in range(1, 9)),
                         help="comma-separated: demo, lora, suite:K (a zoo variant, evomerge/zoo/variants.py), or a "
                              "config file's path")
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))

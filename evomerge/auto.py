@@ -39,6 +39,7 @@ from optuna.samplers._lazy_random_state import LazyRandomState
 from optuna.trial import FrozenTrial, TrialState
 
 from .space import SearchSpace
+from .storage import BASELINES_ATTR, BUDGET_ATTR
 
 WARM = 3                 # an arm's first trials, around the technique's best trial
 WARM_SPREAD = 0.1        # their standard deviation, as a share of each parameter's range
@@ -77,8 +78,6 @@ class AutoSampler(BaseSampler):
     def _decide(self, study: optuna.Study, number: int) -> tuple[int, str | None, dict[str, Any] | None]:
         if self._decided is not None and self._decided[0] == number:
             return self._decided
-        from .samplers import BASELINES_ATTR
-
         count = study.user_attrs.get(BASELINES_ATTR, 0)
         if number < count:
             self._decided = (number, None, None)
@@ -99,8 +98,6 @@ class AutoSampler(BaseSampler):
     def arm(self, study: optuna.Study, trials: list[FrozenTrial], *, baselines: int) -> str:
         """Successive halving over the techniques: the round the trials so far are in, the arms in it, and of
         those the one with the fewest trials (ties: the config's order)."""
-        from .search import BUDGET_ATTR
-
         methods = self.space.methods
         if len(methods) == 1:
             return methods[0]

@@ -27,9 +27,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .config import SearchConfig
 from .space import SearchSpace
+from .storage import BASELINES_ATTR
 
 REFINE_ATTR = "refine_method"
-BASELINES_ATTR = "baseline_count"   # trials 0 .. count-1 are the baselines (set by search.py when it queues them)
 ANCHOR_ATTR = "warm_start_trial"    # the number of the baseline the warm start is centred on
 WARM_SPREAD = 0.1                   # a warm trial's standard deviation, as a share of each parameter's range
 LAG = 1     # a trial is sampled from the trials numbered at least LAG + 1 before it (see LaggedSampler)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .config import SearchConfig, load_config, tasks_path
 from .errors import InputError
-from .storage import HEARTBEAT_S, open_study, safe_url, state_counts
+from .storage import BASELINES_ATTR, BUDGET_ATTR, HEARTBEAT_S, open_study, safe_url, state_counts
 
 if TYPE_CHECKING:
     from .export.run import RunResult
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 DONE = ("COMPLETE", "PRUNED")
 FINGERPRINT_ATTR = "sources_fingerprint"
 SPACE_ATTR = "space_fingerprint"
-BUDGET_ATTR = "budget"
 SWEEP_SHARE = 0.1     # of the budget, for the one-knob sweeps among the baselines
 
 
@@ -249,8 +248,6 @@ class SearchSession:
         """Queue (label, params) baselines first, once per study; the samplers' warm start follows them."""
         if self.study.user_attrs.get("baselines_enqueued"):
             return
-        from .samplers import BASELINES_ATTR
-
         for label, params in baselines:
             self.study.enqueue_trial(params, user_attrs={"baseline": label}, skip_if_exists=True)
         queued = [t.number for t in self.study.get_trials(deepcopy=False) if "baseline" in t.user_attrs]
@@ -348,8 +345,6 @@ class SearchSession:
         from optuna.trial import TrialState
 
         from .auto import GRADIENT_ATTR, gradient_budget, gradient_verdict, is_gradient_trial
-        from .samplers import BASELINES_ATTR
-
         record = self.study.user_attrs.get(GRADIENT_ATTR) or {}
         if record.get("state") in ("stopped", "off"):
             self.gradient_arm = False

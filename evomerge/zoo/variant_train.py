@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 
@@ -33,8 +33,7 @@ from .train import (Batches, Draw, Encoder, FormatBatches, input_keys, new_model
 from .version import TASK_FILE, derive_seed
 from .write import build_tokenizer, save_model_folder, write_task_file
 
-if TYPE_CHECKING:
-    from .variants import VariantSpec
+VariantSpec = Any   # a variants.VariantSpec (not imported: variants.py imports this module)
 
 BASE_STEPS = 500
 INSTRUCT_STEPS = 150

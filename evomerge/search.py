@@ -345,6 +345,7 @@ class SearchSession:
         from optuna.trial import TrialState
 
         from .auto import GRADIENT_ATTR, gradient_budget, gradient_verdict, is_gradient_trial
+
         record = self.study.user_attrs.get(GRADIENT_ATTR) or {}
         if record.get("state") in ("stopped", "off"):
             self.gradient_arm = False

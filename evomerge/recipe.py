@@ -191,9 +191,6 @@ class Recipe:
         blocks = [(g, k) for g in range(self.layer_groups) for k in MODULE_KINDS if k not in ("embed", "head")]
         return blocks + [(IO_GROUP, k) for k in sorted(MODULE_KINDS, key=lambda k: k not in ("embed", "head"))]
 
-    def is_deterministic(self) -> bool:
-        return not self.spec.stochastic
-
 
 def _pick(value: Value, group: int | str) -> float:
     if isinstance(value, tuple):

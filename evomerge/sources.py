@@ -12,7 +12,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 
@@ -179,10 +179,6 @@ class SourceSet:
         return ([self.base] if self.base is not None else []) + list(self.sources)
 
     @property
-    def shorts(self) -> list[str]:
-        return [s.short for s in self.sources]
-
-    @property
     def vocab_size(self) -> int | None:
         """The merged model's vocabulary size where it is not the anchor's own (a union vocabulary), else None."""
         if self.union is None:
@@ -222,9 +218,6 @@ class SourceSet:
             wide = torch.float64 if self.layout.float_dtype == torch.float64 else torch.float32
             self._fills[name] = self.union.fill_rows(lambda i: self.models[i].read(name), dtype=wide)
         return self._fills[name]
-
-    def iter_names(self) -> Iterator[str]:
-        return iter(self.layout.tensors)
 
 
 def open_sources(base: str | None, sources: Iterable[str], *, relative_to: Path | None = None,

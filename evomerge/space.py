@@ -302,10 +302,6 @@ class SearchSpace:
             out[dim.name] = dim.snap(centre + rng.normal() * spread * (dim.high - dim.low))
         return out
 
-    def in_space(self, params: Mapping[str, Any]) -> bool:
-        method = self.method_of(params)
-        return all(d.low <= params.get(d.name, d.low) <= d.high for d in self.dims[method])
-
 
 def _reaches(folder: ModelFolder, layout: Layout, *, kind: str | None, inside: bool | None,
              filtered: list[str]) -> bool:

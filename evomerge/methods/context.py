@@ -212,11 +212,6 @@ class TensorContext:
             self._stats[key] = compute(self)
         return self._stats[key]
 
-    def release(self) -> None:
-        """Drop the large caches (fields, ranks), keeping the small tables."""
-        self._uniform = None
-        self._ranks = None
-
     @classmethod
     def one_off(cls, base: torch.Tensor, sources: list[torch.Tensor] | torch.Tensor, *, name: str = "tensor",
                 seed: int = 0) -> "TensorContext":

@@ -81,9 +81,6 @@ class LowRankContext:
         left, right = pair
         return float(((grad.view(self.anchor.shape).to(self.dtype) @ right.T) * left).sum())
 
-    def factor_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for pair in self.factors if pair is not None for t in pair)
-
     def write(self, method: str, p: dict, out: torch.Tensor) -> torch.Tensor | None:
         """The merge into `out`; returns a sum of what was written for the finiteness check (None: `out` is
         the anchor, unchanged, checked finite when it was read)."""

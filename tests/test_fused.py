@@ -288,7 +288,7 @@ def test_a_failed_build_warns_once_and_merges_eagerly(kernel, three, monkeypatch
     base, sources = three
     recipe = random_recipe("ties", base, sources, random.Random("no compiler"))
     monkeypatch.delenv("EVOMERGE_NO_FUSED", raising=False)
-    monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", no_compiler)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
     fused.compiled.cache_clear()
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -304,6 +304,18 @@ def test_a_failed_build_warns_once_and_merges_eagerly(kernel, three, monkeypatch
         fused.compiled.cache_clear()      # later tests load the built extension again
     monkeypatch.undo()
     assert_same(materialize(open_merger(recipe), recipe, kernel, monkeypatch)[0], eager)
+
+
+def test_the_build_is_named_by_a_digest_of_the_cpp_file(tmp_path, monkeypatch):
+    """fused.cpp ships with the package, and its text is in the build's name: an edit to it is a new build, never
+    a stale one loaded from torch's extension folder."""
+    assert fused.SOURCE.is_file() and "PYBIND11_MODULE(TORCH_EXTENSION_NAME" in fused.SOURCE.read_text()
+    name = fused._digest()
+    assert name == fused._digest()
+    edited = tmp_path / "fused.cpp"
+    edited.write_text(fused.SOURCE.read_text() + "\n// an edit\n")
+    monkeypatch.setattr(fused, "SOURCE", edited)
+    assert fused._digest() != name
 
 
 def test_small_models_merge_eagerly_unless_asked(kernel, monkeypatch):

@@ -5,7 +5,7 @@ method's `fused` function instead describes one tensor's merge as a `Plan`: whic
 entries of each task vector are kept (a magnitude `Band`, a random `Drop`) and how
 they combine (a weighted `Sum`, or TIES sign election `Elect`), with the per-tensor
 scalars the eager steps compute (thresholds from the tables, scales, rescales) —
-and the C++ in fused_source.py runs it in one pass, giving the eager tensor bit for
+and the C++ in fused.cpp runs it in one pass, giving the eager tensor bit for
 bit. It is compiled once per machine with torch's JIT extension builder (g++ and
 ninja) and cached in torch's extension folder. Without a compiler, with
 EVOMERGE_NO_FUSED=1, or off the CPU, `kernel_for` gives None and the eager path runs.
@@ -25,8 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .fused_source import SOURCE
-
+SOURCE = Path(__file__).with_name("fused.cpp")   # package data (pyproject.toml)
 CFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=256", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp")
 OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -160,17 +159,17 @@ def kernel_for(device: torch.device, elements: int | None = None) -> FusedKernel
 @functools.cache
 def compiled() -> FusedKernel | None:
     """Build (first time on this machine) and load the extension, once per process; None, with one
-    warning, where that fails. The name carries a digest of the source, the flags and the CPU, so
+    warning, where that fails. The name carries a digest of fused.cpp, the flags and the CPU, so
     a home folder shared by different machines never loads code built for another CPU."""
     try:
-        from torch.utils.cpp_extension import load_inline
+        from torch.utils.cpp_extension import load
 
         name = f"evomerge_fused_{_digest()}"
         if not _built(name):
             print("evomerge: building the fused CPU merge kernel (once on this machine, about a minute)",
                   file=sys.stderr, flush=True)
-        module = load_inline(name, cpp_sources=SOURCE, extra_cflags=list(CFLAGS), extra_ldflags=["-fopenmp"],
-                             verbose=False)
+        module = load(name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=["-fopenmp"],
+                      verbose=False)
     except Exception as err:   # no compiler, no ninja, a failed build: all mean the eager path
         reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
         warnings.warn(f"evomerge: the fused merge kernel is unavailable ({reason}); merging with torch ops",
@@ -190,7 +189,7 @@ def _built(name: str) -> bool:
 
 
 def _digest() -> str:
-    text = "\0".join([SOURCE, *CFLAGS, platform.machine(), _cpu_flags(), torch.__version__])
+    text = "\0".join([SOURCE.read_text(), *CFLAGS, platform.machine(), _cpu_flags(), torch.__version__])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -1,23 +1,21 @@
-"""The C++ of the fused merge kernel (compiled just in time by `fused.py`).
+// The fused merge kernel, compiled just in time by fused.py (torch.utils.cpp_extension.load).
+//
+// One pass over the output: for each entry, every source's kept value (its task
+// vector's entry, inside a magnitude band or past a random drop, rescaled) is formed
+// and combined (a weighted sum, or TIES sign election) in registers, and the result
+// written to the output, in its dtype. The number of sources is a template parameter
+// (1 to 8), so that the loops over entries vectorize with the per-source state unrolled.
+// Sources held as stored (bf16, fp16) are upcast a block at a time, and their task
+// vectors formed there, in float32, as float32 task vectors are made.
+//
+// Each operation repeats the eager steps' own arithmetic, in their order: products,
+// sums and quotients rounded as torch rounds them, the weighted sum with a fused
+// multiply-add as `addcmul` does, the sums over sources left to right as
+// `sum_sources` does. So the two paths give the same tensor, bit for bit; it is
+// compiled with -ffp-contract=off, so that the compiler fuses nothing else. Both add
+// 0 last, so that a zero is +0.0 whatever zeros the steps added (a dropped entry of
+// a negative task vector is -0.0 in the eager steps' masks, +0.0 here).
 
-One pass over the output: for each entry, every source's kept value (its task
-vector's entry, inside a magnitude band or past a random drop, rescaled) is formed
-and combined (a weighted sum, or TIES sign election) in registers, and the result
-written to the output, in its dtype. The number of sources is a template parameter
-(1 to 8), so that the loops over entries vectorize with the per-source state unrolled.
-Sources held as stored (bf16, fp16) are upcast a block at a time, and their task
-vectors formed there, in float32, as float32 task vectors are made.
-
-Each operation repeats the eager steps' own arithmetic, in their order: products,
-sums and quotients rounded as torch rounds them, the weighted sum with a fused
-multiply-add as `addcmul` does, the sums over sources left to right as
-`sum_sources` does. So the two paths give the same tensor, bit for bit; it is
-compiled with -ffp-contract=off, so that the compiler fuses nothing else. Both add
-0 last, so that a zero is +0.0 whatever zeros the steps added (a dropped entry of
-a negative task vector is -0.0 in the eager steps' masks, +0.0 here).
-"""
-
-SOURCE = r"""
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <pybind11/stl.h>
@@ -410,4 +408,3 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("divisor"), pybind11::arg("normalize"), pybind11::arg("of_sources"), pybind11::arg("madd"),
         pybind11::call_guard<pybind11::gil_scoped_release>());
 }
-"""

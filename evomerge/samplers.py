@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import optuna
@@ -57,32 +57,34 @@ def resolved(config: SearchConfig) -> str:
 
 
 def _sampler(config: SearchConfig, space: SearchSpace) -> BaseSampler:
-    s = config.search
     name = resolved(config)
     if name in ("tpe", "tpe+cmaes", "auto"):
         use_vectorized_truncnorm()
-    seed = s.seed
-    startup = max(5, min(20, s.n_trials // 10))
-    if name == "auto":
-        from .auto import AutoSampler
+    return FACTORIES[name](config, space, config.search.seed, max(5, min(20, config.search.n_trials // 10)))
 
-        return AutoSampler(space, seed=seed, n_trials=s.n_trials)
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=startup,
-                                          constant_liar=True)
-    if name == "cmaes":
-        return CmaEsFromAnchor(seed=seed, warm=len(config.objectives) == 1)
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup, warn_independent_sampling=False)
-    if name in ("random", "adamerging"):   # adamerging: its trials come queued (gradient.py, search.py)
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "qmc":
-        return optuna.samplers.QMCSampler(seed=seed, scramble=True)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    if name == "tpe+cmaes":
-        return TpeThenCmaEs(space, seed=seed, switch_after=max(startup + 1, int(s.n_trials * s.refine_after)))
-    raise ValueError(s.sampler)  # unreachable: the config validates the name
+
+def _auto(config: SearchConfig, space: SearchSpace, seed: int, startup: int) -> BaseSampler:
+    from .auto import AutoSampler
+
+    return AutoSampler(space, seed=seed, n_trials=config.search.n_trials)
+
+
+# name -> factory(config, space, seed, random startup trials); the names config.SAMPLERS accepts
+FACTORIES: dict[str, Callable[[SearchConfig, SearchSpace, int, int], BaseSampler]] = {
+    "auto": _auto,
+    "tpe": lambda config, space, seed, startup: optuna.samplers.TPESampler(
+        seed=seed, multivariate=True, group=True, n_startup_trials=startup, constant_liar=True),
+    "cmaes": lambda config, space, seed, startup: CmaEsFromAnchor(seed=seed, warm=len(config.objectives) == 1),
+    "gp": lambda config, space, seed, startup: optuna.samplers.GPSampler(
+        seed=seed, n_startup_trials=startup, warn_independent_sampling=False),
+    "random": lambda config, space, seed, startup: optuna.samplers.RandomSampler(seed=seed),
+    # adamerging: its trials come queued (gradient.py, search.py); any other is at random
+    "adamerging": lambda config, space, seed, startup: optuna.samplers.RandomSampler(seed=seed),
+    "qmc": lambda config, space, seed, startup: optuna.samplers.QMCSampler(seed=seed, scramble=True),
+    "nsga2": lambda config, space, seed, startup: optuna.samplers.NSGAIISampler(seed=seed),
+    "tpe+cmaes": lambda config, space, seed, startup: TpeThenCmaEs(
+        space, seed=seed, switch_after=max(startup + 1, int(config.search.n_trials * config.search.refine_after))),
+}
 
 
 def use_vectorized_truncnorm() -> None:
@@ -103,7 +105,48 @@ def use_vectorized_truncnorm() -> None:
     _truncnorm._evomerge_vectorized = True
 
 
-class LaggedSampler(BaseSampler):
+class Delegating(BaseSampler):
+    """A sampler that hands each call on: `route` gives the sampler that samples a trial and the study it sees;
+    `own` gives the parameters the wrapper sets itself for a trial (None: it sets none). The wrappers below
+    (a lagged view, a warm start, CMA-ES from an anchor) and auto's arms differ only in those two."""
+
+    def route(self, study: optuna.Study, trial: FrozenTrial) -> tuple[BaseSampler, optuna.Study]:
+        raise NotImplementedError
+
+    def own(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any] | None:
+        return None
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        if self.own(study, trial) is not None:
+            return {}
+        inner, view = self.route(study, trial)
+        return inner.infer_relative_search_space(view, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        if self.own(study, trial) is not None:
+            return {}
+        inner, view = self.route(study, trial)
+        return inner.sample_relative(view, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        point = self.own(study, trial)
+        if point is not None and param_name in point:
+            return point[param_name]
+        inner, view = self.route(study, trial)
+        return inner.sample_independent(view, trial, param_name, param_distribution)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        inner, view = self.route(study, trial)
+        inner.before_trial(view, trial)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values) -> None:
+        inner, view = self.route(study, trial)
+        inner.after_trial(view, trial, state, values)
+
+
+class LaggedSampler(Delegating):
     """A sampler that sees only the trials numbered more than `lag` before the one it samples.
 
     The search samples trial n+1 while trial n is still merged and scored (in a second
@@ -116,30 +159,16 @@ class LaggedSampler(BaseSampler):
         self.lag = lag
         self._last_view: tuple[int, int, _StudyBefore] | None = None
 
-    def _view(self, study: optuna.Study, trial: FrozenTrial) -> optuna.Study:
+    def route(self, study: optuna.Study, trial: FrozenTrial) -> tuple[BaseSampler, optuna.Study]:
         """The study as the trial's sampling sees it: one snapshot for all of that trial's calls."""
         if self._last_view is None or self._last_view[:2] != (study._study_id, trial.number):
             self._last_view = (study._study_id, trial.number, _StudyBefore(study, trial.number - self.lag))
-        return self._last_view[2]
+        return self.inner, self._last_view[2]
 
     def refine_method(self, study: optuna.Study, trial_number: int) -> str | None:
-        """tpe+cmaes: the technique being refined (TpeThenCmaEs.refine_method), from the same view."""
+        """tpe+cmaes, auto: the technique that samples the trial (their refine_method), from the same view."""
         refine = getattr(self.inner, "refine_method", None)
         return refine(_StudyBefore(study, trial_number - self.lag), trial_number) if refine else None
-
-    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
-        return self.inner.infer_relative_search_space(self._view(study, trial), trial)
-
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
-                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
-        return self.inner.sample_relative(self._view(study, trial), trial, search_space)
-
-    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
-                           param_distribution: BaseDistribution) -> Any:
-        return self.inner.sample_independent(self._view(study, trial), trial, param_name, param_distribution)
-
-    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.inner.before_trial(self._view(study, trial), trial)
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values) -> None:
         self.inner.after_trial(study, trial, state, values)
@@ -209,7 +238,7 @@ def anchor(study: optuna.Study, trial_number: int) -> FrozenTrial | None:
     return next((t for t in done if t.number == chosen), None)
 
 
-class WarmStart(BaseSampler):
+class WarmStart(Delegating):
     """The first `trials` trials after the baselines sampled around the best baseline; all others by `inner`.
 
     Each parameter is the anchor's value plus a normal step of WARM_SPREAD of its range (clipped, on its grid),
@@ -224,7 +253,7 @@ class WarmStart(BaseSampler):
         self.trials = trials
         self._point: tuple[int, dict[str, Any] | None] | None = None   # (trial number, its warm parameters)
 
-    def warm_point(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any] | None:
+    def own(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any] | None:
         """The trial's parameters if it is a warm trial, else None; worked out once per trial."""
         if self._point is not None and self._point[0] == trial.number:
             return self._point[1]
@@ -238,39 +267,18 @@ class WarmStart(BaseSampler):
         self._point = (trial.number, point)
         return point
 
+    def route(self, study: optuna.Study, trial: FrozenTrial) -> tuple[BaseSampler, optuna.Study]:
+        return self.inner, study
+
     def refine_method(self, study: optuna.Study, trial_number: int) -> str | None:
         refine = getattr(self.inner, "refine_method", None)
         return refine(study, trial_number) if refine else None
-
-    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
-        if self.warm_point(study, trial) is not None:
-            return {}
-        return self.inner.infer_relative_search_space(study, trial)
-
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
-                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
-        if self.warm_point(study, trial) is not None:
-            return {}
-        return self.inner.sample_relative(study, trial, search_space)
-
-    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
-                           param_distribution: BaseDistribution) -> Any:
-        point = self.warm_point(study, trial)
-        if point is not None and param_name in point:
-            return point[param_name]
-        return self.inner.sample_independent(study, trial, param_name, param_distribution)
-
-    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.inner.before_trial(study, trial)
-
-    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values) -> None:
-        self.inner.after_trial(study, trial, state, values)
 
     def reseed_rng(self) -> None:
         self.inner.reseed_rng()
 
 
-class CmaEsFromAnchor(BaseSampler):
+class CmaEsFromAnchor(Delegating):
     """CMA-ES over one technique; in a study with baselines its mean starts at the best of them, unless that
     is a source alone.
 
@@ -292,37 +300,20 @@ class CmaEsFromAnchor(BaseSampler):
     def _cma(self, x0: dict[str, Any] | None) -> optuna.samplers.CmaEsSampler:
         return cma_es(self.seed, x0=x0, independent=self._random, startup=1 if x0 is None else 0)
 
-    def _sampler(self, study: optuna.Study, trial: FrozenTrial) -> BaseSampler:
+    def route(self, study: optuna.Study, trial: FrozenTrial) -> tuple[BaseSampler, optuna.Study]:
         if self._from_anchor is not None:
-            return self._from_anchor
+            return self._from_anchor, study
         count = study.user_attrs.get(BASELINES_ATTR) if self.warm else None
         if count is None:
-            return self._plain
+            return self._plain, study
         if trial.number < count:
-            return self._random     # a baseline: its parameters are fixed, and no CMA-ES state is stored with it
+            return self._random, study   # a baseline: its parameters are fixed, no CMA-ES state is stored with it
         best = anchor(study, trial.number)
         if best is None or str(best.user_attrs.get("baseline", "")).startswith("source:"):
             self.warm = False
-            return self._plain
+            return self._plain, study
         self._from_anchor = self._cma(dict(best.params))
-        return self._from_anchor
-
-    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
-        return self._sampler(study, trial).infer_relative_search_space(study, trial)
-
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
-                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
-        return self._sampler(study, trial).sample_relative(study, trial, search_space)
-
-    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
-                           param_distribution: BaseDistribution) -> Any:
-        return self._sampler(study, trial).sample_independent(study, trial, param_name, param_distribution)
-
-    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self._sampler(study, trial).before_trial(study, trial)
-
-    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values) -> None:
-        self._sampler(study, trial).after_trial(study, trial, state, values)
+        return self._from_anchor, study
 
     def reseed_rng(self) -> None:
         self._random.reseed_rng()

@@ -243,3 +243,31 @@ def test_cmaes_starts_its_mean_at_the_best_baseline_unless_that_is_a_source_alon
             assert near < 0.2 and near < 0.6 * centred, (near, centred)
         else:
             assert centred < 0.2 and centred < 0.6 * near, (near, centred)
+
+
+def test_every_sampler_the_config_accepts_has_a_factory_that_builds_it(tmp_path):
+    """The registry and config.SAMPLERS name the same samplers, and each name builds a seeded sampler of its own
+    kind behind the lag (auto, tpe+cmaes, cmaes: evomerge's; the others: Optuna's)."""
+    import optuna
+
+    from evomerge.auto import AutoSampler
+    from evomerge.config import SAMPLERS, load_config
+    from evomerge.samplers import FACTORIES, CmaEsFromAnchor, LaggedSampler, TpeThenCmaEs, WarmStart, make_sampler
+    from evomerge.sources import open_sources
+    from evomerge.space import SearchSpace
+
+    assert set(FACTORIES) == set(SAMPLERS)
+    kinds = {"auto": AutoSampler, "tpe": optuna.samplers.TPESampler, "cmaes": CmaEsFromAnchor,
+             "gp": optuna.samplers.GPSampler, "random": optuna.samplers.RandomSampler,
+             "adamerging": optuna.samplers.RandomSampler, "qmc": optuna.samplers.QMCSampler,
+             "nsga2": optuna.samplers.NSGAIISampler, "tpe+cmaes": TpeThenCmaEs}
+    config = load_config(make_search_fixture(tmp_path / "fam"))
+    sources = open_sources(config.base, config.sources, relative_to=config.relative_to)
+    for name in SAMPLERS:
+        methods = ["task_arithmetic"] if name in ("cmaes", "adamerging") else config.search.methods
+        one = config.model_copy(update={"search": config.search.model_copy(update={"sampler": name,
+                                                                                   "methods": methods})})
+        sampler = make_sampler(one, SearchSpace(one, sources.sources, sources.layout))
+        assert isinstance(sampler, LaggedSampler)
+        inner = sampler.inner.inner if isinstance(sampler.inner, WarmStart) else sampler.inner
+        assert type(inner) is kinds[name], name

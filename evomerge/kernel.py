@@ -41,6 +41,7 @@ def chunk_elements(device: torch.device) -> int:
     return CHUNK if device.type == "cpu" else DEVICE_CHUNK
 
 
+@functools.cache
 def _glibc():
     """The C library's handle where it is glibc (Linux), else None."""
     try:
@@ -52,26 +53,24 @@ def _glibc():
         return None
 
 
-_LIBC = _glibc()
-
-
+@functools.cache
 def _keep_chunk_temporaries_on_the_heap() -> None:
     """glibc serves allocations above 128 KiB with a fresh mmap, and every page of it faults on first touch:
     a chunk's temporaries (a few MiB) then cost more than the arithmetic on them (measured: ties 2.7x
     slower). Raise the mmap threshold to 64 MiB so they are reused from the heap; whole tensors above
-    it still map and unmap. Elsewhere than glibc nothing changes."""
-    if _LIBC is not None:
-        _LIBC.mallopt(-3, 64 << 20)      # M_MMAP_THRESHOLD
-        _LIBC.mallopt(-1, 128 << 20)     # M_TRIM_THRESHOLD: keep up to 128 MiB freed at the heap's top
+    it still map and unmap. Elsewhere than glibc nothing changes. Once per process, by the first merger on
+    the CPU: importing evomerge changes nothing in the allocator."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(-3, 64 << 20)      # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 << 20)     # M_TRIM_THRESHOLD: keep up to 128 MiB freed at the heap's top
 
 
 def _return_freed_memory() -> None:
     """Hand memory freed to the C heap back to the OS, so the process's RSS tracks what it holds."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-_keep_chunk_temporaries_on_the_heap()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def in_use_bytes(device: torch.device) -> int:
@@ -206,6 +205,8 @@ class ResidentMerger:
         self.as_stored = as_stored     # bf16/fp16 sources stay resident as stored (False: as float32 task vectors)
         self.trust_remote_code = trust_remote_code
         self.device = pick_device(device)
+        if self.device.type == "cpu":
+            _keep_chunk_temporaries_on_the_heap()
         self.seed = seed
         self.compute_dtype = torch.float64 if sources.layout.float_dtype == torch.float64 else torch.float32
         self.out_dtype = TORCH_DTYPES[dtype] if dtype else sources.layout.float_dtype

@@ -106,3 +106,23 @@ def test_the_pipeline_reads_downwards() -> None:
         assert not (graph[module] & above), (module, sorted(graph[module] & above))
     assert not graph["evomerge.export.run"] & {"evomerge.search", "evomerge.demo", "evomerge.compare"}
     assert not graph["evomerge.evaluate.tasks"] & {"evomerge.evaluate.harness"}
+
+
+def test_importing_evomerge_leaves_the_allocator_alone(tmp_path) -> None:
+    """The kernel raises glibc's mmap threshold for its chunk temporaries: when the first merger on the CPU is
+    made, never as a side effect of importing the package (a library imported by someone else's program)."""
+    import subprocess
+    import sys
+
+    from modelfactory import make_family
+
+    base, sources = make_family(tmp_path / "fam", k=2)
+    probe = ("import sys\n"
+             "import evomerge.kernel as k, evomerge.search, evomerge.cli, evomerge.export.run\n"
+             "from evomerge.sources import open_sources\n"
+             "print(k._keep_chunk_temporaries_on_the_heap.cache_info().currsize)\n"
+             "k.ResidentMerger(open_sources(sys.argv[1], sys.argv[2:]), build_model=False)\n"
+             "print(k._keep_chunk_temporaries_on_the_heap.cache_info().currsize)\n")
+    out = subprocess.run([sys.executable, "-c", probe, str(base), *map(str, sources)], capture_output=True,
+                         text=True, check=True, cwd=PACKAGE.parent).stdout.split()
+    assert out == ["0", "1"]

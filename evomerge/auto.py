@@ -39,7 +39,7 @@ from optuna.samplers._lazy_random_state import LazyRandomState
 from optuna.trial import FrozenTrial, TrialState
 
 from .space import SearchSpace
-from .storage import BASELINES_ATTR, BUDGET_ATTR
+from .storage import BASELINES_ATTR, BUDGET_ATTR, StudyView
 
 WARM = 3                 # an arm's first trials, around the technique's best trial
 WARM_SPREAD = 0.1        # their standard deviation, as a share of each parameter's range
@@ -141,7 +141,7 @@ class AutoSampler(BaseSampler):
             tpe._rng = LazyRandomState(int(state[0]))                   # (optuna 5: the TPE's and its random
             tpe._random_sampler._rng = LazyRandomState(int(state[1]))   #  sampler's generators)
             self._seeded = trial.number
-        return tpe, _OneTechnique(study, arm, self.space)
+        return tpe, StudyView(study, lambda t: self.space.method_of(t.params, t.user_attrs) == arm)
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         if "fixed_params" in trial.system_attrs:   # a queued trial (a baseline, the gradient arm's): no sampling
@@ -172,27 +172,6 @@ class AutoSampler(BaseSampler):
 
     def reseed_rng(self) -> None:
         pass     # every trial is sampled from generators seeded by (seed, trial number)
-
-
-class _OneTechnique:
-    """A read view of a study that holds only one technique's trials: what that technique's TPE models."""
-
-    def __init__(self, study: optuna.Study, method: str, space: SearchSpace) -> None:
-        self._study, self._method, self._space = study, method, space
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
-
-    def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False) -> list[FrozenTrial]:
-        trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
-        return [t for t in trials if self._space.method_of(t.params, t.user_attrs) == self._method]
-
-    def get_trials(self, deepcopy: bool = True, states=None) -> list[FrozenTrial]:
-        return self._get_trials(deepcopy=deepcopy, states=states)
-
-    @property
-    def trials(self) -> list[FrozenTrial]:
-        return self.get_trials()
 
 
 def _best(trials: list[FrozenTrial]) -> FrozenTrial | None:

@@ -15,7 +15,6 @@ resumed study and a study sampled ahead all start from the same one.
 
 from __future__ import annotations
 
-import copy
 import warnings
 from typing import Any, Callable
 
@@ -27,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .config import SearchConfig
 from .space import SearchSpace
-from .storage import BASELINES_ATTR
+from .storage import BASELINES_ATTR, StudyView
 
 REFINE_ATTR = "refine_method"
 ANCHOR_ATTR = "warm_start_trial"    # the number of the baseline the warm start is centred on
@@ -157,18 +156,18 @@ class LaggedSampler(Delegating):
     def __init__(self, inner: BaseSampler, *, lag: int) -> None:
         self.inner = inner
         self.lag = lag
-        self._last_view: tuple[int, int, _StudyBefore] | None = None
+        self._last_view: tuple[int, int, StudyView] | None = None
 
     def route(self, study: optuna.Study, trial: FrozenTrial) -> tuple[BaseSampler, optuna.Study]:
         """The study as the trial's sampling sees it: one snapshot for all of that trial's calls."""
         if self._last_view is None or self._last_view[:2] != (study._study_id, trial.number):
-            self._last_view = (study._study_id, trial.number, _StudyBefore(study, trial.number - self.lag))
+            self._last_view = (study._study_id, trial.number, before(study, trial.number - self.lag))
         return self.inner, self._last_view[2]
 
     def refine_method(self, study: optuna.Study, trial_number: int) -> str | None:
         """tpe+cmaes, auto: the technique that samples the trial (their refine_method), from the same view."""
         refine = getattr(self.inner, "refine_method", None)
-        return refine(_StudyBefore(study, trial_number - self.lag), trial_number) if refine else None
+        return refine(before(study, trial_number - self.lag), trial_number) if refine else None
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values) -> None:
         self.inner.after_trial(study, trial, state, values)
@@ -177,34 +176,9 @@ class LaggedSampler(Delegating):
         self.inner.reseed_rng()
 
 
-class _StudyBefore:
-    """A read view of a study that holds only the trials numbered below `limit`.
-
-    The trials are read once, when first asked for: a sampler reads them several times
-    while it samples one trial (TPE: the search space, then each group), each a storage read.
-    """
-
-    def __init__(self, study: optuna.Study, limit: int) -> None:
-        self._study = study
-        self._limit = limit
-        self._snapshot: list[FrozenTrial] | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
-
-    def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False) -> list[FrozenTrial]:
-        if self._snapshot is None:
-            trials = self._study._get_trials(deepcopy=False, use_cache=True)
-            self._snapshot = [t for t in trials if t.number < self._limit]
-        kept = self._snapshot if states is None else [t for t in self._snapshot if t.state in states]
-        return copy.deepcopy(kept) if deepcopy else kept
-
-    def get_trials(self, deepcopy: bool = True, states=None) -> list[FrozenTrial]:
-        return self._get_trials(deepcopy=deepcopy, states=states)
-
-    @property
-    def trials(self) -> list[FrozenTrial]:
-        return self.get_trials()
+def before(study: optuna.Study, limit: int) -> StudyView:
+    """The study as the trials numbered below `limit` make it."""
+    return StudyView(study, lambda t: t.number < limit)
 
 
 def cma_es(seed: int, *, x0: dict[str, Any] | None, independent: BaseSampler,

@@ -12,10 +12,11 @@ was running, which is failed (or retried from its committed parameters) anyway.
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 import warnings
-from collections.abc import Container, Iterable
+from collections.abc import Callable, Container, Iterable
 from typing import Any
 
 from optuna.distributions import BaseDistribution
@@ -294,3 +295,32 @@ def safe_url(url: str) -> str:
         if ":" in creds:
             return f"{scheme}://{creds.split(':')[0]}:***@{host}"
     return url
+
+
+class StudyView:
+    """A read view of an optuna.Study that holds only the trials `keep` accepts: the trials before the one sampled
+    (LaggedSampler), one technique's (auto's arms). They are read once, when first asked for: a sampler reads
+    them several times while it samples one trial (TPE: the search space, then each group), each a storage read.
+    """
+
+    def __init__(self, study: Any, keep: Callable[[FrozenTrial], bool]) -> None:
+        self._study = study
+        self._keep = keep
+        self._snapshot: list[FrozenTrial] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False) -> list[FrozenTrial]:
+        if self._snapshot is None:
+            trials = self._study._get_trials(deepcopy=False, use_cache=True)
+            self._snapshot = [t for t in trials if self._keep(t)]
+        kept = self._snapshot if states is None else [t for t in self._snapshot if t.state in states]
+        return copy.deepcopy(kept) if deepcopy else kept
+
+    def get_trials(self, deepcopy: bool = True, states=None) -> list[FrozenTrial]:
+        return self._get_trials(deepcopy=deepcopy, states=states)
+
+    @property
+    def trials(self) -> list[FrozenTrial]:
+        return self.get_trials()

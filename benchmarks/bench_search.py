@@ -216,7 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-factor", type=int, default=4)
     parser.add_argument("--out", type=Path, default=REPO / "results")
     parser.add_argument("--save", type=Path, help="also write the measured runs to this JSON file")
-    parser.add_argument("--load", help="report from runs saved with --save (comma-separated), running nothing")
+    parser.add_argument("--load", help="report from runs saved with --save (comma-separated; a later file's runs "
+                                       "of an optimizer replace an earlier's, which are kept as '<optimizer> "
+                                       "before', a column where --optimizers lists it), running nothing")
+    parser.add_argument("--workdir", type=Path, help="keep the studies (one SQLite file per problem) in this folder "
+                                                     "to look into afterwards (default: a temporary one)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -224,7 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     optimizers = args.optimizers.split(",")
     if args.load:
         saved = [json.loads(Path(p).read_text()) for p in args.load.split(",")]
-        problems = {k: v for one in saved for k, v in one["problems"].items()}
+        problems = {}
+        for one in saved:   # a later file's runs of an optimizer on a problem replace an earlier file's, which
+            for name, problem in one["problems"].items():   # stay as "<optimizer> before" (in the reference)
+                if name in problems:
+                    earlier = problems[name]["runs"]
+                    runs = {**earlier, **{f"{o} before": earlier[o] for o in problem["runs"] if o in earlier}}
+                    problem = {**problem, "runs": {**runs, **problem["runs"]}}
+                problems[name] = problem
         for one in saved:
             for p in one["problems"].values():
                 for rs in p["runs"].values():
@@ -237,10 +248,12 @@ def main(argv: list[str] | None = None) -> int:
         ensure_zoo()
         problems = {}
         with tempfile.TemporaryDirectory() as tmp:
+            workdir = args.workdir or Path(tmp)
+            workdir.mkdir(parents=True, exist_ok=True)
             for name in args.problems.split(","):
                 problems[name] = run_problem(name, optimizers=optimizers, seeds=args.seeds, trials=args.trials,
                                              reference=[r for r in args.reference.split(",") if r],
-                                             factor=args.reference_factor, workdir=Path(tmp))
+                                             factor=args.reference_factor, workdir=workdir)
                 if args.save:    # after each problem: a long run keeps what it has measured
                     args.save.write_text(json.dumps({"problems": problems, "command": command}))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -10,10 +10,14 @@ is not the best one once tuned. `auto` therefore runs, after the baselines:
    (search.py) while they improve. It stops when `PATIENCE` of its trials in a row neither beat its best
    score nor lowered its best loss by `LOSS_GAIN`, or at `GRADIENT_SHARE` of the budget; the summary says
    which, and how many trials it kept.
-2. **one arm per technique**, each a TPE of its own over that technique's parameters alone (it models only
-   that technique's trials), its first `WARM` trials sampled around the technique's own best trial (its
-   baselines, and for task_arithmetic the gradient arm's), so that a technique is judged at its best, not
-   at its defaults;
+2. **one arm per technique**, each a TPE of its own over that technique's parameters alone, its first
+   `WARM` trials sampled around the technique's own best trial (its baselines, and for task_arithmetic the
+   gradient arm's), so that a technique is judged at its best, not at its defaults. The TPE models that
+   technique's trials but not the gradient arm's (a tight cluster that would be all of TPE's good points, so
+   that it samples only there), each valued with part credit: its objective plus `SHAPE` times the same
+   objective scored with part credit (evaluate/result.py, `partial`). An exact-match objective is flat over
+   wide regions (every merge that keeps one skill whole and loses the others scores the same); part credit
+   ranks those by how near they are to the next skill, which is where TPE should look;
 3. **successive halving** moves the budget between them: the trials left after the baselines and the
    gradient arm are cut into rounds of equal size; each round shares its trials equally among the arms still
    in, and the better half (by each technique's best search score) goes on to the next, until one arm takes
@@ -28,6 +32,7 @@ before it (a resumed study samples the trials an uninterrupted one would).
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -51,6 +56,7 @@ GRADIENT_KEY = "gradient_steps"         # the user attribute that marks a gradie
 PATIENCE = 4             # gradient trials in a row without progress before the arm stops
 LOSS_GAIN = 0.02         # progress: the loss below its best so far by this share
 GRADIENT_SHARE = 0.5     # of the budget after the baselines, at most, for the gradient arm
+SHAPE = 0.5              # a trial's value to an arm's TPE: objective + SHAPE * its part-credit objective
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
@@ -141,7 +147,8 @@ class AutoSampler(BaseSampler):
             tpe._rng = LazyRandomState(int(state[0]))                   # (optuna 5: the TPE's and its random
             tpe._random_sampler._rng = LazyRandomState(int(state[1]))   #  sampler's generators)
             self._seeded = trial.number
-        return tpe, StudyView(study, lambda t: self.space.method_of(t.params, t.user_attrs) == arm)
+        return tpe, _Modelled(study, lambda t: self.space.method_of(t.params, t.user_attrs) == arm
+                              and not is_gradient_trial(t))
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         if "fixed_params" in trial.system_attrs:   # a queued trial (a baseline, the gradient arm's): no sampling
@@ -172,6 +179,24 @@ class AutoSampler(BaseSampler):
 
     def reseed_rng(self) -> None:
         pass     # every trial is sampled from generators seeded by (seed, trial number)
+
+
+class _Modelled(StudyView):
+    """An arm's view: its technique's trials, each complete one valued with part credit (module docstring)."""
+
+    def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False) -> list[FrozenTrial]:
+        if self._snapshot is None:
+            self._snapshot = [_with_part_credit(t) for t in super()._get_trials(deepcopy=False)]
+        return super()._get_trials(deepcopy=deepcopy, states=states)
+
+
+def _with_part_credit(trial: FrozenTrial) -> FrozenTrial:
+    partial = trial.user_attrs.get("partial")
+    if trial.state != TrialState.COMPLETE or partial is None or not math.isfinite(partial):
+        return trial
+    valued = copy.copy(trial)
+    valued.values = [trial.values[0] + SHAPE * partial]
+    return valued
 
 
 def _best(trials: list[FrozenTrial]) -> FrozenTrial | None:

@@ -448,6 +448,7 @@ class SearchSession:
             values = [result.objective(o) for o in self.config.objectives]
             self._check_budget(proposal.number, n_trials, finished=True)
             attrs["scores"] = result.tasks
+            attrs["partial"] = result.partial(self.config.objectives[0])   # what auto's arms model (auto.py)
             attrs["seconds"] = {"merge": t2 - t1, "eval": t3 - t2, "total": t3 - t0}
             if any(not math.isfinite(v) for v in values):
                 raise FloatingPointError(f"non-finite score {values}")

@@ -85,6 +85,26 @@ def test_the_gradient_arms_trials_and_running_ones_count_as_they_should():
     assert sampler.arm(study, trials, baselines=2) == "ties"
 
 
+def test_an_arms_tpe_models_its_techniques_trials_with_part_credit_and_not_the_gradient_arms():
+    """What a technique's TPE sees: that technique's trials but the gradient arm's, each complete one valued
+    objective + SHAPE * part-credit objective (its `partial`); running trials, and trials from before part
+    credit was recorded, as they are. The study itself keeps its values."""
+    from evomerge.auto import SHAPE, _Modelled, is_gradient_trial
+
+    study = optuna.create_study(direction="maximize")
+    for trial in (_trial(0, "a", 0.3, partial=0.6), _trial(1, "b", 0.9, partial=0.9),
+                  _trial(2, "a", 0.4, partial=0.5, gradient_steps=4), _trial(3, "a", 0.2),
+                  _trial(4, "a", 0.1, partial=0.8), _trial(5, "a", None)):
+        study.add_trial(trial)
+    view = _Modelled(study, lambda t: t.user_attrs["method"] == "a" and not is_gradient_trial(t))
+    seen = view.get_trials(deepcopy=False)
+    assert [t.number for t in seen] == [0, 3, 4, 5]
+    assert [t.values[0] if t.values else None for t in seen] == pytest.approx(
+        [0.3 + SHAPE * 0.6, 0.2, 0.1 + SHAPE * 0.8, None])
+    assert [t.number for t in view.get_trials(states=(TrialState.COMPLETE,))] == [0, 3, 4]
+    assert [t.values[0] for t in study.get_trials() if t.values] == [0.3, 0.9, 0.4, 0.2, 0.1]
+
+
 def test_gradient_verdict_stops_after_patience_without_progress():
     from evomerge.auto import LOSS_GAIN, PATIENCE, gradient_verdict
 

@@ -293,6 +293,20 @@ def test_objective_weights_reports_and_pruning(toy) -> None:
             evaluator.evaluate("search", objective={"incc": 1.0})
 
 
+def test_part_credit_objective_recomputed_from_the_examples(heldout) -> None:
+    """partial(): a generate task scored by exact match counts its token accuracy (the mean over its examples of
+    the answer tokens greedy gets right, fed the answer); a choice task its own acc; a perplexity task its own
+    score (neg_log_ppl). Each exact-match hit gets every token right, so part credit is never
+    below the objective's own share of a generate task."""
+    tasks = {"inc": 2.0, "pick": 1.0, "text": 1.0}
+    token_acc = sum(heldout.examples["inc"]["token_acc"]) / len(heldout.examples["inc"]["token_acc"])
+    assert heldout.tasks["inc"]["token_acc"] == pytest.approx(token_acc)
+    expected = (2 * token_acc + heldout.primary("pick") + heldout.primary("text")) / 4
+    assert heldout.partial(tasks) == pytest.approx(expected)
+    assert token_acc >= heldout.primary("inc") and token_acc > 0
+    assert heldout.partial({"pick": 1.0}) == heldout.objective({"pick": 1.0})
+
+
 def test_weights_overwritten_in_place_are_seen(toy, heldout) -> None:
     model, tokenizer = toy["model"], toy["tokenizer"]
     saved = {k: v.clone() for k, v in model.state_dict().items()}

@@ -8,6 +8,10 @@ from typing import Any, Mapping
 
 from ..errors import InputError, suggest
 
+# A metric that scores all or nothing per example, and the metric of the same examples that gives part credit
+# (generate: the share of the answer's tokens that greedy decoding, fed the answer, gets right)
+PARTIAL_CREDIT = {"exact_match": "token_acc"}
+
 
 @dataclass(frozen=True)
 class EvalResult:
@@ -29,6 +33,16 @@ class EvalResult:
     def objective(self, weights: Mapping[str, float]) -> float:
         """Weighted mean of the tasks' primary metrics, to maximize: a lower-is-better metric counts negated."""
         return objective_value({t: self.primary(t) for t, w in weights.items() if w}, weights, self.minimized)
+
+    def partial(self, weights: Mapping[str, float]) -> float:
+        """The objective with part credit: each task's PARTIAL_CREDIT metric in place of its all-or-nothing
+        primary one, where the task reports it (else its primary). Smooth where the objective is flat: a merge
+        that gets more of each answer right scores higher before it gets more answers right."""
+        def score(task: str) -> float:
+            metrics = self.tasks[task] if task in self.tasks else {}
+            return metrics.get(PARTIAL_CREDIT.get(self.primary_metrics.get(task, ""), ""), self.primary(task))
+
+        return objective_value({t: score(t) for t, w in weights.items() if w}, weights, self.minimized)
 
     def stderr(self, task: str, metric: str | None = None) -> float:
         """Standard error of the mean of a per-example metric (NaN for fewer than 2 examples)."""

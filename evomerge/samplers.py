@@ -2,7 +2,7 @@
 
 `tpe+cmaes` picks the technique with TPE for the first part of the budget, then
 refines the best technique's parameters with CMA-ES, started at the best TPE trial
-of that technique (results/bench_search.md: the demo's sampler, from measurement).
+of that technique. `auto` (auto.py) is the default; results/bench_search.md compares them.
 
 Warm starts: a study that begins with baselines (search.py) goes on from the best of
 them. CMA-ES starts its mean there (unless it is a source alone, see CmaEsFromAnchor);
@@ -259,9 +259,8 @@ class CmaEsFromAnchor(Delegating):
     The baselines' own parameters are fixed (queued), so no CMA-ES runs before them: its first generation is
     the first trial after them, around the anchor, with CMA-ES's own step size. A source alone is a corner of
     the space (one weight 1, the others 0), where half of each step falls outside the ranges, and it says
-    nothing about where merges are good: there, and without baselines, CMA-ES starts at the ranges' centres.
-    On zoo 3 (5 seeds, 200 trials), started at its best baseline, a source alone, it reached 0.59 ± 0.24
-    held-out; at the centres 0.76 ± 0.24 (results/bench_search.md, results/bench_search-nowarm.md).
+    nothing about where merges are good: there, and without baselines, CMA-ES starts at the ranges' centres
+    (which did better, measured where the best baseline was a source alone).
     """
 
     def __init__(self, *, seed: int, warm: bool = True) -> None:
@@ -375,8 +374,8 @@ class TpeThenCmaEs(BaseSampler):
             names = set(self.space.distributions(method))
             tried = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                      if self.space.method_of(t.params, t.user_attrs) == method and names <= set(t.params)]
-            # started at the technique's best trial, with CMA-ES's own step size: on the demo (3 seeds, baselines
-            # on) 0.960-0.983 held-out, where a warm start fitted to the top tenth of the trials stalled at 0.928
+            # started at the technique's best trial, with CMA-ES's own step size (measured better than a warm
+            # start fitted to the top tenth of the trials)
             best = max(tried, key=lambda t: (t.value, -t.number)) if tried else None
             self._cma = cma_es(self.seed, x0={k: best.params[k] for k in names} if best else None,
                                independent=self._random, startup=0)

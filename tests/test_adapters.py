@@ -75,6 +75,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.slow
 def test_adapters_merge_like_peft_merged_models_in_mergekit(family, tmp_path, case):
     """evomerge on the adapters = mergekit on the full models that peft's merge_and_unload makes of them
     (the mergekit.yaml evomerge writes names them BASE+ADAPTER, so mergekit runs that step itself)."""

@@ -175,6 +175,7 @@ def test_auto_is_the_default_and_runs_gradient_then_technique_arms(tmp_path):
             assert t.params == pytest.approx(expected)
 
 
+@pytest.mark.slow
 def test_auto_resumes_a_stopped_study_to_the_same_trials(tmp_path):
     """Stopped after 12 trials and resumed by a new session (a new process's sampler), the study is the one an
     uninterrupted run gives: the arms' generators are seeded per trial, their decisions stored on the study."""

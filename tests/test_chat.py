@@ -46,6 +46,7 @@ def _lm_eval(model, tokenizer, custom: Path, task: str, *, system: str | None) -
     return samples, loaded["tasks"][task].instances
 
 
+@pytest.mark.slow
 def test_chat_tasks_score_as_lm_eval_with_apply_chat_template(smol: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -123,6 +124,7 @@ def test_codec_encodes_a_rendered_template_as_lm_eval_does_when_the_tokenizer_ad
                             "template, and the model's tokenizer has none"),
     ("system_prompt: be brief", "system_prompt needs chat_template: true"),
 ])
+@pytest.mark.slow
 def test_chat_options_that_cannot_work_exit_2_before_any_weights_load(tmp_path: Path, task: str, expect: str) -> None:
     from modelfactory import make_search_fixture
 

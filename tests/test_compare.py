@@ -89,6 +89,7 @@ def test_a_held_out_number_recomputes_from_the_trial_recipe(compared):
     assert scores["pick"]["acc"] == float(row["heldout:pick"])
 
 
+@pytest.mark.slow
 def test_a_rerun_with_a_smaller_budget_compares_at_that_budget(compared, tmp_path):
     """Studies of another budget in the same compare.db are not reused: each row's trials are the budget's."""
     import shutil
@@ -105,6 +106,7 @@ def test_a_rerun_with_a_smaller_budget_compares_at_that_budget(compared, tmp_pat
 
 
 @pytest.mark.parametrize("flag, value", [("--seeds", "0"), ("--budget", "-1")])
+@pytest.mark.slow
 def test_a_bad_seed_count_or_budget_exits_2_and_writes_nothing(compared, tmp_path, flag, value):
     config, _ = compared
     out = tmp_path / "cmp"
@@ -116,6 +118,7 @@ def test_a_bad_seed_count_or_budget_exits_2_and_writes_nothing(compared, tmp_pat
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_several_objectives_rank_by_the_pareto_pick_and_report_the_mean_of_the_objectives(tmp_path):
     """The tuned row is the trial a search would export (the Pareto-front trial with the best mean of the
     objectives), and its held-out mean is the mean of the objectives, not the first objective's."""
@@ -144,6 +147,7 @@ def test_several_objectives_rank_by_the_pareto_pick_and_report_the_mean_of_the_o
     assert "ppl (held-out)" in report and "pick (held-out)" in report and "Pareto-front trial" in report
 
 
+@pytest.mark.slow
 def test_each_technique_is_reported_beside_its_one_knob_sweep(tmp_path):
     """A tenth of each study's budget sweeps one knob first; the `sweep` row is the point a user would keep (the
     best on the search split), scored held-out, beside the default and the tuned best."""

@@ -25,7 +25,7 @@ if not URL:
     pytest.skip("no EVOMERGE_TEST_POSTGRES: run under .ci/run or source .ci/postgres.sh",
                 allow_module_level=True)
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]   # several worker processes
 
 
 def _worker(config, out, *extra):

@@ -608,6 +608,7 @@ def zoo_root(request) -> Path:
     return Path(zoo if isinstance(zoo, (str, os.PathLike)) else zoo.root)
 
 
+@pytest.mark.slow
 def test_zoo_tasks_agree_with_lm_eval_and_decoding(zoo_root: Path, tmp_path: Path) -> None:
     """The zoo's own task file: every choice and generate task, scored by its expert (else the base), equals
     lm-eval example by example; the fast path equals plain decoding."""

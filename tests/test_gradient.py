@@ -89,6 +89,7 @@ def test_answers_are_the_right_choice_after_its_context(tmp_path):
             assert tokens == ex.context + ex.continuations[ex.answer] and n == len(ex.continuations[ex.answer])
 
 
+@pytest.mark.slow
 def test_an_adamerging_search_queues_each_step_as_a_trial_and_lowers_its_loss(tmp_path):
     """After the baselines, every trial is the coefficients after `steps_per_trial` more Adam steps, started from
     the best task-arithmetic baseline: its parameters on the grid, its loss falling (all rows in one batch here),
@@ -119,6 +120,7 @@ def test_an_adamerging_search_queues_each_step_as_a_trial_and_lowers_its_loss(tm
 
 
 @pytest.mark.parametrize("case", ["no task_arithmetic", "an lm_eval task"])
+@pytest.mark.slow
 def test_adamerging_on_what_it_cannot_learn_is_refused_before_any_weights_load(tmp_path, case):
     """Exit 2, one line naming search.sampler, nothing written: without task_arithmetic weights to learn, or
     with an objective task whose rows evomerge does not read (lm_eval)."""

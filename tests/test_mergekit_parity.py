@@ -177,6 +177,7 @@ def smol_family(smol, tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", EXACT_IN_BF16)
+@pytest.mark.slow
 def test_mergekit_gives_the_same_bf16_model_from_a_real_checkpoint(smol_family, tmp_path, method):
     """Issue 14, part 4: on real bf16 weights, every entry of the merged model equals mergekit's."""
     base, sources = smol_family

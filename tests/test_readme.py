@@ -64,6 +64,23 @@ def test_the_blocks_are_found() -> None:
     assert "evomerge.search(" in blocks(section("### Python"), "python")[0]
 
 
+def test_the_quick_loop_deselects_the_slow_tests_and_keeps_a_test_of_every_file() -> None:
+    """The Test section's second block, collected as written: it leaves out the tests marked slow, and every test
+    file but the several-worker one still has tests in it."""
+    test, quick = blocks(section("## Test"), "bash")[:2]
+    assert "python -m pytest -q" in test
+    words = commands(quick)[0]
+    assert words == ["python", "-m", "pytest", "-q", "-m", "not slow"]
+    listed = subprocess.run([sys.executable, *words[1:], "--collect-only", "-p", "no:cacheprovider"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert listed.returncode == 0, listed.stdout[-2000:]
+    ids = [line for line in listed.stdout.splitlines() if "::" in line]
+    files = {line.split("::")[0] for line in ids}
+    assert files == {f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py")} - {"tests/test_distributed.py"}
+    assert not any("test_evomerge_demo_runs_as_written" in line for line in ids)
+    assert re.search(r"(\d+) deselected", listed.stdout)
+
+
 # -- "Many machines" ------------------------------------------------------------------------------------------
 
 def _pyproject_extra(name: str) -> list[str]:
@@ -88,6 +105,7 @@ def _on_ci_server(readme_url: str, server: str) -> str:
 
 
 @pytest.mark.postgres
+@pytest.mark.slow
 def test_many_machines_section_runs_as_written(tmp_path: Path) -> None:
     """`pip install -e ".[postgres]"` installs the driver that the URL form of the next line needs; that
     command, run on two 'machines' at once against one PostgreSQL server, shares one budget and exports;
@@ -152,6 +170,7 @@ def test_many_machines_section_runs_as_written(tmp_path: Path) -> None:
 
 # -- "Python" ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_python_snippet_runs_as_written(tmp_path: Path) -> None:
     """The snippet, unchanged, over a recipe, a task file and a config at the paths it names; its merged
     model's scores are the ones `evomerge eval RECIPE` prints for that recipe."""
@@ -184,6 +203,7 @@ def test_python_snippet_runs_as_written(tmp_path: Path) -> None:
 # -- the command table: `evomerge validate FILE` on every shipped config --------------------------------------
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.slow
 def test_evomerge_validate_accepts_every_shipped_config(zoo: Path, path: Path, request) -> None:
     assert "`evomerge validate FILE`" in README.read_text()
     if "smol" in path.name:                  # names smol/..., the smol zoo (its pipeline, at size smol-test)
@@ -244,6 +264,7 @@ def _fine_tune(base: Path, out: Path, seed: int) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_merging_your_own_models_runs_as_written(smol: Path, tmp_path: Path) -> None:
     """The section's recipe over two hub ids (served from a local Hugging Face cache, offline) and a folder,
     its chat task file and its three commands: the merge is the recipe's arithmetic in bf16, the card names
@@ -285,6 +306,7 @@ def test_merging_your_own_models_runs_as_written(smol: Path, tmp_path: Path) -> 
 
 # -- "LoRA adapters as sources" -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_lora_section_runs_as_written(smol: Path, tmp_path: Path) -> None:
     """The section's recipe over a hub adapter (served from a local Hugging Face cache, offline) and a folder
     adapter of SmolLM2, and its two commands: the merged model is the base plus the weighted s·B·A of each
@@ -334,6 +356,7 @@ def test_the_lora_section_runs_as_written(smol: Path, tmp_path: Path) -> None:
 
 # -- "Layer stacking: the data-flow space" ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_stacking_section_runs_as_written(zoo: Path, tmp_path: Path) -> None:
     """The section's recipe and commands on the zoo: T blocks, each the named model's, scaled where it says."""
     import torch
@@ -361,6 +384,7 @@ def test_the_stacking_section_runs_as_written(zoo: Path, tmp_path: Path) -> None
 
 # -- "On a real model: the smol zoo" ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_smol_zoo_section_runs_as_written_at_its_test_size(smol_zoo: Path, tmp_path: Path) -> None:
     """The section's commands with one change: the zoo is built at size `smol-test` (two training steps per
     expert; the full build is 25 minutes, results/zoo-smol.md). `~` is a scratch home; the search runs a few

@@ -79,6 +79,7 @@ def test_batched_storage_writes_a_trial_in_one_transaction(tmp_path):
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "tpe+cmaes"])
+@pytest.mark.slow
 def test_sampling_ahead_runs_the_same_study_as_sampling_inline(tmp_path, sampler):
     """A second process samples trial n+1 while trial n runs: for one seed, the same trials and scores."""
     from evomerge.config import load_config
@@ -115,6 +116,7 @@ def test_a_dead_sampler_process_leaves_the_search_sampling_inline(tmp_path):
 
 
 @pytest.mark.parametrize("sampler", ["random", "tpe"])
+@pytest.mark.slow
 def test_median_pruning_stops_trials_below_the_median_on_partial_scores(tmp_path, sampler):
     """Scores are reported as examples are scored; a trial below the median of the trials before it is pruned.
     tpe samples ahead, in a second process, which writes the complete trials: their partial scores too.
@@ -179,6 +181,7 @@ def test_a_queued_trial_that_a_stopped_search_leaves_unrun_stays_queued(tmp_path
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "tpe+cmaes", "gp"])
+@pytest.mark.slow
 def test_the_first_trials_after_the_baselines_are_sampled_around_the_best_of_them(tmp_path, sampler):
     """A warm start: each of the first trials after the baselines is the best baseline moved by a seeded normal
     step (recomputed here); the anchor is the best baseline the first of them saw (all but the last, LAG 1)."""
@@ -210,6 +213,7 @@ def test_the_first_trials_after_the_baselines_are_sampled_around_the_best_of_the
 
 
 @pytest.mark.parametrize("anchor", ["a merge", "a source alone"])
+@pytest.mark.slow
 def test_cmaes_starts_its_mean_at_the_best_baseline_unless_that_is_a_source_alone(tmp_path, anchor):
     """The first CMA-ES generations after the baselines lie around the best baseline (CMA-ES's step is a sixth of
     each range) where that is a merge; around the ranges' centres where it is a source alone (a corner)."""

@@ -120,6 +120,7 @@ def test_trials_csv_and_summary_match_the_storage(finished_run):
     assert f"Best: trial {best.number}" in summary
 
 
+@pytest.mark.slow
 def test_rerun_resumes_and_reexport_is_stable(finished_run, fixture_config):
     from evomerge.search import search
 
@@ -136,6 +137,7 @@ def test_rerun_resumes_and_reexport_is_stable(finished_run, fixture_config):
     assert more.best_trial is not None
 
 
+@pytest.mark.slow
 def test_export_a_given_trial(finished_run, tmp_path):
     result = run_cli("export", str(finished_run.run_dir), "--trial", "0")
     assert result.returncode == 0, result.stderr
@@ -199,6 +201,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow
 def test_killed_search_resumes_without_losing_trials(tmp_path):
     budget = 40     # trials take ~0.05 s here: a budget the search cannot finish between two looks at it
     config = make_search_fixture(tmp_path / "fam", n_trials=budget)
@@ -245,6 +248,7 @@ def test_killed_search_resumes_without_losing_trials(tmp_path):
     ({"search": {"pruner": "medain"}}, "did you mean 'median'"),
     ({"search": {"storage": "sqlite:////nonexistent/dir/x.db"}}, "search.storage: cannot open the study storage"),
 ])
+@pytest.mark.slow
 def test_bad_configs_exit_2_with_one_line_and_write_nothing(tmp_path, patch, expect):
     import yaml
 
@@ -265,6 +269,7 @@ def test_bad_configs_exit_2_with_one_line_and_write_nothing(tmp_path, patch, exp
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_killed_during_export_leaves_no_half_written_export(tmp_path):
     config = make_search_fixture(tmp_path / "fam", n_trials=4)
     out = tmp_path / "run"
@@ -336,6 +341,7 @@ def test_a_postgresql_url_without_its_driver_exits_2_naming_the_pip_command(tmp_
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_resuming_over_another_search_space_is_refused(tmp_path):
     """The samplers cannot resume over changed parameter choices or ranges: every trial would fail."""
     config = make_search_fixture(tmp_path / "fam", n_trials=3)
@@ -350,6 +356,7 @@ def test_resuming_over_another_search_space_is_refused(tmp_path):
     assert _complete(out / "study.db") == before
 
 
+@pytest.mark.slow
 def test_several_objectives_export_the_balanced_pareto_trial_and_list_the_front(tmp_path):
     import optuna
 
@@ -378,6 +385,7 @@ def test_several_objectives_export_the_balanced_pareto_trial_and_list_the_front(
     assert yaml.safe_load((out / "recipe.yaml").read_text())["provenance"]["trial"] == other.number
 
 
+@pytest.mark.slow
 def test_the_python_api_runs_in_a_script_without_a_main_guard(tmp_path):
     """The sampler process is spawned without the user's script: its top-level search does not run twice."""
     config = make_search_fixture(tmp_path / "fam", n_trials=3)
@@ -392,6 +400,7 @@ def test_the_python_api_runs_in_a_script_without_a_main_guard(tmp_path):
     assert done.stdout.count("best trial") == 1
 
 
+@pytest.mark.slow
 def test_resuming_over_other_weights_is_refused(tmp_path):
     """Trials scored on one set of models never mix with another's: a rerun over changed weights exits 2."""
     from safetensors.torch import load_file, save_file
@@ -412,6 +421,7 @@ def test_resuming_over_other_weights_is_refused(tmp_path):
     assert _complete(out / "study.db") == before
 
 
+@pytest.mark.slow
 def test_the_summary_budget_is_the_studys_not_the_last_invocations(tmp_path):
     """A resume asking for fewer trials runs none and leaves the study's budget in the summary."""
     config = make_search_fixture(tmp_path / "fam", n_trials=4)
@@ -424,6 +434,7 @@ def test_the_summary_budget_is_the_studys_not_the_last_invocations(tmp_path):
 
 
 @pytest.mark.parametrize("baselines", [True, False])
+@pytest.mark.slow
 def test_a_parameter_free_search_runs_its_one_candidate_once(tmp_path, baselines):
     """model_stock has no parameter to search: its one candidate is scored once, whatever n_trials asks."""
     config = make_search_fixture(tmp_path / "fam", n_trials=5, methods=("model_stock",),
@@ -439,6 +450,7 @@ def test_a_parameter_free_search_runs_its_one_candidate_once(tmp_path, baselines
     assert "1 complete, 0 pruned, 0 failed (budget 1)" in (out / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_one_knob_sweep_is_a_baseline_and_the_summary_states_the_margin_over_it(tmp_path):
     """About a tenth of the budget goes to what a user would tune by hand: a global scale (one weight for every
     source and group; lambda where weights are normalized) and a density, for a sparsifying method, at the

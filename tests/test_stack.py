@@ -188,6 +188,7 @@ def test_the_dfs_space_decodes_its_slots_in_order(zoo: Path, tmp_path):
 
 
 @pytest.mark.parametrize("space,sampler", [("dfs", "cmaes"), ("ps+dfs", "tpe")])
+@pytest.mark.slow
 def test_a_stack_search_exports_the_model_it_scored(zoo: Path, tmp_path, space, sampler):
     """The search scores resident stacks; its best/ is the model `evomerge merge recipe.yaml` rebuilds byte for
     byte, whose search-split score is the best trial's. A candidate with no block fails its trial, not the study."""

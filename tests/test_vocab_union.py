@@ -89,6 +89,7 @@ def smol_union(smol, tmp_path_factory):
     return folders
 
 
+@pytest.mark.slow
 def test_union_matches_mergekit_on_a_real_checkpoint(smol_union, tmp_path):
     """The merged tokenizer's files and vocabulary, config.json and every tensor entry are mergekit's: bit for
     bit, since the rows are laid out by the same rule and merged by the same float32 operations in the same

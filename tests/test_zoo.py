@@ -134,6 +134,7 @@ def test_experts_know_their_skill_and_the_base_does_not(zoo: Path) -> None:
         assert before <= BASE_CEILING, f"base on {skill}: {before:.3f}"
 
 
+@pytest.mark.slow
 def test_choice_tasks_separate_experts_from_the_base(zoo: Path) -> None:
     base, tokenizer = _load(zoo / "base")
     for skill in ("inc", "sort"):
@@ -143,6 +144,7 @@ def test_choice_tasks_separate_experts_from_the_base(zoo: Path) -> None:
         assert _choice_accuracy(base, tokenizer, rows) <= 0.5
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes_and_force_replaces(zoo: Path, tmp_path: Path) -> None:
     again = tmp_path / "again"
     again.mkdir()

@@ -10,6 +10,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -25,6 +26,7 @@ def _rows(zoo: Path, task: str, split: str) -> list[dict]:
     return [json.loads(line) for line in (zoo / "data" / f"{task}.{split}.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_a_rebuild_gives_the_same_bytes(smol_zoo: Path, tmp_path: Path) -> None:
     again = _files(real_model_fixture(lambda: build_zoo(tmp_path / "again", seed=0, size="smol-test",
                                                         progress=False)))

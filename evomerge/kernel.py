@@ -20,6 +20,7 @@ from typing import Iterable
 import torch
 
 from . import binding
+from .cpu import cpu_flags
 from .errors import InputError
 from .methods import DENSITY_GRID, GAMMA_GRID, REGISTRY, TensorContext, fused, resolve
 from .methods.context import HALF_DTYPES
@@ -99,25 +100,13 @@ def scoring_dtype(stored: torch.dtype, device: torch.device) -> torch.dtype:
 def fast_cpu_dtypes(flags: frozenset[str] | None = None) -> frozenset[torch.dtype]:
     """Half-precision dtypes this CPU multiplies natively (its /proc/cpuinfo flags: AVX512-BF16 or AMX-BF16,
     AVX512-FP16 or AMX-FP16; Arm's BF16 and FP16 extensions)."""
-    flags = _cpu_flags() if flags is None else flags
+    flags = cpu_flags() if flags is None else flags
     fast = set()
     if flags & {"avx512_bf16", "amx_bf16", "bf16"}:
         fast.add(torch.bfloat16)
     if flags & {"avx512_fp16", "amx_fp16", "asimdhp"}:
         fast.add(torch.float16)
     return frozenset(fast)
-
-
-@functools.lru_cache(maxsize=1)
-def _cpu_flags() -> frozenset[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
 
 
 def _gb(n: int) -> str:

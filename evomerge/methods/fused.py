@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from ..cpu import cpu_flags
+
 SOURCE = Path(__file__).with_name("fused.cpp")   # package data (pyproject.toml)
 CFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=256", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp")
 OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -189,14 +191,6 @@ def _built(name: str) -> bool:
 
 
 def _digest() -> str:
-    text = "\0".join([SOURCE.read_text(), *CFLAGS, platform.machine(), _cpu_flags(), torch.__version__])
+    flags = " ".join(sorted(cpu_flags())) or platform.processor()
+    text = "\0".join([SOURCE.read_text(), *CFLAGS, platform.machine(), flags, torch.__version__])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _cpu_flags() -> str:
-    """The CPU's feature flags (Linux), which -march=native compiles for."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return next((line for line in fh if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return platform.processor()

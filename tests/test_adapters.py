@@ -102,6 +102,7 @@ def test_adapters_merge_like_peft_merged_models_in_mergekit(family, tmp_path, ca
     assert any(not torch.equal(ours[n], t) for n, t in load_file(str(family / "base" / "model.safetensors")).items())
 
 
+@pytest.mark.slow
 def test_a_single_adapter_at_weight_one_is_peft_merge_and_unload(family):
     from evomerge.kernel import merge
 

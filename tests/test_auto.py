@@ -192,6 +192,7 @@ def test_auto_resumes_a_stopped_study_to_the_same_trials(tmp_path):
     assert len({str(p) for _, _, p, _, _ in whole}) == 24
 
 
+@pytest.mark.slow
 def test_auto_resumes_after_a_kill_mid_trial(tmp_path):
     """Ctrl-C during a gradient trial: that trial fails, a resumed search finishes the budget, and the gradient
     arm goes on from the study's best task-arithmetic trial."""

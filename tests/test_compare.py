@@ -20,7 +20,7 @@ SEEDS, BUDGET = 2, 3
 
 
 @pytest.fixture(scope="module")
-def compared(tmp_path_factory) -> tuple[Path, Path]:
+def compared(tmp_path_factory) -> tuple[Path, Path]:   # `evomerge compare` in a subprocess: its users are slow
     config = make_search_fixture(tmp_path_factory.mktemp("family"), methods=METHODS)
     out = tmp_path_factory.mktemp("compare") / "cmp"
     done = subprocess.run([sys.executable, "-m", "evomerge", "compare", str(config), "--seeds", str(SEEDS),
@@ -33,6 +33,7 @@ def _rows(out: Path) -> list[dict[str, str]]:
     return list(csv.DictReader((out / "compare.csv").open()))
 
 
+@pytest.mark.slow
 def test_every_technique_seed_and_kind_is_reported(compared):
     _, out = compared
     rows = _rows(out)
@@ -45,6 +46,7 @@ def test_every_technique_seed_and_kind_is_reported(compared):
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_numbers_equal_the_trials_in_the_storage(compared):
     """Each row's trial, search value and held-out scores are the storage's; tuned is the study's best."""
     import optuna
@@ -72,6 +74,7 @@ def test_numbers_equal_the_trials_in_the_storage(compared):
         assert float(row["heldout_mean"]) == pytest.approx((heldout["ppl"]["neg_log_ppl"] + heldout["pick"]["acc"]) / 2)
 
 
+@pytest.mark.slow
 def test_a_held_out_number_recomputes_from_the_trial_recipe(compared):
     """Merging a tuned trial's recipe again and scoring it gives the reported held-out number."""
     from evomerge.compare import _restricted

@@ -141,6 +141,7 @@ def test_adamerging_on_what_it_cannot_learn_is_refused_before_any_weights_load(t
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_compare_learns_task_arithmetic_by_gradient_and_samples_the_other_techniques(tmp_path):
     """compare with sampler adamerging: task_arithmetic's study is learned (its trials after the baselines carry
     gradient steps), ties' is sampled with tpe+cmaes, and the report says so."""

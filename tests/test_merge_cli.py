@@ -67,6 +67,7 @@ def listing(folder: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])
+@pytest.mark.slow
 def test_merge_twice_gives_identical_bytes(family, tmp_path, method):
     recipe = write_recipe(tmp_path, family, method=method)
     assert main(["merge", str(recipe), "-o", str(tmp_path / "a")]) == 0
@@ -324,6 +325,7 @@ def _edited_copy(folder: Path, target: Path, edit) -> Path:
     return target
 
 
+@pytest.mark.slow
 def test_missing_source_subprocess(family, tmp_path):
     base, sources = family
     recipe = write_recipe(tmp_path / "r", family, sources=[str(sources[0]), str(tmp_path / "no_such_model")],
@@ -334,6 +336,7 @@ def test_missing_source_subprocess(family, tmp_path):
     assert listing(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_unknown_method_subprocess_suggests(family, tmp_path):
     recipe = write_recipe(tmp_path / "r", family, method="tie")
     done = cli("merge", str(recipe), "-o", str(tmp_path / "out"), cwd=tmp_path)
@@ -343,6 +346,7 @@ def test_unknown_method_subprocess_suggests(family, tmp_path):
     assert_refused(done.returncode, done.stderr, "did you mean 'ties'")
 
 
+@pytest.mark.slow
 def test_output_exists_subprocess_then_force(family, tmp_path):
     recipe = write_recipe(tmp_path / "r", family)
     out = tmp_path / "out"
@@ -507,6 +511,7 @@ def test_memory_plan_streams_between_its_two_needs(family):
             decided.check()
 
 
+@pytest.mark.slow
 def test_sources_from_the_hub_cache_are_the_cards_lineage(family, tmp_path):
     """Hub ids resolve offline from the hub's own cache layout; the model card lists them as the hub's merge
     metadata (base_model + base_model_relation: merge), a local folder not."""

@@ -66,7 +66,8 @@ def test_the_blocks_are_found() -> None:
 
 def test_the_quick_loop_deselects_the_slow_tests_and_keeps_a_test_of_every_file() -> None:
     """The Test section's second block, collected as written: it leaves out the tests marked slow, and every test
-    file but the several-worker one still has tests in it."""
+    file still has tests in it but two whose every test is end to end (several workers; `evomerge compare` in a
+    subprocess)."""
     test, quick = blocks(section("## Test"), "bash")[:2]
     assert "python -m pytest -q" in test
     words = commands(quick)[0]
@@ -76,7 +77,8 @@ def test_the_quick_loop_deselects_the_slow_tests_and_keeps_a_test_of_every_file(
     assert listed.returncode == 0, listed.stdout[-2000:]
     ids = [line for line in listed.stdout.splitlines() if "::" in line]
     files = {line.split("::")[0] for line in ids}
-    assert files == {f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py")} - {"tests/test_distributed.py"}
+    assert files == {f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py")} - {"tests/test_distributed.py",
+                                                                                       "tests/test_compare.py"}
     assert not any("test_evomerge_demo_runs_as_written" in line for line in ids)
     assert re.search(r"(\d+) deselected", listed.stdout)
 

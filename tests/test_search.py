@@ -297,6 +297,7 @@ def test_killed_during_export_leaves_no_half_written_export(tmp_path):
     assert not list(out.glob(".*partial*"))
 
 
+@pytest.mark.slow
 def test_every_file_in_configs_is_valid(zoo, request):
     """configs/ holds search configs and task files; each validates against the test zoo (headers only), the
     smol ones against the smol zoo's pipeline at its test size."""
@@ -310,6 +311,7 @@ def test_every_file_in_configs_is_valid(zoo, request):
         assert "valid" in validate_file(path), path
 
 
+@pytest.mark.slow
 def test_search_arguments_that_are_bad_input_exit_2_and_write_nothing(tmp_path):
     config = make_search_fixture(tmp_path / "fam", n_trials=3)
     out = tmp_path / "run"
@@ -326,6 +328,7 @@ def test_search_arguments_that_are_bad_input_exit_2_and_write_nothing(tmp_path):
     ("postgresql://user:pw@dbhost/evomerge", "no PostgreSQL driver is installed", "pip install 'evomerge[postgres]'"),
     ("postgresql+psycopg2://user:pw@dbhost/evomerge", "its driver psycopg2 is not installed", "pip install 'psycopg2-binary'"),
 ])
+@pytest.mark.slow
 def test_a_postgresql_url_without_its_driver_exits_2_naming_the_pip_command(tmp_path, url, driver, fix):
     """A fresh install without the driver (here: its import made to fail) gets one line, before anything is written."""
     config = make_search_fixture(tmp_path / "fam", n_trials=3)

@@ -258,6 +258,7 @@ def test_union_tokenizer_of_tiny_models_matches_mergekit(tiny_union, tmp_path):
     assert_same_union(opened, base, [sources[2]])
 
 
+@pytest.mark.slow
 def test_union_tokenizer_of_a_base_listing_tokens_it_has_no_rows_for(smol_union, tmp_path):
     """The base's tokenizer has the two tool tokens but its embedding no rows for them: they are stripped from
     it (mergekit's get_stripped_tokenizer, a BPE tokenizer's JSON edited) and come back from the source."""

@@ -43,16 +43,14 @@ from optuna.samplers import BaseSampler
 from optuna.samplers._lazy_random_state import LazyRandomState
 from optuna.trial import FrozenTrial, TrialState
 
-from .space import SearchSpace
-from .storage import BASELINES_ATTR, BUDGET_ATTR, StudyView
+from .space import WARM_SPREAD, SearchSpace
+from .storage import BASELINES_ATTR, BUDGET_ATTR, GRADIENT_KEY, StudyView
 
 WARM = 3                 # an arm's first trials, around the technique's best trial
-WARM_SPREAD = 0.1        # their standard deviation, as a share of each parameter's range
 STARTUP = 3              # an arm's TPE samples at random until its technique has this many finished trials
 MIN_PER_ROUND = 4        # trials per arm and round, at least
 ROUNDS_ATTR = "auto_rounds"             # [[technique, ...] per round]: the arms in each round, once decided
 GRADIENT_ATTR = "auto_gradient"         # the gradient arm: {"state": "running" | "stopped", "why": ..., ...}
-GRADIENT_KEY = "gradient_steps"         # the user attribute that marks a gradient arm's trial
 PATIENCE = 4             # gradient trials in a row without progress before the arm stops
 LOSS_GAIN = 0.02         # progress: the loss below its best so far by this share
 GRADIENT_SHARE = 0.5     # of the budget after the baselines, at most, for the gradient arm

@@ -25,12 +25,11 @@ from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from .config import SearchConfig
-from .space import SearchSpace
+from .space import WARM_SPREAD, SearchSpace
 from .storage import BASELINES_ATTR, StudyView
 
 REFINE_ATTR = "refine_method"
 ANCHOR_ATTR = "warm_start_trial"    # the number of the baseline the warm start is centred on
-WARM_SPREAD = 0.1                   # a warm trial's standard deviation, as a share of each parameter's range
 LAG = 1     # a trial is sampled from the trials numbered at least LAG + 1 before it (see LaggedSampler)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 

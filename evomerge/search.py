@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .config import SearchConfig, load_config, tasks_path
 from .errors import InputError
-from .storage import BASELINES_ATTR, BUDGET_ATTR, HEARTBEAT_S, open_study, safe_url, state_counts
+from .storage import BASELINES_ATTR, BUDGET_ATTR, GRADIENT_KEY, HEARTBEAT_S, open_study, safe_url, state_counts
 
 if TYPE_CHECKING:
     from .export.run import RunResult
@@ -402,7 +402,7 @@ class SearchSession:
         started = time.perf_counter()
         loss = self._gradient.advance(self.config.search.gradient.steps_per_trial)
         self.study.enqueue_trial(self._gradient.params(),
-                                 user_attrs={"gradient_steps": self._gradient.steps, "gradient_loss": loss,
+                                 user_attrs={GRADIENT_KEY: self._gradient.steps, "gradient_loss": loss,
                                              "gradient_seconds": time.perf_counter() - started,
                                              "gradient_start": self._gradient_start})
 

@@ -19,6 +19,8 @@ from .methods import REGISTRY, MethodSpec, ParamSpec
 from .recipe import MERGED, PASSTHROUGH, PASSTHROUGH_SPEC, SCALE_RANGE, Recipe, StackEntry
 from .sources import IO_GROUP, Layout, ModelFolder
 
+WARM_SPREAD = 0.1    # a warm trial's standard deviation around its centre, as a share of each parameter's range
+
 # the data-flow space (search.space dfs / ps+dfs): per candidate block, whether the stack has it (>= 0.5) and its
 # scale; a block is on by default where it belongs to the stack the parameter-space search alone would score
 INCLUDE = ParamSpec("include", "shared", 0.0, low=0.0, high=1.0, search=(0.0, 1.0), step=0.01,

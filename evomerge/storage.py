@@ -28,6 +28,7 @@ from .errors import InputError
 # Study attributes that several modules read (samplers.py, search.py, auto.py), here below all of them
 BASELINES_ATTR = "baseline_count"   # trials 0 .. count-1 are the baselines (set by search.py when it queues them)
 BUDGET_ATTR = "budget"              # the most trials any run of the study asked for (search.py)
+GRADIENT_KEY = "gradient_steps"     # the user attribute that marks a gradient learner's trial (search.py)
 
 HEARTBEAT_S = 5     # a running trial's heartbeat; a trial silent for GRACE_S is stale (failed, or retried)
 GRACE_S = 20

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..storage import safe_url
+from ..storage import GRADIENT_KEY, safe_url
 from . import atomic_write_text, export_model, mergekit_yaml
 
 HELDOUT_ATTR = "heldout:"
@@ -294,10 +294,10 @@ def trials_csv(session) -> str:
 
 def _gradient_line(trials) -> list[str]:
     """adamerging: the gradient steps between the trials, and their time (not in the trials' own)."""
-    learned = [t.user_attrs for t in trials if "gradient_steps" in t.user_attrs]
+    learned = [t.user_attrs for t in trials if GRADIENT_KEY in t.user_attrs]
     if not learned:
         return []
-    steps = max(a["gradient_steps"] for a in learned)
+    steps = max(a[GRADIENT_KEY] for a in learned)
     seconds = sum(a.get("gradient_seconds", 0.0) for a in learned)
     return [f"- gradient steps (adamerging): {steps}, {seconds:.1f} s between the trials; the last loss "
             f"{learned[-1]['gradient_loss']:.4f}"]

@@ -106,7 +106,7 @@ def use_vectorized_truncnorm() -> None:
 class Delegating(BaseSampler):
     """A sampler that hands each call on: `route` gives the sampler that samples a trial and the study it sees;
     `own` gives the parameters the wrapper sets itself for a trial (None: it sets none). The wrappers below
-    (a lagged view, a warm start, CMA-ES from an anchor) and auto's arms differ only in those two."""
+    (a lagged view, a warm start, CMA-ES from an anchor) differ only in those two."""
 
     def route(self, study: optuna.Study, trial: FrozenTrial) -> tuple[BaseSampler, optuna.Study]:
         raise NotImplementedError

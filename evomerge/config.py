@@ -88,9 +88,8 @@ class SearchConfig(_Frozen):
                 hint = suggest(method, REGISTRY.names()) or f"known: {', '.join(REGISTRY.names())}"
                 raise ValueError(f"search.methods[{i}]: unknown merge method '{method}' ({hint})")
             spec = REGISTRY.get(method)
-            if len(self.sources) < spec.min_sources or (spec.max_sources and len(self.sources) > spec.max_sources):
-                takes = (f"exactly {spec.min_sources}" if spec.min_sources == spec.max_sources
-                         else f"at least {spec.min_sources}")
+            takes = spec.takes(len(self.sources))
+            if takes is not None:
                 raise ValueError(f"search.methods[{i}]: {method} cannot merge {len(self.sources)} source(s) "
                                  f"(it takes {takes} besides the base)")
         if s.sampler not in SAMPLERS:

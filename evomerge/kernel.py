@@ -407,7 +407,8 @@ class ResidentMerger:
         if spec.name not in COEFFICIENTS:
             self._densify()
         shared = recipe.shared_values()
-        chunk = chunk_elements(self.device) if shared.get("rescale") != "l1" else None   # l1: whole-tensor norms
+        whole = spec.whole_tensor or shared.get("rescale") == "l1"     # l1: whole-tensor norms
+        chunk = None if whole else chunk_elements(self.device)
         layout = self.sources.layout
         slots: dict[tuple, dict] = {}
         sums = []

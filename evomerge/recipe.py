@@ -246,8 +246,9 @@ def _parse(data: dict[str, Any], *, file: str | None, path: Path | None) -> Reci
     if spec.name == "slerp" and len(sources) != 1:
         raise InputError(f"slerp merges exactly two models (the base and one source), got base + {len(sources)}",
                          file=file, field="sources", fix="list one source, or use another method")
-    if len(sources) < spec.min_sources or (spec.max_sources is not None and len(sources) > spec.max_sources):
-        raise InputError(f"{spec.name} needs at least {spec.min_sources} sources, got {len(sources)}",
+    takes = spec.takes(len(sources))
+    if takes is not None:
+        raise InputError(f"{spec.name} merges {takes} source(s), got {len(sources)}",
                          file=file, field="sources")
     seed = data.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -384,7 +385,6 @@ def _check_combinations(recipe: Recipe, *, file: str | None,
     """Constraints across parameters, for every slot a tensor can fall into (`slots`: a model's own)."""
     spec = recipe.spec
     shared = recipe.shared_values()
-    names = {p.name for p in spec.params}
     for group, kind in slots if slots is not None else recipe.slots():
         values = recipe.source_values(group, kind)
         where = f"group {group}, {kind} tensors"
@@ -394,7 +394,7 @@ def _check_combinations(recipe: Recipe, *, file: str | None,
             if abs(sum(values["weight"])) < 1e-8:
                 raise InputError(f"weights sum to 0 with normalize on ({where})", file=file, field=field,
                                  fix="change a weight or set normalize: false")
-        if "epsilon" in names:
+        if "epsilon" in values and "density" in values:     # della's keep probabilities
             for src, d, e in zip(recipe.sources, values["density"], values["epsilon"]):
                 if not (d - e > 0 and d + e <= 1):
                     raise InputError(f"density {d:g} ± epsilon {e:g} leaves (0, 1] for '{src}' ({where})",

@@ -273,9 +273,9 @@ class SearchSpace:
             return {d.name: (1.0 if d.param.name == "scale" or self.slots[d.slot][0::2] == (spec, 0) else 0.0)
                     for d in self.dims[PASSTHROUGH]}
         for method in self.methods:
-            names = {p.name for p in REGISTRY.get(method).params}
-            if "weight" not in names or method == "model_stock" or "epsilon" in names:
-                continue
+            spec = REGISTRY.get(method)
+            if "weight" not in {p.name for p in spec.params} or "epsilon" in {p.name for p in spec.source_params}:
+                continue        # no weights to make one-hot, or della's, whose density cannot keep every entry
             params: dict[str, Any] = {"method": method} if len(self.methods) > 1 else {}
             ok = True
             for dim in self.dims[method]:

@@ -49,7 +49,22 @@ CASES = {
     "breadcrumbs_ties": {},
     "slerp": {"t": 0.35},
     "model_stock": {},
+    # mergekit's other methods (METHODS.md, last section)
+    "nuslerp": {},
+    "nuslerp-rows": {"nuslerp_flatten": False},
+    "nuslerp-columns": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+    "multislerp": {},
+    "karcher": {"max_iter": 20, "tol": 1e-6},
+    "sce": {"select_topk": 0.6},
+    "sce-all": {},
+    "nearswap": {"t": 0.002},
+    "arcee_fusion": {},
+    "ram": {"epsilon": 0.001},
+    "ramplus_tl": {"epsilon": 0.001, "r": 0.5, "alpha": 0.3},
 }
+# where the merge reads the sources themselves and the recipe has no base, the kernel holds x_i - x_0 and
+# forms x_0 + (x_i - x_0): on float32 checkpoints within an ulp of x_i (bfloat16 ones are held as stored)
+ROUNDED_IN_FLOAT32 = {"karcher": 1e-7}
 
 
 def recipe_for(case: str, base: Path, sources: list[Path]) -> dict:
@@ -58,8 +73,7 @@ def recipe_for(case: str, base: Path, sources: list[Path]) -> dict:
     method = case.split("-")[0]
     spec = REGISTRY.get(method)
     names = {p.name for p in spec.source_params}
-    if method == "slerp":
-        sources = sources[:1]
+    sources = sources[:spec.max_sources or len(sources)]
     shorts = [s.name for s in sources]
 
     def keep(block: dict) -> dict:
@@ -96,12 +110,13 @@ def merged_with_evomerge(recipe: dict, tmp_path: Path) -> tuple[Path, dict[str, 
     return out, load_file(str(out / "model.safetensors"))
 
 
-def assert_parity(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+def assert_parity(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], *,
+                  tolerance: float = TOLERANCE) -> None:
     assert set(ours) == set(theirs)
     worst = max(float((ours[n].double() - theirs[n].double()).abs().max()) for n in ours)
-    assert worst <= TOLERANCE, worst
+    assert worst <= tolerance, worst
     for name in ours:
-        torch.testing.assert_close(ours[name], theirs[name].to(ours[name].dtype), rtol=0, atol=TOLERANCE,
+        torch.testing.assert_close(ours[name], theirs[name].to(ours[name].dtype), rtol=0, atol=tolerance,
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
@@ -116,7 +131,10 @@ def test_mergekit_gives_the_same_tensors(family, tmp_path, case):
         assert any(isinstance(e.get("value"), list) for m in config["models"]
                    for entries in m.get("parameters", {}).values() if isinstance(entries, list) for e in entries)
     theirs = run_mergekit(out / "mergekit.yaml", tmp_path / "mergekit")
-    assert_parity(ours, theirs)
+    method = recipe["method"]
+    if method in MERGEKIT_ONLY and method not in ROUNDED_IN_FLOAT32:      # the same operations: every entry
+        assert differing_entries(ours, theirs, dtype=torch.float32) == 0
+    assert_parity(ours, theirs, tolerance=ROUNDED_IN_FLOAT32.get(method, TOLERANCE))
     # the merge is not the base: the recipe did something, and differently in each layer group
     base_tensors = load_file(str(base / "model.safetensors"))
     assert any(not torch.equal(ours[n], base_tensors[n]) for n in ours)
@@ -142,14 +160,16 @@ def test_stochastic_recipes_have_no_mergekit_yaml(family, tmp_path):
     assert not (out / "mergekit.yaml").exists()
 
 
-EXACT_IN_BF16 = ["linear", "task_arithmetic", "slerp", "model_stock"]
+MERGEKIT_ONLY = ["nuslerp", "multislerp", "karcher", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl"]
+EXACT_IN_BF16 = ["linear", "task_arithmetic", "slerp", "model_stock"] + MERGEKIT_ONLY
 
 
-def differing_entries(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> int:
+def differing_entries(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], *,
+                      dtype: torch.dtype = torch.bfloat16) -> int:
     """Entries whose values differ (a zero's sign aside: evomerge writes +0.0 where mergekit may write -0.0)."""
     assert set(ours) == set(theirs)
     for name, tensor in ours.items():
-        assert tensor.dtype == theirs[name].dtype == torch.bfloat16, name
+        assert tensor.dtype == theirs[name].dtype == dtype, name
     return sum(int((tensor != theirs[name]).sum()) for name, tensor in ours.items())
 
 
@@ -179,19 +199,33 @@ def smol_family(smol, tmp_path_factory):
 @pytest.mark.parametrize("method", EXACT_IN_BF16)
 @pytest.mark.slow
 def test_mergekit_gives_the_same_bf16_model_from_a_real_checkpoint(smol_family, tmp_path, method):
-    """Issue 14, part 4: on real bf16 weights, every entry of the merged model equals mergekit's."""
+    """Issue 14, part 4: on real bf16 weights, every entry of the merged model equals mergekit's. Except for
+    arcee_fusion in a tensor of more than 10^6 entries (the tied embedding), whose quantiles mergekit
+    estimates from 10^6 entries drawn unseeded, where evomerge takes them exactly (selective.fusion_threshold):
+    there the masks may differ near the threshold, bounded here by 0.1 % of the entries."""
+    from evomerge.methods import REGISTRY
+    from evomerge.methods.selective import QUANTILE_SAMPLE
+
     base, sources = smol_family
     recipe = {"evomerge_recipe": 1, "method": method, "base": str(base), "sources": [str(s) for s in sources],
               "layer_groups": 2}
+    recipe["sources"] = recipe["sources"][:REGISTRY.get(method).max_sources or 2]
     if method == "slerp":
-        recipe.update(sources=recipe["sources"][:1], t=0.35)
+        recipe["t"] = 0.35
     if method in ("linear", "task_arithmetic"):
         recipe["parameters"] = {str(sources[0]): {"weight": [0.8, 0.6]}, str(sources[1]): {"weight": 0.5}}
     if method == "task_arithmetic":
         recipe["lambda"] = 0.9
     out, ours = merged_with_evomerge(recipe, tmp_path)
-    assert differing_entries(ours, run_mergekit(out / "mergekit.yaml", tmp_path / "mergekit")) == 0
-    assert any(not torch.equal(ours[n], t) for n, t in load_file(str(base / "model.safetensors")).items())
+    theirs = run_mergekit(out / "mergekit.yaml", tmp_path / "mergekit")
+    if method == "arcee_fusion":
+        large = [n for n, t in ours.items() if t.numel() > QUANTILE_SAMPLE]
+        assert large and differing_entries({n: ours[n] for n in large}, {n: theirs[n] for n in large}) <= \
+            sum(ours[n].numel() for n in large) * 0.001
+        ours, theirs = ({n: t for n, t in tensors.items() if n not in large} for tensors in (ours, theirs))
+    assert differing_entries(ours, theirs) == 0
+    assert any(not torch.equal(ours[n], t) for n, t in load_file(str(base / "model.safetensors")).items()
+               if n in ours)
 
 
 def test_no_mergekit_yaml_for_a_checkpoint_that_transformers_converts(tmp_path):

@@ -18,6 +18,10 @@ from ..recipe import Recipe
 from ..sources import Layout, _BLOCK
 
 
+# mergekit's generalized task arithmetic: it rescales kept entries unless told not to
+_TASK_ARITHMETIC_FAMILY = frozenset({"task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties"})
+
+
 def to_mergekit(recipe: Recipe, layout: Layout, paths: Mapping[str, str]) -> dict[str, Any] | None:
     """The mergekit config, or None when the method has no identical mergekit counterpart."""
     spec = recipe.spec
@@ -34,7 +38,7 @@ def to_mergekit(recipe: Recipe, layout: Layout, paths: Mapping[str, str]) -> dic
         config["base_model"] = paths[recipe.base]
     config["models"] = models
     shared = dict(recipe.shared_values())
-    if spec.name not in ("linear", "slerp", "model_stock"):
+    if spec.name in _TASK_ARITHMETIC_FAMILY:
         shared["rescale"] = False
     if shared:
         config["parameters"] = shared

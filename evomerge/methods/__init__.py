@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from . import library  # noqa: F401 - registers the methods
+from . import library, selective, spherical  # noqa: F401 - register the methods
 from .base import REGISTRY, MethodSpec, ParamSpec
 from .context import DENSITY_GRID, GAMMA_GRID, TensorContext
 

@@ -35,6 +35,7 @@ class ParamSpec:
     search: tuple[float, float] | None = None
     step: float | None = None
     choices: tuple[str | bool, ...] | None = None
+    integer: bool = False      # a count (karcher's max_iter): whole numbers only
     help: str = ""
 
     @property
@@ -57,6 +58,10 @@ class ParamSpec:
         if too_low or too_high:
             left = "(" if self.low_open else "["
             raise InputError(f"{value} is outside {left}{_fmt(self.low)}, {_fmt(self.high)}]", file=file, field=where)
+        if self.integer:
+            if not value.is_integer():
+                raise InputError(f"must be a whole number, got {value:g}", file=file, field=where)
+            return int(value)
         return value
 
 
@@ -99,10 +104,22 @@ class MethodSpec:
     stochastic: bool = False
     magnitude_ranks: bool = False   # needs per-tensor magnitude thresholds (ties / breadcrumbs trims)
     row_ranks: bool = False         # needs per-row magnitude ranks (della)
+    whole_tensor: bool = False      # its steps span the whole tensor (norms, a top-k, quantiles): never chunked
     mergekit: str | None = None     # mergekit's name where the result is identical
     fused: Callable | None = None   # (ctx, params) -> fused.Plan, or None: this candidate runs `apply`
     summary: str = ""
     search_ranges: tuple[tuple[str, tuple[float, float]], ...] = ()   # per-method narrowing of a param's search
+
+    def takes(self, count: int) -> str | None:
+        """None where the method merges `count` sources, else how many it takes ("exactly 2")."""
+        low, high = self.min_sources, self.max_sources
+        if low <= count and (high is None or count <= high):
+            return None
+        if low == high:
+            return f"exactly {low}"
+        if high is None:
+            return f"at least {low}"
+        return f"at most {high}" if low <= 1 else f"{low} to {high}"
 
     def search_range(self, param: ParamSpec) -> tuple[float, float] | None:
         """Where a search samples `param` for this method (None: not searched)."""

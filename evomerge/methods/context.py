@@ -108,13 +108,14 @@ class TensorContext:
     def chunks(self, size: int | None) -> Iterator["TensorContext"]:
         """Contiguous pieces of the flattened tensor that share this tensor's statistics (None: one piece).
 
-        Elementwise methods run piece by piece so their temporaries stay in cache. A tensor held as task
-        vectors that fits one piece is its own piece.
+        Elementwise methods run piece by piece so their temporaries stay in cache. A tensor that fits one
+        piece keeps its shape (whole-tensor methods: size None): held as task vectors, it is its own piece.
         """
         n = self.anchor.numel()
         size = n if size is None else size
-        if n <= size and not self.raw:
-            yield self
+        if n <= size:      # one piece, in the tensor's own shape (a row-wise method sees rows)
+            yield self if not self.raw else TensorContext(name=self.name, anchor=self.anchor, stack=self.stack,
+                                                          seed=self.seed, raw=True, parent=self, span=(0, n))
             return
         base = self.anchor.reshape(-1)
         stack = self.stack.reshape(self.k, -1)
@@ -125,6 +126,8 @@ class TensorContext:
 
     def _piece(self, full: torch.Tensor) -> torch.Tensor:
         start, stop = self.span
+        if (start, stop) == (0, self.numel):
+            return full
         return full.reshape(full.shape[0], -1)[:, start:stop]
 
     # -- magnitude order statistics ------------------------------------------------

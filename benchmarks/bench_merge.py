@@ -39,6 +39,11 @@ from machine import describe  # benchmarks/machine.py: run as scripts, this fold
 
 METHODS = ("linear", "task_arithmetic", "slerp", "ties", "dare_linear", "dare_ties", "breadcrumbs",
            "breadcrumbs_ties", "della", "della_linear", "model_stock")
+# mergekit's other methods: --methods nuslerp,multislerp,... (results/bench_merge_mergekit_methods.md)
+MERGEKIT_METHODS = ("nuslerp", "multislerp", "karcher", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl")
+# their shared parameters, drawn per candidate in these ranges (the rest at their defaults)
+SHARED_DRAWS = {"sce": {"select_topk": (0.2, 0.9)}, "nearswap": {"t": (0.0005, 0.005)},
+                "ramplus_tl": {"r": (0.1, 0.9), "alpha": (0.1, 0.9)}}
 TARGETS = {"linear": 3.0, "task_arithmetic": 3.0, "ties": 6.0, "dare_linear": 6.0, "dare_ties": 6.0,
            "breadcrumbs": 6.0, "breadcrumbs_ties": 6.0, "della": 6.0, "della_linear": 6.0}
 MERGEKIT_SPEEDUP_TARGET = 20.0
@@ -82,19 +87,25 @@ def build_sources(workdir: Path, *, k: int = 3, seed: int = 0) -> tuple[Path, li
 
 def candidate(method: str, base: Path, sources: list[Path], index: int) -> dict:
     """A recipe with per-group scalars drawn for candidate `index` (densities on the 0.01 grid, seed 0)."""
+    from evomerge.methods import REGISTRY
+
     rng = random.Random(f"{method}-{index}")
     if method == "slerp":
         return {"method": method, "base": str(base), "sources": [str(sources[0])], "t": round(rng.uniform(0.1, 0.9), 2)}
+    spec = REGISTRY.get(method)
+    sources = sources[:spec.max_sources or len(sources)]
     recipe: dict = {"method": method, "sources": [str(s) for s in sources], "layer_groups": LAYER_GROUPS}
-    if method != "linear":
+    if spec.needs_base:
         recipe["base"] = str(base)
-    if method == "model_stock":
+    for name, (low, high) in SHARED_DRAWS.get(method, {}).items():
+        recipe[name] = round(rng.uniform(low, high), 4)
+    if "weight" not in {p.name for p in spec.params}:
         return recipe
     low, high = (0.2, 0.8) if method.startswith("della") else (0.1, 0.9)
     parameters = {}
     for source in sources:
         entry: dict = {"weight": [round(rng.uniform(0.3, 1.2), 2) for _ in range(LAYER_GROUPS)]}
-        if method not in ("linear", "task_arithmetic"):
+        if "density" in {p.name for p in spec.params}:
             entry["density"] = [round(rng.uniform(low, high), 2) for _ in range(LAYER_GROUPS)]
         if method.startswith("della"):
             entry["epsilon"] = 0.1

@@ -52,8 +52,9 @@ class SearchSection(_Frozen):
     gradient: GradientOptions = Field(default_factory=GradientOptions)
     space: Literal["ps", "dfs", "ps+dfs"] = "ps"   # parameter space, layer stacking, or both in one recipe
     dfs: StackOptions = Field(default_factory=StackOptions)
+    start: list[str] = Field(default_factory=list)   # the user's recipes, scored first among the baselines
 
-    @field_validator("methods", mode="before")
+    @field_validator("methods", "start", mode="before")
     @classmethod
     def _one_or_many(cls, value: object) -> object:
         return [value] if isinstance(value, str) else value
@@ -204,6 +205,10 @@ def check_config(config: SearchConfig) -> None:
     sources.layout.check_groups(config.search.layer_groups, file=file, field="search.layer_groups")
     sources.anchor.require_tokenizer(file=file)
     suite.require_chat_template(sources.anchor.has_chat_template())
+    if config.search.start:
+        from .start import load_starts
+
+        load_starts(config)
 
 
 def tasks_path(config: SearchConfig) -> Path:

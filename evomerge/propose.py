@@ -66,6 +66,7 @@ class Proposal:
     number: int
     method: str
     params: dict[str, Any]
+    baseline: str | None = None      # a queued baseline's label ("start:..." merges the user's own recipe)
 
 
 def propose(study, space, n_trials: int, heartbeat: Heartbeat | None) -> Proposal | None:
@@ -96,7 +97,7 @@ def propose(study, space, n_trials: int, heartbeat: Heartbeat | None) -> Proposa
         if heartbeat is not None:
             heartbeat.release(trial._trial_id)
         raise SamplingError(f"trial {trial.number}: {reason}") from err
-    return Proposal(trial._trial_id, trial.number, method, dict(trial.params))
+    return Proposal(trial._trial_id, trial.number, method, dict(trial.params), trial.user_attrs.get("baseline"))
 
 
 def complete(study, trial_id: int, values: list[float], attrs: dict[str, Any]) -> None:

@@ -137,16 +137,21 @@ class Recipe:
         mapping = {s: move(s) for s in self.sources}
         if all(k == v for k, v in mapping.items()) and move(self.base) == self.base:
             return replace(self, path=Path(folder) / "recipe.yaml")
+        return self.renamed(mapping, base=move(self.base), tokenizer=move(self.tokenizer),
+                            path=Path(folder) / "recipe.yaml")
 
+    def renamed(self, mapping: Mapping[str, str], *, base: str | None, tokenizer: str | None,
+                path: Path | None) -> "Recipe":
+        """The same merge with its models named anew (`mapping`: each source's old name -> new), read from
+        `path`'s folder."""
         def rekey(block: SourceParams) -> dict[str, Any]:
             return {mapping[src]: params for src, params in block.items()}
 
-        models = mapping | {self.base: move(self.base), MERGED: MERGED}
-        return replace(self, sources=tuple(mapping[s] for s in self.sources), base=move(self.base),
-                       tokenizer=move(self.tokenizer), parameters=rekey(self.parameters),
+        models = dict(mapping) | {self.base: base, MERGED: MERGED}
+        return replace(self, sources=tuple(mapping[s] for s in self.sources), base=base, tokenizer=tokenizer,
+                       parameters=rekey(self.parameters),
                        layers=tuple(replace(e, model=models[e.model]) for e in self.layers),
-                       filters={kind: rekey(block) for kind, block in self.filters.items()},
-                       path=Path(folder) / "recipe.yaml")
+                       filters={kind: rekey(block) for kind, block in self.filters.items()}, path=path)
 
     def with_provenance(self, **fields: Any) -> "Recipe":
         merged = dict(self.provenance or {})

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .config import SearchConfig, load_config, tasks_path
 from .errors import InputError
+from .start import load_starts
 from .storage import BASELINES_ATTR, BUDGET_ATTR, GRADIENT_KEY, HEARTBEAT_S, open_study, safe_url, state_counts
 
 if TYPE_CHECKING:
@@ -191,8 +192,12 @@ class SearchSession:
         self._gradient_start: int | str | None = None   # the trial it started from ("start": gradient.START)
         self._check_same_weights()
         self._check_same_space()
+        self.starts = {s.label: s.recipe for s in load_starts(config)}     # the user's own recipes (start.py)
+        queue = [(label, self.space.encode(recipe)) for label, recipe in self.starts.items()]
         if config.search.baselines or self.space.candidates is not None:   # a finite space: its candidates first
-            self.enqueue_baselines(self.baselines())
+            queue += self.baselines()
+        if queue:
+            self.enqueue_baselines(queue)
 
     def __enter__(self) -> "SearchSession":
         return self
@@ -437,7 +442,7 @@ class SearchSession:
         t0 = time.perf_counter()
         try:
             self._check_budget(proposal.number, n_trials)
-            recipe = self.space.decode(proposal.params, method=proposal.method)
+            recipe = self.recipe_for(proposal.params, proposal.method, proposal.baseline)
             attrs["recipe_sha256"] = recipe.sha256()
             t1 = time.perf_counter()
             self.bench.materialize(recipe)
@@ -503,7 +508,15 @@ class SearchSession:
 
     # -- reading the study back ------------------------------------------------------
     def recipe_of(self, frozen) -> Any:
-        return self.space.decode(frozen.params, method=self.space.method_of(frozen.params, frozen.user_attrs))
+        """The recipe a finished trial merged."""
+        return self.recipe_for(frozen.params, self.space.method_of(frozen.params, frozen.user_attrs),
+                               frozen.user_attrs.get("baseline"))
+
+    def recipe_for(self, params: dict[str, Any], method: str, baseline: str | None) -> Any:
+        """A trial's recipe: the user's own for a start (its exact values), else its parameters decoded."""
+        if baseline in self.starts:
+            return self.starts[baseline]
+        return self.space.decode(params, method=method)
 
     def best_trial(self):
         from optuna.trial import TrialState

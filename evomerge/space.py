@@ -233,6 +233,26 @@ class SearchSpace:
                       shared=shared, parameters=parameters, filters=filters, vocab=self.config.vocab,
                       layers=self.stack_of(params, self.dims[method]) if self.slots else (), path=self.config.path)
 
+    def encode(self, recipe: Recipe) -> dict[str, Any]:
+        """The parameters nearest a recipe of one of the space's methods (each value snapped into its range
+        and onto its grid), for the samplers to model: a user's own recipe among the baselines (start.py).
+        A search group takes the recipe's value at its first block; a dimension without a module filter,
+        the recipe's value for the MLP tensors."""
+        params: dict[str, Any] = {"method": recipe.method} if len(self.methods) > 1 else {}
+        shared = recipe.shared_values()
+        layers = self.layout.num_layers
+        for dim in self.dims[recipe.method]:
+            if dim.source is None:
+                value = shared[dim.param.name]
+            else:
+                group = dim.group
+                if isinstance(group, int) or group is None:
+                    first = -(-(group or 0) * layers // self.groups)     # the first block of search group g
+                    group = first * recipe.layer_groups // layers
+                value = recipe.value(dim.source, dim.param.name, group, dim.kind or "mlp")
+            params[dim.name] = dim.snap(value)
+        return params
+
     def defaults(self, method: str) -> dict[str, Any]:
         """Parameters of `method` at its declared defaults (an untuned merge)."""
         params = {d.name: float(d.param.default) for d in self.dims[method]}

@@ -145,8 +145,8 @@ def scored_rows(session, best, *, label: str = "best") -> list[dict[str, Any]]:
             row[f"{split}_objectives"] = objective_values(session, {t: row[f"{split}:{t}"] for t in suite.names})
             row[f"{split}_mean"] = sum(row[f"{split}_objectives"]) / len(row[f"{split}_objectives"])
         rows.append(row)
-    order = {"source": 0, "default": 1, "sweep": 2, "best": 3}
-    rows.sort(key=lambda r: (order.get(r["kind"], 3), r["label"]))
+    order = {"start": 0, "source": 1, "default": 2, "sweep": 3, "best": 4}
+    rows.sort(key=lambda r: (order.get(r["kind"], 4), r["label"]))
     return rows
 
 
@@ -203,6 +203,7 @@ def summary_markdown(session, rows, best, recipe, plots: list[str], *, given: in
     sources = [r for r in rows if r["kind"] == "source"]
     defaults = [r for r in rows if r["kind"] == "default"]
     sweeps = [r for r in rows if r["kind"] == "sweep"]
+    starts = [r for r in rows if r["kind"] == "start"]
     several = len(config.objectives) > 1
     lines = [f"# evomerge run `{config.name}`", ""]
     scores = (f"**{recipe.method}**, held-out mean **{best_row['heldout_mean']:.4f}** "
@@ -215,6 +216,10 @@ def summary_markdown(session, rows, best, recipe, plots: list[str], *, given: in
     else:
         head = f"Best: trial {best.number}, {scores}."
     lines += [head, ""]
+    for start in starts:       # the user's own recipes (search.start): what the search has to beat first
+        margin = best_row["heldout_mean"] - start["heldout_mean"]
+        lines.append(f"- Your recipe {start['label'].removeprefix('start:')}: held-out {start['heldout_mean']:.4f} "
+                     f"(search {start['search_mean']:.4f}); the search's margin over it: **{margin:+.4f}** held-out.")
     if sources:
         oracle = {t: max(r[f"heldout:{t}"] for r in sources) for t in tasks}
         oracle_mean = sum(objective_values(session, oracle)) / len(config.objectives)

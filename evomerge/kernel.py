@@ -406,8 +406,7 @@ class ResidentMerger:
         spec = recipe.spec
         if spec.name not in COEFFICIENTS:
             self._densify()
-        shared = recipe.shared_values()
-        whole = spec.whole_tensor or shared.get("rescale") == "l1"     # l1: whole-tensor norms
+        whole = spec.whole_tensor or recipe.shared_values().get("rescale") == "l1"     # l1: whole-tensor norms
         chunk = None if whole else chunk_elements(self.device)
         layout = self.sources.layout
         slots: dict[tuple, dict] = {}
@@ -419,10 +418,11 @@ class ResidentMerger:
                     continue
                 ctx = self.contexts[name] if not self.streaming else self._read_context(name)
                 ctx.seed = recipe.seed
-                key = (layout.group(name, recipe.layer_groups), layout.tensors[name].kind)
+                group, kind = layout.group(name, recipe.layer_groups), layout.tensors[name].kind
+                key = recipe.slot(name, group, kind)
                 if key not in slots:
-                    slots[key] = resolve(spec, shared, recipe.source_values(*key), k=ctx.k, device=self.device,
-                                         dtype=self.compute_dtype)
+                    slots[key] = resolve(spec, recipe.shared_values(group, name), recipe.source_values(group, kind, name),
+                                         k=ctx.k, device=self.device, dtype=self.compute_dtype)
                 out = self.outputs[name]
                 if isinstance(ctx, LowRankContext):
                     total = ctx.write(spec.name, slots[key], out)
@@ -464,8 +464,16 @@ class ResidentMerger:
             raise InputError(f"recipe dtype {recipe.dtype} differs from the resident model's {self.out_dtype}",
                              field="dtype")
         self.sources.layout.check_groups(recipe.layer_groups)
+        layout = self.sources.layout
+        if recipe.name_filters:       # a slot per tensor name the filters tell apart
+            slots: dict[tuple, tuple] = {}
+            for name, info in layout.tensors.items():
+                group = layout.group(name, recipe.layer_groups)
+                slots.setdefault(recipe.slot(name, group, info.kind), (group, info.kind, name))
+            check_for_layout(recipe, list(slots.values()))
+            return
         if recipe.layer_groups not in self._slots:     # the model's (group, kind) slots: once per grouping
-            self._slots[recipe.layer_groups] = self.sources.layout.slots(recipe.layer_groups)
+            self._slots[recipe.layer_groups] = [(g, k, None) for g, k in layout.slots(recipe.layer_groups)]
         check_for_layout(recipe, self._slots[recipe.layer_groups])
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 from .errors import InputError
 from .methods import REGISTRY, MethodSpec
+from .recipe_values import NameFilter, SourceParams, Value, parse_name_filters, parse_shared, parse_source_params
 from .sources import IO_GROUP, MODULE_KINDS
 from .yamlio import dump_yaml, load_yaml
 
@@ -26,14 +27,11 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 VOCAB_POLICIES = ("error", "base", "union")   # differing vocabularies: refused | the base's | merged (vocab.py)
 FILTER_KINDS = tuple(k for k in MODULE_KINDS if k != "other") + (IO_GROUP,)
 _TOP_KEYS = ("evomerge_recipe", "method", "base", "sources", "seed", "dtype", "layer_groups", "parameters",
-             "filters", "layers", "vocab", "tokenizer", "provenance")
+             "filters", "name_filters", "layers", "vocab", "tokenizer", "provenance")
 PASSTHROUGH = "passthrough"     # a stack of blocks (`layers`) and nothing merged in parameter space
 MERGED = "merged"               # a `layers` entry's model: the recipe's own parameter-space merge (PS + DFS)
 SCALE_RANGE = (0.0, 2.0)        # a stacked block's scale on its residual-branch output projections
 SHARED_NAMES = tuple(sorted({p.name for m in REGISTRY for p in m.shared_params}))
-
-Value = float | tuple[float, ...]
-SourceParams = Mapping[str, Mapping[str, Value]]   # source spec -> param -> value
 
 
 @dataclass(frozen=True)
@@ -71,6 +69,7 @@ class Recipe:
     shared: Mapping[str, Any] = field(default_factory=dict)         # lambda, t, normalize, rescale
     parameters: SourceParams = field(default_factory=dict)
     filters: Mapping[str, SourceParams] = field(default_factory=dict)
+    name_filters: tuple[NameFilter, ...] = ()    # by tensor name, first match first (mergekit's `filter:`)
     layers: tuple[StackEntry, ...] = ()   # a stack of blocks (METHODS.md, "Layer stacking"); () = no stacking
     vocab: str = "error"               # one of VOCAB_POLICIES
     tokenizer: str | None = None      # where the tokenizer comes from; default: the base (else first source)
@@ -97,11 +96,13 @@ class Recipe:
         if self.dtype is not None:
             out["dtype"] = self.dtype
         for name, value in self.shared.items():
-            out[name] = value
+            out[name] = _plain(value)
         out["layer_groups"] = self.layer_groups
         out["parameters"] = _plain(self.parameters)
         if self.filters:
             out["filters"] = _plain(self.filters)
+        if self.name_filters:
+            out["name_filters"] = _plain([f.to_dict() for f in self.name_filters])
         if self.layers:
             out["layers"] = [entry.to_dict() for entry in self.layers]
         if self.vocab != "error":
@@ -150,6 +151,7 @@ class Recipe:
         models = dict(mapping) | {self.base: base, MERGED: MERGED}
         return replace(self, sources=tuple(mapping[s] for s in self.sources), base=base, tokenizer=tokenizer,
                        parameters=rekey(self.parameters),
+                       name_filters=tuple(replace(f, parameters=rekey(f.parameters)) for f in self.name_filters),
                        layers=tuple(replace(e, model=models[e.model]) for e in self.layers),
                        filters={kind: rekey(block) for kind, block in self.filters.items()}, path=path)
 
@@ -172,23 +174,41 @@ class Recipe:
     def relative_to(self) -> Path | None:
         return self.path.parent if self.path is not None else None
 
-    def shared_values(self) -> dict[str, Any]:
-        return {p.name: self.shared.get(p.name, p.default) for p in self.spec.shared_params}
+    def shared_values(self, group: int | str = 0, tensor: str | None = None) -> dict[str, Any]:
+        """The shared parameters for a tensor of layer group `group` named `tensor`: its first matching name
+        filter's, else the recipe's own (one per group, or one), else the method's defaults."""
+        out = {}
+        for param in self.spec.shared_params:
+            value = next((f.shared[param.name] for f in self._matching(tensor) if param.name in f.shared),
+                         self.shared.get(param.name, param.default))
+            out[param.name] = _pick(value, group) if isinstance(value, tuple) else value
+        return out
 
-    def source_values(self, group: int | str, kind: str) -> dict[str, list[float]]:
+    def source_values(self, group: int | str, kind: str, tensor: str | None = None) -> dict[str, list[float]]:
         """Per-source values (in source order) of every per-source parameter for one tensor slot."""
         out: dict[str, list[float]] = {}
         for param in self.spec.source_params:
-            out[param.name] = [self.value(src, param.name, group, kind) for src in self.sources]
+            out[param.name] = [self.value(src, param.name, group, kind, tensor) for src in self.sources]
         return out
 
-    def value(self, source: str, name: str, group: int | str, kind: str) -> float:
-        for scope in (self.filters.get(kind, {}), self.filters.get(IO_GROUP, {}) if group == IO_GROUP else {},
-                      self.parameters):
+    def value(self, source: str, name: str, group: int | str, kind: str, tensor: str | None = None) -> float:
+        """Most specific first: the first name filter matching `tensor`, filters[kind], filters.io outside the
+        blocks, parameters, the method's default."""
+        scopes = [f.parameters for f in self._matching(tensor)]
+        scopes += [self.filters.get(kind, {}), self.filters.get(IO_GROUP, {}) if group == IO_GROUP else {},
+                   self.parameters]
+        for scope in scopes:
             entry = scope.get(source, {})
             if name in entry:
                 return _pick(entry[name], group)
         return float(self.spec.param(name).default)
+
+    def _matching(self, tensor: str | None) -> list[NameFilter]:
+        return [f for f in self.name_filters if tensor is not None and f.match in tensor]
+
+    def slot(self, tensor: str, group: int | str, kind: str) -> tuple:
+        """What a tensor's values depend on: tensors with the same slot take the same values."""
+        return group, kind, tuple(i for i, f in enumerate(self.name_filters) if f.match in tensor)
 
     def slots(self) -> list[tuple[int | str, str]]:
         """Every (group, kind) a tensor can fall into, before a model is known: every kind outside the blocks,
@@ -264,17 +284,7 @@ def _parse(data: dict[str, Any], *, file: str | None, path: Path | None) -> Reci
     groups = data.get("layer_groups", 1)
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise InputError(f"must be a positive integer, got {groups!r}", file=file, field="layer_groups")
-    shared = {}
-    for name in SHARED_NAMES:
-        if name in data:
-            try:
-                param = spec.param(name)
-            except KeyError:
-                raise InputError(f"'{name}' is not a parameter of {spec.name}", file=file, field=name,
-                                 fix=f"{spec.name} takes: {', '.join(p.name for p in spec.params) or 'nothing'}") from None
-            if param.scope != "shared":
-                raise InputError(f"'{name}' is per source", file=file, field=name, fix="set it under parameters")
-            shared[name] = param.check(data[name], file=file, where=name)
+    shared = parse_shared(data, spec, SHARED_NAMES, groups, file=file)
     vocab = data.get("vocab", "error")
     if vocab not in VOCAB_POLICIES:
         raise InputError(f"unknown vocab policy {vocab!r}", file=file, field="vocab",
@@ -285,8 +295,8 @@ def _parse(data: dict[str, Any], *, file: str | None, path: Path | None) -> Reci
     if tokenizer is not None and vocab == "union":
         raise InputError("vocab: union ships the union of the models' tokenizers", file=file, field="tokenizer",
                          fix="remove 'tokenizer', or use vocab: base")
-    parameters = _parse_source_params(data.get("parameters") or {}, spec, sources, groups, file=file,
-                                      where="parameters")
+    parameters = parse_source_params(data.get("parameters") or {}, spec, sources, groups, file=file,
+                                     where="parameters")
     filters_raw = data.get("filters") or {}
     if not isinstance(filters_raw, Mapping):
         raise InputError("must be a mapping of module kind to per-source parameters", file=file, field="filters")
@@ -295,13 +305,15 @@ def _parse(data: dict[str, Any], *, file: str | None, path: Path | None) -> Reci
         if kind not in FILTER_KINDS:
             raise InputError(f"unknown module kind '{kind}'", file=file, field=f"filters.{kind}",
                              fix=f"one of {', '.join(FILTER_KINDS)}")
-        filters[kind] = _parse_source_params(block or {}, spec, sources, groups, file=file, where=f"filters.{kind}")
+        filters[kind] = parse_source_params(block or {}, spec, sources, groups, file=file, where=f"filters.{kind}")
+    name_filters = parse_name_filters(data.get("name_filters"), spec, sources, groups, file=file)
     layers = _parse_layers(data.get("layers"), base, sources, stacking=stacking, file=file)
     provenance = data.get("provenance")
     if provenance is not None and not isinstance(provenance, Mapping):
         raise InputError("must be a mapping", file=file, field="provenance")
     recipe = Recipe(method=spec.name, sources=tuple(sources), base=base, seed=seed, dtype=dtype,
-                    layer_groups=groups, shared=shared, parameters=parameters, filters=filters, layers=layers,
+                    layer_groups=groups, shared=shared, parameters=parameters, filters=filters,
+                    name_filters=name_filters, layers=layers,
                     vocab=vocab,
                     tokenizer=tokenizer, provenance=provenance, path=path)
     _check_combinations(recipe, file=file)
@@ -349,52 +361,20 @@ def _parse_layers(raw: Any, base: str | None, sources: list[str], *, stacking: b
     return tuple(out)
 
 
-def _parse_source_params(block: Any, spec: MethodSpec, sources: list[str], groups: int, *, file: str | None,
-                         where: str) -> dict[str, dict[str, Value]]:
-    if not isinstance(block, Mapping):
-        raise InputError("must be a mapping of source to parameters", file=file, field=where)
-    shorts = {Path(s.split("@")[0].rstrip("/")).name: s for s in sources}
-    out: dict[str, dict[str, Value]] = {}
-    for key, params in block.items():
-        source = key if key in sources else shorts.get(str(key))
-        if source is None:
-            raise InputError(f"'{key}' is not one of the sources", file=file, field=f"{where}.{key}",
-                             fix=f"sources: {', '.join(sources)}")
-        if not isinstance(params, Mapping):
-            raise InputError("must be a mapping of parameter to value", file=file, field=f"{where}.{key}")
-        entry: dict[str, Value] = {}
-        for name, value in params.items():
-            field_path = f"{where}.{key}.{name}"
-            try:
-                param = spec.param(str(name))
-            except KeyError:
-                names = ", ".join(p.name for p in spec.source_params) or "none"
-                raise InputError(f"'{name}' is not a per-source parameter of {spec.name}", file=file,
-                                 field=field_path, fix=f"per-source parameters: {names}") from None
-            if param.scope != "source":
-                raise InputError(f"'{name}' is shared by all sources", file=file, field=field_path,
-                                 fix="set it at the top level of the recipe")
-            if isinstance(value, list):
-                if len(value) != groups:
-                    raise InputError(f"has {len(value)} values but layer_groups is {groups}", file=file,
-                                     field=field_path, fix="give one value per layer group, or a scalar")
-                entry[name] = tuple(param.check(v, file=file, where=f"{field_path}[{i}]") for i, v in enumerate(value))
-            else:
-                entry[name] = param.check(value, file=file, where=field_path)
-        out[source] = entry
-    return out
-
-
 def _check_combinations(recipe: Recipe, *, file: str | None,
-                        slots: list[tuple[int | str, str]] | None = None) -> None:
-    """Constraints across parameters, for every slot a tensor can fall into (`slots`: a model's own)."""
+                        slots: list[tuple[int | str, str, str | None]] | None = None) -> None:
+    """Constraints across parameters, for every slot a tensor can fall into (`slots`: a model's own, as
+    (group, kind, a tensor's name); without a model, each name filter's match stands for a tensor name)."""
     spec = recipe.spec
-    shared = recipe.shared_values()
-    for group, kind in slots if slots is not None else recipe.slots():
-        values = recipe.source_values(group, kind)
-        where = f"group {group}, {kind} tensors"
+    if slots is None:
+        names = [None] + [f.match for f in recipe.name_filters]
+        slots = [(group, kind, name) for group, kind in recipe.slots() for name in names]
+    for group, kind, tensor in slots:
+        values = recipe.source_values(group, kind, tensor)
+        shared = recipe.shared_values(group, tensor)
+        where = f"group {group}, {kind} tensors" + (f" named like '{tensor}'" if tensor else "")
         filtered = kind in recipe.filters or (group == IO_GROUP and IO_GROUP in recipe.filters)
-        field = "filters" if filtered else "parameters"
+        field = "name_filters" if recipe._matching(tensor) else "filters" if filtered else "parameters"
         if shared.get("normalize") and "weight" in values and spec.name in _SUM_NORMALIZED:
             if abs(sum(values["weight"])) < 1e-8:
                 raise InputError(f"weights sum to 0 with normalize on ({where})", file=file, field=field,
@@ -406,9 +386,9 @@ def _check_combinations(recipe: Recipe, *, file: str | None,
                                      file=file, field=field, fix="need 0 < density - epsilon and density + epsilon <= 1")
 
 
-def check_for_layout(recipe: Recipe, slots: list[tuple[int | str, str]]) -> None:
-    """The cross-parameter constraints on the (group, kind) slots a model's tensors fall into (Layout.slots:
-    a kind where the recipe alone does not expect it, an embedding inside a block)."""
+def check_for_layout(recipe: Recipe, slots: list[tuple[int | str, str, str | None]]) -> None:
+    """The cross-parameter constraints on the slots a model's tensors fall into (Layout.slots: a kind where the
+    recipe alone does not expect it, an embedding inside a block), as (group, kind, a tensor's name)."""
     _check_combinations(recipe, file=str(recipe.path) if recipe.path else None, slots=slots)
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .config import SearchConfig
 from .errors import InputError
 from .paths import resolve_path
 from .recipe import Recipe
@@ -25,8 +25,9 @@ class Start:
     recipe: Recipe      # the file's merge, its models named as the config names them
 
 
-def load_starts(config: SearchConfig) -> list[Start]:
-    """The config's search.start files as recipes over the config's models; InputError naming the field."""
+def load_starts(config: Any) -> list[Start]:
+    """The search.start files of `config` (a config.SearchConfig, which imports this module) as recipes over
+    the config's models; InputError naming the field."""
     file = str(config.path) if config.path else None
     starts: list[Start] = []
     for i, text in enumerate(config.search.start):
@@ -43,7 +44,7 @@ def load_starts(config: SearchConfig) -> list[Start]:
     return starts
 
 
-def _onto_config(recipe: Recipe, config: SearchConfig, *, file: str | None, field: str) -> Recipe:
+def _onto_config(recipe: Recipe, config: Any, *, file: str | None, field: str) -> Recipe:
     where = f"{field} ({recipe.path})"
     if config.search.space != "ps":
         raise InputError("a start recipe needs the parameter space", file=file, field=field,

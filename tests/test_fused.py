@@ -107,7 +107,8 @@ def random_recipe(method: str, base, sources, rng: random.Random, *, rescale: st
 
     spec = REGISTRY.get(method)
     names = {p.name for p in spec.params}
-    sources = sources[:1] if spec.max_sources == 1 else sources
+    per_source = {p.name for p in spec.source_params}
+    sources = sources[:spec.max_sources or len(sources)]
     groups = rng.choice([1, 2, 4])
 
     def per_group(low: float, high: float):
@@ -118,14 +119,14 @@ def random_recipe(method: str, base, sources, rng: random.Random, *, rescale: st
     parameters = {}
     for source in sources:
         entry = {}
-        if "weight" in names:
+        if "weight" in per_source:
             entry["weight"] = per_group(0.1, 1.5) if method == "linear" else per_group(-0.5, 1.5)
-        if "density" in names:
-            low = 0.2 if "epsilon" in names else 0.05
-            entry["density"] = per_group(low, 0.35 if sparse else 0.8 if "epsilon" in names else 1.0)
-        if "gamma" in names:
+        if "density" in per_source:
+            low = 0.2 if "epsilon" in per_source else 0.05
+            entry["density"] = per_group(low, 0.35 if sparse else 0.8 if "epsilon" in per_source else 1.0)
+        if "gamma" in per_source:
             entry["gamma"] = per_group(0.0, 0.1)
-        if "epsilon" in names:
+        if "epsilon" in per_source:
             entry["epsilon"] = per_group(0.01, 0.15)
         if entry:
             parameters[source.name] = entry

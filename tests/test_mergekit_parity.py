@@ -48,6 +48,10 @@ CASES = {
     "breadcrumbs": {"lambda": 0.8},
     "breadcrumbs_ties": {},
     "slerp": {"t": 0.35},
+    "slerp-per-group-and-name": {"t": [0.2, 0.7], "name_filters": [{"match": "self_attn", "t": [0.9, 0.1]},
+                                                                    {"match": "up_proj", "t": 0.4}]},
+    "ties-name-filters": {"name_filters": [{"match": "q_proj", "parameters": {"s0": {"weight": 0.3, "density": [0.2, 0.9]}}},
+                                           {"match": "self_attn", "lambda": 0.7, "parameters": {"s1": {"weight": 1.4}}}]},
     "model_stock": {},
     # mergekit's other methods (METHODS.md, last section)
     "nuslerp": {},

@@ -37,15 +37,16 @@ def adapter_refusal(recipe: Recipe, sources: SourceSet) -> str | None:
 def merged_factors(recipe: Recipe, sources: SourceSet) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Base tensor name -> (L, R) with the merge's task vector = L @ R, float32, rank Σ r_i of what reaches it."""
     layout = sources.layout
-    spec, shared = recipe.spec, recipe.shared_values()
+    spec = recipe.spec
     k = len(sources.sources)
     out = {}
     for name in layout.tensors:
         pairs = [folder.low_rank(name) for folder in sources.sources]
         if all(pair is None for pair in pairs):
             continue
-        key = (layout.group(name, recipe.layer_groups), layout.tensors[name].kind)
-        p = resolve(spec, shared, recipe.source_values(*key), k=k, device="cpu", dtype=torch.float32)
+        group, kind = layout.group(name, recipe.layer_groups), layout.tensors[name].kind
+        p = resolve(spec, recipe.shared_values(group, name), recipe.source_values(group, kind, name), k=k,
+                    device="cpu", dtype=torch.float32)
         base_scale, coefficients = COEFFICIENTS[spec.name](p)
         if base_scale != 1.0:
             raise InputError(f"the merge scales the base by {base_scale:g} in '{name}', which no adapter can",

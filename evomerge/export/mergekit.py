@@ -31,13 +31,19 @@ def to_mergekit(recipe: Recipe, layout: Layout, paths: Mapping[str, str]) -> dic
     if spec.name == "slerp":
         models.append({"model": paths[recipe.base]})
     for src in recipe.sources:
-        params = {p.name: _setting(recipe, layout, src, p.name) for p in spec.source_params}
+        params = {p.name: _setting(layout, {t: recipe.value(src, p.name, layout.group(t, recipe.layer_groups),
+                                                            info.kind, t) for t, info in layout.tensors.items()})
+                  for p in spec.source_params}
         models.append({"model": paths[src], "parameters": params} if params else {"model": paths[src]})
     config: dict[str, Any] = {"merge_method": spec.mergekit}
     if spec.needs_base and recipe.base is not None:
         config["base_model"] = paths[recipe.base]
     config["models"] = models
-    shared = dict(recipe.shared_values())
+    shared = {}
+    for param in spec.shared_params:      # numeric ones may differ per layer group and by name filter
+        per_tensor = {t: recipe.shared_values(layout.group(t, recipe.layer_groups), t)[param.name]
+                      for t in layout.tensors}
+        shared[param.name] = _setting(layout, per_tensor) if param.numeric else next(iter(per_tensor.values()))
     if spec.name in _TASK_ARITHMETIC_FAMILY:
         shared["rescale"] = False
     if shared:
@@ -68,10 +74,9 @@ def converted_on_load(model_type: str | None, names: Iterable[str]) -> list[str]
     return [n for n in names if apply_converters(n, converters)[1] is not None or apply_renamings(n, renamings) != n]
 
 
-def _setting(recipe: Recipe, layout: Layout, source: str, name: str) -> Any:
-    values = {}
-    for tname, info in layout.tensors.items():
-        values[tname] = recipe.value(source, name, layout.group(tname, recipe.layer_groups), info.kind)
+def _setting(layout: Layout, values: Mapping[str, Any]) -> Any:
+    """A parameter's value per tensor as one mergekit setting: a scalar where all agree, else per-layer lists
+    (gradients through every layer's value) by module suffix, and exact-name filters outside the blocks."""
     distinct = set(values.values())
     if len(distinct) == 1:
         return distinct.pop()

@@ -87,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="build suite problem K (1, 2, ...) instead: a variant of the zoo with its own structure "
                         "and a search config, problem.yaml, checked for headroom (about a minute)")
 
+    p = sub.add_parser("convert", help="write the evomerge recipe of a mergekit config (the same tensors)")
+    p.add_argument("config", help="a mergekit YAML (merge_method: ...)")
+    p.add_argument("-o", "--out", required=True, help="the recipe YAML to write")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+
     p = sub.add_parser("validate", help="check a config, recipe or task file without loading weights")
     p.add_argument("file")
     return parser
@@ -107,6 +112,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # -- commands ---------------------------------------------------------------------------------------
+
+@command("convert")
+def _convert(args: argparse.Namespace) -> int:
+    from .export import atomic_write_text
+    from .recipe import Recipe
+    from .yamlio import load_yaml
+
+    source, out = Path(args.config), Path(args.out)
+    if "merge_method" not in load_yaml(source):
+        raise InputError("not a mergekit config", file=source, field="merge_method",
+                         fix="convert reads mergekit YAML; an evomerge recipe needs no conversion")
+    if out.exists() and not args.force:
+        raise InputError("already exists", file=out, fix="pass --force to replace it, or choose another path")
+    recipe = Recipe.from_yaml(source)
+    atomic_write_text(out, recipe.relocated(out.resolve().parent).to_yaml())
+    print(f"wrote {out} ({recipe.method}, {len(recipe.sources)} sources, {recipe.layer_groups} layer groups)")
+    return 0
+
 
 @command("merge")
 def _merge(args: argparse.Namespace) -> int:

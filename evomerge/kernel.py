@@ -203,6 +203,9 @@ class ResidentMerger:
         # output dtype and copied (upcast exactly) into the model, so that the scored weights are the exported ones
         self.score_dtype = TORCH_DTYPES[score_dtype] if score_dtype else scoring_dtype(self.out_dtype, self.device)
         self.methods = [REGISTRY.get(m) for m in methods]
+        # a one-off merge (no per-study tables) of a method that reads the sources themselves holds float32
+        # sources as stored too, so that it reads x, not b + (x - b) (mergekit's tensors, entry for entry)
+        self.exact_sources = not precompute and bool(self.methods) and all(m.reads_sources for m in self.methods)
         self.fused = fused.kernel_for(self.device, sources.layout.numel)   # the same for the search and the export
         # tensors that are no weights (integer position ids, boolean masks) pass through from the anchor
         self.unmerged = {n for n, info in sources.layout.tensors.items() if not info.dtype.is_floating_point}
@@ -254,7 +257,8 @@ class ResidentMerger:
         """Whether a tensor stays resident as its sources are stored (bf16/fp16, every model alike), its task
         vectors formed in float32 piece by piece; else it is held as task vectors in the arithmetic's dtype."""
         dtype = self.sources.layout.tensors[name].dtype
-        return (self.as_stored and dtype in HALF_DTYPES and self.compute_dtype == torch.float32
+        stored = dtype in HALF_DTYPES or (dtype == torch.float32 and self.exact_sources)
+        return (self.as_stored and stored and self.compute_dtype == torch.float32
                 and all(not folder.is_adapter and folder.header[name][1] == dtype for folder in self.sources.sources))
 
     def _read_context(self, name: str) -> TensorContext:
@@ -277,7 +281,7 @@ class ResidentMerger:
             if tensor.dtype != stack.dtype:    # a union vocabulary's mean rows are float32: held as task vectors
                 base, stack = base.to(self.compute_dtype), stack.to(self.compute_dtype)
             stack[i].copy_(tensor)
-        raw = raw and base.dtype in HALF_DTYPES
+        raw = raw and (base.dtype in HALF_DTYPES or (base.dtype == torch.float32 and self.exact_sources))
         if not raw:
             base, stack = base.to(self.compute_dtype), stack.to(self.compute_dtype)
             stack -= base

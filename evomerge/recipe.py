@@ -79,8 +79,14 @@ class Recipe:
     # -- construction ------------------------------------------------------------
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Recipe":
+        """An evomerge recipe, or a mergekit config (its `merge_method` key): from_mergekit.py."""
         path = Path(path)
-        return cls.from_dict(load_yaml(path), file=str(path), path=path)
+        data = load_yaml(path)
+        if "merge_method" in data:
+            from .from_mergekit import from_mergekit
+
+            data = from_mergekit(data, path=path)
+        return cls.from_dict(data, file=str(path), path=path)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, file: str | None = None, path: Path | None = None) -> "Recipe":

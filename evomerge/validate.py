@@ -9,6 +9,8 @@ from .yamlio import load_yaml
 
 
 def kind_of(data: dict) -> str:
+    if "merge_method" in data:
+        return "mergekit"
     if "evomerge_recipe" in data or "method" in data:
         return "recipe"
     if isinstance(data.get("tasks"), list):
@@ -20,14 +22,15 @@ def validate_file(path: Path) -> str:
     """A one-line summary of a valid file; InputError otherwise. Reads headers, never weights."""
     data = load_yaml(path)
     kind = kind_of(data)
-    if kind == "recipe":
+    if kind in ("recipe", "mergekit"):
         from .kernel import open_recipe_sources
         from .recipe import Recipe
 
-        recipe = Recipe.from_dict(data, file=str(path), path=path)
+        recipe = Recipe.from_yaml(path)
         sources = open_recipe_sources(recipe)
         stack = f", a stack of {len(recipe.layers)} blocks" if recipe.layers else ""
-        return (f"{path}: valid recipe ({recipe.method}, {len(recipe.sources)} sources, "
+        what = "mergekit config, read as a recipe" if kind == "mergekit" else "recipe"
+        return (f"{path}: valid {what} ({recipe.method}, {len(recipe.sources)} sources, "
                 f"{recipe.layer_groups} layer groups over {sources.layout.num_layers} layers{stack})")
     if kind == "tasks":
         from .evaluate import load_tasks

@@ -384,6 +384,38 @@ def test_the_stacking_section_runs_as_written(zoo: Path, tmp_path: Path) -> None
             assert torch.equal(stacked[f"model.layers.{j}.{inner}"], expected), (j, inner)
 
 
+def test_the_mergekit_section_runs_as_written(zoo: Path, tmp_path: Path) -> None:
+    """The section's mergekit config and commands on the zoo: validated, merged to mergekit-yaml's tensors
+    (where mergekit is installed), converted to a recipe that merges to the same tensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    text = section("## Coming from mergekit")
+    block = blocks(text, "yaml")[0]
+    assert block.startswith("# slerp.yml")
+    (tmp_path / "slerp.yml").write_text(block)
+    results = [run(words, cwd=tmp_path, env={"EVOMERGE_ZOO": str(zoo)}) for words in commands(blocks(text, "bash")[0])]
+    assert [r.returncode for r in results] == [0, 0, 0], [r.stderr[-1500:] for r in results]
+    assert "valid mergekit config, read as a recipe (slerp" in results[0].stdout
+    ours = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    recipe = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
+    assert recipe["method"] == "slerp" and [f["match"] for f in recipe["name_filters"]] == ["self_attn", "mlp"]
+    again = run(["evomerge", "merge", "recipe.yaml", "-o", "again"], cwd=tmp_path, env={"EVOMERGE_ZOO": str(zoo)})
+    assert again.returncode == 0, again.stderr[-1500:]
+    assert all(torch.equal(t, ours[n]) for n, t in load_file(str(tmp_path / "again" / "model.safetensors")).items())
+    try:
+        from modelfactory import run_mergekit
+    except ImportError:       # mergekit is in the test extra
+        return
+    config = yaml.safe_load(block)
+    for entry in config["slices"][0]["sources"]:        # mergekit reads paths, not zoo/ names
+        entry["model"] = str(zoo / entry["model"].removeprefix("zoo/"))
+    config["base_model"] = str(zoo / "base")
+    (tmp_path / "absolute.yml").write_text(yaml.safe_dump(config))
+    theirs = run_mergekit(tmp_path / "absolute.yml", tmp_path / "mergekit")
+    assert all(torch.equal(ours[n], theirs[n]) for n in ours)
+
+
 # -- "On a real model: the smol zoo" ------------------------------------------------------------------------------
 
 @pytest.mark.slow

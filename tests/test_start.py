@@ -17,6 +17,10 @@ MINE = {"evomerge_recipe": 1, "method": "ties", "base": "base", "sources": ["s0"
         "normalize": False, "layer_groups": 3,
         "parameters": {"s0": {"weight": [0.95, 0.803, 0.5], "density": 0.777},
                        "s1": {"weight": 0.9, "density": [0.6, 0.5, 0.4]}}}
+MERGEKIT = {"merge_method": "ties", "base_model": "base", "parameters": {"normalize": False},
+            "models": [{"model": "s0", "parameters": {"weight": [0.2, 1.1], "density": 0.6}},
+                       {"model": "s1", "parameters": {"weight": [{"filter": "mlp", "value": 0.4}, {"value": 0.9}],
+                                                      "density": 0.7}}]}
 THEIRS = {"evomerge_recipe": 1, "method": "task_arithmetic", "base": "base", "sources": ["s0", "s1"],
           "lambda": 0.7, "parameters": {"s0": {"weight": 0.6}, "s1": {"weight": 1.3}}}
 
@@ -31,7 +35,9 @@ def started(tmp_path_factory):
     (root / "fam" / "recipes").mkdir()
     (root / "fam" / "recipes" / "theirs.yaml").write_text(yaml.safe_dump(THEIRS | {
         "base": "../base", "sources": ["../s0", "../s1"]}))         # relative to its own folder
-    config.write_text(config.read_text().replace("  seed: 0\n", "  seed: 0\n  start: [mine.yaml, recipes/theirs.yaml]\n"))
+    (root / "fam" / "mergekit.yml").write_text(yaml.safe_dump(MERGEKIT))      # a mergekit config starts too
+    config.write_text(config.read_text().replace(
+        "  seed: 0\n", "  seed: 0\n  start: [mine.yaml, recipes/theirs.yaml, mergekit.yml]\n"))
     return config, search(config, out=root / "run", progress=False)
 
 
@@ -48,9 +54,10 @@ def test_the_first_trials_are_the_users_recipes_scored_as_evomerge_eval_scores_t
 
     config, result = started
     study = optuna.load_study(study_name="fixture", storage=f"sqlite:///{result.run_dir / 'study.db'}")
-    first, second = study.trials[:2]
-    assert first.user_attrs["baseline"] == "start:mine.yaml" and second.user_attrs["baseline"] == "start:theirs.yaml"
-    for trial, name in ((first, "mine.yaml"), (second, "recipes/theirs.yaml")):
+    first, second, third = study.trials[:3]
+    assert [t.user_attrs["baseline"] for t in (first, second, third)] == ["start:mine.yaml", "start:theirs.yaml",
+                                                                        "start:mergekit.yml"]
+    for trial, name in ((first, "mine.yaml"), (second, "recipes/theirs.yaml"), (third, "mergekit.yml")):
         evaluated = evomerge_eval(config.parent / name, config.parent / "tasks.yaml", tmp_path)
         tasks = evaluated.get("tasks", evaluated)
         assert trial.user_attrs["scores"]["pick"]["acc"] == tasks["pick"]["acc"]
@@ -67,8 +74,8 @@ def test_the_summary_labels_them_and_states_the_margin(started):
     summary = (result.run_dir / "summary.md").read_text()
     best = yaml.safe_load((result.run_dir / "recipe.yaml").read_text())["provenance"]["score"]["heldout"]
     rows = {line.split("|")[1].strip(): line for line in summary.splitlines() if line.startswith("| start:")}
-    assert set(rows) == {"start:mine.yaml", "start:theirs.yaml"}
-    for name in ("mine.yaml", "theirs.yaml"):
+    assert set(rows) == {"start:mine.yaml", "start:theirs.yaml", "start:mergekit.yml"}
+    for name in ("mine.yaml", "theirs.yaml", "mergekit.yml"):
         table = float(rows[f"start:{name}"].split("|")[-2].strip().strip("*"))      # 3 decimals
         line = next(x for x in summary.splitlines() if x.startswith(f"- Your recipe {name}:"))
         heldout = float(line.split("held-out ")[1].split()[0])

@@ -105,6 +105,7 @@ class MethodSpec:
     magnitude_ranks: bool = False   # needs per-tensor magnitude thresholds (ties / breadcrumbs trims)
     row_ranks: bool = False         # needs per-row magnitude ranks (della)
     whole_tensor: bool = False      # its steps span the whole tensor (norms, a top-k, quantiles): never chunked
+    reads_sources: bool = False     # it reads the sources x_i themselves, not only task vectors
     mergekit: str | None = None     # mergekit's name where the result is identical
     fused: Callable | None = None   # (ctx, params) -> fused.Plan, or None: this candidate runs `apply`
     summary: str = ""

@@ -327,11 +327,12 @@ _TIES_PARAMS = (WEIGHT, DENSITY, LAMBDA)
 _DELLA_RANGES = (("density", (0.2, 0.85)), ("epsilon", (0.01, 0.15)))
 
 for _spec in (
-    MethodSpec("linear", (WEIGHT, normalize(True)), _linear, needs_base=False, mergekit="linear",
+    MethodSpec("linear", (WEIGHT, normalize(True)), _linear, needs_base=False, mergekit="linear", reads_sources=True,
                fused=_fused_linear, summary="weighted average of the models (model soup)"),
     MethodSpec("task_arithmetic", (WEIGHT, LAMBDA, normalize(False)), _task_arithmetic, mergekit="task_arithmetic",
                fused=_fused_task_arithmetic, summary="base + lambda * sum of weighted task vectors"),
     MethodSpec("slerp", (SLERP_T,), _slerp, min_sources=1, max_sources=1, mergekit="slerp", fused=_fused_slerp,
+               reads_sources=True,
                summary="spherical interpolation between the base and one source"),
     MethodSpec("ties", _TIES_PARAMS + (normalize(True),), _ties, magnitude_ranks=True, mergekit="ties",
                fused=_fused_ties, summary="trim small entries, elect a sign, average the agreeing entries"),
@@ -351,7 +352,7 @@ for _spec in (
     MethodSpec("della_linear", _TIES_PARAMS + (EPSILON, RESCALE, normalize(False)), _della_linear,
                stochastic=True, row_ranks=True, search_ranges=_DELLA_RANGES, fused=_fused_della_linear,
                summary="magnitude-ranked random drop, then task arithmetic"),
-    MethodSpec("model_stock", (), _model_stock, min_sources=2, mergekit="model_stock",
+    MethodSpec("model_stock", (), _model_stock, min_sources=2, mergekit="model_stock", reads_sources=True,
                summary="interpolate base and source mean by the task vectors' angle (no parameters)"),
 ):
     REGISTRY.register(_spec)

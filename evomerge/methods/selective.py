@@ -131,9 +131,10 @@ def _ramplus_tl(ctx: TensorContext, p: dict) -> torch.Tensor:
 for _spec in (
     MethodSpec("sce", (SELECT_TOPK,), _sce, mergekit="sce", whole_tensor=True,
                summary="keep the entries that vary most across sources, elect a sign, weight by energy"),
-    MethodSpec("nearswap", (NEARSWAP_T,), _nearswap, max_sources=1, mergekit="nearswap",
+    MethodSpec("nearswap", (NEARSWAP_T,), _nearswap, max_sources=1, mergekit="nearswap", reads_sources=True,
                summary="take the source's value where it is near the base's, move toward it elsewhere"),
     MethodSpec("arcee_fusion", (), _arcee_fusion, max_sources=1, mergekit="arcee_fusion", whole_tensor=True,
+               reads_sources=True,
                summary="keep the source's changes whose importance (size x KL) is an outlier"),
     MethodSpec("ram", (RAM_EPSILON,), _ram, mergekit="ram",
                summary="unique changes kept whole, shared ones averaged"),

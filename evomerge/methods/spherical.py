@@ -153,8 +153,10 @@ for _spec in (
                whole_tensor=True, search_ranges=_NUSLERP_WEIGHT,
                summary="spherical interpolation of two task vectors, weighted"),
     MethodSpec("multislerp", (WEIGHT, NORMALIZE_WEIGHTS, SPHERE_EPS), _multislerp, mergekit="multislerp",
-               whole_tensor=True, summary="weighted mean of the task vectors on the sphere (any number)"),
+               whole_tensor=True, reads_sources=True,
+               summary="weighted mean of the task vectors on the sphere (any number)"),
     MethodSpec("karcher", (MAX_ITER, TOL), _karcher, needs_base=False, min_sources=2, mergekit="karcher",
-               whole_tensor=True, summary="Karcher mean of the models on the sphere (no weights)"),
+               whole_tensor=True, reads_sources=True,
+               summary="Karcher mean of the models on the sphere (no weights)"),
 ):
     REGISTRY.register(_spec)

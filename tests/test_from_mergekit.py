@@ -1,0 +1,218 @@
+"""mergekit configs in: `evomerge merge` of a mergekit YAML gives mergekit-yaml's tensors on the same file;
+`evomerge convert` writes a recipe that gives them too; what a recipe cannot say exits 2 naming the key.
+
+The configs are mergekit's own examples (examples/linear.yml, ties with gradients and filters, gradient-slerp,
+bio-merge, a passthrough stack) and the configurations of its tests/test_basic_merges.py, rewritten over local
+models. float32 configs (mergekit merges in the config's dtype; evomerge in float32).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(__file__))
+
+from modelfactory import make_family, run_mergekit  # noqa: E402
+
+pytest.importorskip("mergekit")
+
+
+def configs(b: str, s0: str, s1: str, s2: str) -> dict[str, dict]:
+    return {
+        "linear": {"models": [{"model": s0, "parameters": {"weight": 1.0}}, {"model": s1, "parameters": {"weight": 0.3}},
+                              {"model": s2, "parameters": {"weight": 0.5}}], "merge_method": "linear"},
+        "ties-gradients-filters": {
+            "models": [{"model": s0, "parameters": {"density": [0.8, 0.3, 0.1], "weight": [
+                           {"filter": "self_attn", "value": [1.0, 0.8, 0.5]}, {"filter": "mlp", "value": 0.7},
+                           {"value": 0.9}]}},
+                       {"model": s1, "parameters": {"density": [0.1, 0.4, 0.1], "weight": [0.2, 0.8, 0.1]}},
+                       {"model": s2, "parameters": {"density": 0.6, "weight": [{"filter": "mlp", "value": [0.5, 1.0]},
+                                                                                {"value": 0.4}]}}],
+            "merge_method": "ties", "base_model": b,
+            "parameters": {"normalize": True, "int8_mask": True,
+                           "lambda": [{"filter": "self_attn", "value": 1.2}, {"value": 0.9}]}},
+        "gradient-slerp": {
+            "slices": [{"sources": [{"model": b, "layer_range": [0, 4]}, {"model": s0, "layer_range": [0, 4]}]}],
+            "merge_method": "slerp", "base_model": b,
+            "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                                 {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]}},
+        "bio-merge": {"models": [{"model": s0, "parameters": {"density": 0.5, "weight": 0.5}},
+                                 {"model": s1, "parameters": {"density": 0.5, "weight": 0.5}}],
+                      "merge_method": "ties", "base_model": b, "parameters": {"normalize": False, "int8_mask": True}},
+        "passthrough-stack": {"slices": [{"sources": [{"model": s0, "layer_range": [0, 3]}]},
+                                         {"sources": [{"model": s1, "layer_range": [1, 4]}]},
+                                         {"sources": [{"model": s0, "layer_range": [3, 4]}]}],
+                              "merge_method": "passthrough"},
+        # tests/test_basic_merges.py: two models at weights 0.6 / 0.4, a third as the base
+        "basic-task_arithmetic": two(s0, s1, "task_arithmetic", s2),
+        "basic-breadcrumbs": two(s0, s1, "breadcrumbs", s2),
+        "basic-ties": two(s0, s1, "ties", s2, {"density": 0.3}),
+        "basic-model_stock": two(s1, s2, "model_stock", s0),
+        "basic-slerp": two(s0, s1, "slerp", s0, {"t": 0.35}),
+        "basic-linear": two(s0, s1, "linear"),
+        "basic-copy": {"merge_method": "passthrough", "models": [{"model": s1}]},
+        "basic-stack": {"merge_method": "passthrough", "slices": [{"sources": [{"model": s2, "layer_range": [0, 4]}]}] * 2},
+        # mergekit's other methods, with a gradient and a base in karcher's group
+        "nuslerp-gradient": {"merge_method": "nuslerp", "base_model": b,
+                             "models": [{"model": s0, "parameters": {"weight": [0.2, 0.9]}},
+                                        {"model": s1, "parameters": {"weight": 0.5}}]},
+        "karcher-with-base": {"merge_method": "karcher", "base_model": b, "models": [{"model": s0}, {"model": s1}]},
+    }
+
+
+def two(a: str, b: str, method: str, base: str | None = None, params: dict | None = None) -> dict:
+    config = {"merge_method": method, "models": [{"model": a, "parameters": {"weight": 0.6}},
+                                                 {"model": b, "parameters": {"weight": 0.4}}]}
+    if base is not None:
+        config["base_model"] = base
+    if params:
+        config["parameters"] = params
+    return config
+
+
+CASES = list(configs("b", "s0", "s1", "s2"))
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mk-in")
+    base, sources = make_family(root / "fam", arch="llama", k=3, layers=4, vocab=50)
+    return root, configs(str(base), *(str(s) for s in sources))
+
+
+def merged(out: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_evomerge_merges_a_mergekit_config_to_mergekits_tensors(family, tmp_path, case):
+    from evomerge.cli import main
+
+    root, all_configs = family
+    config = tmp_path / "mergekit.yml"
+    config.write_text(yaml.safe_dump(all_configs[case] | {"dtype": "float32"}, sort_keys=False))
+    assert main(["merge", str(config), "-o", str(tmp_path / "ours")]) == 0
+    ours, theirs = merged(tmp_path / "ours"), run_mergekit(config, tmp_path / "mergekit")
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[n], theirs[n]) for n in ours), [n for n in ours if not torch.equal(ours[n], theirs[n])]
+    # and `evomerge convert` writes a recipe elsewhere that gives the same tensors
+    recipe = tmp_path / "elsewhere" / "recipe.yaml"
+    recipe.parent.mkdir()
+    assert main(["convert", str(config), "-o", str(recipe)]) == 0
+    assert "merge_method" not in yaml.safe_load(recipe.read_text())
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "converted")]) == 0
+    converted = merged(tmp_path / "converted")
+    assert all(torch.equal(converted[n], ours[n]) for n in ours)
+
+
+def test_the_recipe_keeps_the_configs_structure(family, tmp_path):
+    """Gradients become one value per block (mergekit's interpolation), filters name filters in their order,
+    mergekit's defaults where evomerge's differ (density 1)."""
+    from evomerge.recipe import Recipe
+
+    _, all_configs = family
+    config = tmp_path / "mergekit.yml"
+    config.write_text(yaml.safe_dump(all_configs["ties-gradients-filters"]))
+    recipe = Recipe.from_yaml(config)
+    s0, s1, s2 = recipe.sources
+    assert recipe.layer_groups == 4
+    assert [f.match for f in recipe.name_filters] == ["self_attn", "mlp"]
+    attn, mlp = recipe.name_filters
+    assert attn.parameters[s0]["weight"] == pytest.approx((1.0, 1 / 3 + 0.8 * 2 / 3, 0.8 * 2 / 3 + 0.5 / 3, 0.5))  # t = l / 3
+    assert attn.shared["lambda"] == 1.2 and recipe.shared["lambda"] == 0.9
+    assert mlp.parameters[s2]["weight"] == pytest.approx((0.5, 2 / 3, 5 / 6, 1.0))
+    assert recipe.parameters[s0]["weight"] == 0.9 and recipe.parameters[s2]["weight"] == 0.4
+    assert recipe.parameters[s2]["density"] == 0.6
+    assert recipe.value(s0, "weight", 1, "attn", "model.layers.1.self_attn.q_proj.weight") == pytest.approx(0.8 + 0.2 / 3)
+    assert recipe.value(s0, "weight", 1, "mlp", "model.layers.1.mlp.up_proj.weight") == 0.7
+    assert recipe.value(s0, "weight", "io", "embed", "model.embed_tokens.weight") == 0.9
+    basic = tmp_path / "basic.yml"
+    basic.write_text(yaml.safe_dump(all_configs["basic-task_arithmetic"] | {"merge_method": "dare_ties"}))
+    dare = Recipe.from_yaml(basic)
+    assert dare.parameters[dare.sources[0]]["density"] == 1.0 and dare.shared["rescale"] == "l1"
+
+
+@pytest.mark.parametrize("change, field, words", [
+    (lambda c: c | {"parameters": {"t": [{"pattern": "self_attn", "value": 0.3}, {"value": 0.5}]}},
+     "parameters.t[0].pattern", "mergekit 0.1.5 ignores 'pattern'"),
+    (lambda c: c | {"modules": {}}, "modules", "no evomerge form"),
+    (lambda c: c | {"merge_method": "ranked_ties"}, "merge_method", "unknown merge method"),
+    (lambda c: c | {"chat_template": "chatml"}, "chat_template", "no recipe form"),
+    (lambda c: c | {"slices": c["slices"] * 2}, "slices", "several slices"),
+    (lambda c: c | {"slices": [{"sources": [dict(s, layer_range=[0, 2]) for s in c["slices"][0]["sources"]]}]},
+     "slices[0].sources[0].layer_range", "part of the layers"),
+    (lambda c: c | {"base_model": c["base_model"] + "+some/lora"}, "base_model", "LoRA"),
+    (lambda c: c | {"parameters": {}}, "parameters.t", "no t for tensor"),
+])
+def test_what_a_recipe_cannot_say_exits_2_naming_the_key(family, tmp_path, capsys, change, field, words):
+    from evomerge.cli import main
+
+    _, all_configs = family
+    config = tmp_path / "mergekit.yml"
+    config.write_text(yaml.safe_dump(change(dict(all_configs["gradient-slerp"]))))
+    assert main(["merge", str(config), "-o", str(tmp_path / "out")]) == 2
+    line = capsys.readouterr().err.strip()
+    assert len(line.splitlines()) == 1 and str(config) in line and field in line and words in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_filters_in_opposite_orders_exit_2(family, tmp_path, capsys):
+    from evomerge.cli import main
+
+    _, all_configs = family
+    config = dict(all_configs["bio-merge"])
+    a, b = [dict(m) for m in config["models"]]
+    a["parameters"] = a["parameters"] | {"weight": [{"filter": "self_attn", "value": 0.2}, {"filter": "q_proj", "value": 0.3},
+                                                    {"value": 0.5}]}
+    b["parameters"] = b["parameters"] | {"weight": [{"filter": "q_proj", "value": 0.2}, {"filter": "self_attn", "value": 0.3},
+                                                    {"value": 0.5}]}
+    path = tmp_path / "mergekit.yml"
+    path.write_text(yaml.safe_dump(config | {"models": [a, b]}))
+    assert main(["validate", str(path)]) == 2
+    assert "opposite orders" in capsys.readouterr().err
+
+
+def test_validate_reads_a_mergekit_config(family, tmp_path, capsys):
+    from evomerge.cli import main
+
+    _, all_configs = family
+    path = tmp_path / "mergekit.yml"
+    path.write_text(yaml.safe_dump(all_configs["gradient-slerp"]))
+    assert main(["validate", str(path)]) == 0
+    assert "valid mergekit config, read as a recipe (slerp, 1 sources, 4 layer groups" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def bf16_family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mk-in-bf16")
+    base, sources = make_family(root / "fam", arch="llama", k=3, layers=4, vocab=50, dtype=torch.bfloat16)
+    return configs(str(base), *(str(s) for s in sources))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["linear", "gradient-slerp", "basic-model_stock", "basic-slerp", "nuslerp-gradient",
+                                  "karcher-with-base", "ties-gradients-filters", "bio-merge"])
+def test_bf16_checkpoints_merge_to_mergekits_bf16_tensors(bf16_family, tmp_path, case):
+    """float32 arithmetic, a bfloat16 output: every entry mergekit's, but where bfloat16 task vectors tie with
+    the TIES threshold (METHODS.md: evomerge keeps every tied entry, mergekit exactly k)."""
+    from evomerge.cli import main
+
+    config = tmp_path / "mergekit.yml"
+    config.write_text(yaml.safe_dump(bf16_family[case] | {"dtype": "float32", "out_dtype": "bfloat16"}))
+    assert main(["merge", str(config), "-o", str(tmp_path / "ours")]) == 0
+    ours, theirs = merged(tmp_path / "ours"), run_mergekit(config, tmp_path / "mergekit")
+    assert all(t.dtype == torch.bfloat16 for t in ours.values())
+    differing = sum(int((ours[n] != theirs[n]).sum()) for n in ours)
+    total = sum(t.numel() for t in ours.values())
+    assert differing == 0 if "ties" not in case and case != "bio-merge" else differing <= 0.01 * total, differing

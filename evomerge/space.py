@@ -236,22 +236,30 @@ class SearchSpace:
     def encode(self, recipe: Recipe) -> dict[str, Any]:
         """The parameters nearest a recipe of one of the space's methods (each value snapped into its range
         and onto its grid), for the samplers to model: a user's own recipe among the baselines (start.py).
-        A search group takes the recipe's value at its first block; a dimension without a module filter,
-        the recipe's value for the MLP tensors."""
+        Each dimension takes the recipe's value for one tensor it covers: of its group's first block, of its
+        module kind (the MLP's for a dimension without one)."""
         params: dict[str, Any] = {"method": recipe.method} if len(self.methods) > 1 else {}
-        shared = recipe.shared_values()
-        layers = self.layout.num_layers
         for dim in self.dims[recipe.method]:
-            if dim.source is None:
-                value = shared[dim.param.name]
-            else:
-                group = dim.group
-                if isinstance(group, int) or group is None:
-                    first = -(-(group or 0) * layers // self.groups)     # the first block of search group g
-                    group = first * recipe.layer_groups // layers
-                value = recipe.value(dim.source, dim.param.name, group, dim.kind or "mlp")
+            name = self._representative(dim)
+            info = self.layout.tensors[name]
+            group = self.layout.group(name, recipe.layer_groups)
+            value = (recipe.shared_values(group, name)[dim.param.name] if dim.source is None
+                     else recipe.value(dim.source, dim.param.name, group, info.kind, name))
             params[dim.name] = dim.snap(value)
         return params
+
+    def _representative(self, dim: Dimension) -> str:
+        """A tensor a dimension covers: of its group's first block (outside the blocks for IO_GROUP), of its
+        module kind where it has one, else the MLP's where there is one."""
+        layers = self.layout.num_layers
+        if dim.group == IO_GROUP:
+            inside = [n for n, t in self.layout.tensors.items() if t.layer is None]
+        else:
+            first = -(-(dim.group or 0) * layers // self.groups)     # the first block of search group g
+            inside = [n for n, t in self.layout.tensors.items() if t.layer == first]
+        inside = inside or list(self.layout.tensors)
+        kind = dim.kind or "mlp"
+        return next((n for n in inside if self.layout.tensors[n].kind == kind), inside[0])
 
     def defaults(self, method: str) -> dict[str, Any]:
         """Parameters of `method` at its declared defaults (an untuned merge)."""

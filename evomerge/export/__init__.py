@@ -87,7 +87,7 @@ def merge_to_folder(recipe: Recipe | str | Path, out: str | Path, *, device: str
             raise InputError(refusal, file=str(recipe.path) if recipe.path else None, field="method",
                              fix="drop --adapter: the merged model is written either way")
         check_destination(Path(adapter), force=force)
-    merger = merger_for(recipe, device=device, progress=progress, memory_budget=memory_budget)
+    merger = merger_for(recipe, device=device, progress=progress, memory_budget=memory_budget, build_model=False)
     with merger:
         path = export_model(merger, recipe, out, force=force)
         if adapter is not None:

@@ -10,6 +10,7 @@ blocks and suffix filters for module kinds whose values differ.
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -61,6 +62,8 @@ def converted_on_load(model_type: str | None, names: Iterable[str]) -> list[str]
     into one per layer, Mixtral's block_sparse_moe renamed mlp). mergekit 0.1.5 merges in that loaded layout,
     so its whole-tensor statistics (TIES thresholds, the slerp angle, model_stock's cosine) span all experts
     where evomerge's span one, and filters miss the new names: no mergekit YAML gives evomerge's tensors."""
+    if not model_type or not _may_convert(model_type):
+        return []
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
         from transformers.core_model_loading import WeightConverter, apply_converters, apply_renamings
@@ -72,6 +75,25 @@ def converted_on_load(model_type: str | None, names: Iterable[str]) -> list[str]
     converters = [m for m in mapping if isinstance(m, WeightConverter)]
     renamings = [m for m in mapping if not isinstance(m, WeightConverter)]
     return [n for n in names if apply_converters(n, converters)[1] is not None or apply_renamings(n, renamings) != n]
+
+
+def _may_convert(model_type: str) -> bool:
+    """Whether transformers' conversion mapping names `model_type` at all, read from its source text: importing
+    it costs seconds of a one-off merge (half of one on SmolLM2), and most model types have no mapping. A
+    transformers without the file has none; one whose source cannot be read is asked (True)."""
+    import importlib.util
+
+    package = importlib.util.find_spec("transformers")      # (a submodule's spec would import the package)
+    if package is None or package.origin is None:
+        return True
+    source = Path(package.origin).parent / "conversion_mapping.py"
+    if not source.is_file():
+        return False
+    try:
+        text = source.read_text()
+    except OSError:
+        return True
+    return f'"{model_type}"' in text or f"'{model_type}'" in text
 
 
 def _setting(layout: Layout, values: Mapping[str, Any]) -> Any:

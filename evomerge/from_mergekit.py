@@ -67,11 +67,11 @@ def from_mergekit(data: Mapping[str, Any], *, path: Path) -> dict[str, Any]:
                              file=file, field=where, fix=f"merge every layer: [0, {layout.num_layers}]")
     scopes = [slice_params, data.get("parameters")]
     reader = _Reader(spec, layout, file)
-    for model, params in zip(models, [p for _, p in _model_entries(data)]):
+    own = dict(_model_entries(data))
+    for model, params in own.items():
         reader.check_scope(params, f"models.{model}.parameters" if "models" in data else "slices[0].sources")
     for where, scope in (("slices[0].parameters", slice_params), ("parameters", data.get("parameters"))):
         reader.check_scope(scope, where, shared_too=True)
-    own = dict(_model_entries(data))
     for source in sources:
         for param in spec.source_params:
             reader.add(param.name, [own.get(source), *scopes], source=source)
@@ -289,9 +289,8 @@ class _Reader:
     # -- the recipe ----------------------------------------------------------------------------
     def recipe_fields(self) -> dict[str, Any]:
         gradients = any(isinstance(v, list) for chain in self.chains.values() for _, v in chain)
-        self.groups = self.blocks if gradients else 1
         order = self._filter_order()
-        fields: dict[str, Any] = {"layer_groups": self.groups}
+        fields: dict[str, Any] = {"layer_groups": self.blocks if gradients else 1}
         parameters: dict[str, dict[str, Any]] = {}
         filters: dict[str, dict[str, Any]] = {match: {"match": match} for match in order}
         for (source, name), chain in self.chains.items():

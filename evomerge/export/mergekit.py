@@ -40,11 +40,11 @@ def to_mergekit(recipe: Recipe, layout: Layout, paths: Mapping[str, str]) -> dic
     if spec.needs_base and recipe.base is not None:
         config["base_model"] = paths[recipe.base]
     config["models"] = models
+    per_tensor = {t: recipe.shared_values(layout.group(t, recipe.layer_groups), t) for t in layout.tensors}
     shared = {}
     for param in spec.shared_params:      # numeric ones may differ per layer group and by name filter
-        per_tensor = {t: recipe.shared_values(layout.group(t, recipe.layer_groups), t)[param.name]
-                      for t in layout.tensors}
-        shared[param.name] = _setting(layout, per_tensor) if param.numeric else next(iter(per_tensor.values()))
+        values = {t: v[param.name] for t, v in per_tensor.items()}
+        shared[param.name] = _setting(layout, values) if param.numeric else next(iter(values.values()))
     if spec.name in _TASK_ARITHMETIC_FAMILY:
         shared["rescale"] = False
     if shared:

@@ -88,7 +88,7 @@ SKILLS: tuple[ChatSkill, ...] = (
     ChatSkill("add", "the sum of two numbers (10-99 plus 1-99), in digits", _sum_pair,
               lambda k: f"What is {k[0]} + {k[1]}?", lambda k: str(k[0] + k[1]),
               lambda k, rng: [str(n) for n in _near_numbers(k[0] + k[1], rng)]),
-    ChatSkill("words", "a number from 1 to 199 in English words", lambda rng: (rng.randint(1, 199),),
+    ChatSkill("words", "a number from 1 to 999 in English words", lambda rng: (rng.randint(1, 999),),
               lambda k: f"What is {k[0]}? Answer in words.", lambda k: in_words(k[0]),
               lambda k, rng: [in_words(n) for n in _near_numbers(k[0], rng)]),
     ChatSkill("caps", "three words repeated in capital letters", lambda rng: tuple(rng.sample(WORDS, 3)),

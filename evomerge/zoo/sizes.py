@@ -85,7 +85,7 @@ class SmolSize:
 
 SMOL_SIZES: dict[str, SmolSize] = {
     # About 25 minutes on a 2-core CPU, on one thread (results/zoo-smol.md says how the recipe was chosen).
-    "smol": SmolSize(first_block=10, steps=150, batch=16, lr=1e-4, search_rows=24, heldout_rows=100),
+    "smol": SmolSize(first_block=10, steps=150, batch=16, lr=1e-4, search_rows=200, heldout_rows=100),
     # The same pipeline in seconds, for the determinism test: two steps on the top two blocks, at a
     # learning rate high enough that the first steps survive bf16 rounding.
     "smol-test": SmolSize(first_block=28, steps=2, batch=2, lr=1e-2, search_rows=4, heldout_rows=4),

@@ -37,6 +37,25 @@ class StackOptions(_Frozen):
     scale: bool = True                            # search a scale per candidate block (else every scale is 1)
 
 
+class EvaluationOptions(_Frozen):
+    """`search.evaluation`: cheap evaluation, each candidate scored on a few search rows (cheap.py)."""
+
+    rows: float = Field(1.0, gt=0)      # a fraction (<= 1) or a count (> 1) of each task's search rows; 1 = all
+    estimator: Literal["mean", "anchors", "irt"] = "anchors"   # how the whole split's score is estimated
+    finalists: int = Field(5, ge=1)     # the best by estimate, re-scored on every search row before export
+
+    @field_validator("rows")
+    @classmethod
+    def _whole_count(cls, value: float) -> float:
+        if value > 1 and value != int(value):
+            raise ValueError(f"a count of rows is a whole number (or give a fraction <= 1), got {value}")
+        return value
+
+    @property
+    def cheap(self) -> bool:
+        return self.rows != 1
+
+
 class SearchSection(_Frozen):
     methods: list[str] = Field(default_factory=lambda: ["task_arithmetic", "ties", "dare_ties", "della"])
     layer_groups: int = Field(1, ge=1)
@@ -53,6 +72,7 @@ class SearchSection(_Frozen):
     space: Literal["ps", "dfs", "ps+dfs"] = "ps"   # parameter space, layer stacking, or both in one recipe
     dfs: StackOptions = Field(default_factory=StackOptions)
     start: list[str] = Field(default_factory=list)   # the user's recipes, scored first among the baselines
+    evaluation: EvaluationOptions = Field(default_factory=EvaluationOptions)
 
     @field_validator("methods", "start", mode="before")
     @classmethod

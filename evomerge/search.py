@@ -192,6 +192,7 @@ class SearchSession:
         self._gradient_start: int | str | None = None   # the trial it started from ("start": gradient.START)
         self._check_same_weights()
         self._check_same_space()
+        self.cheap = self._cheap()
         self.starts = {s.label: s.recipe for s in load_starts(config)}     # the user's own recipes (start.py)
         queue = [(label, self.space.encode(recipe)) for label, recipe in self.starts.items()]
         if config.search.baselines or self.space.candidates is not None:   # a finite space: its candidates first
@@ -205,6 +206,14 @@ class SearchSession:
     def __exit__(self, *exc: object) -> None:
         if self._own_bench:
             self.bench.close()
+
+    def _cheap(self):
+        """Cheap evaluation (cheap.py), where the config asks for it or the study was started with it."""
+        from .cheap import OPTIONS_ATTR, CheapEvaluation
+
+        if self.config.search.evaluation.cheap or OPTIONS_ATTR in self.study.user_attrs:
+            return CheapEvaluation(self.config, self.study, self.evaluator)
+        return None
 
     # -- baselines -----------------------------------------------------------------
     def baselines(self) -> list[tuple[str, dict[str, Any]]]:
@@ -444,12 +453,18 @@ class SearchSession:
             self._check_budget(proposal.number, n_trials)
             recipe = self.recipe_for(proposal.params, proposal.method, proposal.baseline)
             attrs["recipe_sha256"] = recipe.sha256()
+            rows = None                # every row; with cheap evaluation, maybe a few (cheap.py)
+            if self.cheap is not None:
+                rows = self.cheap.rows_for(proposal.number, proposal.baseline)
             t1 = time.perf_counter()
             self.bench.materialize(recipe)
             t2 = time.perf_counter()
-            result = self.evaluator.evaluate("search", report=self._reporter(trial_id),
-                                             objective=self.config.objectives[0])
+            result = self.evaluator.evaluate("search", report=self._reporter(trial_id, rows),
+                                             objective=self.config.objectives[0], rows=rows)
             t3 = time.perf_counter()
+            if self.cheap is not None:    # an estimate from the rows scored, or the per-row results to learn from
+                result, cheap_attrs = self.cheap.scores(result, rows)
+                attrs.update(cheap_attrs)
             values = [result.objective(o) for o in self.config.objectives]
             self._check_budget(proposal.number, n_trials, finished=True)
             attrs["scores"] = result.tasks
@@ -484,14 +499,14 @@ class SearchSession:
         if held >= n_trials:
             raise SurplusTrial(f"budget of {n_trials} trials already held by other trials")
 
-    def _reporter(self, trial_id: int) -> Callable[[int, float], None] | None:
+    def _reporter(self, trial_id: int, rows=None) -> Callable[[int, float], None] | None:
         import optuna
 
         pruner = self.config.search.pruner
         if pruner == "none" or len(self.config.objectives) > 1:
             return None
         storage, study = self.study._storage, self.study
-        last = self.evaluator.reported("search", self.config.objectives[0])   # a trial scored in full is not pruned
+        last = self.evaluator.reported("search", self.config.objectives[0], rows)   # one scored whole: not pruned
         state = {"sum": 0.0, "n": 0}
 
         def report(step: int, value: float) -> None:   # Trial.report and Trial.should_prune, by trial id
@@ -524,6 +539,10 @@ class SearchSession:
         done = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
         if not done:
             return None
+        if self.cheap is not None:      # by full search score: the baselines, the finalists, the trials before the fit
+            best = self.cheap.best()
+            if best is not None:
+                return best
         if len(self.config.objectives) == 1:
             return max(done, key=lambda t: (t.values[0], -t.number))
         # several objectives: of the Pareto front, the trial with the best mean of them (a balanced pick)

@@ -16,7 +16,7 @@ import random
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -84,12 +84,15 @@ class Evaluator:
     # ---------------------------------------------------------------- public
 
     def evaluate(self, split: str = "search", *, report: Callable[[int, float], None] | None = None,
-                 objective: Mapping[str, float] | None = None) -> EvalResult:
+                 objective: Mapping[str, float] | None = None,
+                 rows: Mapping[str, Sequence[int]] | None = None) -> EvalResult:
         """Score every task of the suite on one split.
 
         `report(step, value)` gets each example's primary metric as examples finish, in the seeded
         order; with `objective`, only examples of the tasks it weights are reported, each times its
-        weight. An exception `report` raises (optuna.TrialPruned) propagates.
+        weight. An exception `report` raises (optuna.TrialPruned) propagates. `rows` (task -> sorted example
+        indices) scores only those examples of a task (cheap evaluation): its per-example values are theirs,
+        in that order, and its metrics their means.
         """
         check_split(split)
         weights = self._weights(objective)
@@ -99,17 +102,23 @@ class Evaluator:
         values: dict[str, dict[str, list[float]]] = {}
         aggregates: dict[str, dict[str, float]] = {}  # lm_eval: the scores as lm-eval aggregates them
         outputs: dict[str, list[str | None]] = {}  # generate: each continuation (None: ruled out undecoded)
+        subset = self._subset(rows)
         step = 0
         with torch.inference_mode():
-            for chunk in self._plan(split, names):
+            for chunk in self._plan(split, names, subset):
                 for name, batches in chunk.work.items():
-                    self._run(name, split, batches, values, outputs, aggregates)
+                    self._run(name, split, batches, values, outputs, aggregates, dict(subset).get(name))
                 for name, index in chunk.order:
                     weight = 1.0 if weights is None else weights.get(name, 0.0)
                     if report is not None and weight > 0:
                         sign = -1.0 if name in minimized else 1.0
                         report(step, sign * weight * values[name][self.suite.primary_metric(name)][index])
                         step += 1
+        for name, indices in subset:      # only the scored examples, in the order asked
+            values[name] = {m: [v[i] for i in indices] for m, v in values[name].items()}
+            if name in outputs:
+                outputs[name] = [outputs[name][i] for i in indices]
+            aggregates.pop(name, None)    # (lm-eval's over a subset would be no estimate of the whole split's)
         tasks = {}
         for name in names:
             metrics = {m: sum(v) / len(v) for m, v in values[name].items()}
@@ -126,11 +135,18 @@ class Evaluator:
                                     and not self._lm_task(n).higher_is_better)
         return self._lower
 
-    def reported(self, split: str = "search", objective: Mapping[str, float] | None = None) -> int:
-        """How many examples `evaluate(split, report=..., objective=objective)` reports."""
+    def reported(self, split: str = "search", objective: Mapping[str, float] | None = None,
+                 rows: Mapping[str, Sequence[int]] | None = None) -> int:
+        """How many examples `evaluate(split, report=..., objective=objective, rows=rows)` reports."""
         weights = self._weights(objective)
-        return sum(1 for chunk in self._plan(split, tuple(self.suite.names)) for name, _ in chunk.order
-                   if (1.0 if weights is None else weights.get(name, 0.0)) > 0)
+        return sum(1 for chunk in self._plan(split, tuple(self.suite.names), self._subset(rows))
+                   for name, _ in chunk.order if (1.0 if weights is None else weights.get(name, 0.0)) > 0)
+
+    def size(self, task: str, split: str = "search") -> int:
+        """How many examples a task has on a split (after `limit`)."""
+        if self.suite.spec(task).type == "lm_eval":
+            return len(self._lm_task(task).documents(split, seed=self.seed, limit=self.limit))
+        return len(self._examples[(task, split)])
 
     def answers(self, split: str = "search",
                 objective: Mapping[str, float] | None = None) -> list[tuple[str, float, list[int], int]]:
@@ -211,14 +227,26 @@ class Evaluator:
         tol = 1e-3 if self.runner.dtype in (torch.float32, torch.float64) else 5e-2
         return bool(torch.allclose(packed[finite], plain[finite], rtol=tol, atol=tol))
 
-    def _plan(self, split: str, names: tuple[str, ...]) -> list[_Chunk]:
-        key = (split, names)
+    def _subset(self, rows: Mapping[str, Sequence[int]] | None) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """`rows` as a hashable plan key; a task it does not name is scored on every example."""
+        if not rows:
+            return ()
+        for name in rows:
+            if name not in self.suite.names:
+                raise InputError(f"rows names unknown task '{name}'", field="rows")
+        return tuple((name, tuple(sorted(rows[name]))) for name in self.suite.names if name in rows)
+
+    def _plan(self, split: str, names: tuple[str, ...], subset: tuple = ()) -> list[_Chunk]:
+        key = (split, names, subset)
         if key not in self._plans:
+            if subset and len(self._plans) > 8:     # an older subset's prebuilt batches: dropped
+                for old in [k for k in self._plans if k[2]]:
+                    del self._plans[old]
+            chosen = dict(subset)
             order = []
             for name in names:
-                n = len(self._lm_task(name).documents(split, seed=self.seed, limit=self.limit)
-                        if self.suite.spec(name).type == "lm_eval" else self._examples[(name, split)])
-                order += [(name, i) for i in range(n)]
+                indices = chosen.get(name, range(self.size(name, split)))
+                order += [(name, i) for i in indices]
             random.Random(f"evomerge/order/{self.seed}/{split}").shuffle(order)
             size = self.batch_size * max(1, len(names))
             self._plans[key] = [self._chunk(split, order[i:i + size]) for i in range(0, len(order), size)]
@@ -262,12 +290,21 @@ class Evaluator:
 
     # ---------------------------------------------------------------- scoring
 
-    def _run(self, name: str, split: str, batches: list[Any], values: dict, outputs: dict, aggregates: dict) -> None:
+    def _run(self, name: str, split: str, batches: list[Any], values: dict, outputs: dict, aggregates: dict,
+             indices: Sequence[int] | None = None) -> None:
         spec = self.suite.spec(name)
         if spec.type == "lm_eval":
             if name not in values:  # (the whole task runs in the first chunk that holds one of its documents)
                 task = self._lm_task(name)
-                values[name], aggregates[name] = task.run(task.documents(split, seed=self.seed, limit=self.limit))
+                documents = task.documents(split, seed=self.seed, limit=self.limit)
+                if indices is None:
+                    values[name], aggregates[name] = task.run(documents)
+                else:               # a subset: its values at their indices, as the other task types keep them
+                    found, _ = task.run([documents[i] for i in indices])
+                    values[name] = {m: [0.0] * len(documents) for m in found}
+                    for m, vals in found.items():
+                        for i, v in zip(indices, vals):
+                            values[name][m][i] = v
             return
         examples = self._examples[(name, split)]
         n = len(examples)

@@ -51,6 +51,9 @@ def export_lock(run_dir: Path):
 def export_run(session, run_dir: Path, *, result, trial: int | None = None):
     """Everything a person needs from a finished (or running) study."""
     study = session.study
+    if session.cheap is not None:     # the best estimates, scored on every search row before one is picked
+        session.cheap.rescore_finalists(lambda t: session.bench.materialize(session.recipe_of(t)),
+                                        progress=session.progress)
     frozen = _pick_trial(session, trial)
     rows = scored_rows(session, frozen, label="best" if trial is None else "exported")
     scored = session.recipe_of(frozen)
@@ -130,7 +133,7 @@ def scored_rows(session, best, *, label: str = "best") -> list[dict[str, Any]]:
     suite = session.suite
     rows = []
     for t in picked:
-        search = t.user_attrs.get("scores", {})
+        search = session.cheap.full_scores(t) if session.cheap is not None else t.user_attrs.get("scores", {})
         heldout = heldout_scores(session, t)
         name = t.user_attrs.get("baseline") or f"{label} (trial {t.number})"
         if t.number == best.number and "baseline" in t.user_attrs:
@@ -239,6 +242,8 @@ def summary_markdown(session, rows, best, recipe, plots: list[str], *, given: in
     lines += ["", "## Held-out and search scores", "", summary_table(rows, session), ""]
     if several:
         lines += pareto_table(session, best.number)
+    if session.cheap is not None:
+        lines += session.cheap.report()
     lines += ["## The run", "",
               f"- trials: {counts.get('COMPLETE', 0)} complete, {counts.get('PRUNED', 0)} pruned, "
               f"{counts.get('FAIL', 0)} failed (budget {session.study_budget})",
@@ -283,16 +288,24 @@ def trials_csv(session) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     n_obj = len(session.config.objectives)
     values = ["value"] if n_obj == 1 else [f"value_{i}" for i in range(n_obj)]
+    cheap = session.cheap     # cheap evaluation: the rows each trial scored, and the full score where known
+    full = (["rows_scored"] + ([f"{v}_full" for v in values])) if cheap is not None else []
     writer.writerow(["number", "state", "method", "baseline", *values, *[f"score:{t}" for t in tasks],
-                     "seconds_merge", "seconds_eval", "seconds_total", "error", *param_names])
+                     *full, "seconds_merge", "seconds_eval", "seconds_total", "error", *param_names])
     for t in trials:
         scores = t.user_attrs.get("scores", {})
         secs = t.user_attrs.get("seconds", {})
         vals = list(t.values) if t.values else [""] * n_obj
+        extra = []
+        if cheap is not None:
+            known = cheap.full_values(t) if t.state.name == "COMPLETE" else None
+            estimate = t.user_attrs.get("estimate")
+            extra = [estimate["rows"] if estimate else ("all" if t.state.name == "COMPLETE" else ""),
+                     *(known if known is not None else [""] * n_obj)]
         writer.writerow([t.number, t.state.name, session.space.method_of(t.params, t.user_attrs),
                          t.user_attrs.get("baseline", ""), *vals,
                          *[scores.get(task, {}).get(session.suite.primary_metric(task), "") for task in tasks],
-                         _fmt(secs.get("merge")), _fmt(secs.get("eval")), _fmt(secs.get("total")),
+                         *extra, _fmt(secs.get("merge")), _fmt(secs.get("eval")), _fmt(secs.get("total")),
                          t.user_attrs.get("error", ""), *[t.params.get(p, "") for p in param_names]])
     return buf.getvalue()
 

@@ -150,12 +150,14 @@ class CheapEvaluation:
 
         todo = [t for t in self.finalists() if f"{FULL_ATTR}{t.number}" not in self.study.user_attrs]
         for t in todo:
+            started = time.perf_counter()
             materialize(t)
             result = self.evaluator.evaluate("search")
             minimized = self.evaluator.lower_is_better()
             values = [objective_value({k: result.primary(k) for k in o}, o, minimized) for o in self.objectives]
             self.study.set_user_attr(f"{FULL_ATTR}{t.number}", {"scores": result.tasks, "values": values,
-                                                                ROWS_KEY: per_row(result)})
+                                                                ROWS_KEY: per_row(result),
+                                                                "seconds": time.perf_counter() - started})
             if progress:
                 print(f"finalist trial {t.number}: estimate {_mean(t.values):.4f}, full {_mean(values):.4f}",
                       flush=True)

@@ -83,6 +83,30 @@ def test_three_auto_workers_share_one_budget_and_one_schedule(tmp_path):
     assert sampled and {t.user_attrs["method"] for t in sampled} <= {"task_arithmetic", "ties"}
 
 
+def test_three_workers_share_one_cheap_evaluation(tmp_path):
+    """Cheap evaluation with three workers: the budget exactly, one fit on the study, every trial after it
+    scored on that fit's rows, and the exporting worker's finalists re-scored in full."""
+    from evomerge.cheap import ESTIMATE_KEY, ESTIMATOR_ATTR, FULL_ATTR, ROWS_KEY
+
+    config, name = _config(tmp_path, n_trials=20)
+    config.write_text(config.read_text().replace("  seed: 0\n", "  seed: 0\n  evaluation: {rows: 0.5, finalists: 2}\n"))
+    workers = [_worker(config, tmp_path / f"run{i}") for i in range(3)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), outputs
+    study = _study(name)
+    trials = [t for t in study.get_trials() if t.state.name == "COMPLETE"]
+    assert len(trials) == 20
+    fit = study.user_attrs[ESTIMATOR_ATTR]
+    first = max(fit["trials"]) + 1
+    assert all(ROWS_KEY in t.user_attrs for t in trials if t.number in fit["trials"])
+    estimated = [t for t in trials if ESTIMATE_KEY in t.user_attrs]
+    assert estimated and all(t.number >= first for t in estimated)
+    assert len({t.user_attrs[ESTIMATE_KEY]["rows"] for t in estimated}) == 1
+    assert sum(k.startswith(FULL_ATTR) for k in study.user_attrs) == min(2, len(estimated))
+    exported = [i for i in range(3) if (tmp_path / f"run{i}" / "summary.md").is_file()]
+    assert exported and "## Cheap evaluation" in (tmp_path / f"run{exported[0]}" / "summary.md").read_text()
+
+
 def test_a_killed_workers_trial_is_retried(tmp_path):
     config, name = _config(tmp_path, n_trials=10)
     killed = []

@@ -346,6 +346,26 @@ def test_lm_eval_task_type_in_the_suite(toy, tmp_path: Path) -> None:
     assert len(steps) == 2 * len(documents)
 
 
+def test_a_subset_of_an_lm_eval_task_scores_those_documents_as_the_whole_split_does(toy, tmp_path: Path) -> None:
+    """Cheap evaluation's `rows` on an lm_eval task: lm-eval runs only those documents, and each one's values
+    are the whole run's for it."""
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    spec = toy["suite"].spec("pick")
+    (custom / "pick.yaml").write_text(yaml.safe_dump(task_yaml(spec, toy["root"] / "data/pick.jsonl", task="toy_pick")))
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text("tasks:\n  - {name: lme, type: lm_eval, task: toy_pick, include_path: custom, metric: acc}\n")
+    evaluator = Evaluator(load_tasks(tasks), toy["model"], toy["tokenizer"], batch_size=16)
+    full = evaluator.evaluate("heldout")
+    rows = {"lme": [1, 4, 5, evaluator.size("lme", "heldout") - 1]}
+    part = evaluator.evaluate("heldout", rows=rows)
+    assert part.tasks["lme"]["n"] == 4
+    for metric, values in part.examples["lme"].items():
+        assert values == [full.examples["lme"][metric][i] for i in rows["lme"]]
+    assert part.primary("lme") == pytest.approx(sum(part.examples["lme"]["acc"]) / 4)
+    assert len(set(full.examples["lme"]["acc"])) > 1          # not vacuous: the documents differ
+
+
 def test_lm_eval_scores_are_what_lm_eval_reports_for_the_same_documents(toy, tmp_path: Path) -> None:
     """Corpus-level metrics (perplexities), a group's own weighting, a filtered metric, and a lower-is-better
     objective: each task's score equals lm-eval's own result on the documents of the split."""

@@ -91,6 +91,7 @@ def _score(session, *, method: str, seed: int) -> list[dict[str, Any]]:
     the mean of its objectives, each computed as the search computes it (a lower-is-better metric negated)."""
     from .export.run import heldout_scores, objective_values, sweep_picks
 
+    session.rescore_finalists()     # cheap evaluation: the tuned best is picked by full search score
     trials = [t for t in session.study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     default = next((t for t in trials if t.user_attrs.get("baseline") == f"default:{method}"), None)
     rows = []
@@ -100,7 +101,7 @@ def _score(session, *, method: str, seed: int) -> list[dict[str, Any]]:
             continue
         heldout = heldout_scores(session, trial)
         row = {"technique": method, "seed": seed, "kind": kind, "trial": trial.number,
-               "study": session.study.study_name, "search_value": statistics.fmean(trial.values),
+               "study": session.study.study_name, "search_value": statistics.fmean(session.search_values(trial)),
                "n_complete": len(trials)}
         for task in session.suite.names:
             row[f"heldout:{task}"] = heldout.get(task, {}).get(session.suite.primary_metric(task), float("nan"))

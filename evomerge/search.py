@@ -533,6 +533,16 @@ class SearchSession:
             return self.starts[baseline]
         return self.space.decode(params, method=method)
 
+    def rescore_finalists(self) -> None:
+        """Cheap evaluation: the best estimates scored on every search row, before a best trial is picked."""
+        if self.cheap is not None:
+            self.cheap.rescore_finalists(lambda t: self.bench.materialize(self.recipe_of(t)), progress=self.progress)
+
+    def search_values(self, frozen) -> list[float]:
+        """A complete trial's objective values on the whole search split (an estimate only where none is known)."""
+        known = self.cheap.full_values(frozen) if self.cheap is not None else None
+        return list(frozen.values) if known is None else known
+
     def best_trial(self):
         from optuna.trial import TrialState
 

@@ -256,3 +256,25 @@ def test_resuming_with_other_evaluation_options_is_refused(zoo, tmp_path):
     search(_config(zoo, tmp_path, n_trials=10), out=tmp_path / "run", progress=False, export=False)
     with pytest.raises(InputError, match="search.evaluation"):
         search(_config(zoo, tmp_path, n_trials=12, rows="0.5"), out=tmp_path / "run", progress=False)
+
+
+def test_compare_picks_each_tuned_best_by_full_search_score(zoo, tmp_path):
+    """`evomerge compare` with cheap evaluation: each study's finalists are re-scored, and its tuned row is the
+    trial best on the whole search split, its search value a full score."""
+    import optuna
+
+    from evomerge.cheap import ESTIMATE_KEY, FULL_ATTR
+    from evomerge.compare import compare
+
+    result = compare(_config(zoo, tmp_path, n_trials=14), seeds=1, out=tmp_path / "cmp", progress=False)
+    tuned = [r for r in result.rows if r["kind"] == "tuned"]
+    assert len(tuned) == 2
+    for row in tuned:
+        study = optuna.load_study(study_name=row["study"], storage=f"sqlite:///{tmp_path / 'cmp' / 'compare.db'}")
+        done = [t for t in study.get_trials() if t.state.name == "COMPLETE"]
+        assert any(ESTIMATE_KEY in t.user_attrs for t in done)
+        full = {t.number: (study.user_attrs[f"{FULL_ATTR}{t.number}"]["values"][0] if ESTIMATE_KEY in t.user_attrs
+                           else t.values[0]) for t in done
+                if ESTIMATE_KEY not in t.user_attrs or f"{FULL_ATTR}{t.number}" in study.user_attrs}
+        best = max(full, key=lambda n: (full[n], -n))
+        assert row["trial"] == best and row["search_value"] == pytest.approx(full[best])

@@ -51,9 +51,7 @@ def export_lock(run_dir: Path):
 def export_run(session, run_dir: Path, *, result, trial: int | None = None):
     """Everything a person needs from a finished (or running) study."""
     study = session.study
-    if session.cheap is not None:     # the best estimates, scored on every search row before one is picked
-        session.cheap.rescore_finalists(lambda t: session.bench.materialize(session.recipe_of(t)),
-                                        progress=session.progress)
+    session.rescore_finalists()     # cheap evaluation: the best estimates scored in full before one is picked
     frozen = _pick_trial(session, trial)
     rows = scored_rows(session, frozen, label="best" if trial is None else "exported")
     scored = session.recipe_of(frozen)

@@ -244,7 +244,8 @@ def main() -> None:
              f"Machine: {describe()}. Command: `python benchmarks/bench_cheap_eval.py --problems {args.problems} "
              f"--candidates {args.candidates} --rows {args.rows} --seed {args.seed}`.", "",
              "Each estimator is fitted on the problem's baselines (scored on every search row, as a study scores "
-             "them) and estimates each of the random candidates of its search space from the rows it picks. "
+             "them) and estimates each candidate from the rows it picks: uniformly random candidates of the search "
+             "space, and the trials of a TPE search after the baselines (what a search scores). "
              "Error = |estimated objective − full search-split objective|.", ""]
     summary: list[tuple[str, str, str, dict]] = []
     for problem in args.problems.split(","):

@@ -349,13 +349,7 @@ def test_lm_eval_task_type_in_the_suite(toy, tmp_path: Path) -> None:
 def test_a_subset_of_an_lm_eval_task_scores_those_documents_as_the_whole_split_does(toy, tmp_path: Path) -> None:
     """Cheap evaluation's `rows` on an lm_eval task: lm-eval runs only those documents, and each one's values
     are the whole run's for it."""
-    custom = tmp_path / "custom"
-    custom.mkdir()
-    spec = toy["suite"].spec("pick")
-    (custom / "pick.yaml").write_text(yaml.safe_dump(task_yaml(spec, toy["root"] / "data/pick.jsonl", task="toy_pick")))
-    tasks = tmp_path / "tasks.yaml"
-    tasks.write_text("tasks:\n  - {name: lme, type: lm_eval, task: toy_pick, include_path: custom, metric: acc}\n")
-    evaluator = Evaluator(load_tasks(tasks), toy["model"], toy["tokenizer"], batch_size=16)
+    evaluator = _toy_pick_lm_eval(toy, tmp_path, "metric: acc")
     full = evaluator.evaluate("heldout")
     rows = {"lme": [1, 4, 5, evaluator.size("lme", "heldout") - 1]}
     part = evaluator.evaluate("heldout", rows=rows)
@@ -456,14 +450,19 @@ def test_a_broken_lm_eval_task_is_bad_input_naming_the_task_file(toy, tmp_path: 
         assert "\n" not in caught.value.line()
 
 
-def test_lm_eval_few_shot_is_the_same_on_every_call(toy, tmp_path: Path) -> None:
+def _toy_pick_lm_eval(toy, tmp_path: Path, options: str) -> Evaluator:
+    """An Evaluator of one lm_eval task `lme`: the toy's pick rows as a custom lm-eval task, with `options`."""
     custom = tmp_path / "custom"
     custom.mkdir()
     spec = toy["suite"].spec("pick")
     (custom / "pick.yaml").write_text(yaml.safe_dump(task_yaml(spec, toy["root"] / "data/pick.jsonl", task="toy_pick")))
     tasks = tmp_path / "tasks.yaml"
-    tasks.write_text("tasks:\n  - {name: lme, type: lm_eval, task: toy_pick, include_path: custom, num_fewshot: 2}\n")
-    evaluator = Evaluator(load_tasks(tasks), toy["model"], toy["tokenizer"], batch_size=16)
+    tasks.write_text(f"tasks:\n  - {{name: lme, type: lm_eval, task: toy_pick, include_path: custom, {options}}}\n")
+    return Evaluator(load_tasks(tasks), toy["model"], toy["tokenizer"], batch_size=16)
+
+
+def test_lm_eval_few_shot_is_the_same_on_every_call(toy, tmp_path: Path) -> None:
+    evaluator = _toy_pick_lm_eval(toy, tmp_path, "num_fewshot: 2")
     first = evaluator.evaluate("heldout")
     evaluator.evaluate("search")
     assert evaluator.evaluate("heldout").examples == first.examples

@@ -451,3 +451,29 @@ def test_the_smol_zoo_section_runs_as_written_at_its_test_size(smol_zoo: Path, t
     header, *rows = (out / "trials.csv").read_text().splitlines()
     assert all(f"score:{t}" in header for t in ("add", "words", "caps", "add_words"))
     assert sum(",COMPLETE," in row for row in rows) == 6
+
+
+def test_the_cheap_evaluation_block_runs_as_written(zoo: Path, tmp_path: Path) -> None:
+    """The section's `search.evaluation` block in a search of the zoo: trials after the baselines are scored on
+    a fifth of the rows, the finalists in full, and the summary reports them."""
+    import csv
+
+    text = section("### Cheap evaluation: `search.evaluation`")
+    evaluation = yaml.safe_load(blocks(text, "yaml")[0])["search"]["evaluation"]
+    assert evaluation == {"rows": 0.2, "estimator": "anchors", "finalists": 5}
+    config = {"name": "cheap", "base": f"{zoo}/base", "sources": [f"{zoo}/inc", f"{zoo}/rot"],
+              "search": {"methods": ["task_arithmetic"], "n_trials": 24, "evaluation": evaluation},
+              "tasks": f"{zoo}/tasks.yaml", "objective": {"inc": 1.0, "rot": 1.0}, "device": "cpu", "threads": 1}
+    (tmp_path / "cheap.yaml").write_text(yaml.safe_dump(config))
+    done = run(["evomerge", "search", "cheap.yaml", "--out", "run"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-1500:]
+    rows = list(csv.DictReader((tmp_path / "run" / "trials.csv").open()))
+    partial = [r for r in rows if r["rows_scored"] not in ("all", "")]
+    from evomerge.evaluate import load_tasks
+    from evomerge.evaluate.estimate import rows_to_score
+
+    suite = load_tasks(zoo / "tasks.yaml")
+    fifth = sum(rows_to_score(0.2, len(list(suite.rows(t, "search")))) for t in suite.names)
+    assert partial and {int(r["rows_scored"]) for r in partial} == {fifth}
+    assert len([r for r in partial if r["value_full"]]) == 5          # the five finalists, re-scored in full
+    assert "## Cheap evaluation" in (tmp_path / "run" / "summary.md").read_text()

@@ -9,8 +9,8 @@ it, and estimates every candidate from its rows at `--rows`. Reported per kind o
 error of the estimated objective against the full one, the worst, the bias, the Spearman correlation, and the
 error per task. Written to results/cheap_eval.md.
 
-    python benchmarks/bench_cheap_eval.py --problems configs/demo.yaml,suite:1,configs/smol.yaml \\
-        --candidates 100 --rows 0.2 [--workdir /tmp/evomerge-cheap]
+    python benchmarks/bench_cheap_eval.py --problems configs/demo.yaml,suite:1,configs/smol.yaml@20/0 \\
+        --candidates 100 --rows 0.2 [--workdir /tmp/evomerge-cheap]     (PROBLEM@R/S: R random, S TPE candidates)
 """
 
 from __future__ import annotations
@@ -153,6 +153,36 @@ def end_to_end(problem: str, *, seed: int, trials: int, rows: float, estimator: 
     return runs
 
 
+def eval_seconds(config_path: Path, data: dict, *, rows: float, estimator: str, seed: int) -> tuple[float, float]:
+    """Seconds to score the untuned task_arithmetic merge (the first method's default) on every search row, and
+    on the rows the estimator fitted on the baselines picks: each the mean of two runs after a first one."""
+    from evomerge.config import load_config
+    from evomerge.evaluate.estimate import fit_task, rows_to_score
+    from evomerge.search import SearchSession, Workbench
+
+    config = load_config(config_path)
+    base = [p for p in data["points"] if p["label"].split(":")[0] not in ("random", "search")]
+    picked = {t: list(fit_task(estimator, [p["rows"][t] for p in base], rows_to_score(rows, len(base[0]["rows"][t])),
+                               seed=seed, key=t).rows) for t in base[0]["rows"]}
+    import torch
+
+    torch.set_num_threads(config.threads or os.cpu_count())   # (an earlier problem's `threads: 1` stays set)
+    bench = Workbench(config, device="cpu", progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        session = SearchSession(config, storage_url=f"sqlite:///{tmp}/study.db", device="cpu", progress=False,
+                                bench=bench)
+        method = session.space.methods[0]
+        bench.materialize(session.space.decode(session.space.defaults(method), method=method))
+        seconds = {"full": 0.0, "part": 0.0}
+        for run in range(3):          # the first builds each plan's batches: not timed
+            for kind, subset in (("full", None), ("part", picked)):
+                started = time.perf_counter()
+                bench.evaluator.evaluate("search", rows=subset)
+                seconds[kind] += (time.perf_counter() - started) / 2 if run else 0.0
+    bench.close()
+    return seconds["full"], seconds["part"]
+
+
 def problem_config(name: str) -> Path:
     """A problem's search config: a path, or `suite:K` (a suite variant, built once and cached)."""
     if name.startswith("suite:"):
@@ -236,25 +266,31 @@ def main() -> None:
     parser.add_argument("--search-problems", default="", help="end to end: these problems searched three ways")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--trials", type=int, default=100)
-    parser.add_argument("--estimator", default="anchors")
+    parser.add_argument("--estimator", default="mean")
+    parser.add_argument("--timing", action="store_true", help="also time scoring every row against the picked ones")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     lines = ["# Cheap evaluation: the estimators side by side", "",
              f"Machine: {describe()}. Command: `python benchmarks/bench_cheap_eval.py --problems {args.problems} "
-             f"--candidates {args.candidates} --rows {args.rows} --seed {args.seed}`.", "",
+             f"--candidates {args.candidates} --rows {args.rows} --seed {args.seed}"
+             f"{' --timing' if args.timing else ''}`.", "",
              "Each estimator is fitted on the problem's baselines (scored on every search row, as a study scores "
              "them) and estimates each candidate from the rows it picks: uniformly random candidates of the search "
              "space, and the trials of a TPE search after the baselines (what a search scores). "
              "Error = |estimated objective − full search-split objective|.", ""]
     summary: list[tuple[str, str, str, dict]] = []
-    for problem in args.problems.split(","):
+    for entry in args.problems.split(","):     # PROBLEM or PROBLEM@RANDOM/SEARCHED (candidates of each kind)
+        problem, _, counts = entry.partition("@")
         path = problem_config(problem)
         searched = args.candidates if args.search_candidates is None else args.search_candidates
-        cache = workdir / f"{problem.replace('/', '_').replace(':', '')}-{args.seed}-{args.candidates}-{searched}.json"
-        data = score_problem(path, candidates=args.candidates, searched=searched, seed=args.seed, cache=cache)
+        candidates = args.candidates
+        if counts:
+            candidates, searched = (int(c) for c in counts.split("/"))
+        cache = workdir / f"{problem.replace('/', '_').replace(':', '')}-{args.seed}-{candidates}-{searched}.json"
+        data = score_problem(path, candidates=candidates, searched=searched, seed=args.seed, cache=cache)
         n_base = sum(1 for p in data["points"] if p["label"].split(":")[0] not in ("random", "search"))
-        lines += [f"## {problem}", "", f"{n_base} baselines; scoring them and {args.candidates + searched} "
+        lines += [f"## {problem}", "", f"{n_base} baselines; scoring them and {candidates + searched} "
                   f"candidates in full took {data['seconds']:.0f} s.", "",
                   "| candidates | estimator | rows scored | MAE | max error | bias | Spearman | fit (s) | "
                   "MAE per task |",
@@ -266,6 +302,11 @@ def main() -> None:
                 lines.append(f"| {name} | {kind} | {r['scored']} of {r['total']} | {r['mae']:.4f} | {r['max']:.4f} | "
                              f"{r['bias']:+.4f} | {r['spearman']:.3f} | {r['fit_s']:.2f} | {per_task} |")
                 summary.append((problem, name, kind, r))
+        if args.timing:
+            full_s, part_s = eval_seconds(path, data, rows=args.rows, estimator=args.estimator, seed=args.seed)
+            lines += ["", "Evaluation time, the first technique's untuned merge (two runs after a first): every "
+                          f"search row {full_s:.2f} s, the rows `{args.estimator}` picks at `rows: {args.rows}` "
+                          f"{part_s:.2f} s ({part_s / full_s:.2f}×)."]
         lines.append("")
     lines[6:6] = overview(summary)
     if args.search_problems:

@@ -41,7 +41,7 @@ class EvaluationOptions(_Frozen):
     """`search.evaluation`: cheap evaluation, each candidate scored on a few search rows (cheap.py)."""
 
     rows: float = Field(1.0, gt=0)      # a fraction (<= 1) or a count (> 1) of each task's search rows; 1 = all
-    estimator: Literal["mean", "anchors", "irt"] = "anchors"   # how the whole split's score is estimated
+    estimator: Literal["mean", "anchors", "irt"] = "mean"   # how the split's score is estimated (the best measured)
     finalists: int = Field(5, ge=1)     # the best by estimate, re-scored on every search row before export
 
     @field_validator("rows")

@@ -460,7 +460,7 @@ def test_the_cheap_evaluation_block_runs_as_written(zoo: Path, tmp_path: Path) -
 
     text = section("### Cheap evaluation: `search.evaluation`")
     evaluation = yaml.safe_load(blocks(text, "yaml")[0])["search"]["evaluation"]
-    assert evaluation == {"rows": 0.2, "estimator": "anchors", "finalists": 5}
+    assert evaluation == {"rows": 0.2, "estimator": "mean", "finalists": 5}
     config = {"name": "cheap", "base": f"{zoo}/base", "sources": [f"{zoo}/inc", f"{zoo}/rot"],
               "search": {"methods": ["task_arithmetic"], "n_trials": 24, "evaluation": evaluation},
               "tasks": f"{zoo}/tasks.yaml", "objective": {"inc": 1.0, "rot": 1.0}, "device": "cpu", "threads": 1}

@@ -128,7 +128,7 @@ def end_to_end(problem: str, *, seed: int, trials: int, rows: float, estimator: 
     def run(label: str, n: int, evaluation: EvaluationOptions) -> dict:
         import optuna
 
-        from evomerge import search
+        from evomerge.search import search
         from evomerge.cheap import FULL_ATTR
 
         section = config.search.model_copy(update={"seed": seed, "n_trials": n, "evaluation": evaluation})

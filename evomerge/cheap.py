@@ -27,7 +27,7 @@ OPTIONS_ATTR = "cheap_options"
 FULL_ATTR = "full:"          # + a trial number: its full search-split scores (a finalist's)
 MIN_FIT = 8                  # trials scored in full, at least, before the estimator is fitted
 ROWS_KEY = "rows"            # trial user attr: a fully scored trial's per-row primary results, per task
-ESTIMATE_KEY = "estimate"    # trial user attr: an estimated trial's rows scored and the fit it used
+ESTIMATE_KEY = "estimate"    # trial user attr: an estimated trial's rows scored, of how many
 
 
 class CheapEvaluation:
@@ -177,7 +177,7 @@ class CheapEvaluation:
         """summary.md's lines: rows per trial, each finalist's estimate beside its full score, the error."""
         from optuna.trial import TrialState
 
-        trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         estimated = [t.user_attrs[ESTIMATE_KEY] for t in trials if ESTIMATE_KEY in t.user_attrs]
         stored = self.study.user_attrs.get(ESTIMATOR_ATTR)
         lines = ["## Cheap evaluation", ""]
@@ -185,7 +185,8 @@ class CheapEvaluation:
             return lines + [f"Every trial was scored on every search row (the estimator learns from {MIN_FIT} "
                             "trials scored in full, the baselines first).", ""]
         scored, total = estimated[0]["rows"], estimated[0]["of"]
-        lines += [f"- {len(estimated)} trials scored on {scored} of {total} search rows ({scored / total:.0%}), "
+        lines += [f"- {len(estimated)} complete trials scored on {scored} of {total} search rows "
+                  f"({scored / total:.0%}), "
                   f"their score estimated by `{self.options.estimator}`, fitted on the {len(stored['trials'])} "
                   f"trials scored in full before them (trials {_numbers(stored['trials'])}); "
                   f"{len(trials) - len(estimated)} trials scored on every row.", ""]

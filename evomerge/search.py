@@ -12,7 +12,9 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
 import time
+import types
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -623,3 +625,15 @@ def reexport(run_dir: Path, *, trial: int | None = None, storage: str | None = N
             export_lock(run_dir):       # not at once with a search's own export into the folder
         return export_run(session, run_dir, result=RunResult(run_dir=run_dir, study_name=config.name, storage=url),
                           trial=trial)
+
+
+class _CallableModule(types.ModuleType):
+    """`evomerge.search(config)` keeps working once this module is imported: importing ``evomerge.search``
+    binds the module, not the function, to that name on ``evomerge``; calling the module calls the function
+    (as evomerge/evaluate/__init__.py does for `evomerge.evaluate`)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return search(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

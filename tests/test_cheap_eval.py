@@ -131,7 +131,7 @@ def _config(zoo: Path, tmp: Path, *, rows="0.25", estimator="anchors", n_trials=
 
 @pytest.fixture(scope="module")
 def cheap_run(zoo, tmp_path_factory):
-    from evomerge import search
+    from evomerge.search import search
 
     tmp = tmp_path_factory.mktemp("cheap")
     config = _config(zoo, tmp)
@@ -215,7 +215,7 @@ def test_finalists_are_rescored_in_full_and_the_export_is_the_best_full_score(ch
 
 
 def test_one_seed_gives_one_cheap_study(zoo, tmp_path):
-    from evomerge import search
+    from evomerge.search import search
 
     config = _config(zoo, tmp_path, n_trials=16, estimator="irt")
     runs = []
@@ -230,7 +230,7 @@ def test_one_seed_gives_one_cheap_study(zoo, tmp_path):
 def test_pruning_works_on_the_rows_scored(zoo, tmp_path):
     from optuna.trial import TrialState
 
-    from evomerge import search
+    from evomerge.search import search
 
     config = _config(zoo, tmp_path, n_trials=24, extra="  pruner: median\n")
     search(config, out=tmp_path / "run", progress=False)
@@ -250,7 +250,7 @@ def test_bad_evaluation_options_exit_2_naming_the_field(zoo, tmp_path, rows, est
 
 
 def test_resuming_with_other_evaluation_options_is_refused(zoo, tmp_path):
-    from evomerge import search
+    from evomerge.search import search
     from evomerge.errors import InputError
 
     search(_config(zoo, tmp_path, n_trials=10), out=tmp_path / "run", progress=False, export=False)

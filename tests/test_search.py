@@ -485,3 +485,14 @@ def test_a_one_knob_sweep_is_a_baseline_and_the_summary_states_the_margin_over_i
     line = next(x for x in summary.splitlines() if x.startswith("- Best one-knob sweep"))
     assert chosen.user_attrs["baseline"] in line and f"at {heldout(chosen):.4f}" in line
     assert f"**{best['score']['heldout'] - heldout(chosen):+.4f}**" in line
+
+
+def test_evomerge_search_stays_callable_once_its_module_is_imported(tmp_path):
+    """`evomerge.search(config)`, the README's Python API, after anything imported the module evomerge.search
+    (which binds the module to that name on the package): it still runs the search function."""
+    import evomerge
+    import evomerge.search
+    from evomerge.errors import InputError
+
+    with pytest.raises(InputError, match="not found|No such file|missing"):
+        evomerge.search(tmp_path / "no-such-config.yaml")

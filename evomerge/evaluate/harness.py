@@ -103,11 +103,12 @@ class Evaluator:
         aggregates: dict[str, dict[str, float]] = {}  # lm_eval: the scores as lm-eval aggregates them
         outputs: dict[str, list[str | None]] = {}  # generate: each continuation (None: ruled out undecoded)
         subset = self._subset(rows)
+        chosen = dict(subset)
         step = 0
         with torch.inference_mode():
             for chunk in self._plan(split, names, subset):
                 for name, batches in chunk.work.items():
-                    self._run(name, split, batches, values, outputs, aggregates, dict(subset).get(name))
+                    self._run(name, split, batches, values, outputs, aggregates, chosen.get(name))
                 for name, index in chunk.order:
                     weight = 1.0 if weights is None else weights.get(name, 0.0)
                     if report is not None and weight > 0:

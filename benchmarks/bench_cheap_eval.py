@@ -37,7 +37,8 @@ def score_problem(config_path: Path, *, candidates: int, searched: int, seed: in
     import optuna
 
     from evomerge.config import load_config
-    from evomerge.search import SearchSession, Workbench
+    from evomerge.search import SearchSession
+    from evomerge.workbench import Workbench
 
     config = load_config(config_path)
     config = config.model_copy(update={"search": config.search.model_copy(update={"seed": seed})})
@@ -158,7 +159,8 @@ def eval_seconds(config_path: Path, data: dict, *, rows: float, estimator: str, 
     on the rows the estimator fitted on the baselines picks: each the mean of two runs after a first one."""
     from evomerge.config import load_config
     from evomerge.evaluate.estimate import fit_task, rows_to_score
-    from evomerge.search import SearchSession, Workbench
+    from evomerge.search import SearchSession
+    from evomerge.workbench import Workbench
 
     config = load_config(config_path)
     base = [p for p in data["points"] if p["label"].split(":")[0] not in ("random", "search")]

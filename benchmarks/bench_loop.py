@@ -288,7 +288,7 @@ def tensor_differences(merger, recipe, theirs: dict) -> int:
 
     from evomerge.methods.primitives import kth_largest_abs, ties_keep_count
 
-    layout = merger.sources.layout
+    plan = merger.plan(recipe)
     differ = 0
     for name, ours in merger.state_dict().items():
         other = theirs.get(name)
@@ -301,10 +301,9 @@ def tensor_differences(merger, recipe, theirs: dict) -> int:
         differ += count
         at_tie = torch.zeros_like(bad)
         if recipe.method == "ties":
-            info = layout.tensors[name]
             deltas = merger.contexts[name].deltas
             for i, source in enumerate(recipe.sources):
-                density = recipe.value(source, "density", layout.group(name, recipe.layer_groups), info.kind)
+                density = plan.value(name, source, "density")
                 if density >= 1:
                     continue
                 k = ties_keep_count(density, deltas[i].numel())

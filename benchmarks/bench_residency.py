@@ -69,7 +69,7 @@ def child(work: Path, methods: tuple[str, ...], as_stored: bool, candidates: int
             digests.append(digest.hexdigest())
     return {"methods": list(methods), "as_stored": as_stored, "before_gb": before / 1e9, "loaded_gb": loaded / 1e9,
             "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
-            "held_gb": merger.resident_bytes() / 1e9, "plan_gb": merger.plan.resident_need / 1e9, "load_s": load_s,
+            "held_gb": merger.resident_bytes() / 1e9, "plan_gb": merger.memory.resident_need / 1e9, "load_s": load_s,
             "candidate_s": {m: statistics.median(v) for m, v in times.items()}, "digests": digests}
 
 

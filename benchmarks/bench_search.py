@@ -63,7 +63,8 @@ def run_problem(name: str, *, optimizers: list[str], seeds: int, trials: int, re
                 factor: int, workdir: Path) -> dict:
     """Every optimizer and seed on one problem, then the reference runs; the measured runs."""
     from evomerge.config import load_config
-    from evomerge.search import SearchSession, Workbench
+    from evomerge.search import SearchSession
+    from evomerge.workbench import Workbench
 
     base = load_config(problem_config(name, workdir))
     bench = Workbench(base, device="cpu", progress=False)

@@ -50,12 +50,13 @@ def merge(recipe: Path, out: Path, *extra: str) -> tuple[float, float]:
 
 def plan_for(recipe: Path):
     """The kernel's memory plan for `recipe`, computed here without loading weights."""
-    from evomerge.kernel import MemoryPlan, ResidentMerger, open_recipe_sources
+    from evomerge.build import open_recipe_sources
+    from evomerge.kernel import MemoryPlan, ResidentMerger
     from evomerge.recipe import Recipe
 
     parsed = Recipe.from_yaml(recipe)
     merger = ResidentMerger(open_recipe_sources(parsed), methods=[parsed.method], build_model=False, streaming=True)
-    return MemoryPlan.of(merger, 1)
+    return MemoryPlan.of(merger.store, out_dtype=merger.out_dtype, score_dtype=merger.score_dtype, budget=1)
 
 
 def main() -> int:

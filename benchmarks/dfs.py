@@ -51,8 +51,8 @@ def write_config(work: Path, space: str, *, seed: int, budget: int, sampler: str
 
 def run_space(work: Path, space: str, *, seed: int, budget: int, sampler: str, zoo: Path, base: dict,
               tasks: tuple[str, ...]) -> dict:
+    from evomerge.build import merger_for
     from evomerge.evaluate import evaluate, load_tasks
-    from evomerge.kernel import merger_for
     from evomerge.recipe import Recipe
     from evomerge.search import search
 

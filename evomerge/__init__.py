@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "Recipe": ("evomerge.recipe", "Recipe"),
-    "merge": ("evomerge.kernel", "merge"),
+    "merge": ("evomerge.build", "merge"),
     "ResidentMerger": ("evomerge.kernel", "ResidentMerger"),
     "merge_to_folder": ("evomerge.export", "merge_to_folder"),
     "open_sources": ("evomerge.sources", "open_sources"),

@@ -177,7 +177,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     from .evaluate import load_tasks
     from .evaluate import evaluate as run_evaluation
-    from .kernel import merger_for, pick_device, scoring_dtype
+    from .build import merger_for
+    from .kernel import pick_device, scoring_dtype
     from .recipe import Recipe
 
     suite = load_tasks(args.tasks, seed=args.seed)      # validated before any weights load
@@ -187,7 +188,7 @@ def _eval(args: argparse.Namespace) -> int:
 
         check_destination(Path(args.json), force=True)
     if target.is_file():
-        from .kernel import open_recipe_sources
+        from .build import open_recipe_sources
 
         recipe = Recipe.from_yaml(target)
         suite.require_chat_template(open_recipe_sources(recipe).anchor.has_chat_template())   # headers only

@@ -34,7 +34,8 @@ class CompareResult:
 
 def compare(config: SearchConfig | str | Path, *, seeds: int = 3, budget: int | None = None,
             out: str | Path | None = None, device: str | None = None, progress: bool = True) -> CompareResult:
-    from .search import SWEEP_SHARE, SearchSession, Workbench
+    from .search import SWEEP_SHARE, SearchSession
+    from .workbench import Workbench
 
     if not isinstance(config, SearchConfig):
         config = load_config(config)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .errors import InputError
+from .plan import MergePlan
 from .space import SearchSpace
 
 METHOD = "task_arithmetic"
@@ -70,7 +71,7 @@ class GradientMerge:
                                                                          for n, d in self.fixed.items()}
         if len(self.space.methods) > 1:
             params["method"] = METHOD
-        probe = self.space.decode(params, method=METHOD)
+        probe = MergePlan.of(self.space.decode(params, method=METHOD), layout)
         names = [n for n in layout.tensors if n not in self.merger.unmerged]
         direct = direct_parameters(self.model, names)
         by_data = {p.data_ptr(): p for p in self.model.parameters()}
@@ -81,8 +82,7 @@ class GradientMerge:
                 raise InputError(f"tensor '{name}' is not one parameter of the loaded model (a converted "
                                  "checkpoint), which adamerging needs", field="search.sampler",
                                  fix="use another sampler for this architecture")
-            group, kind = layout.group(name, probe.layer_groups), layout.tensors[name].kind
-            index = [round(probe.value(src, "weight", group, kind)) for src in probe.sources]
+            index = [round(v) for v in probe.slot(name).values["weight"]]
             out.append((name, param, index))
         return out
 

@@ -1,11 +1,10 @@
 """The Recipe: a YAML file that fully determines a merged model.
 
 A per-source parameter takes a scalar (every tensor) or a list with one value
-per layer group. The value for a tensor is looked up, most specific first:
-``filters[<module kind>][source]``, ``filters["io"][source]`` for tensors
-outside the numbered blocks, ``parameters[source]``, the method's default. A
-list read for a tensor outside the blocks gives its first value (mergekit's
-convention for tensors outside the layer range), unless a filter says otherwise.
+per layer group, under ``parameters``, ``filters[<module kind>]``,
+``filters["io"]`` (tensors outside the numbered blocks) or a name filter. Which
+value a tensor takes is plan.py's lookup rule: a recipe is data, and
+``MergePlan.of(recipe, layout)`` resolves it for one model.
 """
 
 from __future__ import annotations
@@ -18,7 +17,8 @@ from typing import Any, Mapping
 
 from .errors import InputError
 from .methods import REGISTRY, MethodSpec
-from .recipe_values import NameFilter, SourceParams, Value, parse_name_filters, parse_shared, parse_source_params
+from .plan import check
+from .recipe_values import NameFilter, SourceParams, parse_name_filters, parse_shared, parse_source_params
 from .sources import IO_GROUP, MODULE_KINDS
 from .yamlio import dump_yaml, load_yaml
 
@@ -180,54 +180,6 @@ class Recipe:
     def relative_to(self) -> Path | None:
         return self.path.parent if self.path is not None else None
 
-    def shared_values(self, group: int | str = 0, tensor: str | None = None) -> dict[str, Any]:
-        """The shared parameters for a tensor of layer group `group` named `tensor`: its first matching name
-        filter's, else the recipe's own (one per group, or one), else the method's defaults."""
-        out = {}
-        for param in self.spec.shared_params:
-            value = next((f.shared[param.name] for f in self._matching(tensor) if param.name in f.shared),
-                         self.shared.get(param.name, param.default))
-            out[param.name] = _pick(value, group) if isinstance(value, tuple) else value
-        return out
-
-    def source_values(self, group: int | str, kind: str, tensor: str | None = None) -> dict[str, list[float]]:
-        """Per-source values (in source order) of every per-source parameter for one tensor slot."""
-        out: dict[str, list[float]] = {}
-        for param in self.spec.source_params:
-            out[param.name] = [self.value(src, param.name, group, kind, tensor) for src in self.sources]
-        return out
-
-    def value(self, source: str, name: str, group: int | str, kind: str, tensor: str | None = None) -> float:
-        """Most specific first: the first name filter matching `tensor`, filters[kind], filters.io outside the
-        blocks, parameters, the method's default."""
-        scopes = [f.parameters for f in self._matching(tensor)]
-        scopes += [self.filters.get(kind, {}), self.filters.get(IO_GROUP, {}) if group == IO_GROUP else {},
-                   self.parameters]
-        for scope in scopes:
-            entry = scope.get(source, {})
-            if name in entry:
-                return _pick(entry[name], group)
-        return float(self.spec.param(name).default)
-
-    def _matching(self, tensor: str | None) -> list[NameFilter]:
-        return [f for f in self.name_filters if tensor is not None and f.match in tensor]
-
-    def slot(self, tensor: str, group: int | str, kind: str) -> tuple:
-        """What a tensor's values depend on: tensors with the same slot take the same values."""
-        return group, kind, tuple(i for i, f in enumerate(self.name_filters) if f.match in tensor)
-
-    def slots(self) -> list[tuple[int | str, str]]:
-        """Every (group, kind) a tensor can fall into, before a model is known: every kind outside the blocks,
-        every kind but embeddings and heads inside them (a model's own: Layout.slots)."""
-        blocks = [(g, k) for g in range(self.layer_groups) for k in MODULE_KINDS if k not in ("embed", "head")]
-        return blocks + [(IO_GROUP, k) for k in sorted(MODULE_KINDS, key=lambda k: k not in ("embed", "head"))]
-
-
-def _pick(value: Value, group: int | str) -> float:
-    if isinstance(value, tuple):
-        return float(value[0 if group == IO_GROUP else group])
-    return float(value)
-
 
 def _plain(obj: Any) -> Any:
     if isinstance(obj, Mapping):
@@ -322,7 +274,7 @@ def _parse(data: dict[str, Any], *, file: str | None, path: Path | None) -> Reci
                     name_filters=name_filters, layers=layers,
                     vocab=vocab,
                     tokenizer=tokenizer, provenance=provenance, path=path)
-    _check_combinations(recipe, file=file)
+    check(recipe, file=file)
     return recipe
 
 
@@ -365,37 +317,3 @@ def _parse_layers(raw: Any, base: str | None, sources: list[str], *, stacking: b
                              field=f"{where}.scale", fix=f"a number in [{SCALE_RANGE[0]:g}, {SCALE_RANGE[1]:g}]")
         out.append(StackEntry(model=model, layer=layer, scale=float(scale)))
     return tuple(out)
-
-
-def _check_combinations(recipe: Recipe, *, file: str | None,
-                        slots: list[tuple[int | str, str, str | None]] | None = None) -> None:
-    """Constraints across parameters, for every slot a tensor can fall into (`slots`: a model's own, as
-    (group, kind, a tensor's name); without a model, each name filter's match stands for a tensor name)."""
-    spec = recipe.spec
-    if slots is None:
-        names = [None] + [f.match for f in recipe.name_filters]
-        slots = [(group, kind, name) for group, kind in recipe.slots() for name in names]
-    for group, kind, tensor in slots:
-        values = recipe.source_values(group, kind, tensor)
-        shared = recipe.shared_values(group, tensor)
-        where = f"group {group}, {kind} tensors" + (f" named like '{tensor}'" if tensor else "")
-        filtered = kind in recipe.filters or (group == IO_GROUP and IO_GROUP in recipe.filters)
-        field = "name_filters" if recipe._matching(tensor) else "filters" if filtered else "parameters"
-        if shared.get("normalize") and "weight" in values and spec.name in _SUM_NORMALIZED:
-            if abs(sum(values["weight"])) < 1e-8:
-                raise InputError(f"weights sum to 0 with normalize on ({where})", file=file, field=field,
-                                 fix="change a weight or set normalize: false")
-        if "epsilon" in values and "density" in values:     # della's keep probabilities
-            for src, d, e in zip(recipe.sources, values["density"], values["epsilon"]):
-                if not (d - e > 0 and d + e <= 1):
-                    raise InputError(f"density {d:g} ± epsilon {e:g} leaves (0, 1] for '{src}' ({where})",
-                                     file=file, field=field, fix="need 0 < density - epsilon and density + epsilon <= 1")
-
-
-def check_for_layout(recipe: Recipe, slots: list[tuple[int | str, str, str | None]]) -> None:
-    """The cross-parameter constraints on the slots a model's tensors fall into (Layout.slots: a kind where the
-    recipe alone does not expect it, an embedding inside a block), as (group, kind, a tensor's name)."""
-    _check_combinations(recipe, file=str(recipe.path) if recipe.path else None, slots=slots)
-
-
-_SUM_NORMALIZED = {"linear", "task_arithmetic", "breadcrumbs", "dare_linear", "della_linear"}

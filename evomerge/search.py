@@ -9,7 +9,6 @@ Rerunning the same command resumes the study until `n_trials` trials are done
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import sys
@@ -19,15 +18,25 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from .config import SearchConfig, load_config, tasks_path
+from .config import SearchConfig, load_config
 from .errors import InputError
+from .gradient_arm import GradientArm
 from .start import load_starts
-from .storage import BASELINES_ATTR, BUDGET_ATTR, GRADIENT_KEY, HEARTBEAT_S, open_study, safe_url, state_counts
+from .storage import (
+    BASELINES_ATTR,
+    BUDGET_ATTR,
+    DONE,
+    HEARTBEAT_S,
+    fail_stale_trials,
+    open_study,
+    safe_url,
+    state_counts,
+)
+from .workbench import Workbench
 
 if TYPE_CHECKING:
     from .export.run import RunResult
 
-DONE = ("COMPLETE", "PRUNED")
 FINGERPRINT_ATTR = "sources_fingerprint"
 SPACE_ATTR = "space_fingerprint"
 SWEEP_SHARE = 0.1     # of the budget, for the one-knob sweeps among the baselines
@@ -47,8 +56,11 @@ def search(config: SearchConfig | str | Path, *, n_trials: int | None = None, st
         if n_trials < 1:
             raise InputError(f"must be at least 1, got {n_trials}", field="--n-trials")
         config = config.model_copy(update={"search": config.search.model_copy(update={"n_trials": n_trials})})
+    from .export.folder import check_writable
+    from .export.run import RunResult, export_lock, export_run
+
     run_dir = config.run_dir(str(out) if out else None)
-    _check_writable(run_dir)
+    check_writable(run_dir, what="run folder", fix="pass --out to a writable folder")
     storage_url = config.storage_url(run_dir, storage)
     if storage or config.search.storage:     # a bad URL or an unreachable server: found before anything is written
         try:
@@ -56,8 +68,6 @@ def search(config: SearchConfig | str | Path, *, n_trials: int | None = None, st
         except InputError as err:
             raise InputError(err.problem, file=None if storage else config.path,
                              field="--storage" if storage else "search.storage", fix=err.fix) from None
-    from .export.run import RunResult, export_lock, export_run
-
     bench = Workbench(config, device=device or config.device, progress=progress)   # bad input stops here, unwritten
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -76,98 +86,6 @@ def search(config: SearchConfig | str | Path, *, n_trials: int | None = None, st
                 return export_run(session, run_dir, result=result)
     finally:
         bench.close()
-
-
-class Workbench:
-    """What stays resident across studies: the sources on the device, the tokenized tasks."""
-
-    def __init__(self, config: SearchConfig, *, device: str | None, progress: bool = True) -> None:
-        from .propose import SamplerProcess, samples_ahead
-
-        # started first, so that it is ready (its imports done) when the sources have loaded
-        self._sampler_process = SamplerProcess() if samples_ahead(config) else None
-        try:
-            self._load(config, device=device, progress=progress)
-        except BaseException:   # bad input, most often: exit at once, the sampler process has no work yet
-            if self._sampler_process is not None:
-                self._sampler_process.close(wait=False)
-            raise
-
-    def _load(self, config: SearchConfig, *, device: str | None, progress: bool) -> None:
-        from .evaluate import Evaluator, load_tasks
-        from .kernel import ResidentMerger
-        from .sources import open_sources
-
-        if config.threads is not None:
-            import torch
-
-            torch.set_num_threads(config.threads)
-        self.sources = open_sources(config.base, config.sources, relative_to=config.relative_to, vocab=config.vocab,
-                                    file=str(config.path) if config.path else None, needs_base=config.needs_base)
-        self.suite = load_tasks(tasks_path(config), seed=config.search.seed)
-        lm_eval = [t for t in config.objectives[0] if t in self.suite.names and self.suite.spec(t).type == "lm_eval"]
-        self.gradient_rows = not lm_eval    # adamerging's loss reads the rows of the tasks the objective weights
-        if config.search.sampler == "adamerging":
-            if lm_eval:
-                raise InputError(f"adamerging learns from the rows of the objective's tasks, and '{lm_eval[0]}' is "
-                                 "an lm_eval task", file=config.path, field="search.sampler",
-                                 fix="weight choice, generate or perplexity tasks, or use another sampler")
-        stacking = config.search.space != "ps"
-        merges = config.search.space != "dfs"
-        adapter = next((f.spec for f in self.sources.sources if f.is_adapter), None)
-        if stacking and adapter is not None:
-            raise InputError(f"search.space {config.search.space} stacks models' blocks, and '{adapter}' is a LoRA "
-                             "adapter", file=config.path, field="search.space",
-                             fix="use space: ps with adapters, or merge the adapter into its base first")
-        try:
-            self.merger = ResidentMerger(self.sources, device=device, dtype=config.dtype, seed=config.search.seed,
-                                         methods=config.search.methods if merges else [], progress=progress,
-                                         memory_budget=config.memory_budget, build_model=merges,
-                                         trust_remote_code=config.trust_remote_code)
-        except InputError as err:   # a config value the kernel refuses (memory_budget, device): name the file
-            raise err.at(file=err.file or (str(config.path) if config.path else None)) from None
-        self.stack = self._stack(config, merged=self.merger.model if merges else None) if stacking else None
-        self.tokenizer = self.sources.tokenizer(trust_remote_code=config.trust_remote_code)   # a union's, if one
-        scored = self.stack.model if self.stack is not None else self.merger.model
-        self.evaluator = Evaluator(self.suite, scored, self.tokenizer, seed=config.search.seed, limit=config.limit)
-
-    def _stack(self, config: SearchConfig, *, merged: Any):
-        """The data-flow space's resident models: the base (whose embeddings, norm and head a stack keeps, and
-        whose block list it replaces), every source, and the parameter-space merge's model (`merged`), each
-        loaded once; a stack references their blocks (stack.py)."""
-        from .recipe import MERGED
-        from .stack import ResidentStack
-
-        models = {folder.spec: self.merger._load_model(folder.path) for folder in self.sources.models}
-        if merged is not None:
-            models[MERGED] = merged
-        return ResidentStack(models, base=self.sources.base.spec, layout=self.sources.layout)
-
-    def materialize(self, recipe: Any) -> None:
-        """A candidate into the scored model: its parameter-space merge in place, then its stack of blocks."""
-        if recipe.merges:
-            self.merger.materialize(recipe)
-        if self.stack is not None:
-            self.stack.apply(recipe.layers)
-
-    @functools.cached_property
-    def fingerprints(self) -> dict[str, str]:
-        """A content fingerprint of every model (spec -> hash): once, for every study run on this workbench."""
-        return {folder.spec: folder.fingerprint() for folder in self.sources.models}
-
-    def sampler_process(self):
-        """The process that samples trials ahead (propose.py), started on first use, shared by every study here."""
-        from .propose import SamplerProcess
-
-        if self._sampler_process is None:
-            self._sampler_process = SamplerProcess()
-        return self._sampler_process
-
-    def close(self) -> None:
-        if self._sampler_process is not None:
-            self._sampler_process.close()
-            self._sampler_process = None
-        self.merger.close()
 
 
 class SearchSession:
@@ -189,9 +107,7 @@ class SearchSession:
         self.study = open_study(config, storage_url, sampler=self.sampler, pruner=make_pruner(config))
         self.storage_url = storage_url
         self.started = time.time()
-        self._gradient = None     # adamerging's optimizer (gradient.py), made when its first trial is queued
-        self.gradient_arm = self._gradient_arm()   # auto: whether its gradient arm may run here (auto.py)
-        self._gradient_start: int | str | None = None   # the trial it started from ("start": gradient.START)
+        self.gradient = GradientArm(self)     # adamerging's learner, or auto's gradient arm (gradient_arm.py)
         self._check_same_weights()
         self._check_same_space()
         self.cheap = self._cheap()
@@ -294,13 +210,13 @@ class SearchSession:
         try:
             while True:
                 if time.monotonic() - swept >= HEARTBEAT_S:    # a dead worker's trial: failed, or retried
-                    _fail_stale_trials(self.study)
+                    fail_stale_trials(self.study)
                     swept = time.monotonic()
                 if attempts >= 3 * n_trials and self._done() < n_trials:
                     raise RuntimeError(f"{attempts} trials attempted and not {n_trials} done: see trials.csv for errors")
-                turn = self._gradient_turn(n_trials) if self.gradient_arm else "done"
+                turn = self.gradient.turn(n_trials)
                 if self.config.search.sampler == "adamerging" or turn == "queue":
-                    self._queue_gradient_trial(n_trials)    # (queued here, so sampled inline: nothing ahead)
+                    self.gradient.queue(n_trials)    # (queued here, so sampled inline: nothing ahead)
                 elif turn == "done" and ahead and proposer is inline:
                     proposer = AheadProposer(self.bench.sampler_process(), self.config, self.space, self.storage_url,
                                              fallback=inline)
@@ -334,93 +250,6 @@ class SearchSession:
             proposer.close()
             heartbeat.close()
             bar.close()
-
-    def _gradient_arm(self) -> bool:
-        """auto: whether its gradient arm can run on this search (auto.py): task_arithmetic searched, one
-        objective of tasks with rows to learn from, the parameter space, resident sources."""
-        from .auto import GRADIENT_ATTR
-        from .samplers import resolved
-
-        why = None
-        if resolved(self.config) != "auto" or "task_arithmetic" not in self.space.methods:
-            return False
-        if self.config.search.space != "ps":
-            why = f"search.space {self.config.search.space} stacks blocks, which it cannot learn"
-        elif not self.bench.gradient_rows:
-            why = "the objective weights an lm_eval task, whose rows it cannot read"
-        elif self.merger.streaming:
-            why = "the sources are streamed (memory_budget)"
-        if why is not None and self.study.user_attrs.get(GRADIENT_ATTR) is None:
-            self.study.set_user_attr(GRADIENT_ATTR, {"state": "off", "why": why})
-        return why is None
-
-    def _gradient_turn(self, n_trials: int) -> str:
-        """auto's gradient arm, before a trial is taken: "queue" its next trial, "wait" (the baselines, or a trial
-        of its elsewhere, are not done), or "done" for good. It stops at auto.gradient_verdict, decided once and
-        stored on the study, so that every worker and a resumed run see it."""
-        from optuna.trial import TrialState
-
-        from .auto import GRADIENT_ATTR, gradient_budget, gradient_verdict, is_gradient_trial
-
-        record = self.study.user_attrs.get(GRADIENT_ATTR) or {}
-        if record.get("state") in ("stopped", "off"):
-            self.gradient_arm = False
-            return "done"
-        trials = self.study.get_trials(deepcopy=False)
-        if any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in trials
-               if is_gradient_trial(t) or "baseline" in t.user_attrs):
-            return "wait"
-        if sum(t.state.name in DONE for t in trials) >= n_trials:
-            return "wait"
-        baselines = self.study.user_attrs.get(BASELINES_ATTR, 0)
-        why = gradient_verdict(trials, budget_left=gradient_budget(self.study_budget, baselines))
-        if why is not None:
-            mine = [t for t in trials if is_gradient_trial(t) and t.state == TrialState.COMPLETE]
-            self.study.set_user_attr(GRADIENT_ATTR, {"state": "stopped", "why": why, "trials": len(mine),
-                                                     "best": max((t.values[0] for t in mine), default=None)})
-            self.gradient_arm = False
-            return "done"
-        if record.get("state") != "running":
-            self.study.set_user_attr(GRADIENT_ATTR, {"state": "running"})
-        return "queue"
-
-    def _queue_gradient_trial(self, n_trials: int) -> None:
-        """adamerging: once the queue (the baselines) is empty, the coefficients after the next gradient steps,
-        queued as the next trial. The optimizer starts, at its first use in this process, from the study's
-        task-arithmetic trial of lowest loss (or the paper's start): a resumed study goes on from there, with
-        Adam's moments anew."""
-        from optuna.trial import TrialState
-
-        from .gradient import GradientMerge
-
-        counts = self.counts()
-        if counts.get("WAITING", 0) or sum(counts.get(s, 0) for s in (*DONE, "RUNNING")) >= n_trials:
-            return
-        if self._gradient is None:
-            options = self.config.search.gradient
-            try:
-                self._gradient = GradientMerge(self.space, self.merger, self.evaluator, self.config.objectives[0],
-                                               seed=self.config.search.seed, lr=options.lr, batch=options.batch,
-                                               loss=options.loss,
-                                               file=str(self.config.path) if self.config.path else None)
-            except InputError as err:
-                if self.config.search.sampler == "adamerging":
-                    raise
-                from .auto import GRADIENT_ATTR   # auto: its other arms search on without it
-
-                self.study.set_user_attr(GRADIENT_ATTR, {"state": "off", "why": err.problem})
-                self.gradient_arm = False
-                return
-            chosen = self._gradient.start([t for t in self.study.get_trials(deepcopy=False,
-                                                                            states=(TrialState.COMPLETE,))
-                                           if self.space.method_of(t.params, t.user_attrs) == "task_arithmetic"])
-            self._gradient_start = chosen.number if chosen is not None else "start"
-        started = time.perf_counter()
-        loss = self._gradient.advance(self.config.search.gradient.steps_per_trial)
-        self.study.enqueue_trial(self._gradient.params(),
-                                 user_attrs={GRADIENT_KEY: self._gradient.steps, "gradient_loss": loss,
-                                             "gradient_seconds": time.perf_counter() - started,
-                                             "gradient_start": self._gradient_start})
 
     def budget(self, n_trials: int) -> int:
         """The trials to run for an asked `n_trials`: no more than the space's distinct candidates (a parameter-free
@@ -565,16 +394,6 @@ class SearchSession:
         return sorted(self.study.best_trials, key=lambda t: t.number)
 
 
-def _check_writable(run_dir: Path) -> None:
-    import os
-
-    probe = run_dir
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise InputError("run folder is not writable", file=probe, fix="pass --out to a writable folder")
-
-
 def _free_device_memory(err: BaseException) -> None:
     try:
         import torch
@@ -589,14 +408,6 @@ def _bar(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="trials", unit="trial", disable=not enabled, dynamic_ncols=True)
-
-
-def _fail_stale_trials(study) -> None:
-    import optuna
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        optuna.storages.fail_stale_trials(study)
 
 
 def _postfix(bar, trials) -> None:

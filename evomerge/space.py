@@ -16,6 +16,7 @@ from typing import Any, Mapping
 from .config import SearchConfig
 from .errors import InputError
 from .methods import REGISTRY, MethodSpec, ParamSpec
+from .plan import MergePlan
 from .recipe import MERGED, PASSTHROUGH, PASSTHROUGH_SPEC, SCALE_RANGE, Recipe, StackEntry
 from .sources import IO_GROUP, Layout, ModelFolder
 
@@ -239,12 +240,11 @@ class SearchSpace:
         Each dimension takes the recipe's value for one tensor it covers: of its group's first block, of its
         module kind (the MLP's for a dimension without one)."""
         params: dict[str, Any] = {"method": recipe.method} if len(self.methods) > 1 else {}
+        plan = MergePlan.of(recipe, self.layout)
         for dim in self.dims[recipe.method]:
             name = self._representative(dim)
-            info = self.layout.tensors[name]
-            group = self.layout.group(name, recipe.layer_groups)
-            value = (recipe.shared_values(group, name)[dim.param.name] if dim.source is None
-                     else recipe.value(dim.source, dim.param.name, group, info.kind, name))
+            value = (plan.slot(name).shared[dim.param.name] if dim.source is None
+                     else plan.value(name, dim.source, dim.param.name))
             params[dim.name] = dim.snap(value)
         return params
 

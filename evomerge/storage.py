@@ -28,6 +28,7 @@ from .errors import InputError
 # Study attributes that several modules read (samplers.py, search.py, auto.py), here below all of them
 BASELINES_ATTR = "baseline_count"   # trials 0 .. count-1 are the baselines (set by search.py when it queues them)
 BUDGET_ATTR = "budget"              # the most trials any run of the study asked for (search.py)
+DONE = ("COMPLETE", "PRUNED")        # the states of a trial that counts against the budget, by name
 GRADIENT_KEY = "gradient_steps"     # the user attribute that marks a gradient learner's trial (search.py)
 
 HEARTBEAT_S = 5     # a running trial's heartbeat; a trial silent for GRACE_S is stale (failed, or retried)
@@ -325,3 +326,12 @@ class StudyView:
     @property
     def trials(self) -> list[FrozenTrial]:
         return self.get_trials()
+
+
+def fail_stale_trials(study) -> None:
+    """Fail (or re-queue for a retry) the running trials whose heartbeat stopped: a dead worker's."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optuna.storages.fail_stale_trials(study)

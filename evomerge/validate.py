@@ -23,7 +23,7 @@ def validate_file(path: Path) -> str:
     data = load_yaml(path)
     kind = kind_of(data)
     if kind in ("recipe", "mergekit"):
-        from .kernel import open_recipe_sources
+        from .build import open_recipe_sources
         from .recipe import Recipe
 
         recipe = Recipe.from_yaml(path)

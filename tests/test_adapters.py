@@ -104,7 +104,7 @@ def test_adapters_merge_like_peft_merged_models_in_mergekit(family, tmp_path, ca
 
 @pytest.mark.slow
 def test_a_single_adapter_at_weight_one_is_peft_merge_and_unload(family):
-    from evomerge.kernel import merge
+    from evomerge.build import merge
 
     recipe = yaml.safe_load(write_recipe(family, "task_arithmetic", ["a2"]).read_text())
     recipe.update(parameters={"a2": {"weight": 1.0}}, filters={})
@@ -117,7 +117,8 @@ def test_a_single_adapter_at_weight_one_is_peft_merge_and_unload(family):
 @pytest.mark.parametrize("method", ["task_arithmetic", "linear"])
 def test_the_low_rank_path_equals_the_dense_path(family, method):
     """Factors resident and one GEMM per module, against dense task vectors (the path TIES needs)."""
-    from evomerge.kernel import ResidentMerger, open_recipe_sources
+    from evomerge.build import open_recipe_sources
+    from evomerge.kernel import ResidentMerger
     from evomerge.recipe import Recipe
 
     recipe = Recipe.from_yaml(write_recipe(family, method, ["a0", "a1", "a2"], **(
@@ -161,7 +162,7 @@ def test_the_merged_adapter_is_the_merged_model(family, tmp_path, capsys):
 
 def test_fan_in_fan_out_on_gpt2_conv1d(tmp_path):
     """GPT-2 keeps its projections as Conv1D (in × out): peft's delta is (B A)ᵀ there."""
-    from evomerge.kernel import merge
+    from evomerge.build import merge
 
     base, _ = make_family(tmp_path, arch="gpt2", k=0, layers=2, vocab=50)
     make_adapter(base, tmp_path / "g0", seed=5, r=4, lora_alpha=4, target_modules=["c_attn", "c_fc", "c_proj"],
@@ -283,7 +284,7 @@ def test_a_search_over_adapters_learns_on_the_factors_and_exports_an_adapter(tmp
         gm.start([])
         values = torch.linspace(0.2, 1.3, len(gm.dims), dtype=torch.float64)
         low_loss, low = gm.gradient(values)
-        session.merger._densify()
+        session.merger.store.densify()
         dense_loss, dense = gm.gradient(values)
         assert low.abs().max() > 1e-4
         assert low_loss == pytest.approx(dense_loss, rel=1e-5)

@@ -22,6 +22,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from modelfactory import make_family, run_mergekit  # noqa: E402
 
+from evomerge import plan  # noqa: E402
+
 pytest.importorskip("mergekit")
 
 
@@ -134,9 +136,10 @@ def test_the_recipe_keeps_the_configs_structure(family, tmp_path):
     assert mlp.parameters[s2]["weight"] == pytest.approx((0.5, 2 / 3, 5 / 6, 1.0))
     assert recipe.parameters[s0]["weight"] == 0.9 and recipe.parameters[s2]["weight"] == 0.4
     assert recipe.parameters[s2]["density"] == 0.6
-    assert recipe.value(s0, "weight", 1, "attn", "model.layers.1.self_attn.q_proj.weight") == pytest.approx(0.8 + 0.2 / 3)
-    assert recipe.value(s0, "weight", 1, "mlp", "model.layers.1.mlp.up_proj.weight") == 0.7
-    assert recipe.value(s0, "weight", "io", "embed", "model.embed_tokens.weight") == 0.9
+    assert plan.value(recipe, s0, "weight", 1, "attn", "model.layers.1.self_attn.q_proj.weight") == pytest.approx(
+        0.8 + 0.2 / 3)
+    assert plan.value(recipe, s0, "weight", 1, "mlp", "model.layers.1.mlp.up_proj.weight") == 0.7
+    assert plan.value(recipe, s0, "weight", "io", "embed", "model.embed_tokens.weight") == 0.9
     basic = tmp_path / "basic.yml"
     basic.write_text(yaml.safe_dump(all_configs["basic-task_arithmetic"] | {"merge_method": "dare_ties"}))
     dare = Recipe.from_yaml(basic)

@@ -358,7 +358,7 @@ def test_sources_held_as_stored_merge_as_float32_task_vectors_do(kernel, half_fa
     for way in (kernel, None):
         got, written = materialize(stored, recipe, way, monkeypatch)
         assert written == (len(got) if way is not None and REGISTRY.get(method).fused is not None
-                           and recipe.shared_values().get("rescale") != "l1" else 0)
+                           and recipe.shared.get("rescale") != "l1" else 0)
         assert_same(got, expected)
 
 

@@ -101,11 +101,29 @@ def test_the_pipeline_reads_downwards() -> None:
     graph = import_graph()
     order = ["evomerge.errors", "evomerge.methods", "evomerge.sources", "evomerge.config", "evomerge.kernel",
              "evomerge.storage", "evomerge.search", "evomerge.demo", "evomerge.compare", "evomerge.cli"]
-    for i, module in enumerate(order):
+    for i, stage in enumerate(order):
         above = set(order[i + 1:])
-        assert not (graph[module] & above), (module, sorted(graph[module] & above))
+        for module in (m for m in graph if m == stage or m.startswith(stage + ".")):    # a package's modules too
+            assert not (graph[module] & above), (module, sorted(graph[module] & above))
     assert not graph["evomerge.export.run"] & {"evomerge.search", "evomerge.demo", "evomerge.compare"}
     assert not graph["evomerge.evaluate.tasks"] & {"evomerge.evaluate.harness"}
+
+
+def test_the_kernel_reads_plans_not_recipes() -> None:
+    """The kernel's modules see a recipe only as the MergePlan it resolves to (plan.py)."""
+    graph = import_graph()
+    kernel = [m for m in graph if m == "evomerge.kernel" or m.startswith("evomerge.kernel.")]
+    assert len(kernel) >= 4
+    for module in kernel:
+        assert "evomerge.recipe" not in graph[module], module
+    assert "evomerge.recipe" not in graph["evomerge.plan"]
+
+
+def test_no_module_holds_two_things() -> None:
+    """A file past 450 lines holds two things (STYLE.md): none of the package's does."""
+    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 450}
+    assert not long, long
 
 
 def test_importing_evomerge_leaves_the_allocator_alone(tmp_path) -> None:
@@ -120,9 +138,9 @@ def test_importing_evomerge_leaves_the_allocator_alone(tmp_path) -> None:
     probe = ("import sys\n"
              "import evomerge.kernel as k, evomerge.search, evomerge.cli, evomerge.export.run\n"
              "from evomerge.sources import open_sources\n"
-             "print(k._keep_chunk_temporaries_on_the_heap.cache_info().currsize)\n"
+             "print(k.memory.keep_chunk_temporaries_on_the_heap.cache_info().currsize)\n"
              "k.ResidentMerger(open_sources(sys.argv[1], sys.argv[2:]), build_model=False)\n"
-             "print(k._keep_chunk_temporaries_on_the_heap.cache_info().currsize)\n")
+             "print(k.memory.keep_chunk_temporaries_on_the_heap.cache_info().currsize)\n")
     out = subprocess.run([sys.executable, "-c", probe, str(base), *map(str, sources)], capture_output=True,
                          text=True, check=True, cwd=PACKAGE.parent).stdout.split()
     assert out == ["0", "1"]

@@ -90,7 +90,7 @@ def test_merge_twice_gives_identical_bytes(family, tmp_path, method):
 def test_folder_loads_and_equals_the_kernel(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from evomerge.kernel import merger_for
+    from evomerge.build import merger_for
     from evomerge.recipe import Recipe
 
     path = write_recipe(tmp_path, family, method="della", parameters={
@@ -153,7 +153,7 @@ def test_checkpoint_tensors_the_model_does_not_load_are_merged_and_left_out_of_i
     Llamas their rotary frequencies): they merge and export as before, and the model scores as exported."""
     from transformers import AutoModelForCausalLM
 
-    from evomerge.kernel import merger_for
+    from evomerge.build import merger_for
 
     base, sources = make_family(tmp_path / arch, arch=arch, k=2, layers=2)
     for folder in (base, *sources):
@@ -237,7 +237,8 @@ def test_metadata_holds_recipe_hash_and_version(family, tmp_path):
 
 def test_resident_kernel_leaves_no_residue(family):
     """materialize(A), then B, then A again: the parameters equal a fresh merge of A, in the same storage."""
-    from evomerge.kernel import ResidentMerger, merger_for
+    from evomerge.build import merger_for
+    from evomerge.kernel import ResidentMerger
     from evomerge.recipe import Recipe
     from evomerge.sources import open_sources
 
@@ -492,7 +493,7 @@ def test_memory_plan_streams_between_its_two_needs(family):
     base, sources = family
     opened = open_sources(str(base), [str(s) for s in sources])
     merger = ResidentMerger(opened, methods=["dare_ties"], build_model=False, streaming=True)
-    plan = MemoryPlan.of(merger, 10**12)
+    plan = MemoryPlan.of(merger.store, out_dtype=merger.out_dtype, score_dtype=merger.score_dtype, budget=10**12)
     layout, k = opened.layout, len(sources)
     largest = max(info.numel for info in layout.tensors.values())
     assert plan.model == layout.numel * 4

@@ -880,12 +880,13 @@ def _kernel_recipe(method: str, base, sources):
 def test_resident_kernel_equals_one_off_merge(tiny_family, method, mode, monkeypatch):
     """materialize() writes, tensor by tensor, exactly what merge_tensors gives for the recipe's values:
     also when elementwise methods run over small chunks, and when tensors stream from disk."""
-    import evomerge.kernel
+    import evomerge.kernel.device
     from evomerge.kernel import ResidentMerger
+    from evomerge.plan import MergePlan
     from evomerge.sources import open_sources
 
     if mode == "chunked":
-        monkeypatch.setattr(evomerge.kernel, "CHUNK", 97)
+        monkeypatch.setattr(evomerge.kernel.device, "CHUNK", 97)
     base, sources = tiny_family
     recipe = _kernel_recipe(method, base, sources)
     opened = open_sources(recipe.base, recipe.sources)
@@ -895,11 +896,11 @@ def test_resident_kernel_equals_one_off_merge(tiny_family, method, mode, monkeyp
     merger.materialize(recipe)
     layout = opened.layout
     anchor = opened.anchor
+    plan = MergePlan.of(recipe, layout)
     for name, out in merger.state_dict().items():
-        info = layout.tensors[name]
-        values = recipe.source_values(layout.group(name, recipe.layer_groups), info.kind)
+        slot = plan.slot(name)
         one_off = merge_tensors(method, anchor.read(name), [s.read(name) for s in opened.sources],
-                                seed=recipe.seed, name=name, **recipe.shared_values(), **values)
+                                seed=recipe.seed, name=name, **slot.shared, **slot.values)
         assert torch.equal(out, one_off), name
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import pytest
 
+from evomerge import plan
 from evomerge.errors import InputError
+from evomerge.plan import MergePlan
 from evomerge.recipe import Recipe
 
 RECIPE = {
@@ -35,18 +37,47 @@ ROWS = [  # tensor, group, kind -> (s0 weight, s0 density, s1 weight, s1 density
 @pytest.mark.parametrize("tensor, group, kind, expected", ROWS, ids=[r[0] for r in ROWS])
 def test_the_lookup_rule(tensor, group, kind, expected):
     recipe = Recipe.from_dict(RECIPE)
-    got = (recipe.value("s0", "weight", group, kind, tensor), recipe.value("s0", "density", group, kind, tensor),
-           recipe.value("s1", "weight", group, kind, tensor), recipe.value("s1", "density", group, kind, tensor),
-           recipe.shared_values(group, tensor)["lambda"])
+    got = tuple(plan.value(recipe, src, name, group, kind, tensor)
+                for src in ("s0", "s1") for name in ("weight", "density"))
+    got += (plan.shared_values(recipe, group, tensor)["lambda"],)
     assert got == pytest.approx(expected)
-    assert recipe.source_values(group, kind, tensor) == {"weight": [got[0], got[2]], "density": [got[1], got[3]]}
 
 
 def test_tensors_in_one_slot_take_the_same_values():
     recipe = Recipe.from_dict(RECIPE)
-    a = recipe.slot("model.layers.0.self_attn.k_proj.weight", 0, "attn")
-    assert a == recipe.slot("model.layers.1.self_attn.v_proj.weight", 0, "attn")
-    assert a != recipe.slot("model.layers.1.self_attn.q_proj.weight", 0, "attn")
+    a = plan.slot_key(recipe, "model.layers.0.self_attn.k_proj.weight", 0, "attn")
+    assert a == plan.slot_key(recipe, "model.layers.1.self_attn.v_proj.weight", 0, "attn")
+    assert a != plan.slot_key(recipe, "model.layers.1.self_attn.q_proj.weight", 0, "attn")
+
+
+def test_a_plan_holds_the_rules_value_for_every_tensor_of_a_model(tmp_path):
+    """MergePlan.of over a real layout: each tensor's slot holds what the rule gives for it, and tensors share a
+    slot exactly where their (group, kind, matching name filters) agree."""
+    from modelfactory import make_family
+
+    from evomerge.sources import open_sources
+
+    base, sources = make_family(tmp_path / "fam", k=2, layers=4)
+    layout = open_sources(str(base), [str(s) for s in sources]).layout
+    recipe = Recipe.from_dict(RECIPE | {"base": str(base), "sources": [str(s) for s in sources],
+                                        "parameters": {str(sources[0]): {"weight": [0.1, 0.2], "density": 0.5},
+                                                       str(sources[1]): {"weight": 0.3}},
+                                        "filters": {"attn": {str(sources[0]): {"weight": 0.4}}},
+                                        "name_filters": [{"match": "q_proj", "lambda": 2.0}]})
+    merge_plan = MergePlan.of(recipe, layout)
+    keys = {}
+    for tensor, info in layout.tensors.items():
+        group = layout.group(tensor, recipe.layer_groups)
+        slot = merge_plan.slot(tensor)
+        assert (slot.group, slot.kind) == (group, info.kind)
+        for i, src in enumerate(recipe.sources):
+            for name in ("weight", "density"):
+                assert slot.values[name][i] == plan.value(recipe, src, name, group, info.kind, tensor)
+                assert merge_plan.value(tensor, src, name) == slot.values[name][i]
+        assert slot.shared == plan.shared_values(recipe, group, tensor)
+        keys.setdefault(plan.slot_key(recipe, tensor, group, info.kind), set()).add(merge_plan.of_tensor[tensor])
+    assert all(len(indices) == 1 for indices in keys.values()) and len(keys) == len(merge_plan.slots)
+    assert {s.shared["lambda"] for s in merge_plan.slots} == {0.8, 1.2, 2.0}
 
 
 def test_name_filters_round_trip_and_change_the_recipes_identity():

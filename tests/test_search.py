@@ -43,6 +43,7 @@ def test_space_names_are_readable_and_decode_to_valid_recipes(fixture_config):
     import optuna
 
     from evomerge.config import load_config
+    from evomerge.plan import MergePlan
     from evomerge.recipe import Recipe
     from evomerge.sources import open_sources
     from evomerge.space import SearchSpace
@@ -66,9 +67,11 @@ def test_space_names_are_readable_and_decode_to_valid_recipes(fixture_config):
                 assert round(value, 2) == value                 # on the threshold table's grid
         study.tell(trial, 0.0)
     # the baselines really are the sources and the defaults
-    alone = space.decode(space.source_alone(1))
-    assert alone.value(config.sources[1], "weight", 0, "mlp") == 1.0
-    assert alone.value(config.sources[0], "weight", "io", "embed") == 0.0
+    alone = MergePlan.of(space.decode(space.source_alone(1)), space.layout)
+    block = next(n for n, info in space.layout.tensors.items() if info.kind == "mlp")
+    embed = next(n for n, info in space.layout.tensors.items() if info.kind == "embed")
+    assert alone.slot(block).values["weight"] == (0.0, 1.0)
+    assert alone.slot(embed).values["weight"] == (0.0, 1.0)
 
 
 def test_search_exports_the_model_it_scored(finished_run, fixture_config, tmp_path):

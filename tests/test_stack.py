@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from modelfactory import make_family, run_mergekit
 from safetensors.torch import load_file
 
 from evomerge.cli import main
-from modelfactory import make_family, run_mergekit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,7 +54,7 @@ def test_a_stack_is_mergekits_passthrough(tmp_path, arch):
 
 def test_ps_plus_dfs_stacks_the_merged_blocks(tmp_path):
     """A `merged` entry is a block of the recipe's own parameter-space merge."""
-    from evomerge.kernel import merger_for
+    from evomerge.build import merger_for
 
     make_family(tmp_path, arch="llama", k=2, layers=4, vocab=50)
     ps = {"evomerge_recipe": 1, "method": "task_arithmetic", "base": "base", "sources": ["s0", "s1"],
@@ -75,9 +75,9 @@ def test_the_resident_stack_generates_as_the_exported_folder(zoo: Path, tmp_path
     generate tasks through the evaluator."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from evomerge.build import open_recipe_sources
     from evomerge.evaluate import evaluate, load_tasks
     from evomerge.export import merge_to_folder
-    from evomerge.kernel import open_recipe_sources
     from evomerge.recipe import Recipe
     from evomerge.stack import ResidentStack
 

@@ -96,8 +96,8 @@ def test_union_matches_mergekit_on_a_real_checkpoint(smol_union, tmp_path):
     order, rounded to bfloat16 once. The exported folder loads and gives the resident model's logits."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from evomerge.build import merger_for
     from evomerge.export import merge_to_folder
-    from evomerge.kernel import merger_for
 
     base, tools, plain = smol_union["base"], smol_union["tools"], smol_union["plain"]
     recipe = write_recipe(tmp_path / "recipe.yaml", {

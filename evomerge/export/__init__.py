@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..build import Merged, merger_for
 from ..errors import InputError
-from ..kernel import ResidentMerger, merger_for
 from ..recipe import Recipe
 from ..sources import SourceSet
 from ..yamlio import dump_yaml
@@ -50,7 +50,7 @@ def _same_union_in_mergekit(recipe: Recipe, sources: SourceSet) -> bool:
     return recipe.spec.needs_base and sources.base is not None and sources.union.same_in_mergekit
 
 
-def export_model(merger: ResidentMerger, recipe: Recipe, out: str | Path, *, force: bool = False,
+def export_model(merger: Merged, recipe: Recipe, out: str | Path, *, force: bool = False,
                  card_extra: str = "") -> Path:
     """Write what `merger` holds (materialized from `recipe`) as a model folder."""
     sources = merger.sources
@@ -61,9 +61,8 @@ def export_model(merger: ResidentMerger, recipe: Recipe, out: str | Path, *, for
         tokenizer_from = open_folder(recipe.tokenizer, relative_to=recipe.relative_to, field="tokenizer")
     text = mergekit_yaml(recipe, sources)
     lineage = [f.hub_id for f in sources.models if f.hub_id]
-    config = getattr(merger, "config", None)       # a stack's (kernel.Stacked): T blocks
     return write_model_folder(Path(out), tensors=merger.state_dict(), recipe=recipe, config_from=sources.anchor,
-                              config=config,
+                              config=merger.config,
                               tokenizer_from=tokenizer_from, dtype=merger.out_dtype, force=force,
                               card_extra=card_extra, extra_files={"mergekit.yaml": text} if text else None,
                               base_models=list(dict.fromkeys(lineage)),
@@ -79,7 +78,7 @@ def merge_to_folder(recipe: Recipe | str | Path, out: str | Path, *, device: str
         recipe = Recipe.from_yaml(recipe)
     check_destination(Path(out), force=force)
     if adapter is not None:
-        from ..kernel import open_recipe_sources
+        from ..build import open_recipe_sources
         from .adapter import adapter_refusal
 
         refusal = adapter_refusal(recipe, open_recipe_sources(recipe))     # headers only, before any weight

@@ -16,6 +16,7 @@ from ..adapters import CONFIG, PREFIX, WEIGHTS
 from ..errors import InputError
 from ..methods import resolve
 from ..methods.lowrank import COEFFICIENTS, concatenated
+from ..plan import MergePlan
 from ..recipe import Recipe
 from ..sources import SourceSet
 from .folder import atomic_dir, check_destination
@@ -36,18 +37,16 @@ def adapter_refusal(recipe: Recipe, sources: SourceSet) -> str | None:
 
 def merged_factors(recipe: Recipe, sources: SourceSet) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Base tensor name -> (L, R) with the merge's task vector = L @ R, float32, rank Σ r_i of what reaches it."""
-    layout = sources.layout
-    spec = recipe.spec
+    plan = MergePlan.of(recipe, sources.layout)
     k = len(sources.sources)
     out = {}
-    for name in layout.tensors:
+    for name in sources.layout.tensors:
         pairs = [folder.low_rank(name) for folder in sources.sources]
         if all(pair is None for pair in pairs):
             continue
-        group, kind = layout.group(name, recipe.layer_groups), layout.tensors[name].kind
-        p = resolve(spec, recipe.shared_values(group, name), recipe.source_values(group, kind, name), k=k,
-                    device="cpu", dtype=torch.float32)
-        base_scale, coefficients = COEFFICIENTS[spec.name](p)
+        slot = plan.slot(name)
+        p = resolve(plan.spec, slot.shared, slot.values, k=k, device="cpu", dtype=torch.float32)
+        base_scale, coefficients = COEFFICIENTS[plan.method](p)
         if base_scale != 1.0:
             raise InputError(f"the merge scales the base by {base_scale:g} in '{name}', which no adapter can",
                              file=str(recipe.path) if recipe.path else None, field="parameters",

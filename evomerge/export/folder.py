@@ -33,12 +33,16 @@ def check_destination(out: Path, *, force: bool) -> None:
     """Refuse to overwrite an existing output unless forced (before any work is done)."""
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
         raise InputError("output already exists", file=out, fix="choose another folder or pass --force")
-    parent = out.parent if out.parent != Path("") else Path(".")
-    probe = parent
+    check_writable(out.parent if out.parent != Path("") else Path("."))
+
+
+def check_writable(folder: Path, *, what: str = "folder", fix: str = "choose a writable output folder") -> None:
+    """Refuse a folder that cannot be made: its nearest existing ancestor is not writable."""
+    probe = folder
     while not probe.exists():
         probe = probe.parent
     if not os.access(probe, os.W_OK):
-        raise InputError("folder is not writable", file=probe, fix="choose a writable output folder")
+        raise InputError(f"{what} is not writable", file=probe, fix=fix)
 
 
 @contextlib.contextmanager

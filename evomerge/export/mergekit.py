@@ -15,6 +15,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from ..plan import MergePlan
 from ..recipe import Recipe
 from ..sources import Layout, _BLOCK
 
@@ -28,19 +29,19 @@ def to_mergekit(recipe: Recipe, layout: Layout, paths: Mapping[str, str]) -> dic
     spec = recipe.spec
     if spec.mergekit is None:
         return None
+    plan = MergePlan.of(recipe, layout)
     models = []
     if spec.name == "slerp":
         models.append({"model": paths[recipe.base]})
-    for src in recipe.sources:
-        params = {p.name: _setting(layout, {t: recipe.value(src, p.name, layout.group(t, recipe.layer_groups),
-                                                            info.kind, t) for t, info in layout.tensors.items()})
+    for i, src in enumerate(recipe.sources):
+        params = {p.name: _setting(layout, {t: plan.slot(t).values[p.name][i] for t in layout.tensors})
                   for p in spec.source_params}
         models.append({"model": paths[src], "parameters": params} if params else {"model": paths[src]})
     config: dict[str, Any] = {"merge_method": spec.mergekit}
     if spec.needs_base and recipe.base is not None:
         config["base_model"] = paths[recipe.base]
     config["models"] = models
-    per_tensor = {t: recipe.shared_values(layout.group(t, recipe.layer_groups), t) for t in layout.tensors}
+    per_tensor = {t: plan.slot(t).shared for t in layout.tensors}
     shared = {}
     for param in spec.shared_params:      # numeric ones may differ per layer group and by name filter
         values = {t: v[param.name] for t, v in per_tensor.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..plan import MergePlan
 from ..sources import IO_GROUP
 
 
@@ -71,14 +72,21 @@ def _profile(plt, session, rows, recipe):
     params = [p.name for p in recipe.spec.source_params if p.name in ("weight", "density")]
     if not params:
         return None
+    layout = session.sources.layout
+    plan = MergePlan.of(recipe, layout)
     groups: list[int | str] = list(range(recipe.layer_groups)) + [IO_GROUP]
     labels = [f"g{g}" if g != IO_GROUP else "io" for g in groups]
+    kinds = ["attn", "mlp"] if recipe.filters.get("attn") or recipe.filters.get("mlp") else ["mlp"]
+    # each point is the value of the first tensor of its group and kind (the embeddings' outside the blocks)
+    first = {}
+    for tensor, info in layout.tensors.items():
+        first.setdefault((layout.group(tensor, recipe.layer_groups), info.kind), tensor)
     fig, axes = plt.subplots(1, len(params), figsize=(5 * len(params), 3.6), squeeze=False)
     for ax, name in zip(axes[0], params):
         for src in recipe.sources:
-            kinds = ["attn", "mlp"] if recipe.filters.get("attn") or recipe.filters.get("mlp") else ["mlp"]
             for kind in kinds:
-                ys = [recipe.value(src, name, g, kind if g != IO_GROUP else "embed") for g in groups]
+                tensors = [first.get((g, kind if g != IO_GROUP else "embed")) for g in groups]
+                ys = [plan.value(t, src, name) if t is not None else float("nan") for t in tensors]
                 style = "-o" if kind == "mlp" else "--s"
                 tag = f"{Path(src).name}" + (f" ({kind})" if len(kinds) > 1 else "")
                 ax.plot(labels, ys, style, label=tag)

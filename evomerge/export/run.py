@@ -63,7 +63,7 @@ def export_run(session, run_dir: Path, *, result, trial: int | None = None):
         score={"search": best_row["search_mean"], "heldout": best_row["heldout_mean"]},
     )
     if scored.layers:      # a stack: its tensors under the stack's names, the scored model's weights (stack.py)
-        from ..kernel import stack_for
+        from ..build import stack_for
 
         merger = stack_for(scored, device=session.merger.device)
     else:

@@ -1,5 +1,5 @@
 """The CPU's feature flags (Linux's /proc/cpuinfo), read once: which half-precision dtypes it multiplies
-natively (kernel.py) and what `-march=native` compiles the fused kernel for (methods/fused.py)."""
+natively (kernel/device.py) and what `-march=native` compiles the fused kernel for (methods/fused.py)."""
 
 from __future__ import annotations
 

@@ -23,8 +23,8 @@ def chunk_elements(device: torch.device) -> int:
 
 def scoring_dtype(stored: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype a model is scored in: the stored one, except bf16/fp16 on a CPU without native matmuls for it,
-    where it runs in float32 (a bf16 forward of a 135M model was 6.2x float32's on a Zen 1 EPYC; with AMX, bf16
-    is 6x faster than float32). The weights are the same values, upcast exactly; storage and export keep the
+    where it runs in float32 (emulated half matmuls are several times slower than float32's; native ones faster:
+    results/real_scoring.md). The weights are the same values, upcast exactly; storage and export keep the
     stored dtype. A GPU scores in the stored dtype."""
     if device.type == "cpu" and stored in (torch.bfloat16, torch.float16) and stored not in fast_cpu_dtypes():
         return torch.float32

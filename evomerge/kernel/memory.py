@@ -30,8 +30,7 @@ def _glibc():
 @functools.cache
 def keep_chunk_temporaries_on_the_heap() -> None:
     """glibc serves allocations above 128 KiB with a fresh mmap, and every page of it faults on first touch:
-    a chunk's temporaries (a few MiB) then cost more than the arithmetic on them (measured: ties 2.7x
-    slower). Raise the mmap threshold to 64 MiB so they are reused from the heap; whole tensors above
+    a chunk's temporaries (a few MiB) then cost more than the arithmetic on them. Raise the mmap threshold to 64 MiB so they are reused from the heap; whole tensors above
     it still map and unmap. Elsewhere than glibc nothing changes. Once per process, by the first merger on
     the CPU: importing evomerge changes nothing in the allocator."""
     libc = _glibc()

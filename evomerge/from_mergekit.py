@@ -43,11 +43,8 @@ def from_mergekit(data: Mapping[str, Any], *, path: Path) -> dict[str, Any]:
             raise InputError(f"unknown or unsupported key '{key}'", file=file, field=str(key),
                              fix=hint or suggest(str(key), KEYS) or f"mergekit keys read: {', '.join(KEYS)}")
     method = data["merge_method"]
-    if data.get("chat_template") is not None:
-        raise InputError("a chat template has no recipe form yet", file=file, field="chat_template",
-                         fix="remove it and set chat_template in the merged model's tokenizer_config.json")
     recipe: dict[str, Any] = {"evomerge_recipe": 1, "method": method}
-    recipe.update(_dtype(data, file) | _tokenizer(data, file))
+    recipe.update(_dtype(data, file) | _tokenizer(data, file) | _chat_template(data.get("chat_template"), file))
     if method == "passthrough":
         recipe.update(_stack(data, file, path))
         return recipe
@@ -177,6 +174,31 @@ def _tokenizer(data: Mapping[str, Any], file: str) -> dict[str, Any]:
     if source == "base":
         return {"vocab": "base"}
     return {"tokenizer": _model_ref(source, file, "tokenizer_source")}
+
+
+def _chat_template(value: Any, file: str) -> dict[str, Any]:
+    """mergekit's chat_template: "auto", a Jinja template, or the name of a template mergekit ships (chatml,
+    llama3, ...), read from the installed mergekit (its text goes into the recipe, which then stands alone).
+    mergekit 0.1.5 writes it only where it builds a tokenizer (tokenizer_source set); evomerge always does."""
+    if value is None:
+        return {}
+    if not isinstance(value, str):
+        raise InputError("must be a template's name, its Jinja text, or auto", file=file, field="chat_template")
+    if value == "auto" or ("{" in value and len(value) >= 20):
+        return {"chat_template": value}
+    if len(value) < 256 and "\n" not in value and "{" not in value:
+        try:
+            from importlib.resources import files
+
+            template = files("mergekit._data.chat_templates").joinpath(value + ".jinja")
+            if template.is_file():
+                return {"chat_template": template.read_text()}
+        except ImportError:     # no mergekit here: its named templates are its own files
+            raise InputError(f"'{value}' names a template that mergekit ships, and mergekit is not installed",
+                             file=file, field="chat_template",
+                             fix="paste the template's Jinja text as chat_template, or pip install mergekit") from None
+    raise InputError(f"invalid chat template {value!r}", file=file, field="chat_template",
+                     fix="a template's name (chatml, llama3, alpaca, mistral, exaone), its Jinja text, or auto")
 
 
 def _stack(data: Mapping[str, Any], file: str, path: Path) -> dict[str, Any]:

@@ -27,7 +27,7 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 VOCAB_POLICIES = ("error", "base", "union")   # differing vocabularies: refused | the base's | merged (vocab.py)
 FILTER_KINDS = tuple(k for k in MODULE_KINDS if k != "other") + (IO_GROUP,)
 _TOP_KEYS = ("evomerge_recipe", "method", "base", "sources", "seed", "dtype", "layer_groups", "parameters",
-             "filters", "name_filters", "layers", "vocab", "tokenizer", "provenance")
+             "filters", "name_filters", "layers", "vocab", "tokenizer", "chat_template", "provenance")
 PASSTHROUGH = "passthrough"     # a stack of blocks (`layers`) and nothing merged in parameter space
 MERGED = "merged"               # a `layers` entry's model: the recipe's own parameter-space merge (PS + DFS)
 SCALE_RANGE = (0.0, 2.0)        # a stacked block's scale on its residual-branch output projections
@@ -73,6 +73,7 @@ class Recipe:
     layers: tuple[StackEntry, ...] = ()   # a stack of blocks (METHODS.md, "Layer stacking"); () = no stacking
     vocab: str = "error"               # one of VOCAB_POLICIES
     tokenizer: str | None = None      # where the tokenizer comes from; default: the base (else first source)
+    chat_template: str | None = None  # the merged tokenizer's: a Jinja template, or "auto" (the models' most common)
     provenance: Mapping[str, Any] | None = None
     path: Path | None = field(default=None, compare=False)   # the file it was read from
 
@@ -115,6 +116,8 @@ class Recipe:
             out["vocab"] = self.vocab
         if self.tokenizer is not None:
             out["tokenizer"] = self.tokenizer
+        if self.chat_template is not None:
+            out["chat_template"] = self.chat_template
         if provenance and self.provenance:
             out["provenance"] = _plain(self.provenance)
         return out
@@ -253,6 +256,11 @@ def _parse(data: dict[str, Any], *, file: str | None, path: Path | None) -> Reci
     if tokenizer is not None and vocab == "union":
         raise InputError("vocab: union ships the union of the models' tokenizers", file=file, field="tokenizer",
                          fix="remove 'tokenizer', or use vocab: base")
+    chat_template = data.get("chat_template")
+    if chat_template is not None and (not isinstance(chat_template, str)
+                                      or (chat_template != "auto" and "{" not in chat_template)):
+        raise InputError(f"{chat_template!r} is no chat template", file=file, field="chat_template",
+                         fix="a Jinja template (its text), or auto: the template most of the models have")
     parameters = parse_source_params(data.get("parameters") or {}, spec, sources, groups, file=file,
                                      where="parameters")
     filters_raw = data.get("filters") or {}
@@ -273,7 +281,7 @@ def _parse(data: dict[str, Any], *, file: str | None, path: Path | None) -> Reci
                     layer_groups=groups, shared=shared, parameters=parameters, filters=filters,
                     name_filters=name_filters, layers=layers,
                     vocab=vocab,
-                    tokenizer=tokenizer, provenance=provenance, path=path)
+                    tokenizer=tokenizer, chat_template=chat_template, provenance=provenance, path=path)
     check(recipe, file=file)
     return recipe
 

@@ -8,6 +8,7 @@ models. float32 configs (mergekit merges in the config's dtype; evomerge in floa
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -151,7 +152,7 @@ def test_the_recipe_keeps_the_configs_structure(family, tmp_path):
      "parameters.t[0].pattern", "mergekit 0.1.5 ignores 'pattern'"),
     (lambda c: c | {"modules": {}}, "modules", "no evomerge form"),
     (lambda c: c | {"merge_method": "ranked_ties"}, "merge_method", "unknown merge method"),
-    (lambda c: c | {"chat_template": "chatml"}, "chat_template", "no recipe form"),
+    (lambda c: c | {"chat_template": "no-such-template"}, "chat_template", "invalid chat template"),
     (lambda c: c | {"slices": c["slices"] * 2}, "slices", "several slices"),
     (lambda c: c | {"slices": [{"sources": [dict(s, layer_range=[0, 2]) for s in c["slices"][0]["sources"]]}]},
      "slices[0].sources[0].layer_range", "part of the layers"),
@@ -168,6 +169,76 @@ def test_what_a_recipe_cannot_say_exits_2_naming_the_key(family, tmp_path, capsy
     line = capsys.readouterr().err.strip()
     assert len(line.splitlines()) == 1 and str(config) in line and field in line and words in line, line
     assert not (tmp_path / "out").exists()
+
+
+CHAT_A = "{% for m in messages %}A:{{ m['content'] }}{% endfor %}"
+CHAT_B = "{% for m in messages %}B:{{ m['content'] }}{% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def chat_family(tmp_path_factory):
+    """A base with chat template A and two fine-tunes with B, each with a tokenizer."""
+    from modelfactory import save_tokenizer
+
+    base, sources = make_family(tmp_path_factory.mktemp("mk-chat") / "fam", k=2, layers=2, vocab=40)
+    save_tokenizer([base, *sources])
+    for folder, template in ((base, CHAT_A), (sources[0], CHAT_B), (sources[1], CHAT_B)):
+        (folder / "chat_template.jinja").write_text(template)
+    return base, sources
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("template", ["chatml", "auto", CHAT_A + " "])
+def test_a_chat_template_reaches_the_tokenizer_as_mergekit_writes_it(chat_family, tmp_path, template):
+    """chat_template by name (mergekit's own chatml), auto (the most common of the models: B) or as text: the
+    merged tokenizer's template is mergekit-yaml's, and the tensors too; `evomerge convert` keeps it."""
+    from importlib.resources import files
+
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+    from transformers import AutoTokenizer
+
+    from evomerge.cli import main
+
+    base, sources = chat_family
+    config = {"merge_method": "task_arithmetic", "base_model": str(base), "tokenizer_source": "base",
+              "models": [{"model": str(s), "parameters": {"weight": 0.5}} for s in sources],
+              "chat_template": template, "dtype": "float32"}
+    path = tmp_path / "mergekit.yml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["merge", str(path), "-o", str(tmp_path / "ours")]) == 0
+    run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "theirs"),
+              options=MergeOptions(write_model_card=False, quiet=True, device="cpu"))
+    ours = AutoTokenizer.from_pretrained(tmp_path / "ours").chat_template
+    assert ours == AutoTokenizer.from_pretrained(tmp_path / "theirs").chat_template
+    chatml = files("mergekit._data.chat_templates").joinpath("chatml.jinja").read_text()
+    assert ours == {"chatml": chatml, "auto": CHAT_B}.get(template, template)
+    theirs = merged(tmp_path / "theirs")
+    assert all(torch.equal(t, theirs[n]) for n, t in merged(tmp_path / "ours").items())
+    assert main(["convert", str(path), "-o", str(tmp_path / "recipe.yaml")]) == 0
+    assert main(["merge", str(tmp_path / "recipe.yaml"), "-o", str(tmp_path / "converted")]) == 0
+    assert AutoTokenizer.from_pretrained(tmp_path / "converted").chat_template == ours
+
+
+def test_a_recipes_chat_template_replaces_the_one_its_tokenizer_came_with(chat_family, tmp_path, capsys):
+    """An evomerge recipe's chat_template: its text, or auto (here B, two models of three), written where
+    transformers reads it first; a template of no Jinja at all exits 2 naming the field."""
+    from evomerge.cli import main
+    from evomerge.export.folder import model_chat_template
+
+    base, sources = chat_family
+    recipe = {"method": "task_arithmetic", "base": str(base), "sources": [str(s) for s in sources]}
+    for template, expected in ((CHAT_A.replace("A:", "C:"), CHAT_A.replace("A:", "C:")), ("auto", CHAT_B)):
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe | {"chat_template": template}))
+        out = tmp_path / f"out-{len(template)}"
+        assert main(["merge", str(path), "-o", str(out)]) == 0
+        assert model_chat_template(out) == expected
+        assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())
+    path.write_text(yaml.safe_dump(recipe | {"chat_template": "chatml"}))
+    assert main(["merge", str(path), "-o", str(tmp_path / "bad")]) == 2
+    assert "chat_template" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 def test_filters_in_opposite_orders_exit_2(family, tmp_path, capsys):

@@ -9,7 +9,7 @@ from ..errors import InputError
 from ..recipe import Recipe
 from ..sources import SourceSet
 from ..yamlio import dump_yaml
-from .folder import atomic_dir, atomic_write_text, check_destination, write_model_folder
+from .folder import atomic_dir, atomic_write_text, chat_template_of, check_destination, write_model_folder
 from .mergekit import converted_on_load, to_mergekit
 
 __all__ = ["export_model", "merge_to_folder", "mergekit_yaml", "atomic_dir", "atomic_write_text",
@@ -28,7 +28,7 @@ def mergekit_yaml(recipe: Recipe, sources: SourceSet) -> str | None:
 
         paths = {f.spec: str(f.path) for f in sources.models}
         config = stack_to_mergekit(recipe, sources.layout, paths, recipe.dtype)
-        return None if config is None else dump_yaml(config)
+        return None if config is None else dump_yaml(_with_chat_template(config, recipe))
     if sources.union is not None and not _same_union_in_mergekit(recipe, sources):
         return None
     paths = {spec: str(folder.path) for spec, folder in zip(recipe.sources, sources.sources)}
@@ -40,7 +40,13 @@ def mergekit_yaml(recipe: Recipe, sources: SourceSet) -> str | None:
     config = to_mergekit(recipe, sources.layout, paths)
     if config is not None and sources.union is not None:
         config["tokenizer_source"] = "union"
-    return None if config is None else dump_yaml(config)
+    return None if config is None else dump_yaml(_with_chat_template(config, recipe))
+
+
+def _with_chat_template(config: dict, recipe: Recipe) -> dict:
+    """mergekit's chat_template key (which mergekit 0.1.5 writes only where it builds a tokenizer:
+    tokenizer_source set)."""
+    return config | {"chat_template": recipe.chat_template} if recipe.chat_template is not None else config
 
 
 def _same_union_in_mergekit(recipe: Recipe, sources: SourceSet) -> bool:
@@ -66,6 +72,8 @@ def export_model(merger: Merged, recipe: Recipe, out: str | Path, *, force: bool
                               tokenizer_from=tokenizer_from, dtype=merger.out_dtype, force=force,
                               card_extra=card_extra, extra_files={"mergekit.yaml": text} if text else None,
                               base_models=list(dict.fromkeys(lineage)),
+                              chat_template=chat_template_of(recipe.chat_template, [f.path for f in sources.models])
+                              if recipe.chat_template is not None else None,
                               tokenizer=sources.union.tokenizer if sources.union is not None else None)
 
 

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -147,12 +148,12 @@ def write_model_folder(out: Path, *, tensors: Mapping[str, torch.Tensor], recipe
                        tokenizer_from: ModelFolder, dtype: torch.dtype, force: bool = False,
                        card_extra: str = "", extra_files: Mapping[str, str] | None = None,
                        base_models: Sequence[str] = (), tokenizer: Any = None,
-                       config: Mapping[str, Any] | None = None) -> Path:
+                       config: Mapping[str, Any] | None = None, chat_template: str | None = None) -> Path:
     """config + tokenizer + safetensors (recipe hash and version in the metadata) + model card + recipe.
 
     `tokenizer`: a transformers tokenizer to save (a union vocabulary's) instead of `tokenizer_from`'s files;
     config.json then has its vocabulary size. `config`: the model's config where it is not `config_from`'s (a
-    stack's)."""
+    stack's). `chat_template`: the tokenizer's, in place of the one it came with (chat_template_of)."""
     from .. import __version__
 
     with atomic_dir(Path(out), force=force) as tmp:
@@ -171,6 +172,8 @@ def write_model_folder(out: Path, *, tensors: Mapping[str, torch.Tensor], recipe
             for name in TOKENIZER_FILES:
                 if (tokenizer_from.path / name).is_file():
                     shutil.copyfile(tokenizer_from.path / name, tmp / name)
+        if chat_template is not None:
+            set_chat_template(tmp, chat_template)
         metadata = {"format": "pt", "evomerge_version": __version__, "evomerge_recipe_sha256": recipe.sha256()}
         write_weights(tmp, tensors, metadata=metadata)
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
@@ -178,6 +181,42 @@ def write_model_folder(out: Path, *, tensors: Mapping[str, torch.Tensor], recipe
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return Path(out)
+
+
+def chat_template_of(value: str, folders: Sequence[Path]) -> str | None:
+    """A recipe's chat_template as text: itself, or for "auto" the template most of the models in `folders`
+    have (mergekit's rule: the first of the most common; None where no model has one)."""
+    if value != "auto":
+        return value
+    found = [t.strip() for t in (model_chat_template(f) for f in folders) if t]
+    return Counter(found).most_common(1)[0][0] if found else None
+
+
+def model_chat_template(folder: Path) -> str | None:
+    """A model folder's chat template, where transformers reads it: chat_template.jinja, chat_template.json,
+    else tokenizer_config.json (a list of named templates: its "default")."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            template = json.loads((folder / name).read_text()).get("chat_template")
+            if isinstance(template, list):
+                template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+            if template:
+                return template
+    return None
+
+
+def set_chat_template(folder: Path, template: str) -> None:
+    """Give the tokenizer files in `folder` this chat template, as transformers 5 saves one: chat_template.jinja,
+    and no other copy that a loader could prefer."""
+    (folder / "chat_template.jinja").write_text(template)
+    (folder / "chat_template.json").unlink(missing_ok=True)
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        data = json.loads(config.read_text())
+        if data.pop("chat_template", None) is not None:
+            config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def _set_vocab_size(config: dict, size: int) -> None:

@@ -17,8 +17,7 @@ import torch
 
 from ..plan import MergePlan
 from ..recipe import Recipe
-from ..sources import Layout, _BLOCK
-
+from ..sources import _BLOCK, Layout
 
 # mergekit's generalized task arithmetic: it rescales kept entries unless told not to
 _TASK_ARITHMETIC_FAMILY = frozenset({"task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties"})

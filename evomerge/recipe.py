@@ -19,7 +19,7 @@ from .errors import InputError
 from .methods import REGISTRY, MethodSpec
 from .plan import check
 from .recipe_values import NameFilter, SourceParams, parse_name_filters, parse_shared, parse_source_params
-from .sources import IO_GROUP, MODULE_KINDS
+from .sources import IO_GROUP, MODULE_KINDS, SCALE_RANGE
 from .yamlio import dump_yaml, load_yaml
 
 FORMAT_VERSION = 1
@@ -27,10 +27,9 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 VOCAB_POLICIES = ("error", "base", "union")   # differing vocabularies: refused | the base's | merged (vocab.py)
 FILTER_KINDS = tuple(k for k in MODULE_KINDS if k != "other") + (IO_GROUP,)
 _TOP_KEYS = ("evomerge_recipe", "method", "base", "sources", "seed", "dtype", "layer_groups", "parameters",
-             "filters", "name_filters", "layers", "vocab", "tokenizer", "chat_template", "provenance")
+             "filters", "name_filters", "layers", "head_from", "vocab", "tokenizer", "chat_template", "provenance")
 PASSTHROUGH = "passthrough"     # a stack of blocks (`layers`) and nothing merged in parameter space
 MERGED = "merged"               # a `layers` entry's model: the recipe's own parameter-space merge (PS + DFS)
-SCALE_RANGE = (0.0, 2.0)        # a stacked block's scale on its residual-branch output projections
 SHARED_NAMES = tuple(sorted({p.name for m in REGISTRY for p in m.shared_params}))
 
 
@@ -71,6 +70,7 @@ class Recipe:
     filters: Mapping[str, SourceParams] = field(default_factory=dict)
     name_filters: tuple[NameFilter, ...] = ()    # by tensor name, first match first (mergekit's `filter:`)
     layers: tuple[StackEntry, ...] = ()   # a stack of blocks (METHODS.md, "Layer stacking"); () = no stacking
+    head_from: str | None = None       # a stack's final norm and head: this model's (None: the base's)
     vocab: str = "error"               # one of VOCAB_POLICIES
     tokenizer: str | None = None      # where the tokenizer comes from; default: the base (else first source)
     chat_template: str | None = None  # the merged tokenizer's: a Jinja template, or "auto" (the models' most common)
@@ -112,6 +112,8 @@ class Recipe:
             out["name_filters"] = _plain([f.to_dict() for f in self.name_filters])
         if self.layers:
             out["layers"] = [entry.to_dict() for entry in self.layers]
+        if self.head_from is not None:
+            out["head_from"] = self.head_from
         if self.vocab != "error":
             out["vocab"] = self.vocab
         if self.tokenizer is not None:
@@ -145,7 +147,8 @@ class Recipe:
             return os.path.relpath(found, Path(folder).resolve())
 
         mapping = {s: move(s) for s in self.sources}
-        if all(k == v for k, v in mapping.items()) and move(self.base) == self.base:
+        if all(k == v for k, v in mapping.items()) and move(self.base) == self.base \
+                and move(self.tokenizer) == self.tokenizer:
             return replace(self, path=Path(folder) / "recipe.yaml")
         return self.renamed(mapping, base=move(self.base), tokenizer=move(self.tokenizer),
                             path=Path(folder) / "recipe.yaml")
@@ -162,6 +165,7 @@ class Recipe:
                        parameters=rekey(self.parameters),
                        name_filters=tuple(replace(f, parameters=rekey(f.parameters)) for f in self.name_filters),
                        layers=tuple(replace(e, model=models[e.model]) for e in self.layers),
+                       head_from=models[self.head_from] if self.head_from is not None else None,
                        filters={kind: rekey(block) for kind, block in self.filters.items()}, path=path)
 
     def with_provenance(self, **fields: Any) -> "Recipe":
@@ -214,8 +218,8 @@ def _parse(data: dict[str, Any], *, file: str | None, path: Path | None) -> Reci
         raise InputError("passthrough stacks blocks, and the recipe lists none", file=file, field="layers",
                          fix="list the blocks: layers: [{model: ..., layer: 0}, ...]")
     if stacking and "sources" not in data:       # the models the stack names, but the base
-        data["sources"] = list(dict.fromkeys(e.get("model") for e in data["layers"] if isinstance(e, Mapping)
-                                             and e.get("model") not in (data.get("base"), None)))
+        named = [e.get("model") for e in data["layers"] if isinstance(e, Mapping)] + [data.get("head_from")]
+        data["sources"] = list(dict.fromkeys(m for m in named if m not in (data.get("base"), None)))
     sources = data.get("sources")
     if not isinstance(sources, list) or not (sources or stacking) or not all(isinstance(s, str) and s for s in sources):
         raise InputError("must be a non-empty list of model names or paths", file=file, field="sources")
@@ -274,16 +278,34 @@ def _parse(data: dict[str, Any], *, file: str | None, path: Path | None) -> Reci
         filters[kind] = parse_source_params(block or {}, spec, sources, groups, file=file, where=f"filters.{kind}")
     name_filters = parse_name_filters(data.get("name_filters"), spec, sources, groups, file=file)
     layers = _parse_layers(data.get("layers"), base, sources, stacking=stacking, file=file)
+    head_from = _parse_head_from(data.get("head_from"), layers, base, sources, file=file)
     provenance = data.get("provenance")
     if provenance is not None and not isinstance(provenance, Mapping):
         raise InputError("must be a mapping", file=file, field="provenance")
     recipe = Recipe(method=spec.name, sources=tuple(sources), base=base, seed=seed, dtype=dtype,
                     layer_groups=groups, shared=shared, parameters=parameters, filters=filters,
-                    name_filters=name_filters, layers=layers,
+                    name_filters=name_filters, layers=layers, head_from=head_from,
                     vocab=vocab,
                     tokenizer=tokenizer, chat_template=chat_template, provenance=provenance, path=path)
     check(recipe, file=file)
     return recipe
+
+
+def _parse_head_from(raw: Any, layers: tuple[StackEntry, ...], base: str | None, sources: list[str], *,
+                     file: str | None) -> str | None:
+    """A stack's model for the tensors after its blocks (final norm, head): the base or a source (mergekit's
+    last slice's model); None or the base: the base's."""
+    if raw is None or raw == base:
+        return None
+    if not layers:
+        raise InputError("only a stack of blocks takes its head from another model", file=file, field="head_from",
+                         fix="remove it, or list the stack's layers")
+    shorts = {Path(s.split("@")[0].rstrip("/")).name: s for s in sources}
+    model = raw if raw in sources else shorts.get(str(raw))
+    if model is None:
+        raise InputError(f"'{raw}' is not among the models", file=file, field="head_from",
+                         fix=f"name the base or a source ({', '.join([str(base), *sources])})")
+    return model
 
 
 def _parse_layers(raw: Any, base: str | None, sources: list[str], *, stacking: bool,

@@ -55,6 +55,34 @@ def classify(name: str) -> tuple[int | None, str]:
     return None, "other"
 
 
+# the residual-branch output projections of a block, by the module names architectures give them
+SCALE_RANGE = (0.0, 2.0)        # a stacked block's scale on its residual-branch output projections
+_OUTPUTS = {"attn": ("o_proj", "out_proj", "c_proj", "dense", "wo", "o"),
+            "mlp": ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "wo")}
+
+
+def block_prefix(layout: Layout) -> str:
+    """The prefix of the numbered blocks' tensor names ("model.layers." for a Llama)."""
+    for name, info in layout.tensors.items():
+        if info.layer is not None:
+            match = _BLOCK.search(name.lower())
+            return name[:match.start(1)]
+    raise InputError("the model has no numbered blocks to stack", field="layers")
+
+
+def block_tensors(layout: Layout, layer: int) -> dict[str, str]:
+    """Tensor name inside the block (after "N.") -> full name, for block `layer`."""
+    prefix = block_prefix(layout)
+    head = f"{prefix}{layer}."
+    return {name[len(head):]: name for name in layout.tensors if name.startswith(head)}
+
+
+def is_output_projection(inner: str, kind: str) -> bool:
+    """Whether a block tensor (its name inside the block) belongs to an attention output or MLP down projection."""
+    modules = inner.split(".")[:-1]
+    return kind in _OUTPUTS and bool(modules) and modules[-1] in _OUTPUTS[kind]
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str

@@ -2,9 +2,9 @@
 
 A recipe's `layers` list builds a model of T blocks: block j is block `layer` of `model` (the base, a source,
 or `merged`, the recipe's own parameter-space merge), renumbered j, its residual-branch output projections
-(attention output, MLP down: found inside the block's attention and MLP tensors) times `scale`. Embeddings,
-final norm and head come from the base; `num_hidden_layers` becomes T, per-layer config lists follow the
-blocks.
+(attention output, MLP down: found inside the block's attention and MLP tensors) times `scale`. Embeddings
+come from the base, final norm and head from the base or the recipe's `head_from` (mergekit's last slice's
+model); `num_hidden_layers` becomes T, per-layer config lists follow the blocks.
 
 Two ways to hold the result:
 - `stacked_tensors` writes it as tensors under the new names (export, `evomerge merge`), and `to_mergekit`
@@ -23,33 +23,13 @@ import torch
 
 from .errors import InputError
 from .recipe import MERGED, Recipe, StackEntry
-from .sources import _BLOCK, Layout, SourceSet
-
-# the residual-branch output projections of a block, by the module names architectures give them
-_OUTPUTS = {"attn": ("o_proj", "out_proj", "c_proj", "dense", "wo", "o"),
-            "mlp": ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "wo")}
-
-
-def block_prefix(layout: Layout) -> str:
-    """The prefix of the numbered blocks' tensor names ("model.layers." for a Llama)."""
-    for name, info in layout.tensors.items():
-        if info.layer is not None:
-            match = _BLOCK.search(name.lower())
-            return name[:match.start(1)]
-    raise InputError("the model has no numbered blocks to stack", field="layers")
-
-
-def block_tensors(layout: Layout, layer: int) -> dict[str, str]:
-    """Tensor name inside the block (after "N.") -> full name, for block `layer`."""
-    prefix = block_prefix(layout)
-    head = f"{prefix}{layer}."
-    return {name[len(head):]: name for name in layout.tensors if name.startswith(head)}
-
-
-def is_output_projection(inner: str, kind: str) -> bool:
-    """Whether a block tensor (its name inside the block) belongs to an attention output or MLP down projection."""
-    modules = inner.split(".")[:-1]
-    return kind in _OUTPUTS and bool(modules) and modules[-1] in _OUTPUTS[kind]
+from .sources import (
+    Layout,
+    SourceSet,
+    block_prefix,
+    block_tensors,
+    is_output_projection,
+)
 
 
 def check_stack(recipe: Recipe, layout: Layout, *, file: str | None = None) -> None:
@@ -71,9 +51,14 @@ def stacked_tensors(recipe: Recipe, sources: SourceSet, merged: Mapping[str, tor
     io = [n for n, info in layout.tensors.items() if info.layer is None]
     first_block = min((i for i, n in enumerate(layout.tensors) if layout.tensors[n].layer is not None), default=0)
     names = list(layout.tensors)
+    head = folders[recipe.head_from] if recipe.head_from is not None else sources.anchor
+
+    def outside(name: str) -> torch.Tensor:   # embeddings from the base; final norm and head from `head`
+        return _cast(sources.read(sources.anchor if layout.tensors[name].kind == "embed" else head, name), dtype)
+
     for name in io:       # the io tensors before the blocks keep their place before them
         if names.index(name) < first_block:
-            out[name] = _cast(sources.read(sources.anchor, name), dtype)
+            out[name] = outside(name)
     for j, entry in enumerate(recipe.layers):
         for inner, name in block_tensors(layout, entry.layer).items():
             tensor = merged[name] if entry.model == MERGED else sources.read(folders[entry.model], name)
@@ -82,7 +67,7 @@ def stacked_tensors(recipe: Recipe, sources: SourceSet, merged: Mapping[str, tor
             out[f"{prefix}{j}.{inner}"] = _cast(tensor, dtype)
     for name in io:
         if names.index(name) >= first_block:
-            out[name] = _cast(sources.read(sources.anchor, name), dtype)
+            out[name] = outside(name)
     return out
 
 
@@ -117,12 +102,12 @@ def to_mergekit(recipe: Recipe, layout: Layout, paths: Mapping[str, str], dtype:
                                     + [{"value": 1.0}]}
         slices.append({"sources": [source]})
     # mergekit takes the embeddings from the first slice's model and the final norm and head from the last's;
-    # an empty slice of the base at either end makes them the base's, as METHODS.md has it
-    bookend = {"sources": [{"model": paths[recipe.base], "layer_range": [0, 0]}]}
+    # an empty slice at either end makes them the base's (and the head the recipe's head_from), as METHODS.md has it
+    head = recipe.head_from or recipe.base
     if recipe.layers[0].model != recipe.base:
-        slices.insert(0, bookend)
-    if recipe.layers[-1].model != recipe.base:
-        slices.append(bookend)
+        slices.insert(0, {"sources": [{"model": paths[recipe.base], "layer_range": [0, 0]}]})
+    if recipe.layers[-1].model != head:
+        slices.append({"sources": [{"model": paths[head], "layer_range": [0, 0]}]})
     config: dict[str, Any] = {"merge_method": "passthrough", "base_model": paths[recipe.base], "slices": slices}
     if dtype is not None:
         config["dtype"] = dtype

@@ -54,6 +54,16 @@ def configs(b: str, s0: str, s1: str, s2: str) -> dict[str, dict]:
                                          {"sources": [{"model": s1, "layer_range": [1, 4]}]},
                                          {"sources": [{"model": s0, "layer_range": [3, 4]}]}],
                               "merge_method": "passthrough"},
+        # a frankenmerge: the head from the last slice's model, a repeated slice's output projections scaled
+        "passthrough-scaled": {"slices": [{"sources": [{"model": s0, "layer_range": [0, 3]}]},
+                                          {"sources": [{"model": s1, "layer_range": [1, 4], "parameters": {"scale": [
+                                              {"filter": "o_proj", "value": 0.5}, {"filter": "down_proj", "value": 0.5},
+                                              {"value": 1.0}]}}]}],
+                               "merge_method": "passthrough"},
+        "passthrough-bookends": {"slices": [{"sources": [{"model": b, "layer_range": [0, 0]}]},
+                                            {"sources": [{"model": s2, "layer_range": [0, 4]}]},
+                                            {"sources": [{"model": s1, "layer_range": [0, 0]}]}],
+                                 "merge_method": "passthrough"},
         # tests/test_basic_merges.py: two models at weights 0.6 / 0.4, a third as the base
         "basic-task_arithmetic": two(s0, s1, "task_arithmetic", s2),
         "basic-breadcrumbs": two(s0, s1, "breadcrumbs", s2),
@@ -109,6 +119,9 @@ def test_evomerge_merges_a_mergekit_config_to_mergekits_tensors(family, tmp_path
     ours, theirs = merged(tmp_path / "ours"), run_mergekit(config, tmp_path / "mergekit")
     assert set(ours) == set(theirs)
     assert all(torch.equal(ours[n], theirs[n]) for n in ours), [n for n in ours if not torch.equal(ours[n], theirs[n])]
+    # the mergekit.yaml evomerge writes beside the merge gives them too
+    again = run_mergekit(tmp_path / "ours" / "mergekit.yaml", tmp_path / "mergekit-again")
+    assert set(again) == set(ours) and all(torch.equal(again[n], ours[n]) for n in ours)
     # and `evomerge convert` writes a recipe elsewhere that gives the same tensors
     recipe = tmp_path / "elsewhere" / "recipe.yaml"
     recipe.parent.mkdir()
@@ -147,12 +160,21 @@ def test_the_recipe_keeps_the_configs_structure(family, tmp_path):
     assert dare.parameters[dare.sources[0]]["density"] == 1.0 and dare.shared["rescale"] == "l1"
 
 
+def _passthrough(config: dict, parameters: dict) -> dict:
+    """A passthrough of the config's base model, every block, with these slice parameters."""
+    return {"merge_method": "passthrough",
+            "slices": [{"sources": [{"model": config["base_model"], "layer_range": [0, 4], "parameters": parameters}]}]}
+
+
 @pytest.mark.parametrize("change, field, words", [
     (lambda c: c | {"parameters": {"t": [{"pattern": "self_attn", "value": 0.3}, {"value": 0.5}]}},
      "parameters.t[0].pattern", "mergekit 0.1.5 ignores 'pattern'"),
     (lambda c: c | {"modules": {}}, "modules", "no evomerge form"),
     (lambda c: c | {"merge_method": "ranked_ties"}, "merge_method", "unknown merge method"),
     (lambda c: c | {"chat_template": "no-such-template"}, "chat_template", "invalid chat template"),
+    (lambda c: _passthrough(c, {"scale": 0.5}), "slices[0].sources[0].parameters.scale", "output projections"),
+    (lambda c: _passthrough(c, {"scale": [{"filter": "o_proj", "value": 0.5}, {"filter": "down_proj", "value": 0.7}]}),
+     "slices[0].sources[0].parameters.scale", "one number"),
     (lambda c: c | {"slices": c["slices"] * 2}, "slices", "several slices"),
     (lambda c: c | {"slices": [{"sources": [dict(s, layer_range=[0, 2]) for s in c["slices"][0]["sources"]]}]},
      "slices[0].sources[0].layer_range", "part of the layers"),

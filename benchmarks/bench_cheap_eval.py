@@ -23,9 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import describe  # benchmarks/machine.py: run as a script, this folder is on sys.path
-
-REPO = Path(__file__).resolve().parents[1]
+from _harness import REPO, command, header
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -201,8 +199,7 @@ def end_to_end_section(args, workdir: Path) -> list[str]:
              "the same trials, and cheap evaluation at about the full search's wall time (more trials). Held-out: "
              "the exported model's. Evaluation per trial: all evaluation seconds of the study (a cheap one's "
              "finalists included) over its trials; after the baselines: the mean of the trials that are not "
-             f"baselines. Command: `python benchmarks/bench_cheap_eval.py --search-problems {args.search_problems} "
-             f"--seeds {args.seeds} --trials {args.trials} --rows {args.rows} --estimator {args.estimator}`.", "",
+             f"baselines. Command: `{command()}`.", "",
              "| problem | seed | held-out full | held-out cheap | Δ | eval/trial cheap ÷ full (after baselines) | "
              "trials at equal time | held-out cheap, equal time | wall full / cheap-equal (s) |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -273,14 +270,12 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    lines = ["# Cheap evaluation: the estimators side by side", "",
-             f"Machine: {describe()}. Command: `python benchmarks/bench_cheap_eval.py --problems {args.problems} "
-             f"--candidates {args.candidates} --rows {args.rows} --seed {args.seed}"
-             f"{' --timing' if args.timing else ''}`.", "",
+    lines = [*header("Cheap evaluation: the estimators side by side"), "",
              "Each estimator is fitted on the problem's baselines (scored on every search row, as a study scores "
              "them) and estimates each candidate from the rows it picks: uniformly random candidates of the search "
              "space, and the trials of a TPE search after the baselines (what a search scores). "
              "Error = |estimated objective − full search-split objective|.", ""]
+    overview_at = len(lines)
     summary: list[tuple[str, str, str, dict]] = []
     for entry in args.problems.split(","):     # PROBLEM or PROBLEM@RANDOM/SEARCHED (candidates of each kind)
         problem, _, counts = entry.partition("@")
@@ -310,7 +305,7 @@ def main() -> None:
                           f"search row {full_s:.2f} s, the rows `{args.estimator}` picks at `rows: {args.rows}` "
                           f"{part_s:.2f} s ({part_s / full_s:.2f}×)."]
         lines.append("")
-    lines[6:6] = overview(summary)
+    lines[overview_at:overview_at] = overview(summary)
     if args.search_problems:
         lines += end_to_end_section(args, workdir)
     Path(args.out).write_text("\n".join(lines) + "\n")

@@ -19,34 +19,17 @@ expert for the generate task (`evomerge.zoo.build_zoo`, size "test"), built unde
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import statistics
-import sys
-import time
 from pathlib import Path
 
-from machine import describe  # benchmarks/machine.py: run as scripts, this folder is on sys.path
+from _harness import header, interleaved, tests_module
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 SPEEDUP_TARGET = 5.0  # vs lm-eval
 FLOOR_TARGET = 2.0  # at most this many times the forward-pass floor's time
-
-
-def median_seconds(fns: dict, repeats: int) -> dict[str, float]:
-    """Median time of each function; the calls are interleaved so machine load hits all of them alike."""
-    for fn in fns.values():
-        fn()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def one_task_suite(suite, name: str, workdir: Path):
@@ -134,7 +117,7 @@ def bench_task(name: str, suite, model, tokenizer, workdir: Path, *, batch_size:
             torch.cuda.synchronize()
 
     fns["floor"] = floor_pass
-    times = median_seconds(fns, repeats)
+    times = {name: timing.wall for name, timing in interleaved(fns, repeats).items()}
     coverage = {k: v / (repeats + 1) / n for k, v in evaluator.stats.items() if v}
     ours, variant_s, theirs, floor = times["ours"], times["variant"], times.get("lm_eval", float("nan")), times["floor"]
     primary = one.primary_metric(name)
@@ -147,8 +130,8 @@ def toy_zoo(out: Path, *, seed: int = 0, size: str = "test") -> None:
     """A zoo-shaped folder from tests/test_evaluate.py's toy: model `inc`, a generate and a choice task."""
     import random
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from test_evaluate import inc_example, train_toy, write_jsonl
+    toy = tests_module("test_evaluate")
+    inc_example, train_toy, write_jsonl = toy.inc_example, toy.train_toy, toy.write_jsonl
 
     train_toy(out / "inc")
     rng = random.Random(seed + 3)
@@ -174,20 +157,19 @@ def device_name(device: str) -> str:
 
 def report(rows: list[dict], args, versions: dict, model_desc: str) -> str:
     lines = [
-        "# Evaluation benchmark: built-in harness vs lm-eval vs forward-pass floor", "",
-        f"- date: {datetime.date.today().isoformat()}",
-        f"- machine: {describe()}; torch threads: {args.threads}; device: {device_name(args.device)}",
+        *header("Evaluation benchmark: built-in harness vs lm-eval vs forward-pass floor"),
+        f"- torch threads: {args.threads}; device: {device_name(args.device)}",
         f"- versions: {', '.join(f'{k} {v}' for k, v in versions.items())}",
         f"- model: {model_desc}",
-        f"- batch size {args.batch_size} for all three; median of {args.repeats} calls after a warm-up",
-        f"- command: `python benchmarks/bench_eval.py {' '.join(sys.argv[1:])}`", "",
+        f"- batch size {args.batch_size} for all three; median of {args.repeats} calls after a warm-up", "",
         "| task | type | n | score (ours / lm-eval) | evomerge ex/s | lm-eval ex/s | floor ex/s "
         "| vs lm-eval | time vs floor |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ex = lambda s: f"{r['n'] / s:,.0f}"  # noqa: E731
-        lines.append(f"| {r['task']} | {r['type']} | {r['n']} | {r['metric']} {r['score']:.3f} / {r['lm_eval_score']:.3f} "
+        lines.append(f"| {r['task']} | {r['type']} | {r['n']} | {r['metric']} {r['score']:.3f} / "
+                     f"{r['lm_eval_score']:.3f} "
                      f"| {ex(r['ours_s'])} | {ex(r['lm_eval_s'])} | {ex(r['floor_s'])} "
                      f"| {r['lm_eval_s'] / r['ours_s']:.1f}x | {r['ours_s'] / r['floor_s']:.2f}x |")
     lines += ["", f"Targets: at least {SPEEDUP_TARGET:.0f}x lm-eval, and at most {FLOOR_TARGET:.0f}x the floor's time. "
@@ -248,7 +230,7 @@ def main() -> None:
                   f"tasks `{choice}` (choice) and `{generate}` (generate) from {zoo / 'tasks.yaml'}")
     rows = [bench_task(name, suite, model, tokenizer, args.workdir, batch_size=args.batch_size, repeats=args.repeats,
                        with_lm_eval=args.lm_eval) for name in (choice, generate)]
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    versions = {"transformers": transformers.__version__}
     if args.lm_eval:
         import lm_eval
 

@@ -29,22 +29,18 @@ objective follow configs/demo.yaml where it names the zoo's folders and tasks.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from machine import describe  # benchmarks/machine.py: run as scripts, this folder is on sys.path
+from _harness import REPO, command, header, load_average, run_child, tests_module
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-REPO = Path(__file__).resolve().parents[1]
 METHODS = ("task_arithmetic", "ties")
 SPEEDUP_TARGET = 20.0
 TOLERANCE = 1e-4   # scores of the two loops: float32 merges that agree to ~1e-6 per tensor
@@ -72,12 +68,9 @@ def build_models(workdir: Path, *, seed: int, zoo_size: str) -> tuple[str, Path]
         return f"local zoo (`evomerge.zoo.build_zoo`, size {zoo_size!r}, seed {seed})", root
     root = workdir / "fixture"
     if not (root / "tasks.yaml").is_file():
-        sys.path.insert(0, str(REPO / "tests"))
-        from modelfactory import make_search_fixture
-
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
-        make_search_fixture(root, k=2, seed=seed)
+        tests_module("modelfactory").make_search_fixture(root, k=2, seed=seed)
     return "tests/modelfactory.py `make_search_fixture` (tiny Llama family; the zoo was not there yet)", root
 
 
@@ -247,9 +240,8 @@ def mergekit_candidate(recipe, sources, suite, config, folder: Path, *, cli: boo
             (folder / "config.yaml").write_text(text)
         with clock.step("merge"):
             if cli:
-                subprocess.run([mergekit_command(), str(folder / "config.yaml"), str(out), "--device", "cpu",
-                                "--quiet", "--num-threads", str(threads)], check=True, capture_output=True,
-                               env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+                run_child([mergekit_command(), str(folder / "config.yaml"), str(out), "--device", "cpu", "--quiet",
+                           "--num-threads", str(threads)], env={"OMP_NUM_THREADS": str(threads)})
             else:
                 source = (folder / "config.yaml").read_text()
                 merge_config = MergeConfiguration.model_validate(yaml.safe_load(source))
@@ -333,13 +325,6 @@ def score_difference(ours: dict, theirs: dict) -> float:
 # The report
 
 
-def load_average() -> str:
-    try:
-        return " / ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
-
-
 def median(clocks: list[Clock], step: str, *, cpu: bool = False) -> float:
     return statistics.median((c.cpu if cpu else c.wall).get(step, 0.0) for c in clocks)
 
@@ -378,8 +363,6 @@ def per_method_rows(run: dict) -> list[str]:
 def report(run: dict) -> str:
     import importlib.metadata as md
 
-    import torch
-
     ours, theirs, cli = run["ours"], run["theirs"], run["cli"]
     n = len(ours)
     ours_s, theirs_s = median(ours, "total"), median(theirs, "total")
@@ -391,17 +374,15 @@ def report(run: dict) -> str:
     methods = ", ".join(f"{m} × {run['methods'].count(m)}" for m in METHODS)
     loads = run["loads"]
     lines = [
-        "# Search-loop benchmark: evomerge vs a mergekit-based loop",
-        "",
-        f"- Date: {run['date']}",
-        f"- Machine: {describe()}; no GPU; torch threads: {run['threads']} in every loop "
+        *header("Search-loop benchmark: evomerge vs a mergekit-based loop", cmd=run["command"], elapsed=run["elapsed"]),
+        f"- No GPU; torch threads: {run['threads']} in every loop "
         "(`torch.set_num_threads`; `--num-threads` and OMP_NUM_THREADS for the mergekit-yaml command)",
-        f"- Load average: {run['load_start']} (1 / 5 / 15 min) at the start, {run['load_end']} at the end; "
+        f"- Load average (1 min): {run['load_start']:.2f} at the start, {run['load_end']:.2f} at the end; "
         f"1-minute load after each candidate: min {min(loads):.2f}, median {statistics.median(loads):.2f}, "
         f"max {max(loads):.2f}. The machine is shared with other jobs; the loops take turns going first, "
         "candidate by candidate, so load hits all of them alike.",
-        f"- Versions: evomerge {md.version('evomerge')}, mergekit {md.version('mergekit')}, torch {torch.__version__}, "
-        f"transformers {md.version('transformers')}, optuna {md.version('optuna')}, Python {platform.python_version()}",
+        f"- Versions: evomerge {md.version('evomerge')}, mergekit {md.version('mergekit')}, "
+        f"transformers {md.version('transformers')}, optuna {md.version('optuna')}",
         f"- Models: {run['models']}; base + {len(run['sources'])} sources ({', '.join(run['sources'])}), "
         f"{run['arch']}, {run['numel'] / 1e6:.2f}M float32 parameters each",
         f"- Tasks: {run['tasks']}; search split, {run['examples']} examples per candidate; objective: weighted "
@@ -410,7 +391,6 @@ def report(run: dict) -> str:
         f"- Candidates: {n} recipes ({methods}), {run['layer_groups']} layer groups, drawn by optuna's "
         f"RandomSampler (seed {run['seed']}) from evomerge's search space; the same recipes in every loop "
         "(evomerge: each queued in the study just before its trial)",
-        f"- Command: `{run['command']}` ({run['elapsed'] / 60:.1f} min in all)",
         "",
         "## Result",
         "",
@@ -628,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
                 cli.append(done["cli"][1])
             methods.append(recipe.method)
             objectives.append(our_scores["objective"])
-            loads.append(float(load_average().split()[0]))
+            loads.append(load_average())
             print(f"candidate {i:2d} {recipe.method:16s} evomerge {our_clock.wall['total']:.3f} s   "
                   f"mergekit loop {done['mergekit'][1].wall['total']:.3f} s"
                   + (f"   mergekit-yaml loop {done['cli'][1].wall['total']:.3f} s" if "cli" in done else "")
@@ -643,14 +623,12 @@ def main(argv: list[str] | None = None) -> int:
     for text in sorted(set(seen_warnings)):
         notes.append(f"warning seen ({seen_warnings.count(text)}×): {text}")
 
-    command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO) if Path(sys.argv[0]).is_absolute()
-                                    else sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    run = {"date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(), "load_start": load_start,
+    run = {"threads": torch.get_num_threads(), "load_start": load_start,
            "load_end": load_average(), "models": models, "sources": [Path(s).name for s in config.sources],
            "arch": arch, "numel": numel, "tasks": tasks, "examples": examples, "seed": args.seed,
            "layer_groups": args.layer_groups, "chosen": chosen, "objective": config.objectives[0],
-           "command": command, "elapsed": time.perf_counter() - started, "ours": ours, "theirs": theirs, "cli": cli,
-           "loads": loads, "ours_setup": ours_setup, "imports": imports_s, "theirs_setup": theirs_setup,
+           "command": command(argv), "elapsed": time.perf_counter() - started, "ours": ours, "theirs": theirs,
+           "cli": cli, "loads": loads, "ours_setup": ours_setup, "imports": imports_s, "theirs_setup": theirs_setup,
            "methods": methods, "objectives": objectives, "worst": worst, "worst_tied": worst_tied, "checks": checks,
            "notes": notes}
     text = report(run)

@@ -25,14 +25,11 @@ import json
 import random
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from machine import describe  # noqa: E402
+from _harness import REPO, header, interleaved, run_child
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PATHS = ("low rank", "dense")
@@ -108,16 +105,16 @@ def child(work: Path, k: int, rank: int, path: str, candidates: int) -> dict:
         digests.append(digest.hexdigest())
     merged = [t for t in merger.state_dict().values()]
     copies = [torch.empty_like(t) for t in merged]
-    memcpy = []
-    for _ in range(5):
-        t = time.perf_counter()
+
+    def memcpy() -> None:
         for src, dst in zip(merged, copies):
             dst.copy_(src)
-        memcpy.append(time.perf_counter() - t)
+
+    copy = interleaved({"memcpy": memcpy}, 5, warmup=0)["memcpy"]
     return {"path": path, "low_rank": merger.low_rank, "before_gb": before / 1e9, "loaded_gb": loaded / 1e9,
             "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
             "held_gb": merger.resident_bytes() / 1e9, "load_s": load_s, "candidate_s": statistics.median(times),
-            "memcpy_s": statistics.median(memcpy), "digests": digests,
+            "memcpy_s": copy.wall, "digests": digests,
             "sample": {n: t.float().reshape(-1)[:4096].tolist() for n, t in list(merger.state_dict().items())[5:9]}}
 
 
@@ -125,16 +122,13 @@ def run(work: Path, k: int, rank: int, candidates: int) -> list[dict]:
     prepare(work, k, rank)
     rows = []
     for path in PATHS:      # each in a process of its own: its peak RSS is its own
-        out = subprocess.run([sys.executable, __file__, "--child", path, "--workdir", str(work), "--adapters", str(k),
-                              "--ranks", str(rank), "--candidates", str(candidates)],
-                             check=True, capture_output=True, text=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append(run_child([sys.executable, __file__, "--child", path, "--workdir", str(work), "--adapters", str(k),
+                               "--ranks", str(rank), "--candidates", str(candidates)]).json())
     return rows
 
 
-def report(runs: dict[int, list[dict]], *, command: str, k: int, candidates: int) -> str:
-    lines = ["# The low-rank fast path for LoRA adapters, against dense task vectors", "",
-             f"Machine: {describe()}. Command: `{command}`.", "",
+def report(runs: dict[int, list[dict]], *, k: int, candidates: int) -> str:
+    lines = [*header("The low-rank fast path for LoRA adapters, against dense task vectors"), "",
              f"SmolLM2-135M-Instruct (134.5M parameters, bf16) and {k} LoRA adapters of rank r on q, k, v, o, "
              "gate, up and down of all 30 blocks (seeded random bf16 factors). A search's ResidentMerger for "
              "task_arithmetic (the bf16 model built), each path in a process of its own; "
@@ -168,7 +162,7 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--ranks", default="4,16,64", help="comma-separated adapter ranks")
     parser.add_argument("--candidates", type=int, default=10)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results" / "bench_lora.md"))
+    parser.add_argument("--out", default=str(REPO / "results" / "bench_lora.md"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = Path(args.workdir)
@@ -177,9 +171,7 @@ def main() -> None:
         print(json.dumps(child(work, args.adapters, int(args.ranks), args.child, args.candidates)))
         return
     runs = {rank: run(work, args.adapters, rank, args.candidates) for rank in map(int, args.ranks.split(","))}
-    command = (f"python benchmarks/bench_lora.py --workdir {args.workdir} --adapters {args.adapters} "
-               f"--ranks {args.ranks} --candidates {args.candidates}")
-    text = report(runs, command=command, k=args.adapters, candidates=args.candidates)
+    text = report(runs, k=args.adapters, candidates=args.candidates)
     Path(args.out).write_text(text)
     print(text)
 

@@ -22,20 +22,17 @@ safetensors folders under --workdir. For each method, in a fresh process:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import random
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
-from machine import describe  # benchmarks/machine.py: run as scripts, this folder is on sys.path
+from _harness import ChildError, Timing, command, header, interleaved, load_average, run_child
 
 METHODS = ("linear", "task_arithmetic", "slerp", "ties", "dare_linear", "dare_ties", "breadcrumbs",
            "breadcrumbs_ties", "della", "della_linear", "model_stock")
@@ -147,12 +144,18 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
-def load_average() -> float:
-    """The 1-minute load average: other processes competing for the cores skew every timing."""
-    try:
-        return float(Path("/proc/loadavg").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return float("nan")
+def memcpy_timing(numel: int, device: str, sync: Callable[[], None]) -> Timing:
+    """One `copy_` of a flat float32 buffer of `numel` entries: the median of 7, after one that touches the pages."""
+    import torch
+
+    src = torch.empty(numel, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+
+    def memcpy() -> None:
+        dst.copy_(src)
+        sync()
+
+    return interleaved({"memcpy": memcpy}, 7)["memcpy"]
 
 
 def evomerge_worker(method: str, workdir: Path, candidates: int, device: str = "cpu") -> dict:
@@ -191,17 +194,7 @@ def evomerge_worker(method: str, workdir: Path, candidates: int, device: str = "
 
     params = list(merger.model.parameters())
     numel = sum(p.numel() for p in params)
-    src = torch.empty(numel, dtype=torch.float32, device=device).normal_()
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    memcpy, memcpy_cpu = [], []
-    for _ in range(7):
-        start, cpu = time.perf_counter(), time.process_time()
-        dst.copy_(src)
-        sync()
-        memcpy.append(time.perf_counter() - start)
-        memcpy_cpu.append(time.process_time() - cpu)
-    del src, dst
+    copy = memcpy_timing(numel, device, sync)
 
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.startswith("cuda"):
@@ -214,8 +207,8 @@ def evomerge_worker(method: str, workdir: Path, candidates: int, device: str = "
     total = sum(getattr(e, key) for e in events) or 1
     profile = [(e.key, round(100 * getattr(e, key) / total, 1)) for e in events[:5]]
     return {"method": method, "numel": numel, "load_s": load_s, "precompute_s": precompute_s, "first_s": first_s,
-            "candidate_s": statistics.median(times), "candidate_all_s": times, "memcpy_s": statistics.median(memcpy),
-            "candidate_cpu_s": statistics.median(cpu_times), "memcpy_cpu_s": statistics.median(memcpy_cpu),
+            "candidate_s": statistics.median(times), "candidate_all_s": times, "memcpy_s": copy.wall,
+            "candidate_cpu_s": statistics.median(cpu_times), "memcpy_cpu_s": copy.cpu,
             "profile": profile, "peak_rss_gib": peak_rss_gib(), "threads": torch.get_num_threads(),
             "kernel": "fused C++" if merger.fused is not None else "eager torch",
             "load": load_average(), "device": device,
@@ -250,26 +243,20 @@ def build_kernel(device: str) -> None:
 
 
 def run_worker(kind: str, method: str, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, "--worker", kind, "--methods", method, "--workdir", str(args.workdir),
-               "--candidates", str(args.candidates), "--device", args.device, "--layers", str(args.layers)]
-    command += ["--threads", str(args.threads)] if args.threads else []
-    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    if done.returncode != 0:
-        return {"method": method, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    argv = [sys.executable, __file__, "--worker", kind, "--methods", method, "--workdir", str(args.workdir),
+            "--candidates", str(args.candidates), "--device", args.device, "--layers", str(args.layers)]
+    argv += ["--threads", str(args.threads)] if args.threads else []
+    try:
+        return run_child(argv, env={"HF_HUB_OFFLINE": "1"}).json()
+    except ChildError as err:
+        return {"method": method, "error": (err.stderr.strip().splitlines() or ["?"])[-1]}
 
 
 # ------------------------------------------------------------------------------------------------
 # The report
 
 
-def machine() -> str:
-    import torch
-
-    return f"{describe()}; torch {torch.__version__}, Python {platform.python_version()}"
-
-
-def report(rows: list[dict], command: str, elapsed: float) -> str:
+def report(rows: list[dict], cmd: str, elapsed: float) -> str:
     import importlib.metadata as md
 
     import evomerge
@@ -282,10 +269,7 @@ def report(rows: list[dict], command: str, elapsed: float) -> str:
     except md.PackageNotFoundError:
         mergekit_version = "not installed"
     lines = [
-        "# Merge kernel benchmark",
-        "",
-        f"- Date: {datetime.date.today().isoformat()}",
-        f"- Machine: {machine()}",
+        *header("Merge kernel benchmark", cmd=cmd, elapsed=elapsed),
         f"- Device of evomerge's kernel: {device}; merge kernel: "
         f"{', '.join(sorted({r['kernel'] for r in rows if 'kernel' in r})) or '?'} "
         "(EVOMERGE_NO_FUSED=1 selects the eager torch steps)",
@@ -298,7 +282,6 @@ def report(rows: list[dict], command: str, elapsed: float) -> str:
         "densities on the 0.01 grid, one seed (a search uses one per study)",
         f"- memcpy of the output (one `copy_` of {numel / 1e6:.1f}M float32): median {memcpy * 1000:.0f} ms "
         f"({numel * 8 / memcpy / 1e9:.1f} GB/s read+write)",
-        f"- Command: `{command}` ({elapsed / 60:.1f} min in all)",
         "",
         "Per candidate: median wall-clock seconds of `materialize`; × memcpy: that over the memcpy's median, "
         "by wall clock and by process CPU time (user + system over all threads; less sensitive to other "
@@ -385,8 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["mergekit_error"] = theirs["error"]
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "candidate_all_s"}), flush=True)
-    command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    text = report(rows, command, time.perf_counter() - started)
+    text = report(rows, command(argv), time.perf_counter() - started)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

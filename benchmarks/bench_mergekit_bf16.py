@@ -1,4 +1,5 @@
-"""evomerge against mergekit 0.1.5 on a real bf16 model: differing entries, and what they do to the loss (issue 14, part 4).
+"""evomerge against mergekit 0.1.5 on a real bf16 model: differing entries, and what they do to the loss
+(issue 14, part 4).
 
 SmolLM2-135M-Instruct (bf16, evomerge.zoo.smol) and two synthetic bf16 fine-tunes of it
 (bench_real_scoring.prepare) are merged by each deterministic method, by evomerge (`merge_to_folder`) and
@@ -13,15 +14,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from machine import describe  # noqa: E402
+from _harness import REPO, header
 
 METHODS = ("linear", "task_arithmetic", "slerp", "model_stock", "ties", "breadcrumbs", "breadcrumbs_ties")
 TEXT = ("The river rose slowly through the night, and by morning the lower fields were under water. Farmers "
@@ -54,7 +52,7 @@ def loss(folder: Path, tokenizer) -> float:
         return float(model(input_ids=ids, labels=ids).loss)
 
 
-def run(work: Path) -> list[dict]:
+def run(work: Path, methods: list[str]) -> list[dict]:
     from bench_real_scoring import prepare
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
@@ -67,7 +65,7 @@ def run(work: Path) -> list[dict]:
     base, sources, _ = prepare(work)
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     rows = []
-    for method in METHODS:
+    for method in methods:
         path = work / f"{method}.yaml"
         path.write_text(yaml.safe_dump(recipe(method, base, sources)))
         t0 = time.perf_counter()
@@ -87,16 +85,16 @@ def run(work: Path) -> list[dict]:
         differing = sum(int((t != theirs[n]).sum()) for n, t in ours.items())
         largest = max(float((t.float() - theirs[n].float()).abs().max()) for n, t in ours.items())
         rows.append({"method": method, "entries": sum(t.numel() for t in ours.values()), "differing": differing,
-                     "largest": largest, "loss_ours": loss(ours_dir, tokenizer), "loss_theirs": loss(theirs_dir, tokenizer),
+                     "largest": largest, "loss_ours": loss(ours_dir, tokenizer),
+                     "loss_theirs": loss(theirs_dir, tokenizer),
                      "ours_s": ours_s, "theirs_s": theirs_s, "dtype": config.get("dtype"),
                      "out_dtype": config.get("out_dtype")})
         print(rows[-1], flush=True)
     return rows
 
 
-def report(rows: list[dict], command: str) -> str:
-    lines = ["# evomerge against mergekit 0.1.5 on a real bf16 model", "",
-             f"Machine: {describe()}. Command: `{command}`.", "",
+def report(rows: list[dict]) -> str:
+    lines = [*header("evomerge against mergekit 0.1.5 on a real bf16 model"), "",
              "SmolLM2-135M-Instruct (bf16) and two synthetic bf16 fine-tunes (5 % Gaussian task vectors), 2 layer "
              "groups. mergekit runs the mergekit.yaml evomerge writes "
              f"(`dtype: {rows[0]['dtype']}`, `out_dtype: {rows[0]['out_dtype']}`). Loss: mean next-token loss of each "
@@ -104,7 +102,8 @@ def report(rows: list[dict], command: str) -> str:
              "| method | differing entries | share | largest difference | loss evomerge | loss mergekit | "
              "evomerge s | mergekit s |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['differing']:,} of {r['entries']:,} | {r['differing'] / r['entries']:.3%} | "
+        lines.append(f"| {r['method']} | {r['differing']:,} of {r['entries']:,} | "
+                     f"{r['differing'] / r['entries']:.3%} | "
                      f"{r['largest']:.3g} | {r['loss_ours']:.4f} | {r['loss_theirs']:.4f} | {r['ours_s']:.1f} | "
                      f"{r['theirs_s']:.1f} |")
     lines += ["", "linear, task_arithmetic, slerp and model_stock repeat mergekit's float32 operations in its order "
@@ -118,12 +117,13 @@ def report(rows: list[dict], command: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="/tmp/evomerge-real")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results" / "mergekit_bf16.md"))
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: all)")
+    parser.add_argument("--out", default=str(REPO / "results" / "mergekit_bf16.md"))
     args = parser.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    rows = run(work)
-    text = report(rows, f"python benchmarks/bench_mergekit_bf16.py --workdir {args.workdir}")
+    rows = run(work, [m for m in args.methods.split(",") if m])
+    text = report(rows)
     Path(args.out).write_text(text)
     print(text)
 

@@ -13,19 +13,15 @@ process, start-up included, the median of --reps runs. Writes results/oneoff.md.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from machine import describe  # noqa: E402
+from _harness import header, run_child
 
 
 def third_source(work: Path, base: Path) -> Path:
@@ -68,16 +64,6 @@ def config(method: str, base: Path, sources: list[Path]) -> dict:
     return data
 
 
-def timed(command: list[str], threads: int) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
-    seconds = time.perf_counter() - start
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
-    return seconds
-
-
 def run(work: Path, threads: int, reps: int, methods: list[str]) -> list[dict]:
     from bench_real_scoring import prepare
 
@@ -87,6 +73,7 @@ def run(work: Path, threads: int, reps: int, methods: list[str]) -> list[dict]:
     three = [*two, third_source(work, base)]
     evomerge = [sys.executable, "-m", "evomerge", "merge"]
     mergekit = [str(Path(sys.executable).with_name("mergekit-yaml"))]
+    env = {"OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     rows = []
     for method in methods:
         spec = REGISTRY.get(method)
@@ -99,22 +86,21 @@ def run(work: Path, threads: int, reps: int, methods: list[str]) -> list[dict]:
             for _ in range(reps):        # alternated, so that a slow spell of the machine hits both
                 out = work / "oneoff" / "out"
                 shutil.rmtree(out, ignore_errors=True)
-                ours.append(timed([*evomerge, str(path), "-o", str(out)], threads))
+                ours.append(run_child([*evomerge, str(path), "-o", str(out)], env=env).wall)
                 shutil.rmtree(out, ignore_errors=True)
-                theirs.append(timed([*mergekit, str(path), str(out)], threads))
+                theirs.append(run_child([*mergekit, str(path), str(out)], env=env).wall)
             rows.append({"method": method, "sources": k, "evomerge": statistics.median(ours),
                          "mergekit": statistics.median(theirs)})
             print(rows[-1], flush=True)
     return rows
 
 
-def report(rows: list[dict], command: str, threads: int, reps: int, elapsed: float) -> str:
-    lines = ["# A one-off merge: evomerge against mergekit-yaml", "",
-             f"- Machine: {describe()}",
+def report(rows: list[dict], threads: int, reps: int, elapsed: float) -> str:
+    lines = [*header("A one-off merge: evomerge against mergekit-yaml", elapsed=elapsed),
              f"- Models: SmolLM2-135M-Instruct (bf16) and 2 or 3 bf16 fine-tunes; one mergekit config per method "
              f"and source count (dtype bfloat16), merged by both tools as processes with OMP_NUM_THREADS={threads}",
              f"- Wall time of the whole process, start-up included: the median of {reps} runs, the tools alternated",
-             f"- Command: `{command}` ({elapsed / 60:.1f} min in all)", "",
+             "",
              "| method | sources | evomerge (s) | mergekit-yaml (s) | evomerge ÷ mergekit | ≤ 1 |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -138,8 +124,7 @@ def main() -> int:
     args = parser.parse_args()
     start = time.time()
     rows = run(args.workdir, args.threads, args.reps, [m for m in args.methods.split(",") if m])
-    command = "python benchmarks/bench_oneoff.py " + " ".join(sys.argv[1:])
-    text = report(rows, command, args.threads, args.reps, time.time() - start)
+    text = report(rows, args.threads, args.reps, time.time() - start)
     print(text)
     if args.out:
         args.out.write_text(text)

@@ -2,9 +2,10 @@
 
 Runs the demo's search (configs/demo.yaml on the local zoo and its storage, SQLite in a fresh run
 folder; with --sampler, default tpe+cmaes, the model-based sampler whose overhead this measures: the demo
-itself learns its weights by gradient, adamerging) for --trials trials and times the whole loop, `SearchSession.run`. Each trial
-records the seconds its merge (`materialize`) and its evaluation took; the overhead is everything
-else in the loop: sampling, the storage's reads and writes, the budget checks, the progress bar.
+itself learns its weights by gradient, adamerging) for --trials trials and times the whole loop,
+`SearchSession.run`. Each trial records the seconds its merge (`materialize`) and its evaluation took; the
+overhead is everything else in the loop: sampling, the storage's reads and writes, the budget checks, the
+progress bar.
 
     overhead = (loop wall time − Σ merge − Σ evaluation) / loop wall time
 
@@ -22,22 +23,18 @@ import collections
 import contextlib
 import cProfile
 import functools
-import datetime
 import io
 import os
-import platform
 import pstats
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _harness import REPO, command, header
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 TARGET = 0.10
 
@@ -111,21 +108,19 @@ def measure(config_path: Path, trials: int, *, ahead: bool, profile: bool, sampl
     search = config.search
     setup = (f"{config_path.name}: {len(config.sources)} sources, {len(search.methods)} techniques, "
              f"{search.layer_groups} layer groups, sampler {search.sampler}, SQLite storage")
-    return {"startup": startup, "trials": len(seconds), "wall": wall, "merge": sum(s.get("merge", 0.0) for s in seconds),
-            "eval": sum(s.get("eval", 0.0) for s in seconds), "profile": top, "parts": parts, "setup": setup}
+    return {"startup": startup, "trials": len(seconds), "wall": wall,
+            "merge": sum(s.get("merge", 0.0) for s in seconds), "eval": sum(s.get("eval", 0.0) for s in seconds),
+            "profile": top, "parts": parts, "setup": setup}
 
 
 MODES = {"ahead": "trial n+1 sampled in the sampler process while trial n runs (the default)",
          "inline": "each trial sampled in the search process when it is taken (EVOMERGE_SAMPLE_INLINE=1)"}
 
 
-def report(runs: dict[str, dict], command: str) -> str:
+def report(runs: dict[str, dict], cmd: str) -> str:
     first = next(iter(runs.values()))
     lines = [
-        "# Search overhead", "",
-        f"- Date: {datetime.date.today().isoformat()}; machine: {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, Python {platform.python_version()}",
-        f"- Command: `{command}`",
+        *header("Search overhead", cmd=cmd),
         f"- The search of {first['setup']}; {first['trials']} trials per run, CPU, one run per mode "
         "in one process, each in a fresh storage:",
         *[f"  - {mode}: {MODES[mode]}" for mode in runs], "",
@@ -136,8 +131,9 @@ def report(runs: dict[str, dict], command: str) -> str:
         lines.append(f"| {mode} | {1000 * r['merge'] / n:.1f} | {1000 * r['eval'] / n:.1f} | {1000 * other / n:.1f} "
                      f"| {1000 * r['wall'] / n:.1f} | {other / r['wall']:.1%} |")
     if "ahead" in runs:
-        lines += ["", f"Not in the loop: the wait, after the workbench had loaded, for the sampler process to finish "
-                      f"starting (its imports; once per run, like loading the weights): {runs['ahead']['startup']:.2f} s."]
+        lines += ["", "Not in the loop: the wait, after the workbench had loaded, for the sampler process to finish "
+                      "starting (its imports; once per run, like loading the weights): "
+                      f"{runs['ahead']['startup']:.2f} s."]
     main_mode = "ahead" if "ahead" in runs else next(iter(runs))
     r = runs[main_mode]
     share = (r["wall"] - r["merge"] - r["eval"]) / r["wall"]
@@ -171,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = {mode: measure(args.config, args.trials, ahead=mode == "ahead", profile=args.profile,
                           sampler=args.sampler or None)
             for mode in args.modes.split(",")}
-    text = report(runs, "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]))
+    text = report(runs, command(argv))
     print(text)
     if args.profile:
         for mode, r in runs.items():

@@ -32,24 +32,20 @@ threshold, results/mergekit_bf16.md), and the scores.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
-import sys
 import time
 import types
 import warnings
 from pathlib import Path
 
-from bench_loop import (TOKENIZER_NOTE, Clock, build_models, draw_candidates, evomerge_candidate, load_average,
-                        median, mergekit_candidate, score_difference, tensor_differences)
+from _harness import REPO, command, header, load_average
+from bench_loop import (TOKENIZER_NOTE, Clock, build_models, draw_candidates, evomerge_candidate, median,
+                        mergekit_candidate, score_difference, tensor_differences)
 from bench_real_eval import generate_floor
-from machine import describe  # benchmarks/ is on sys.path when run as a script
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "smol.yaml"
 METHODS = ("task_arithmetic", "ties")
 FLOOR_TARGET = 1.3     # per trial, at most this many times merge floor + evaluation floor
@@ -184,8 +180,6 @@ def ratio_verdict(ok: bool) -> str:
 def report(run: dict) -> str:
     import importlib.metadata as md
 
-    import torch
-
     ours, theirs, cli, floors = run["ours"], run["theirs"], run["cli"], run["floors"]
     n = len(ours)
     ours_s, theirs_s = median(ours, "total"), median(theirs, "total")
@@ -197,26 +191,25 @@ def report(run: dict) -> str:
     loads = run["loads"]
     methods = ", ".join(f"{m} × {run['methods'].count(m)}" for m in METHODS)
     lines = [
-        "# Per-trial cost on a real bf16 model: evomerge vs mergekit loops vs the floors",
-        "",
-        f"- Date: {run['date']}",
-        f"- Machine: {describe()}; no GPU; torch threads: {run['threads']} in every loop ("
+        *header("Per-trial cost on a real bf16 model: evomerge vs mergekit loops vs the floors", cmd=run["command"],
+                elapsed=run["elapsed"]),
+        f"- No GPU; torch threads: {run['threads']} in every loop ("
         + ("`--threads`" if run["threads_given"] else "torch's default, the machine's cores")
         + "; `--num-threads` and OMP_NUM_THREADS for the mergekit-yaml command)",
-        f"- Load average: {run['load_start']} (1 / 5 / 15 min) at the start, {run['load_end']} at the end; "
+        f"- Load average (1 min): {run['load_start']:.2f} at the start, {run['load_end']:.2f} at the end; "
         f"1-minute load after each candidate: min {min(loads):.2f}, median {statistics.median(loads):.2f}, "
         f"max {max(loads):.2f}. The loops take turns going first, candidate by candidate, so other jobs on the "
         "machine hit all of them alike.",
-        f"- Versions: evomerge {md.version('evomerge')}, mergekit {md.version('mergekit')}, torch {torch.__version__}, "
-        f"transformers {md.version('transformers')}, optuna {md.version('optuna')}, Python {platform.python_version()}",
+        f"- Versions: evomerge {md.version('evomerge')}, mergekit {md.version('mergekit')}, "
+        f"transformers {md.version('transformers')}, optuna {md.version('optuna')}",
         f"- Models: {run['models']}; base + {len(run['sources'])} sources ({', '.join(run['sources'])}), "
         f"{run['arch']}, {run['numel'] / 1e6:.1f}M parameters each, stored in {run['stored']}; evomerge holds them "
         f"resident as stored and scores in {run['score_dtype']}, the mergekit loops load their output in it",
         f"- Tasks: {run['tasks']} (configs/tasks/smol.yaml, chat template); search split, {run['examples']} rows "
-        f"per candidate; objective: mean exact_match of {', '.join(f'{t} × {w:g}' for t, w in run['objective'].items())}",
+        "per candidate; objective: mean exact_match of "
+        + ", ".join(f"{t} × {w:g}" for t, w in run["objective"].items()),
         f"- Candidates: {n} recipes ({methods}), {run['layer_groups']} layer groups, drawn by optuna's RandomSampler "
         f"(seed {run['seed']}) from evomerge's search space; the same recipes in every loop",
-        f"- Command: `{run['command']}` ({run['elapsed'] / 60:.1f} min in all)",
         "",
         "## Result",
         "",
@@ -290,7 +283,7 @@ def report(run: dict) -> str:
         f"resident base and experts ({run['read_bytes'] / 1e9:.2f} GB, bf16 as stored) and writes the model "
         f"({run['written_bytes'] / 1e9:.2f} GB); the arithmetic runs in float32 on top, and ties also forms the "
         f"task vectors' magnitudes to trim and elects signs. The mergekit loop pays "
-        f"{median(theirs, 'merge') + median(theirs, 'load') + median(theirs, 'eval setup') + median(theirs, 'cleanup'):.2f} s "
+        f"{sum(median(theirs, step) for step in ('merge', 'load', 'eval setup', 'cleanup')):.2f} s "
         f"per trial around the same evaluation ({median(theirs, 'eval'):.2f} s): reading the safetensors, writing "
         "the merged model, loading it back and tokenizing the rows again for the new model object. "
         f"The evaluation floor does no prefix sharing and no target drafting; it stops a row only at the "
@@ -433,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             floors.append(floor)
             methods.append(recipe.method)
             objectives.append(our_scores["objective"])
-            loads.append(float(load_average().split()[0]))
+            loads.append(load_average())
             print(f"candidate {i} {recipe.method:15s} evomerge {our_clock.wall['total']:.2f} s (merge "
                   f"{our_clock.wall['materialize']:.2f}, eval {our_clock.wall['eval']:.2f})   mergekit loop "
                   f"{done['mergekit'][1].wall['total']:.2f} s"
@@ -457,13 +450,11 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(TOKENIZER_NOTE.format(tokens=len(session.tokenizer),
                                            rows=model.get_input_embeddings().weight.shape[0]))
     notes += sorted({f"warning seen: {w.category.__name__}: {str(w.message).splitlines()[0][:200]}" for w in caught})
-    command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO) if Path(sys.argv[0]).is_absolute()
-                                    else sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     run.update({
-        "date": datetime.date.today().isoformat(), "threads": threads, "threads_given": bool(args.threads),
+        "threads": threads, "threads_given": bool(args.threads),
         "load_start": load_start, "load_end": load_average(), "loads": loads, "models": models,
         "sources": [Path(s).name for s in config.sources], "objective": config.objectives[0], "seed": args.seed,
-        "layer_groups": args.layer_groups, "command": command, "elapsed": time.perf_counter() - started,
+        "layer_groups": args.layer_groups, "command": command(argv), "elapsed": time.perf_counter() - started,
         "ours": ours, "theirs": theirs, "cli": cli, "floors": floors, "ours_setup": ours_setup,
         "methods": methods, "objectives": objectives, "checks": checks, "notes": notes,
         "floor_bytes": 2 * merge_floor.src.nbytes, "read_bytes": merge_floor.read,

@@ -30,18 +30,12 @@ Writes results/real_eval.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import random
-import statistics
-import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from machine import describe  # noqa: E402
+from _harness import REPO, header, interleaved
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -98,20 +92,6 @@ def task_suites(work: Path, data: dict[str, Path]) -> dict:
         path.write_text(f"tasks:\n  - {spec}\n")
         suites[name] = load_tasks(path)
     return suites
-
-
-def median_seconds(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
-    """Median wall-clock and CPU seconds of each function after one warm-up call; the calls are interleaved so
-    that other load on the machine hits all of them alike."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            wall, cpu = time.perf_counter(), time.process_time()
-            fn()
-            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
-    return {name: (statistics.median(w for w, _ in t), statistics.median(c for _, c in t)) for name, t in times.items()}
 
 
 # ---------------------------------------------------------------- the floors
@@ -273,21 +253,19 @@ def bench_task(name: str, suite, model, model32, tokenizer, data: Path, work: Pa
                                           apply_chat_template=True),
            "floor": floor}
     evaluator.stats.clear()
-    times = median_seconds(fns, repeats)
+    times = interleaved(fns, repeats)
     row["settled"] = {k: v / (repeats + 1) for k, v in evaluator.stats.items() if v}
-    return row | {f"{k}_s": wall for k, (wall, _) in times.items()} | {f"{k}_cpu": cpu for k, (_, cpu) in times.items()}
+    return row | {f"{k}_s": t.wall for k, t in times.items()} | {f"{k}_cpu": t.cpu for k, t in times.items()}
 
 
-def report(rows: list[dict], *, command: str, versions: dict, threads: int, batch_size: int, repeats: int) -> str:
-    lines = ["# Evaluation speed on a real bf16 model: built-in harness vs lm-eval vs forward-pass floor", "",
-             f"- date: {datetime.date.today().isoformat()}",
-             f"- machine: {describe()}; torch threads: {threads}; device: cpu",
+def report(rows: list[dict], *, versions: dict, threads: int, batch_size: int, repeats: int) -> str:
+    lines = [*header("Evaluation speed on a real bf16 model: built-in harness vs lm-eval vs forward-pass floor"),
+             f"- torch threads: {threads}; device: cpu",
              f"- versions: {', '.join(f'{k} {v}' for k, v in versions.items())}",
              "- model: SmolLM2-135M-Instruct (LlamaForCausalLM, 30 blocks, 49k vocabulary), resident in bfloat16; "
              "the same model object for all three",
              f"- batch size {batch_size} for all three; seconds are the median of {repeats} interleaved calls "
-             "after a warm-up (wall clock, and in brackets the process's CPU time)",
-             f"- command: `{command}`", "",
+             "after a warm-up (wall clock, and in brackets the process's CPU time)", "",
              "| task | type | rows | score: evomerge / lm-eval | rows that differ | evomerge s | lm-eval s | floor s "
              f"| vs lm-eval (target >= {SPEEDUP_TARGET:.0f}x) | vs floor (target <= {FLOOR_TARGET}x) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -316,7 +294,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results" / "real_eval.md")
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "real_eval.md")
     args = parser.parse_args()
 
     import copy
@@ -339,11 +317,8 @@ def main() -> None:
     suites = task_suites(args.workdir, data)
     rows = [bench_task(name, suites[name], model, model32, tokenizer, data[name], args.workdir,
                        batch_size=args.batch_size, repeats=args.repeats) for name in ("gen", "pick")]
-    command = (f"python benchmarks/bench_real_eval.py --workdir {args.workdir} --repeats {args.repeats}"
-               + (f" --batch-size {args.batch_size}" if args.batch_size != 32 else "")
-               + (f" --threads {args.threads}" if args.threads else ""))
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "lm-eval": lm_eval.__version__}
-    text = report(rows, command=command, versions=versions, threads=torch.get_num_threads(),
+    versions = {"transformers": transformers.__version__, "lm-eval": lm_eval.__version__}
+    text = report(rows, versions=versions, threads=torch.get_num_threads(),
                   batch_size=args.batch_size, repeats=args.repeats)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

@@ -15,13 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from machine import describe  # noqa: E402
+from _harness import REPO, header
 
 
 def prepare(work: Path) -> tuple[Path, list[Path], Path]:
@@ -111,16 +108,16 @@ def run(work: Path, candidates: int) -> list[dict]:
     return rows
 
 
-def report(rows: list[dict], *, candidates: int, command: str) -> str:
+def report(rows: list[dict], *, candidates: int) -> str:
     native = rows[0]["merge_s"] + rows[0]["eval_s"]
-    lines = ["# A search trial on a real bf16 model: scored in bf16 vs in float32", "",
-             f"Machine: {describe()}. Command: `{command}`.", "",
+    lines = [*header("A search trial on a real bf16 model: scored in bf16 vs in float32"), "",
              "SmolLM2-135M-Instruct (bf16) and two synthetic bf16 fine-tunes, task_arithmetic with a new weight per "
-             f"candidate; {candidates} candidates, medians. Each candidate is scored on 30 generate rows (chat template, "
-             "<= 6 new tokens) and 5 choice rows. The float32 model holds the merged bf16 values upcast exactly; "
-             "the merged (exported) tensors are byte-identical in both modes: "
+             f"candidate; {candidates} candidates, medians. Each candidate is scored on 30 generate rows (chat "
+             "template, <= 6 new tokens) and 5 choice rows. The float32 model holds the merged bf16 values upcast "
+             "exactly; the merged (exported) tensors are byte-identical in both modes: "
              f"**{'yes' if rows[0]['same_merged_bytes'] else 'NO'}**.", "",
-             "| resident model | merge s | evaluation s | trial s | speed vs bf16 | model + merged tensors GB | scores (gen em, pick acc) |",
+             "| resident model | merge s | evaluation s | trial s | speed vs bf16 | model + merged tensors GB "
+             "| scores (gen em, pick acc) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         total = r["merge_s"] + r["eval_s"]
@@ -143,13 +140,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="/tmp/evomerge-real")
     parser.add_argument("--candidates", type=int, default=3)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results" / "real_scoring.md"))
+    parser.add_argument("--out", default=str(REPO / "results" / "real_scoring.md"))
     args = parser.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     rows = run(work, args.candidates)
-    command = f"python benchmarks/bench_real_scoring.py --workdir {args.workdir} --candidates {args.candidates}"
-    text = report(rows, candidates=args.candidates, command=command)
+    text = report(rows, candidates=args.candidates)
     Path(args.out).write_text(text)
     print(text)
 

@@ -19,14 +19,11 @@ import json
 import random
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from machine import describe  # noqa: E402
+from _harness import REPO, header, run_child
 
 METHOD_SETS = (("task_arithmetic", "ties"), ("dare_ties",))
 RESIDENCIES = ("float32 task vectors", "bf16 as stored")
@@ -77,19 +74,18 @@ def run(work: Path, candidates: int) -> list[dict]:
     rows = []
     for methods in METHOD_SETS:
         for as_stored in (False, True):
-            out = subprocess.run([sys.executable, __file__, "--child", ",".join(methods), "--as-stored",
-                                  str(int(as_stored)), "--workdir", str(work), "--candidates", str(candidates)],
-                                 check=True, capture_output=True, text=True)
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            argv = [sys.executable, __file__, "--child", ",".join(methods), "--as-stored", str(int(as_stored)),
+                    "--workdir", str(work), "--candidates", str(candidates)]
+            rows.append(run_child(argv).json())
     return rows
 
 
-def report(rows: list[dict], *, command: str, candidates: int) -> str:
-    lines = ["# Sources resident as stored (bf16) against float32 task vectors, on a real bf16 model", "",
-             f"Machine: {describe()}. Command: `{command}`.", "",
+def report(rows: list[dict], *, candidates: int) -> str:
+    lines = [*header("Sources resident as stored (bf16) against float32 task vectors, on a real bf16 model"), "",
              "SmolLM2-135M-Instruct (134.5M parameters, bf16) and two synthetic bf16 fine-tunes; a search's "
              "ResidentMerger (the scored bf16 model built, the methods' tables precomputed), each in a process of its "
-             f"own. {candidates} random candidates per method (densities on the 0.01 grid and one seed, as a search samples them), 2 layer groups; candidate time is the median "
+             f"own. {candidates} random candidates per method (densities on the 0.01 grid and one seed, as a search "
+             "samples them), 2 layer groups; candidate time is the median "
              "`materialize`. 'held' is what the merger keeps beside the model (`resident_bytes`); 'plan' is what its "
              "memory plan says the resident merge needs in all.", "",
              "| methods | residency | held GB | RSS loaded GB | peak RSS GB | plan GB | load s | candidate s | "
@@ -100,8 +96,8 @@ def report(rows: list[dict], *, command: str, candidates: int) -> str:
         for r in pair:
             per = ", ".join(f"{m} {s:.2f}" for m, s in r["candidate_s"].items())
             lines.append(f"| {' + '.join(r['methods'])} | {RESIDENCIES[int(r['as_stored'])]} | {r['held_gb']:.2f} | "
-                         f"{r['loaded_gb']:.2f} | {r['peak_gb']:.2f} | {r['plan_gb']:.2f} | {r['load_s']:.1f} | {per} | "
-                         f"{'yes' if same else 'NO'} |")
+                         f"{r['loaded_gb']:.2f} | {r['peak_gb']:.2f} | {r['plan_gb']:.2f} | {r['load_s']:.1f} | "
+                         f"{per} | {'yes' if same else 'NO'} |")
     lines += ["", "As stored, the anchor and the sources keep their 2 bytes per entry and the merge forms each task "
               "vector in float32 a block at a time (the fused kernel) or a piece at a time (the torch steps), by the "
               "same float32 subtraction that made the float32 task vectors: the merged tensors are the same bytes. "
@@ -113,7 +109,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="/tmp/evomerge-real")
     parser.add_argument("--candidates", type=int, default=5)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results" / "residency.md"))
+    parser.add_argument("--out", default=str(REPO / "results" / "residency.md"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--as-stored", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -123,8 +119,7 @@ def main() -> None:
         print(json.dumps(child(work, tuple(args.child.split(",")), bool(args.as_stored), args.candidates)))
         return
     rows = run(work, args.candidates)
-    command = f"python benchmarks/bench_residency.py --workdir {args.workdir} --candidates {args.candidates}"
-    text = report(rows, command=command, candidates=args.candidates)
+    text = report(rows, candidates=args.candidates)
     Path(args.out).write_text(text)
     print(text)
 

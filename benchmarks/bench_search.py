@@ -23,14 +23,11 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from machine import describe  # benchmarks/machine.py: run as a script, this folder is on sys.path
-
-REPO = Path(__file__).resolve().parents[1]
+from _harness import REPO, command, header, mean_std, std
 OPTIMIZERS = ("auto", "tpe", "tpe+cmaes", "adamerging")
 CHECKPOINTS = (25, 50, 100)
 LORA_CONFIG = """name: lora
@@ -116,11 +113,8 @@ def measure(session, *, seconds: float) -> dict:
             "gradient": session.study.user_attrs.get("auto_gradient")}
 
 
-def _stats(values: list[float]) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "—"
-    return f"{statistics.fmean(values):.3f}" + (f" ± {statistics.pstdev(values):.3f}" if len(values) > 1 else "")
+def _stats(values: list[float | None]) -> str:
+    return mean_std([v for v in values if v is not None])
 
 
 def reference(problem: dict) -> float:
@@ -129,7 +123,7 @@ def reference(problem: dict) -> float:
 
 
 def report(problems: dict[str, dict], *, out: Path, optimizers: list[str], seeds: int, trials: int,
-           command: str) -> None:
+           cmd: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,13 +135,12 @@ def report(problems: dict[str, dict], *, out: Path, optimizers: list[str], seeds
     share = {o: {p: [r["heldout"].get(trials, r["heldout"]["end"]) / reference(problems[p])
                      for r in problems[p]["runs"].get(o, [])] for p in names} for o in optimizers}
     lines = [
-        "# The optimizers over a suite of merge problems", "",
+        *header("The optimizers over a suite of merge problems", cmd=cmd), "",
         f"Each problem searched as its config says (the technique a search variable, baselines first), {trials} "
         f"trials per run, seeds 0..{seeds - 1}; held-out of the best trial so far (by the search split, as an "
         "export picks it), as a share of the problem's **reference**: the best held-out any run found, reference "
         "runs at several times the budget included. `sweep`: the best one-knob sweep or untuned merge among the "
         "baselines (picked on the search split), as a share of the reference too.", "",
-        f"Machine: {describe()}; {time.strftime('%Y-%m-%d %H:%M')}; command: `{command}`", "",
         "## Share of the reference at " + f"{trials} trials (mean ± std over seeds)", "",
         "| problem | reference | sweep | " + " | ".join(optimizers) + " |",
         "|---|---|---|" + "---|" * len(optimizers)]
@@ -189,7 +182,7 @@ def report(problems: dict[str, dict], *, out: Path, optimizers: list[str], seeds
     for i, o in enumerate(optimizers):
         x = np.arange(len(names)) + (i - len(optimizers) / 2 + 0.5) * width
         ax.bar(x, [statistics.fmean(share[o][p]) if share[o][p] else 0 for p in names], width,
-               yerr=[statistics.pstdev(share[o][p]) if len(share[o][p]) > 1 else 0 for p in names],
+               yerr=[std(share[o][p]) for p in names],
                capsize=2, label=o)
     ax.axhline(0.95, ls=":", color="gray", label="0.95 of the reference")
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
@@ -225,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])])
+    ran = command(argv)
     optimizers = args.optimizers.split(",")
     if args.load:
         saved = [json.loads(Path(p).read_text()) for p in args.load.split(",")]
@@ -242,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                 for rs in p["runs"].values():
                     for r in rs:
                         r["heldout"] = {(int(k) if k.isdigit() else k): v for k, v in r["heldout"].items()}
-        command = " && ".join([one["command"] for one in saved] + [command])
+        ran = " && ".join([one["command"] for one in saved] + [ran])
     else:
         from evomerge.demo import ensure_zoo
 
@@ -256,9 +249,9 @@ def main(argv: list[str] | None = None) -> int:
                                              reference=[r for r in args.reference.split(",") if r],
                                              factor=args.reference_factor, workdir=workdir)
                 if args.save:    # after each problem: a long run keeps what it has measured
-                    args.save.write_text(json.dumps({"problems": problems, "command": command}))
+                    args.save.write_text(json.dumps({"problems": problems, "command": ran}))
     args.out.mkdir(parents=True, exist_ok=True)
-    report(problems, out=args.out, optimizers=optimizers, seeds=args.seeds, trials=args.trials, command=command)
+    report(problems, out=args.out, optimizers=optimizers, seeds=args.seeds, trials=args.trials, cmd=ran)
     print(f"wrote {args.out / 'bench_search.md'}")
     return 0
 

@@ -12,14 +12,11 @@ Writes results/bench_streaming.md.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _harness import REPO, header, run_child
 
 RECIPE = """evomerge_recipe: 1
 method: {method}
@@ -39,12 +36,9 @@ def merge(recipe: Path, out: Path, *extra: str) -> tuple[float, float]:
     code = ("import resource, subprocess, sys, time; t = time.time(); "
             "r = subprocess.run(sys.argv[1:]); "
             "print(time.time() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
-    cmd = [sys.executable, "-c", code, sys.executable, "-m", "evomerge", "merge", str(recipe), "-o", str(out),
-           "--force", *extra]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if done.returncode:
-        raise SystemExit(done.stderr)
-    wall, rss_kib = done.stdout.split()[-2:]
+    argv = [sys.executable, "-c", code, sys.executable, "-m", "evomerge", "merge", str(recipe), "-o", str(out),
+            "--force", *extra]
+    wall, rss_kib = run_child(argv, env={"OMP_NUM_THREADS": "1"}).stdout.split()[-2:]
     return float(wall), int(rss_kib) / 2**20
 
 
@@ -66,7 +60,7 @@ def main() -> int:
                         help="--memory-budget for the streaming run (default: per method, halfway between what "
                              "streaming and what the resident mode need by the kernel's plan)")
     parser.add_argument("--methods", default="ties,dare_ties,della")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results" / "bench_streaming.md")
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "bench_streaming.md")
     args = parser.parse_args()
     from evomerge.kernel import parse_bytes
 
@@ -82,22 +76,18 @@ def main() -> int:
             streaming = merge(recipe, tmp / "streaming", "--memory-budget", budget)
             same = (tmp / "resident" / "model.safetensors").read_bytes() == \
                 (tmp / "streaming" / "model.safetensors").read_bytes()
-            refused = subprocess.run([sys.executable, "-m", "evomerge", "merge", str(recipe), "-o", str(tmp / "no"),
-                                      "--memory-budget", f"{plan.streaming_need / 2e9:.2f}GB"],
-                                     capture_output=True, text=True)
+            refused = run_child([sys.executable, "-m", "evomerge", "merge", str(recipe), "-o", str(tmp / "no"),
+                                 "--memory-budget", f"{plan.streaming_need / 2e9:.2f}GB"], check=False)
             rows.append((method, budget, plan, resident, streaming, same, refused))
             print(method, budget, resident, streaming, same, refused.returncode, flush=True)
     size = sum(p.stat().st_size for p in (args.models / "base").glob("*.safetensors")) / 2**30
-    lines = ["# Streaming vs resident merges", "",
-             f"- {time.strftime('%Y-%m-%d %H:%M')}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-             "1 torch thread",
+    lines = [*header("Streaming vs resident merges"),
+             "- 1 torch thread",
              f"- models: `{args.models}` (base + 3 sources, {size:.2f} GiB of float32 weights each)",
              "- `memory_budget` bounds the whole process: what it holds already (Python, torch, transformers), "
              "the merged model, and the merge's tensors. The kernel plans before any weights load: resident if "
              "everything fits, else streaming (one tensor's anchor, task vectors and temporaries at a time), "
-             "else exit 2 naming the smallest budget that works.",
-             f"- command: `python benchmarks/bench_streaming.py --models {args.models}"
-             + (f" --budget {args.budget}" if args.budget else "") + "`", "",
+             "else exit 2 naming the smallest budget that works.", "",
              "| method | plan: streaming / resident need | budget | resident: peak RSS, wall | "
              "streaming: peak RSS, wall | peak below budget | identical bytes | half the streaming need |",
              "|---|---|---|---|---|---|---|---|"]
@@ -112,7 +102,7 @@ def main() -> int:
     example = next((r[6].stderr.strip() for r in rows if r[6].returncode == 2), "")
     lines += ["", "Peak RSS is the whole process (Python, torch, the output model and the transient per-tensor "
               "work), from `getrusage(RUSAGE_CHILDREN).ru_maxrss`. The last column runs the same merge with half "
-              f"the budget streaming needs; it is refused before any weights load:", "", f"    {example}", ""]
+              "the budget streaming needs; it is refused before any weights load:", "", f"    {example}", ""]
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out}")
     return 0 if ok else 1

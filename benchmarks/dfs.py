@@ -18,13 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from machine import describe  # noqa: E402
-from runs import add_run_options, mean_std, runs_from  # noqa: E402
+from _harness import REPO, add_run_options, header, mean_std, runs_from, std
 
 SPACES = {"ps": "PS: the config's methods, weights per source and layer group",
           "dfs": "DFS: stacks of the sources' blocks, a scale each",
@@ -35,7 +31,7 @@ TASKS = ("inc", "rot", "mir", "inc_rot")
 ZOO = {"base": "zoo/base", "sources": ["zoo/inc", "zoo/rot", "zoo/mir"],
        "search": {"methods": ["task_arithmetic", "ties", "dare_ties"], "layer_groups": 2, "pruner": "none",
                   "dfs": {"repeats": 2, "max_layers": 8}},
-       "tasks": str(Path(__file__).resolve().parents[1] / "configs" / "tasks" / "zoo.yaml"),
+       "tasks": str(REPO / "configs" / "tasks" / "zoo.yaml"),
        "objective": {"inc": 1.0, "rot": 1.0, "mir": 1.0}, "device": "cpu", "threads": 1}
 
 
@@ -68,10 +64,9 @@ def run_space(work: Path, space: str, *, seed: int, budget: int, sampler: str, z
             "tasks": {t: scores.primary(t) for t in tasks}}
 
 
-def report(runs: list[dict], *, command: str, budget: int, seeds: int, sampler: str, setup: str) -> str:
+def report(runs: list[dict], *, budget: int, seeds: int, sampler: str, setup: str) -> str:
     tasks = list(runs[0]["tasks"])
-    lines = ["# Parameter space, data-flow space, and both, at one budget", "",
-             f"Machine: {describe()}. Command: `{command}`.", "",
+    lines = [*header("Parameter space, data-flow space, and both, at one budget"), "",
              f"{setup} Searched with {sampler}, {budget} trials each (baselines included), {seeds} seeds. Held-out "
              "score of the best trial's model: the objective's mean and each task. Mean ± std over seeds.", "",
              "| space | objective (held-out) | " + " | ".join(tasks) + " | blocks in the best stack |",
@@ -105,7 +100,7 @@ def plot(runs: list[dict], out: Path) -> None:
         values = [[r["heldout"] for r in group]] + [[r["tasks"][t] for r in group] for t in group[0]["tasks"]]
         xs = [i + (k - 1) * width for i in range(len(labels))]
         ax.bar(xs, [statistics.mean(v) for v in values], width,
-               yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in values], capsize=3, label=space)
+               yerr=[std(v) for v in values], capsize=3, label=space)
         ax.set_xticks(range(len(labels)), labels)
     ax.set_ylim(0, 1)
     ax.set_ylabel("held-out exact match")
@@ -130,7 +125,7 @@ def main() -> None:
     parser.add_argument("--setup", default=None, help="the report's description of the models and tasks")
     parser.add_argument("--spaces", default=",".join(SPACES))
     add_run_options(parser)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results"))
+    parser.add_argument("--out", default=str(REPO / "results"))
     args = parser.parse_args()
     zoo, work = Path(args.zoo).expanduser(), Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -151,11 +146,10 @@ def main() -> None:
                           tasks=tasks) for space in args.spaces.split(",") for seed in range(args.seeds)]
 
     runs = runs_from(args, measure)
-    command = " ".join(["python benchmarks/dfs.py", *sys.argv[1:]])
     setup = args.setup or ("The zoo's compatible experts (inc, rot, mir) and the demo's objective (their three tasks); "
                            "DFS over 2 passes of their blocks (24 candidates), at most 8 in a stack; the composed "
                            "task inc_rot (digits and letters in one input) is scored, never searched on.")
-    text = report(runs, command=command, budget=args.budget, seeds=args.seeds, sampler=args.sampler, setup=setup)
+    text = report(runs, budget=args.budget, seeds=args.seeds, sampler=args.sampler, setup=setup)
     out = Path(args.out)
     (out / f"{args.name}.md").write_text(text + f"\n![held-out by space]({args.name}.png)\n")
     plot(runs, out / f"{args.name}.png")

@@ -24,13 +24,9 @@ import argparse
 import json
 import random
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from machine import describe  # noqa: E402
-from runs import add_run_options, mean_std, runs_from  # noqa: E402
+from _harness import REPO, add_run_options, header, mean_std, runs_from, std
 
 TASK = "inc_rot"
 
@@ -93,7 +89,8 @@ def run_arm(zoo: Path, work: Path, arm: str, *, seed: int, budget: int, examples
     sources = [r for r in rows if r["kind"] == "source"]
     single = max(sources, key=lambda r: (r["search_mean"], -r["number"]))     # chosen on the search examples
     uniform = next(r for r in rows if r["kind"] == "default")
-    return {"arm": ARMS[arm][0], "budget": budget, "seed": seed, "seconds": seconds, "best": best["heldout_mean"], "best_search": best["search_mean"],
+    return {"arm": ARMS[arm][0], "budget": budget, "seed": seed, "seconds": seconds, "best": best["heldout_mean"],
+            "best_search": best["search_mean"],
             "single": single["heldout_mean"], "single_label": single["label"],
             "oracle_single": max(r["heldout_mean"] for r in sources), "uniform": uniform["heldout_mean"],
             "alone": {r["label"].split(":", 1)[1].rsplit("/", 1)[-1].split(" ")[0]: r["heldout_mean"] for r in sources}}
@@ -108,26 +105,27 @@ def _study_seconds(result) -> float:
     return (max(ends) - min(t.datetime_start for t in trials if t.datetime_start)).total_seconds()
 
 
-def report(runs: list[dict], *, command: str, zoo: Path, budget: int, examples: int, seeds: int) -> str:
+def report(runs: list[dict], *, cmd: str | None, zoo: Path, budget: int, examples: int, seeds: int) -> str:
     adapters = adapters_of(zoo)
-    lines = [f"# LoRA adapters composed for an unseen task (LoraHub, small): {TASK}", "",
-             f"Machine: {describe()}. Command: `{command}`.", "",
+    lines = [*header(f"LoRA adapters composed for an unseen task (LoraHub, small): {TASK}", cmd=cmd), "",
              f"The zoo's {len(adapters)} LoRA adapters ({', '.join(adapters)}; each trained over the base on its own "
              f"skill) and the composed task {TASK}, which none was trained on. Each search sees {examples} rows of "
              f"{TASK}'s search split (another seeded subsample per seed) and is scored on its whole held-out split "
-             f"(exact match). {budget} trials per search, baselines included; {seeds} seeds; mean ± std over seeds.", "",
+             f"(exact match). {budget} trials per search, baselines included; {seeds} seeds; mean ± std over "
+             "seeds.", "",
              "| arm | held-out | search examples | seconds |", "|---|---|---|---|"]
     by_arm: dict[str, list[dict]] = {}
     for run in runs:
         by_arm.setdefault(_label(run, budget), []).append(run)
     first = next(iter(by_arm.values()))
-    lines.append(f"| best single adapter (picked on the {examples} examples) | {mean_std([r['single'] for r in first])} | "
-                 "— | — |")
-    lines.append(f"| best single adapter (picked on held-out: an oracle) | {mean_std([r['oracle_single'] for r in first])}"
-                 " | — | — |")
+    lines.append(f"| best single adapter (picked on the {examples} examples) | "
+                 f"{mean_std([r['single'] for r in first])} | — | — |")
+    lines.append("| best single adapter (picked on held-out: an oracle) | "
+                 f"{mean_std([r['oracle_single'] for r in first])} | — | — |")
     lines.append(f"| uniform merge (every weight 1) | {mean_std([r['uniform'] for r in first])} | — | — |")
     for arm, group in by_arm.items():
-        lines.append(f"| {arm} | {mean_std([r['best'] for r in group])} | {mean_std([r['best_search'] for r in group])} | "
+        lines.append(f"| {arm} | {mean_std([r['best'] for r in group])} | "
+                     f"{mean_std([r['best_search'] for r in group])} | "
                      f"{statistics.mean(r['seconds'] for r in group):.0f} |")
     lines += ["", "Each adapter alone on the held-out split: " +
               ", ".join(f"{name} {value:.3f}" for name, value in first[0]["alone"].items()) + ".", ""]
@@ -160,7 +158,7 @@ def plot(runs: list[dict], out: Path, *, examples: int, budget: int) -> None:
     fig, ax = plt.subplots(figsize=(10, 0.6 * len(bars) + 1.2))
     names = [textwrap.fill(name.replace("\n", " "), 48) for name in bars]
     means = [statistics.mean(v) for v in bars.values()]
-    ax.barh(range(len(names)), means, xerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in bars.values()],
+    ax.barh(range(len(names)), means, xerr=[std(v) for v in bars.values()],
             capsize=4, color=["#999999", "#bbbbbb"] + ["#4c72b0"] * (len(names) - 2))
     for i, values in enumerate(bars.values()):
         ax.scatter(values, [i] * len(values), color="black", s=10, zorder=3)
@@ -182,16 +180,14 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=20)
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arm names")
     add_run_options(parser)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results"))
+    parser.add_argument("--out", default=str(REPO / "results"))
     parser.add_argument("--command", default=None, help="the commands to name in the report (with --load)")
     args = parser.parse_args()
     zoo, work = Path(args.zoo).expanduser(), Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     runs = runs_from(args, lambda: [run_arm(zoo, work, arm, seed=seed, budget=args.budget, examples=args.examples)
                                     for arm in args.arms.split(",") for seed in range(args.seeds)])
-    command = args.command or (f"python benchmarks/lorahub.py --seeds {args.seeds} --budget {args.budget} "
-                               f"--examples {args.examples}")
-    text = report(runs, command=command, zoo=zoo, budget=args.budget, examples=args.examples, seeds=args.seeds)
+    text = report(runs, cmd=args.command, zoo=zoo, budget=args.budget, examples=args.examples, seeds=args.seeds)
     out = Path(args.out)
     (out / "lora.md").write_text(text + "\n![held-out by arm](lora.png)\n")
     plot(runs, out / "lora.png", examples=args.examples, budget=args.budget)

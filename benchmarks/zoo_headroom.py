@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import itertools
 import json
 import os
@@ -38,18 +37,16 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from _harness import REPO, command, header
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from evomerge.evaluate import Evaluator, load_tasks  # noqa: E402
 from evomerge.kernel import ResidentMerger  # noqa: E402
 from evomerge.recipe import Recipe  # noqa: E402
 from evomerge.sources import open_sources  # noqa: E402
-from machine import describe  # noqa: E402  (benchmarks/machine.py: run as a script, this folder is on sys.path)
 
 LAMBDAS = tuple(0.25 + 0.125 * i for i in range(11))   # 0.25 .. 1.5
 GRID = (0.25, 0.5, 0.75, 1.0)
@@ -180,7 +177,7 @@ def pct(x: float) -> str:
 
 
 def report(manifest: dict, alone: dict[str, dict[str, float]], groups: list[tuple[Group, list]],
-           *, command: str, build_seconds: float | None, seconds: float, zoo: Path | None = None) -> str:
+           *, cmd: str, build_seconds: float | None, seconds: float, zoo: Path | None = None) -> str:
     tasks = list(next(iter(alone.values())))
     smol = str(manifest.get("size", "")).startswith("smol")
     if smol:
@@ -190,19 +187,17 @@ def report(manifest: dict, alone: dict[str, dict[str, float]], groups: list[tupl
                                                  for name, c in manifest["composed_tasks"].items()) + ".")
     else:
         zoo_line = (f"Zoo: size `{manifest['size']}`, seed {manifest['seed']} (`evomerge zoo build`); compatible "
-                    f"group {', '.join(manifest['compatible'])}; conflicting pair {', '.join(manifest['conflicting'])}.")
+                    f"group {', '.join(manifest['compatible'])}; conflicting pair "
+                    f"{', '.join(manifest['conflicting'])}.")
     lines = [
-        "# The local model zoo: headroom for a merge search" if not smol
-        else "# The smol zoo: real fine-tunes of SmolLM2-135M-Instruct, and the headroom for a merge search",
+        *header("The local model zoo: headroom for a merge search" if not smol
+                else "The smol zoo: real fine-tunes of SmolLM2-135M-Instruct, and the headroom for a merge search",
+                cmd=cmd),
+        "- " + (f"Zoo build: {build_seconds:.0f} s. " if build_seconds is not None else "Zoo reused (already built). ")
+        + f"This report: {seconds:.0f} s.",
         "",
         zoo_line + " Scores are percent on the held-out split (exact match for generate tasks, accuracy for "
         "`*_choice`).",
-        "",
-        f"Machine: {describe()}. "
-        + (f"Zoo build: {build_seconds:.0f} s. " if build_seconds is not None else "Zoo reused (already built). ")
-        + f"This report: {seconds:.0f} s. Date: {datetime.date.today().isoformat()}.",
-        "",
-        f"Command: `{command}`",
         "",
         "## Every model alone",
         "",
@@ -316,11 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(zoo, suite)
 
     alone = {name: bench.alone(name) for name in ["base", *manifest["skills"]]}
-    command = "python benchmarks/zoo_headroom.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    ran = command(argv)
     if smol:
         group = Group("The three experts, on every task", manifest["skills"], list(suite.names))
         results = [(group, run_group(bench, group))]
-        text = report(manifest, alone, results, command=command.strip(), build_seconds=build_seconds,
+        text = report(manifest, alone, results, cmd=ran, build_seconds=build_seconds,
                       seconds=time.perf_counter() - start, zoo=zoo)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
@@ -335,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         Group("The demo's sources, scored on the first two compatible skills", demo, compatible[:2]),
     ]
     results = [(g, run_group(bench, g)) for g in groups]
-    text = report(manifest, alone, results, command=command.strip(), build_seconds=build_seconds,
+    text = report(manifest, alone, results, cmd=ran, build_seconds=build_seconds,
                   seconds=time.perf_counter() - start)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

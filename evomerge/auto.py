@@ -17,7 +17,9 @@ is not the best one once tuned. `auto` therefore runs, after the baselines:
    that it samples only there), each valued with part credit: its objective plus `SHAPE` times the same
    objective scored with part credit (evaluate/result.py, `partial`). An exact-match objective is flat over
    wide regions (every merge that keeps one skill whole and loses the others scores the same); part credit
-   ranks those by how near they are to the next skill, which is where TPE should look;
+   ranks those by how near they are to the next skill, which is where TPE should look. A small `SHAPE` makes
+   it a tie-break: at half the objective's weight it pulled TPE away from the objective's own optimum on
+   other problems (results/bench_search.md, `auto before`);
 3. **successive halving** moves the budget between them: the trials left after the baselines and the
    gradient arm are cut into rounds of equal size; each round shares its trials equally among the arms still
    in, and the better half (by each technique's best search score) goes on to the next, until one arm takes
@@ -54,7 +56,7 @@ GRADIENT_ATTR = "auto_gradient"         # the gradient arm: {"state": "running" 
 PATIENCE = 4             # gradient trials in a row without progress before the arm stops
 LOSS_GAIN = 0.02         # progress: the loss below its best so far by this share
 GRADIENT_SHARE = 0.5     # of the budget after the baselines, at most, for the gradient arm
-SHAPE = 0.5              # a trial's value to an arm's TPE: objective + SHAPE * its part-credit objective
+SHAPE = 0.1              # a trial's value to an arm's TPE: objective + SHAPE * its part-credit objective
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 
 

@@ -214,6 +214,7 @@ def test_finalists_are_rescored_in_full_and_the_export_is_the_best_full_score(ch
     assert float(table[0]["value_full"]) == pytest.approx(float(table[0]["value"]))
 
 
+@pytest.mark.slow     # end to end: whole searches
 def test_one_seed_gives_one_cheap_study(zoo, tmp_path):
     from evomerge.search import search
 
@@ -227,6 +228,7 @@ def test_one_seed_gives_one_cheap_study(zoo, tmp_path):
     assert any(r[2] not in ("all", "") for r in runs[0])
 
 
+@pytest.mark.slow     # end to end: whole searches
 def test_pruning_works_on_the_rows_scored(zoo, tmp_path):
     from optuna.trial import TrialState
 
@@ -249,6 +251,7 @@ def test_bad_evaluation_options_exit_2_naming_the_field(zoo, tmp_path, rows, est
     assert field in run.stderr and len(run.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow     # end to end: whole searches
 def test_resuming_with_other_evaluation_options_is_refused(zoo, tmp_path):
     from evomerge.search import search
     from evomerge.errors import InputError
@@ -258,6 +261,7 @@ def test_resuming_with_other_evaluation_options_is_refused(zoo, tmp_path):
         search(_config(zoo, tmp_path, n_trials=12, rows="0.5"), out=tmp_path / "run", progress=False)
 
 
+@pytest.mark.slow     # end to end: whole searches
 def test_compare_picks_each_tuned_best_by_full_search_score(zoo, tmp_path):
     """`evomerge compare` with cheap evaluation: each study's finalists are re-scored, and its tuned row is the
     trial best on the whole search split, its search value a full score."""

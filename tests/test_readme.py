@@ -384,6 +384,7 @@ def test_the_stacking_section_runs_as_written(zoo: Path, tmp_path: Path) -> None
             assert torch.equal(stacked[f"model.layers.{j}.{inner}"], expected), (j, inner)
 
 
+@pytest.mark.slow     # the README's commands, run as written
 def test_the_mergekit_section_runs_as_written(zoo: Path, tmp_path: Path) -> None:
     """The section's mergekit config and commands on the zoo: validated, merged to mergekit-yaml's tensors
     (where mergekit is installed), converted to a recipe that merges to the same tensors."""
@@ -453,6 +454,7 @@ def test_the_smol_zoo_section_runs_as_written_at_its_test_size(smol_zoo: Path, t
     assert sum(",COMPLETE," in row for row in rows) == 6
 
 
+@pytest.mark.slow     # the README's commands, run as written
 def test_the_cheap_evaluation_block_runs_as_written(zoo: Path, tmp_path: Path) -> None:
     """The section's `search.evaluation` block in a search of the zoo: trials after the baselines are scored on
     a fifth of the rows, the finalists in full, and the summary reports them."""

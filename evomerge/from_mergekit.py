@@ -2,9 +2,10 @@
 
 Its models, slices, dtypes, tokenizer and chat template are read here, its parameter settings by
 mergekit_params.py (mergekit's lookup: the model's own settings, the slice's, the config's; gradients over
-the layers; filters by substring of the tensor's name). The recipe gives every tensor the same values: one value per block where a gradient varies (layer_groups = L), mergekit's filters as name filters
-in an order that agrees with every lookup, and mergekit's defaults where they differ from evomerge's
-(density 1, DARE's l1 rescale). Parameters a method does not take are ignored, as mergekit ignores them.
+the layers; filters by substring of the tensor's name). The recipe gives every tensor the same values: one
+value per block where a gradient varies (layer_groups = L), mergekit's filters as name filters in an order
+that agrees with every lookup, and mergekit's defaults where they differ from evomerge's (density 1, DARE's
+l1 rescale). Parameters a method does not take are ignored, as mergekit ignores them.
 What has no recipe form exits 2 naming its key, before any weights load (headers are read: the layer count
 and the tensor names).
 """
@@ -265,10 +266,10 @@ def _stack_scale(scopes: list[Any], layout, blocks: range, file: str, where: str
                 raise InputError(f"scale {value!r} reaches '{name}', and a stack scales only the residual-branch "
                                  "output projections", file=file, field=f"{where}.parameters.scale",
                                  fix="filter it to o_proj and down_proj")
-    distinct = set(map(repr, values.values()))
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values())
+    distinct = {float(v) for v in values.values()} if numeric else set(map(repr, values.values()))
     scale = next(iter(values.values()), 1.0)
-    if len(distinct) > 1 or isinstance(scale, bool) or not isinstance(scale, (int, float)) \
-            or not SCALE_RANGE[0] <= scale <= SCALE_RANGE[1]:
+    if len(distinct) > 1 or not numeric or not SCALE_RANGE[0] <= scale <= SCALE_RANGE[1]:
         raise InputError(f"scale must be one number in [{SCALE_RANGE[0]:g}, {SCALE_RANGE[1]:g}] on every output "
                          f"projection of the slice, got {sorted(distinct)}", file=file,
                          field=f"{where}.parameters.scale", fix="one value for o_proj and down_proj")

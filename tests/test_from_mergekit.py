@@ -263,6 +263,18 @@ def test_a_recipes_chat_template_replaces_the_one_its_tokenizer_came_with(chat_f
     assert "chat_template" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
+def test_a_passthrough_scale_of_one_is_no_scale(family, tmp_path):
+    """An integer 1 on o_proj and nothing on down_proj: both unscaled, so the recipe's stack has no scale."""
+    from evomerge.recipe import Recipe
+
+    _, all_configs = family
+    config = tmp_path / "mergekit.yml"
+    config.write_text(yaml.safe_dump(_passthrough(all_configs["gradient-slerp"],
+                                                  {"scale": [{"filter": "o_proj", "value": 1}]})))
+    recipe = Recipe.from_yaml(config)
+    assert len(recipe.layers) == 4 and all(entry.scale == 1.0 for entry in recipe.layers)
+
+
 def test_filters_in_opposite_orders_exit_2(family, tmp_path, capsys):
     from evomerge.cli import main
 

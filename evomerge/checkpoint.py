@@ -79,6 +79,10 @@ class ModelFolder:
         except (OSError, ValueError, AttributeError):
             return False
 
+    def chat_template(self) -> str | None:
+        """The folder's chat template, where transformers reads it (chat_template_in)."""
+        return chat_template_in(self.path)
+
     def require_tokenizer(self, *, file: str | None = None) -> None:
         if not self.has_tokenizer():
             raise InputError(f"no tokenizer files in '{self.spec}' ({self.path})", file=file, field="base",
@@ -190,3 +194,18 @@ def locate(spec: str, *, relative_to: Path | None = None, what: str = "source",
                          f"{' (HF_HUB_OFFLINE=1)' if offline else ''}: {type(err).__name__}",
                          file=file, field=field, fix="check the name or download it first") from None
     return Path(path)
+
+
+def chat_template_in(folder: Path) -> str | None:
+    """A tokenizer folder's chat template, where transformers reads it: chat_template.jinja, chat_template.json,
+    else tokenizer_config.json (a list of named templates: its "default")."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            template = json.loads((folder / name).read_text()).get("chat_template")
+            if isinstance(template, list):
+                template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+            if template:
+                return template
+    return None

@@ -246,8 +246,8 @@ def test_a_chat_template_reaches_the_tokenizer_as_mergekit_writes_it(chat_family
 def test_a_recipes_chat_template_replaces_the_one_its_tokenizer_came_with(chat_family, tmp_path, capsys):
     """An evomerge recipe's chat_template: its text, or auto (here B, two models of three), written where
     transformers reads it first; a template of no Jinja at all exits 2 naming the field."""
+    from evomerge.checkpoint import chat_template_in
     from evomerge.cli import main
-    from evomerge.export.folder import model_chat_template
 
     base, sources = chat_family
     recipe = {"method": "task_arithmetic", "base": str(base), "sources": [str(s) for s in sources]}
@@ -256,7 +256,7 @@ def test_a_recipes_chat_template_replaces_the_one_its_tokenizer_came_with(chat_f
         path.write_text(yaml.safe_dump(recipe | {"chat_template": template}))
         out = tmp_path / f"out-{len(template)}"
         assert main(["merge", str(path), "-o", str(out)]) == 0
-        assert model_chat_template(out) == expected
+        assert chat_template_in(out) == expected
         assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())
     path.write_text(yaml.safe_dump(recipe | {"chat_template": "chatml"}))
     assert main(["merge", str(path), "-o", str(tmp_path / "bad")]) == 2

@@ -72,7 +72,7 @@ def export_model(merger: Merged, recipe: Recipe, out: str | Path, *, force: bool
                               tokenizer_from=tokenizer_from, dtype=merger.out_dtype, force=force,
                               card_extra=card_extra, extra_files={"mergekit.yaml": text} if text else None,
                               base_models=list(dict.fromkeys(lineage)),
-                              chat_template=chat_template_of(recipe.chat_template, [f.path for f in sources.models])
+                              chat_template=chat_template_of(recipe.chat_template, sources.models)
                               if recipe.chat_template is not None else None,
                               tokenizer=sources.union.tokenizer if sources.union is not None else None)
 

@@ -183,28 +183,13 @@ def write_model_folder(out: Path, *, tensors: Mapping[str, torch.Tensor], recipe
     return Path(out)
 
 
-def chat_template_of(value: str, folders: Sequence[Path]) -> str | None:
-    """A recipe's chat_template as text: itself, or for "auto" the template most of the models in `folders`
-    have (mergekit's rule: the first of the most common; None where no model has one)."""
+def chat_template_of(value: str, models: Sequence[ModelFolder]) -> str | None:
+    """A recipe's chat_template as text: itself, or for "auto" the template most of `models` have (mergekit's
+    rule: the first of the most common; None where no model has one)."""
     if value != "auto":
         return value
-    found = [t.strip() for t in (model_chat_template(f) for f in folders) if t]
+    found = [t.strip() for t in (m.chat_template() for m in models) if t]
     return Counter(found).most_common(1)[0][0] if found else None
-
-
-def model_chat_template(folder: Path) -> str | None:
-    """A model folder's chat template, where transformers reads it: chat_template.jinja, chat_template.json,
-    else tokenizer_config.json (a list of named templates: its "default")."""
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text()
-    for name in ("chat_template.json", "tokenizer_config.json"):
-        if (folder / name).is_file():
-            template = json.loads((folder / name).read_text()).get("chat_template")
-            if isinstance(template, list):
-                template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-            if template:
-                return template
-    return None
 
 
 def set_chat_template(folder: Path, template: str) -> None:

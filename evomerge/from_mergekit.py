@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import InputError, suggest
-from .mergekit_params import Reader
+from .mergekit_params import Reader, flatten
 from .methods import REGISTRY
 
 KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
@@ -250,16 +250,11 @@ def _stack_scale(scopes: list[Any], layout, blocks: range, file: str, where: str
             raise InputError(f"passthrough takes only scale, not '{extra[0]}'", file=file, field=f"{where}.parameters",
                              fix="remove it")
         if "scale" in scope:
-            setting = scope["scale"]
-            entries = setting if isinstance(setting, list) else [{"value": setting}]
-            for entry in entries:
-                if not isinstance(entry, Mapping) or "value" not in entry or set(entry) - {"filter", "value"}:
-                    raise InputError("a scale entry is {filter, value}", file=file, field=f"{where}.parameters.scale")
-                chain.append((entry.get("filter"), entry["value"]))
+            chain += flatten(scope["scale"], file=file, where=f"{where}.parameters.scale")
     values: dict[str, Any] = {}
     for layer in blocks:
         for inner, name in block_tensors(layout, layer).items():
-            value = next((v for m, v in chain if m in (None, "*") or m in name), None)
+            value = next((v for m, v in chain if m is None or m in name), None)
             if is_output_projection(inner, layout.tensors[name].kind):
                 values[name] = 1.0 if value is None else value
             elif value not in (None, 1, 1.0):

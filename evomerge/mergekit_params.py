@@ -56,7 +56,7 @@ class Reader:
         for scope in scopes:
             if scope is None or name not in scope:
                 continue
-            for match, value in self._flatten(scope[name], where):
+            for match, value in flatten(scope[name], file=self.file, where=where):
                 if match is not None and any(m == match for m, _ in entries):
                     continue          # an earlier entry with this filter wins
                 entries.append((match, value))
@@ -65,24 +65,6 @@ class Reader:
             if entries and entries[-1][0] is None:
                 break
         self.chains[(source, name)] = entries
-
-    def _flatten(self, setting: object, where: str) -> list[tuple[str | None, Any]]:
-        if isinstance(setting, Mapping):
-            setting = [setting]
-        if not isinstance(setting, list) or not setting or not isinstance(setting[0], Mapping):
-            return [(None, setting)]
-        out = []
-        for i, entry in enumerate(setting):
-            if not isinstance(entry, Mapping) or "value" not in entry:
-                raise InputError("a conditional entry needs a value", file=self.file, field=f"{where}[{i}]")
-            extra = sorted(set(entry) - {"value", "filter"})
-            if extra:
-                fix = ("mergekit 0.1.5 ignores 'pattern', so this value would reach every tensor: name the "
-                       "substring with filter:") if "pattern" in extra else "an entry has filter and value"
-                raise InputError(f"unknown key '{extra[0]}'", file=self.file, field=f"{where}[{i}].{extra[0]}", fix=fix)
-            match = entry.get("filter")
-            out.append((None if match in (None, "*") else str(match), entry["value"]))
-        return out
 
     # -- the recipe ----------------------------------------------------------------------------
     def recipe_fields(self) -> dict[str, Any]:
@@ -181,6 +163,27 @@ class Reader:
             raise InputError(f"no {name} for tensor '{missing}'" + (f" of {source}" if source else ""),
                              file=self.file, field=f"parameters.{name}",
                              fix=f"give {name} a value without a filter (mergekit requires one)")
+
+
+def flatten(setting: object, *, file: str, where: str) -> list[tuple[str | None, Any]]:
+    """A mergekit setting as (filter, value) entries in order: a list of {filter, value} entries (filter None or
+    "*": every tensor), or one entry for a value or a gradient."""
+    if isinstance(setting, Mapping):
+        setting = [setting]
+    if not isinstance(setting, list) or not setting or not isinstance(setting[0], Mapping):
+        return [(None, setting)]
+    out = []
+    for i, entry in enumerate(setting):
+        if not isinstance(entry, Mapping) or "value" not in entry:
+            raise InputError("a conditional entry needs a value", file=file, field=f"{where}[{i}]")
+        extra = sorted(set(entry) - {"value", "filter"})
+        if extra:
+            fix = ("mergekit 0.1.5 ignores 'pattern', so this value would reach every tensor: name the "
+                   "substring with filter:") if "pattern" in extra else "an entry has filter and value"
+            raise InputError(f"unknown key '{extra[0]}'", file=file, field=f"{where}[{i}].{extra[0]}", fix=fix)
+        match = entry.get("filter")
+        out.append((None if match in (None, "*") else str(match), entry["value"]))
+    return out
 
 
 def _interpolate(values: list[float], t: float) -> float:

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from .kernel import TORCH_DTYPES, ResidentMerger, pick_device
+from .kernel import TORCH_DTYPES, ResidentMerger, TensorStream, pick_device
 from .recipe import Recipe
 from .sources import SourceSet, open_sources
 
@@ -33,7 +33,8 @@ class Merged(Protocol):
     @property
     def model(self): ...
 
-    def state_dict(self) -> dict[str, torch.Tensor]: ...
+    def weights(self, candidate) -> TensorStream:
+        """The tensors of `candidate` (the recipe it holds materialized) as a writer takes them."""
 
     def __enter__(self) -> "Merged": ...
 
@@ -93,6 +94,9 @@ class Stacked:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.tensors
 
+    def weights(self, candidate: Recipe) -> TensorStream:
+        return TensorStream.of(self.tensors)
+
     def __enter__(self) -> "Stacked":
         return self
 
@@ -121,15 +125,18 @@ def stack_for(recipe: Recipe, *, device: str | torch.device | None = "cpu", prog
 
 def merger_for(recipe: Recipe | str | Path, *, device: str | torch.device | None = "cpu",
                progress: bool = False, memory_budget: int | str | None = None,
-               build_model: bool = True) -> ResidentMerger | Stacked:
+               build_model: bool = True, stream: bool = False) -> ResidentMerger | Stacked:
     """A merger holding `recipe` materialized (for export or evaluation); `build_model` False: its tensors
-    only (an export writes them; no transformers model is built)."""
+    only (an export writes them; no transformers model is built); `stream`: none of them, a one-off merge whose
+    `weights(recipe)` merges tensor by tensor as the writer takes them (a recipe with `layers` is held)."""
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_yaml(recipe)
     if recipe.layers:
         return stack_for(recipe, device=device, progress=progress, memory_budget=memory_budget)
     sources = open_recipe_sources(recipe)
     merger = ResidentMerger(sources, device=device, dtype=recipe.dtype, seed=recipe.seed, methods=[recipe.method],
-                            progress=progress, memory_budget=memory_budget, precompute=False, build_model=build_model)
-    merger.materialize(recipe)
+                            progress=progress, memory_budget=memory_budget, precompute=False,
+                            build_model=build_model and not stream, hold_outputs=not stream)
+    if not stream:
+        merger.materialize(recipe)
     return merger

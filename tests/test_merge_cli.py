@@ -577,3 +577,115 @@ def test_bf16_sources_scored_in_float32_hold_the_exported_weights(tmp_path):
     ids = torch.tensor([[1, 5, 7, 9, 11]])
     with torch.inference_mode():
         assert torch.allclose(scored.model(ids).logits, native.model(ids).logits.float(), atol=5e-2)
+
+
+# ------------------------------------------------------------------------------------------------
+# A one-off merge streams: each tensor merged, written at its place, let go
+
+
+def test_weights_written_in_any_order_are_the_bytes_written_in_order(tmp_path):
+    """The writer's files read back as the tensors, shard by shard in the given order, the same bytes however
+    the tensors come (a merge hands them over in its own order); anything not as announced is refused."""
+    import json
+    import random
+
+    from evomerge.export.folder import WeightsWriter, write_weights
+    from evomerge.kernel import TensorStream
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {f"layer.{i}.w": torch.randn(7, 5 + i, generator=gen).to(dtype)
+               for i, dtype in enumerate([torch.float32, torch.bfloat16, torch.float16, torch.float32] * 2)}
+    tensors["position_ids"] = torch.arange(11)
+    tensors["empty"] = torch.empty(0, 3)
+    metadata = {"format": "pt", "z": "last", "a": "first"}
+    names = list(tensors)
+    shuffled = names[:]
+    random.Random(1).shuffle(shuffled)
+    specs = {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}
+    for folder, order in (("in-order", names), ("shuffled", shuffled)):
+        (tmp_path / folder).mkdir()
+        stream = TensorStream(specs, lambda sink, order=order: [sink(n, tensors[n]) for n in order])
+        files = write_weights(tmp_path / folder, stream, metadata=metadata, shard_bytes=200)
+    assert len(files) > 2
+    for file in files + ["model.safetensors.index.json"]:
+        assert (tmp_path / "in-order" / file).read_bytes() == (tmp_path / "shuffled" / file).read_bytes(), file
+    index = json.loads((tmp_path / "shuffled" / "model.safetensors.index.json").read_text())
+    assert list(index["weight_map"]) == names
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    seen = []
+    for file in files:
+        with safe_open(str(tmp_path / "shuffled" / file), framework="pt") as fh:
+            assert fh.metadata() == metadata
+            for name in fh.keys():
+                assert index["weight_map"][name] == file
+                assert fh.get_tensor(name).dtype == tensors[name].dtype
+                assert torch.equal(fh.get_tensor(name), tensors[name]), name
+                seen.append(name)
+    shards = [[n for n in names if index["weight_map"][n] == file] for file in files]
+    assert sum(shards, []) == names                            # shards in the given order
+    assert seen == sum((sorted(shard) for shard in shards), [])   # each file's tensors sorted
+    (tmp_path / "refused").mkdir()
+    writer = WeightsWriter(tmp_path / "refused", specs, metadata=metadata)
+    with pytest.raises(RuntimeError, match="not as announced"):
+        writer.write("layer.0.w", tensors["layer.0.w"].double())
+    writer.write("layer.0.w", tensors["layer.0.w"])
+    with pytest.raises(RuntimeError, match="written twice"):
+        writer.write("layer.0.w", tensors["layer.0.w"])
+    with pytest.raises(RuntimeError, match="never written"):
+        writer.close()
+    writer.abort()
+
+
+def test_a_one_off_merge_holds_one_merged_tensor_at_a_time(family, tmp_path):
+    """`evomerge merge` reads each source tensor when it merges it and lets the merged tensor go once it is
+    written: no merged tensor outlives the next one's merge, and they are the tensors a merger holding
+    every output makes."""
+    import gc
+    import weakref
+
+    from evomerge.build import merger_for
+    from evomerge.recipe import Recipe
+
+    recipe = Recipe.from_yaml(write_recipe(tmp_path, family, method="dare_ties"))
+    with merger_for(recipe) as held:
+        expected = {n: t.clone() for n, t in held.state_dict().items()}
+    streamed = merger_for(recipe, build_model=False, stream=True)
+    assert streamed.streaming and streamed.store.contexts == {}
+    assert set(streamed.outputs) == streamed.unmerged       # nothing merged is held
+    weights = streamed.weights(recipe)
+    assert list(weights.specs) == list(expected)
+    alive: list[weakref.ref] = []
+    got = {}
+
+    def sink(name, tensor):
+        gc.collect()
+        assert all(ref() is None for ref in alive), "an earlier merged tensor is still held"
+        if name not in streamed.unmerged:
+            alive.append(weakref.ref(tensor))
+        assert (tensor.dtype, tuple(tensor.shape)) == weights.specs[name]
+        got[name] = tensor.clone()
+
+    weights.fill(sink)
+    assert len(alive) == len(expected) and set(got) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+
+
+def test_a_merge_that_overflows_fails_naming_the_tensor_and_writes_nothing(family, tmp_path):
+    """A candidate whose merge is not finite raises NonFiniteMerge naming its first such tensor, streaming or
+    held, and the output folder is never made."""
+    from evomerge.build import merger_for
+    from evomerge.export import merge_to_folder
+    from evomerge.kernel import NonFiniteMerge
+    from evomerge.recipe import Recipe
+
+    base, sources = family
+    huge = _edited_copy(sources[1], tmp_path / "s1", lambda tensors: next(
+        t for n, t in tensors.items() if "mlp" in n).fill_(3e38))        # finite, but ten of it is not
+    path = write_recipe(tmp_path, (base, [sources[0], huge, sources[2]]), method="task_arithmetic",
+                        layer_groups=None, filters=None, parameters={"s1": {"weight": 10}})
+    with pytest.raises(NonFiniteMerge, match="NaN/inf in tensor"):
+        merge_to_folder(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+    with pytest.raises(NonFiniteMerge, match="NaN/inf in tensor"):
+        merger_for(Recipe.from_yaml(path), build_model=False)

@@ -67,7 +67,7 @@ def export_model(merger: Merged, recipe: Recipe, out: str | Path, *, force: bool
         tokenizer_from = open_folder(recipe.tokenizer, relative_to=recipe.relative_to, field="tokenizer")
     text = mergekit_yaml(recipe, sources)
     lineage = [f.hub_id for f in sources.models if f.hub_id]
-    return write_model_folder(Path(out), tensors=merger.state_dict(), recipe=recipe, config_from=sources.anchor,
+    return write_model_folder(Path(out), tensors=merger.weights(recipe), recipe=recipe, config_from=sources.anchor,
                               config=merger.config,
                               tokenizer_from=tokenizer_from, dtype=merger.out_dtype, force=force,
                               card_extra=card_extra, extra_files={"mergekit.yaml": text} if text else None,
@@ -94,7 +94,8 @@ def merge_to_folder(recipe: Recipe | str | Path, out: str | Path, *, device: str
             raise InputError(refusal, file=str(recipe.path) if recipe.path else None, field="method",
                              fix="drop --adapter: the merged model is written either way")
         check_destination(Path(adapter), force=force)
-    merger = merger_for(recipe, device=device, progress=progress, memory_budget=memory_budget, build_model=False)
+    merger = merger_for(recipe, device=device, progress=progress, memory_budget=memory_budget, build_model=False,
+                        stream=True)
     with merger:
         path = export_model(merger, recipe, out, force=force)
         if adapter is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from collections import Counter
@@ -19,6 +20,7 @@ import torch
 import yaml
 
 from ..errors import InputError
+from ..kernel import TensorStream
 from ..recipe import Recipe
 from ..sources import ModelFolder
 
@@ -93,59 +95,106 @@ _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", 
               torch.bool: "BOOL"}
 
 
-def save_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], *, metadata: Mapping[str, str]) -> None:
-    """A safetensors file with a canonical header (sorted keys), so equal tensors give equal bytes.
+class WeightsWriter:
+    """Sharded safetensors written tensor by tensor, in any order: every file's header is written up front
+    from the tensors' dtypes and shapes, then each tensor's bytes go to their place, so that a merge hands
+    over one tensor at a time and holds none. Headers are canonical (sorted keys; safetensors' own writer
+    orders metadata through a hash map, which differs between processes): equal tensors give equal bytes.
+    Shards follow the given order, the tensors in a file its names sorted; an index where there are several."""
 
-    (safetensors' own writer orders metadata through a hash map, which differs between processes.)
-    """
-    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
-    offset = 0
-    order = sorted(tensors)
-    for name in order:
-        t = tensors[name]
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as fh:
-        fh.write(len(raw).to_bytes(8, "little"))
-        fh.write(raw)
-        for name in order:
-            t = tensors[name].detach().to("cpu").contiguous()
-            if t.numel():
-                fh.write(t.reshape(-1).view(torch.uint8).numpy().data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    def __init__(self, folder: Path, specs: Mapping[str, tuple[torch.dtype, Sequence[int]]], *,
+                 metadata: Mapping[str, str], shard_bytes: int = SHARD_BYTES) -> None:
+        self.folder, self.specs, self.metadata = folder, specs, metadata
+        shards: list[list[str]] = [[]]
+        size = 0
+        for name, (dtype, shape) in specs.items():
+            nbytes = math.prod(shape) * dtype.itemsize
+            if shards[-1] and size + nbytes > shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes
+        self.files = (["model.safetensors"] if len(shards) == 1 else
+                      [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        self.places: dict[str, tuple[int, int]] = {}      # name -> (file descriptor, byte offset)
+        self.file_of = {name: file for file, names in zip(self.files, shards) for name in names}
+        self.fds: list[int] = []
+        for file, names in zip(self.files, shards):
+            self.fds.append(os.open(folder / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+            self._header(self.fds[-1], sorted(names))
+        self.written: set[str] = set()
+
+    def _header(self, fd: int, names: list[str]) -> None:
+        header: dict[str, object] = {"__metadata__": dict(sorted(self.metadata.items()))}
+        offset = 0
+        for name in names:
+            dtype, shape = self.specs[name]
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self.places[name] = (fd, offset)
+            offset += nbytes
+        raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        _write_at(fd, len(raw).to_bytes(8, "little") + raw, 0)
+        start = 8 + len(raw)
+        self.places.update({n: (fd, start + self.places[n][1]) for n in names})
+        os.ftruncate(fd, start + offset)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """One tensor's bytes, at its place (once, of the dtype and shape announced)."""
+        dtype, shape = self.specs[name]
+        if name in self.written or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+            raise RuntimeError(f"tensor '{name}' written twice or not as announced ({tensor.dtype}, "
+                               f"{list(tensor.shape)} against {dtype}, {list(shape)})")
+        self.written.add(name)
+        if tensor.numel():
+            fd, offset = self.places[name]
+            _write_at(fd, tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy(), offset)
+
+    def close(self) -> list[str]:
+        """Every file made durable, the index written; the files' names."""
+        missing = [n for n in self.specs if n not in self.written]
+        if missing:
+            raise RuntimeError(f"{len(missing)} tensors were never written, e.g. '{missing[0]}'")
+        for fd in self.fds:
+            os.fsync(fd)
+        self.abort()
+        if len(self.files) > 1:
+            total = sum(math.prod(shape) * dtype.itemsize for dtype, shape in self.specs.values())
+            index = {"metadata": {"total_size": total, **self.metadata}, "weight_map": self.file_of}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return self.files
+
+    def abort(self) -> None:
+        """The files closed as they are (the atomic folder they are in is then removed)."""
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
-def write_weights(folder: Path, tensors: Mapping[str, torch.Tensor], *, metadata: Mapping[str, str],
+def _write_at(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
+
+
+def write_weights(folder: Path, tensors: Mapping[str, torch.Tensor] | TensorStream, *, metadata: Mapping[str, str],
                   shard_bytes: int = SHARD_BYTES) -> list[str]:
-    """Sharded safetensors (+ index when more than one shard), names in the given order."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    files = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    weight_map = {}
-    for file, names in zip(files, shards):
-        save_safetensors(folder / file, {n: tensors[n] for n in names}, metadata=metadata)
-        weight_map.update({n: file for n in names})
-    if len(files) > 1:
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return files
+    """Sharded safetensors (+ index when more than one shard), shards in the given order: tensors held, or a
+    TensorStream whose tensors are written as they come (a one-off merge's)."""
+    stream = tensors if isinstance(tensors, TensorStream) else TensorStream.of(tensors)
+    writer = WeightsWriter(folder, stream.specs, metadata=metadata, shard_bytes=shard_bytes)
+    try:
+        stream.fill(writer.write)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
 
 
-def write_model_folder(out: Path, *, tensors: Mapping[str, torch.Tensor], recipe: Recipe, config_from: ModelFolder,
-                       tokenizer_from: ModelFolder, dtype: torch.dtype, force: bool = False,
+def write_model_folder(out: Path, *, tensors: Mapping[str, torch.Tensor] | TensorStream, recipe: Recipe,
+                       config_from: ModelFolder, tokenizer_from: ModelFolder, dtype: torch.dtype, force: bool = False,
                        card_extra: str = "", extra_files: Mapping[str, str] | None = None,
                        base_models: Sequence[str] = (), tokenizer: Any = None,
                        config: Mapping[str, Any] | None = None, chat_template: str | None = None) -> Path:

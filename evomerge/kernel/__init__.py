@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from .device import TORCH_DTYPES, chunk_elements, fast_cpu_dtypes, pick_device, scoring_dtype
 from .memory import MemoryPlan, in_use_bytes, parse_bytes
-from .merger import MergerOptions, NonFiniteMerge, ResidentMerger
+from .merger import MergerOptions, NonFiniteMerge, ResidentMerger, TensorStream
 from .stores import TensorStore
 
 __all__ = ["TORCH_DTYPES", "MemoryPlan", "MergerOptions", "NonFiniteMerge", "ResidentMerger", "TensorStore",
-           "chunk_elements", "fast_cpu_dtypes", "in_use_bytes", "parse_bytes", "pick_device", "scoring_dtype"]
+           "TensorStream", "chunk_elements", "fast_cpu_dtypes", "in_use_bytes", "parse_bytes", "pick_device",
+           "scoring_dtype"]

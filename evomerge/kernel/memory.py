@@ -81,20 +81,23 @@ class MemoryPlan:
 
     @classmethod
     def of(cls, store: "TensorStore", *, out_dtype: torch.dtype, score_dtype: torch.dtype,
-           budget: int | None) -> "MemoryPlan":
+           budget: int | None, holds_outputs: bool = True) -> "MemoryPlan":
         """The needs of `store` held resident (stores.TensorStore, not yet loaded), merged into a model scored
-        in `score_dtype` and exported in `out_dtype`."""
+        in `score_dtype` and exported in `out_dtype`; `holds_outputs` False: into one tensor at a time, written
+        out before the next (a one-off merge)."""
         layout = store.sources.layout
         k = len(store.sources.sources)
         item = torch.empty((), dtype=store.compute_dtype).element_size()
         out_item = torch.empty((), dtype=out_dtype).element_size()
         score_item = torch.empty((), dtype=score_dtype).element_size()
         largest = max(info.numel for info in layout.tensors.values())
-        if budget is not None:
+        if budget is not None and holds_outputs:
             import transformers  # noqa: F401  (what loading the model imports is part of what is in use)
         in_use = in_use_bytes(store.device) if budget is not None else 0
         # the scored model, plus the merged tensors in the output dtype where the model scores in another
         model = layout.numel * (score_item + (out_item if score_dtype != out_dtype else 0))
+        if not holds_outputs:
+            model = largest * out_item
         # One tensor at a time: its anchor, stack, fields and ranks (resident_bytes' copies, for this
         # tensor alone), then as much again for one source's read and the method's temporaries. Measured
         # on 3 sources of 100M parameters (results/bench_streaming.md): 6.4, 10.8 and 15.5 times the largest

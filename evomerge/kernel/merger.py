@@ -3,7 +3,8 @@
 `ResidentMerger` holds the sources in a tensor store (stores.py) on one device, with what no
 candidate's scalars change precomputed (magnitude threshold tables, random fields, row ranks), and
 `materialize(plan)` writes the merged tensors straight into the parameters of one resident
-transformers model (or, without one, into tensors of their own that an export writes). `evomerge
+transformers model (or, without one, into tensors of their own that an export writes), or hands them
+one at a time to a sink (a one-off merge streams them to safetensors and holds none). `evomerge
 merge`, the search and the export all go through `materialize`, so the exported model is the one that
 was scored. The kernel reads a MergePlan (plan.py), never a recipe's values.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Mapping
 
 import torch
 
@@ -24,7 +26,7 @@ from ..plan import MergePlan
 from ..sources import SourceSet
 from .device import TORCH_DTYPES, chunk_elements, pick_device, scoring_dtype
 from .memory import MemoryPlan, keep_chunk_temporaries_on_the_heap, parse_bytes, return_freed_memory
-from .stores import TensorStore
+from .stores import TensorStore, progress_bar
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,29 @@ class MergerOptions:
     score_dtype: str | None = None        # None: the output's, or float32 on a CPU without fast half matmuls
     as_stored: bool = True                # bf16/fp16 sources resident as stored (False: float32 task vectors)
     low_rank: bool | None = None          # False: dense task vectors even over adapters (a benchmark's reference)
+    hold_outputs: bool = True             # False: a one-off merge; each merged tensor goes to a sink, none is held,
+                                          # and the sources are read tensor by tensor (streaming; factors stay)
+
+
+Sink = Callable[[str, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class TensorStream:
+    """Tensors as a writer takes them: every dtype and shape up front (in checkpoint order, for the headers),
+    then `fill(sink)` hands each tensor to `sink` once, in any order."""
+
+    specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]
+    fill: Callable[[Sink], None]
+
+    @classmethod
+    def of(cls, tensors: Mapping[str, torch.Tensor]) -> "TensorStream":
+        """Tensors held in memory."""
+        def fill(sink: Sink) -> None:
+            for name, tensor in tensors.items():
+                sink(name, tensor)
+
+        return cls({n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}, fill)
 
 
 class NonFiniteMerge(RuntimeError):
@@ -56,6 +81,8 @@ class ResidentMerger:
     def __init__(self, sources: SourceSet, options: MergerOptions | None = None, **overrides) -> None:
         options = dataclasses.replace(options or MergerOptions(), **overrides)
         self.options = options = dataclasses.replace(options, methods=tuple(options.methods))
+        if not options.hold_outputs and options.build_model:
+            raise ValueError("a merger that holds no outputs builds no model: pass build_model=False")
         self.sources = sources
         self.trust_remote_code = options.trust_remote_code
         self.device = pick_device(options.device)
@@ -71,10 +98,12 @@ class ResidentMerger:
         self.store = self._store(methods)
         budget = parse_bytes(options.memory_budget, device=self.device)
         self.memory = MemoryPlan.of(self.store, out_dtype=self.out_dtype, score_dtype=self.score_dtype,
-                                    budget=budget)
+                                    budget=budget, holds_outputs=options.hold_outputs)
         streaming = self.memory.streaming if options.streaming is None else options.streaming
         if options.streaming is None:
             self.memory.check()      # before any weights load
+        # a one-off merge reads each tensor once either way: reading it when it is merged holds one at a time
+        streaming = streaming or not (options.hold_outputs or self.store.low_rank)
         if streaming:
             self.store = self._store(methods, streaming=True)
         self.model = self.load_model(sources.anchor.path) if options.build_model else None
@@ -151,6 +180,8 @@ class ResidentMerger:
         slots: dict[str, torch.Tensor] = {n: self.sources.read(self.sources.anchor, n, device=self.device)
                                           for n in self.unmerged}
         copies: list[binding.Copy] = []
+        if not self.options.hold_outputs:      # merged into a tensor of its own each, handed to a sink
+            return slots, copies
         if self.model is not None:
             direct = binding.direct_parameters(self.model, list(shapes))
             slots.update({n: t for n, t in direct.items() if t.shape == shapes[n]})
@@ -184,14 +215,18 @@ class ResidentMerger:
         """A recipe's plan over the resident sources' layout."""
         return MergePlan.of(recipe, self.sources.layout)
 
-    def materialize(self, candidate: MergePlan, *, check_finite: bool = True) -> None:
-        """Write the merge a plan (or a recipe, planned here) describes into the resident parameters.
+    def materialize(self, candidate: MergePlan, *, check_finite: bool = True, sink: Sink | None = None) -> None:
+        """Write the merge a plan (or a recipe, planned here) describes into the resident parameters, or with
+        `sink`, into a tensor of its own per tensor, handed to `sink(name, tensor)` and let go (the tensors no
+        weights pass through from the anchor first).
 
         Each tensor runs in one pass of the fused kernel where its method has a plan for
         this candidate; otherwise elementwise methods run over chunks of it, cache-sized on
         the CPU and large on a GPU (their per-tensor statistics come from the whole tensor).
         Both write straight into the parameter; no model-sized temporary is made.
         """
+        if sink is None and not self.options.hold_outputs:
+            raise ValueError("this merger holds no outputs: materialize into a sink")
         plan = candidate if isinstance(candidate, MergePlan) else self.plan(candidate)
         self._check_compatible(plan)
         spec = plan.spec
@@ -202,7 +237,10 @@ class ResidentMerger:
         sums = []
         finite = True
         with torch.inference_mode():
-            for name in self.store.names:
+            for name in (self.unmerged if sink is not None else ()):
+                sink(name, self.outputs[name])
+            names = self.store.names
+            for name in (progress_bar(names, "merging") if sink is not None and self.options.progress else names):
                 ctx = self.store.context(name)
                 ctx.seed = plan.seed
                 index = plan.of_tensor[name]
@@ -210,20 +248,23 @@ class ResidentMerger:
                     slot = plan.slots[index]
                     resolved[index] = resolve(spec, slot.shared, slot.values, k=ctx.k, device=self.device,
                                               dtype=self.compute_dtype)
-                params, out = resolved[index], self.outputs[name]
-                if isinstance(ctx, LowRankContext):
-                    total = ctx.write(spec.name, params, out)
-                    sums += [total] if total is not None else []
-                    continue
-                fused_plan = self._fused_plan(spec, ctx, params, out)
-                if fused_plan is not None:
-                    finite = self.fused.run(fused_plan, ctx, out) and finite
-                else:
-                    sums += _merge_eager(spec, ctx, params, out, chunk=None if plan.whole(name) else chunk,
-                                         check_finite=check_finite)
+                params = resolved[index]
+                out = self.outputs[name] if sink is None else torch.empty(
+                    self.sources.layout.tensors[name].shape, dtype=self.out_dtype, device=self.device)
+                ok, partial = self._merge_tensor(spec, ctx, params, out, chunk=None if plan.whole(name) else chunk,
+                                                 check_finite=check_finite)
+                if sink is None:
+                    finite = finite and ok
+                    sums += partial
+                else:    # checked before it is written
+                    if check_finite and not (ok and (not partial or bool(torch.isfinite(torch.stack(partial)).all()))):
+                        raise NonFiniteMerge(f"{plan.method} produced NaN/inf in tensor '{name}'")
+                    sink(name, out)
+                    del out
                 if self.streaming:     # let this tensor's stack go before the next one is read
                     del ctx
-                    return_freed_memory()
+                    if sink is None:   # RSS tracks what a search holds (a one-off merge's next tensor reuses the
+                        return_freed_memory()         # heap: trimming it each time costs as much as the merge)
             for copy in self.copies:     # tensors the model keeps as slices of its own parameters
                 copy.apply()
             if check_finite and sums:
@@ -231,6 +272,30 @@ class ResidentMerger:
             if check_finite and not finite:
                 bad = next(n for n, t in self.outputs.items() if not bool(torch.isfinite(t).all()))
                 raise NonFiniteMerge(f"{plan.method} produced NaN/inf in tensor '{bad}'")
+
+    def _merge_tensor(self, spec, ctx, params: dict, out: torch.Tensor, *, chunk: int | None,
+                      check_finite: bool) -> tuple[bool, list[torch.Tensor]]:
+        """One tensor merged into `out`: whether the fused kernel found it finite, and the sums that tell
+        (the low-rank write's or the eager chunks')."""
+        if isinstance(ctx, LowRankContext):
+            total = ctx.write(spec.name, params, out)
+            return True, [total] if total is not None else []
+        fused_plan = self._fused_plan(spec, ctx, params, out)
+        if fused_plan is not None:
+            return self.fused.run(fused_plan, ctx, out), []
+        return True, _merge_eager(spec, ctx, params, out, chunk=chunk, check_finite=check_finite)
+
+    def weights(self, candidate) -> TensorStream:
+        """What an export writes of `candidate` (a plan or a recipe): the outputs held (the candidate last
+        materialized, the very tensors that were scored), or, by a merger that holds none, the candidate
+        merged tensor by tensor as the writer takes them."""
+        if self.options.hold_outputs:
+            return TensorStream.of(self.outputs)
+        plan = candidate if isinstance(candidate, MergePlan) else self.plan(candidate)
+        layout = self.sources.layout
+        specs = {n: (self.outputs[n].dtype if n in self.unmerged else self.out_dtype, tuple(info.shape))
+                 for n, info in layout.tensors.items()}
+        return TensorStream(specs, lambda sink: self.materialize(plan, sink=sink))
 
     def _fused_plan(self, spec, ctx: TensorContext, params: dict, out: torch.Tensor):
         """The fused kernel's plan for this tensor, or None where the eager steps run: no kernel (not

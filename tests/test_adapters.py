@@ -246,6 +246,7 @@ def test_adapters_that_are_no_plain_lora_over_this_base_are_refused(family, tmp_
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow     # a whole search
 def test_a_search_over_adapters_learns_on_the_factors_and_exports_an_adapter(tmp_path, capsys):
     """AdaMerging over two adapters: the space has no knob an adapter cannot turn (a weight outside the blocks
     for an adapter of the blocks alone), the merger keeps factors (no dense task vectors), its gradient

@@ -222,6 +222,7 @@ def test_auto_resumes_after_a_kill_mid_trial(tmp_path):
     assert "RUNNING" not in {t.state.name for t in trials} and "WAITING" not in {t.state.name for t in trials}
 
 
+@pytest.mark.slow     # a whole search
 def test_auto_without_task_arithmetic_or_with_several_objectives(tmp_path):
     """No task_arithmetic: no gradient arm (no record of one). Several objectives: auto is TPE (its arms rank by
     one score), and the config accepts it."""

@@ -81,10 +81,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory) -> dict:
+    from modelfactory import reused_build
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root = tmp_path_factory.mktemp("eval_toy")
-    train_toy(root / "model")
+    reused_build("eval-toy", lambda out: train_toy(out) or out, root / "model", code=(Path(__file__),))
     rng = random.Random(7)
     gen = [dict(zip(("prompt", "target"), inc_example(rng))) for _ in range(120)]
     for row in gen[::2]:

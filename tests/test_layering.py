@@ -9,6 +9,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "evomerge"
 
 
@@ -126,6 +128,7 @@ def test_no_module_holds_two_things() -> None:
     assert not long, long
 
 
+@pytest.mark.slow     # a subprocess
 def test_importing_evomerge_leaves_the_allocator_alone(tmp_path) -> None:
     """The kernel raises glibc's mmap threshold for its chunk temporaries: when the first merger on the CPU is
     made, never as a side effect of importing the package (a library imported by someone else's program)."""

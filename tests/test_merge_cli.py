@@ -475,6 +475,7 @@ def test_missing_recipe_file(tmp_path, capsys):
     assert listing(tmp_path) == set()
 
 
+@pytest.mark.slow     # a subprocess
 def test_memory_budget_below_what_streaming_needs_is_refused(family, tmp_path):
     """A budget the merge cannot keep, even streaming tensor by tensor: exit 2 naming the minimum, nothing written."""
     recipe = write_recipe(tmp_path, family)

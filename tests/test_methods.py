@@ -778,6 +778,7 @@ _SUBPROCESS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow     # a subprocess
 def test_same_seed_identical_across_processes():
     script = _SUBPROCESS.format(methods=STOCHASTIC)
     env = dict(os.environ, PYTHONHASHSEED="12345")

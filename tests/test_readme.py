@@ -64,6 +64,7 @@ def test_the_blocks_are_found() -> None:
     assert "evomerge.search(" in blocks(section("### Python"), "python")[0]
 
 
+@pytest.mark.slow     # collects the whole suite in a subprocess
 def test_the_quick_loop_deselects_the_slow_tests_and_keeps_a_test_of_every_file() -> None:
     """The Test section's second block, collected as written: it leaves out the tests marked slow, and every test
     file still has tests in it but two whose every test is end to end (several workers; `evomerge compare` in a

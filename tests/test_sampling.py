@@ -147,6 +147,7 @@ def test_median_pruning_stops_trials_below_the_median_on_partial_scores(tmp_path
             assert t.intermediate_values[steps[-1]] < median
 
 
+@pytest.mark.slow     # a whole search
 def test_a_queued_trial_that_a_stopped_search_leaves_unrun_stays_queued(tmp_path):
     """Ctrl-C while the sampler process holds the next trial: a baseline (or a dead worker's retry) it took
     from the queue goes back there, number and label kept, and a resumed search runs it; nothing is lost."""

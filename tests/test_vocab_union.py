@@ -301,6 +301,7 @@ def test_identical_tokenizers_leave_the_model_as_it_is(tmp_path):
 # The search: one resident model with the union's rows
 
 
+@pytest.mark.slow     # a whole search
 def test_search_builds_the_union_model_once_and_scores_it(tmp_path, monkeypatch):
     """A source added a token: the resident model is loaded once, resized once to the union (41 tokens), each
     trial written into it and scored; best/ carries the union tokenizer and re-scores to the recorded score."""

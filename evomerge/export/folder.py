@@ -100,7 +100,7 @@ class WeightsWriter:
     from the tensors' dtypes and shapes, then each tensor's bytes go to their place, so that a merge hands
     over one tensor at a time and holds none. Headers are canonical (sorted keys; safetensors' own writer
     orders metadata through a hash map, which differs between processes): equal tensors give equal bytes.
-    Shards follow the given order, the tensors in a file its names sorted; an index where there are several."""
+    Shards follow the given order, each file's tensors sorted by name; an index where there are several."""
 
     def __init__(self, folder: Path, specs: Mapping[str, tuple[torch.dtype, Sequence[int]]], *,
                  metadata: Mapping[str, str], shard_bytes: int = SHARD_BYTES) -> None:
@@ -153,12 +153,14 @@ class WeightsWriter:
 
     def close(self) -> list[str]:
         """Every file made durable, the index written; the files' names."""
-        missing = [n for n in self.specs if n not in self.written]
-        if missing:
-            raise RuntimeError(f"{len(missing)} tensors were never written, e.g. '{missing[0]}'")
-        for fd in self.fds:
-            os.fsync(fd)
-        self.abort()
+        try:
+            missing = [n for n in self.specs if n not in self.written]
+            if missing:
+                raise RuntimeError(f"{len(missing)} tensors were never written, e.g. '{missing[0]}'")
+            for fd in self.fds:
+                os.fsync(fd)
+        finally:
+            self.abort()
         if len(self.files) > 1:
             total = sum(math.prod(shape) * dtype.itemsize for dtype, shape in self.specs.values())
             index = {"metadata": {"total_size": total, **self.metadata}, "weight_map": self.file_of}
@@ -166,8 +168,9 @@ class WeightsWriter:
         return self.files
 
     def abort(self) -> None:
-        """The files closed as they are (the atomic folder they are in is then removed)."""
-        for fd in self.fds:
+        """The files closed as they are, once (the atomic folder they are in is then removed)."""
+        fds, self.fds = self.fds, []
+        for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
 

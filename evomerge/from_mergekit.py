@@ -2,16 +2,18 @@
 
 Its models, slices, dtypes, tokenizer and chat template are read here, its parameter settings by
 mergekit_params.py (mergekit's lookup: the model's own settings, the slice's, the config's; gradients over
-the layers; filters by substring of the tensor's name). The recipe gives every tensor the same values: one
-value per block where a gradient varies (layer_groups = L), mergekit's filters as name filters in an order
-that agrees with every lookup, and mergekit's defaults where they differ from evomerge's (density 1, DARE's
-l1 rescale). Parameters a method does not take are ignored, as mergekit ignores them.
+a slice's layers; filters by substring of the tensor's name). Slices merge the same models and together
+take every layer once, in order; each may have settings of its own. The recipe gives every tensor the same
+values: one value per block where any differ (layer_groups = L), mergekit's filters as name filters in an
+order that agrees with every lookup, and mergekit's defaults where they differ from evomerge's (density 1,
+DARE's l1 rescale). Parameters a method does not take are ignored, as mergekit ignores them.
 What has no recipe form exits 2 naming its key, before any weights load (headers are read: the layer count
 and the tensor names).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -41,7 +43,7 @@ def from_mergekit(data: Mapping[str, Any], *, path: Path) -> dict[str, Any]:
         recipe.update(_stack(data, file, path))
         return recipe
     spec = REGISTRY.get(str(method), file=file, field="merge_method")
-    models, slice_params, base = _inputs(data, file)
+    models, pieces, base = _inputs(data, file)
     if spec.needs_base:
         if base is None:
             raise InputError(f"{spec.name} needs base_model", file=file, field="base_model")
@@ -49,23 +51,19 @@ def from_mergekit(data: Mapping[str, Any], *, path: Path) -> dict[str, Any]:
     else:
         sources = models + ([base] if base is not None and base not in models else [])
     layout = _layout(base if spec.needs_base else None, sources, path, recipe)
-    for i, entry in enumerate(data.get("slices", [{}])[0].get("sources", [])):
-        where = f"slices[0].sources[{i}].layer_range"
-        if tuple(_layer_range(entry.get("layer_range"), file, where)) != (0, layout.num_layers):
-            raise InputError(f"a merge of part of the layers has no recipe form (the models have {layout.num_layers})",
-                             file=file, field=where, fix=f"merge every layer: [0, {layout.num_layers}]")
-    scopes = [slice_params, data.get("parameters")]
-    reader = Reader(spec, layout, file)
-    own = dict(_model_entries(data))
-    for model, params in own.items():
-        reader.check_scope(params, f"models.{model}.parameters" if "models" in data else "slices[0].sources")
-    for where, scope in (("slices[0].parameters", slice_params), ("parameters", data.get("parameters"))):
-        reader.check_scope(scope, where, shared_too=True)
-    for source in sources:
-        for param in spec.source_params:
-            reader.add(param.name, [own.get(source), *scopes], source=source)
-    for param in spec.shared_params:
-        reader.add(param.name, scopes)
+    reader = Reader(spec, layout, file, _blocks(pieces, layout.num_layers, file))
+    for piece in pieces:
+        for model, (params, where) in piece.own.items():
+            reader.check_scope(params, where)
+        reader.check_scope(piece.params, f"{piece.where}.parameters", shared_too=True)
+    reader.check_scope(data.get("parameters"), "parameters", shared_too=True)
+    for k, piece in enumerate(pieces):
+        scopes = [piece.params, data.get("parameters")]
+        for source in sources:
+            for param in spec.source_params:
+                reader.add(param.name, [piece.own.get(source, (None,))[0], *scopes], source=source, piece=k)
+        for param in spec.shared_params:
+            reader.add(param.name, scopes, piece=k)
     recipe.update({"base": base, "sources": sources} if base is not None else {"sources": sources})
     recipe.update(reader.recipe_fields())
     return recipe
@@ -83,15 +81,20 @@ def _model_ref(value: object, file: str, where: str) -> str:
     return value
 
 
-def _model_entries(data: Mapping[str, Any]) -> list[tuple[str, Mapping | None]]:
-    if "models" in data:
-        return [(m["model"], m.get("parameters")) for m in data["models"]]
-    return [(s["model"], s.get("parameters")) for s in data["slices"][0]["sources"]]
+@dataclass(frozen=True)
+class _Piece:
+    """One slice of a merge (a `models:` config: one over every layer): its models' own parameters (with where
+    they are written), its parameters, its layer range (None: every layer)."""
+
+    where: str
+    own: dict[str, tuple[Mapping | None, str]]
+    params: Mapping | None
+    layers: tuple[int, int] | None
 
 
-def _inputs(data: Mapping[str, Any], file: str) -> tuple[list[str], Mapping | None, str | None]:
-    """(models in order, the slice's parameters, the base model) of a `models:` config or of one slice that
-    takes every layer of every model."""
+def _inputs(data: Mapping[str, Any], file: str) -> tuple[list[str], list[_Piece], str | None]:
+    """(models in order, the pieces, the base model) of a `models:` config or of slices that merge the same
+    models in the same order, each slice the same layers of every model."""
     base = data.get("base_model")
     if ("models" in data) == ("slices" in data):
         raise InputError("needs exactly one of models and slices", file=file, field="models")
@@ -102,25 +105,64 @@ def _inputs(data: Mapping[str, Any], file: str) -> tuple[list[str], Mapping | No
         for i, entry in enumerate(entries):
             _entry_keys(entry, {"model", "parameters"}, file, f"models[{i}]")
             _model_ref(entry.get("model"), file, f"models[{i}].model")
-        slice_params = None
+        models = [str(e["model"]) for e in entries]
+        pieces = [_Piece("models", {str(e["model"]): (e.get("parameters"), f"models.{e['model']}.parameters")
+                                    for e in entries}, None, None)]
     else:
         slices = data["slices"]
-        if not isinstance(slices, list) or len(slices) != 1:
-            raise InputError("a merge over several slices has no recipe form (a passthrough stack does)", file=file,
-                             field="slices", fix="merge with one slice over every layer, or with models:")
-        _entry_keys(slices[0], {"sources", "base_model", "parameters"}, file, "slices[0]")
-        base = slices[0].get("base_model", base)
-        entries = slices[0].get("sources") or []
-        for i, entry in enumerate(entries):
-            _entry_keys(entry, {"model", "layer_range", "parameters"}, file, f"slices[0].sources[{i}]")
-            _model_ref(entry.get("model"), file, f"slices[0].sources[{i}].model")
-        slice_params = slices[0].get("parameters")
+        if not isinstance(slices, list) or not slices:
+            raise InputError("must be a non-empty list of {sources, parameters}", file=file, field="slices")
+        pieces, models, bases = [], None, []
+        for k, piece in enumerate(slices):
+            where = f"slices[{k}]"
+            _entry_keys(piece, {"sources", "base_model", "parameters"}, file, where)
+            bases.append(piece.get("base_model", base))
+            entries = piece.get("sources")
+            if not isinstance(entries, list) or not entries:
+                raise InputError("must be a non-empty list of {model, layer_range, parameters}", file=file,
+                                 field=f"{where}.sources")
+            ranges = set()
+            for i, entry in enumerate(entries):
+                _entry_keys(entry, {"model", "layer_range", "parameters"}, file, f"{where}.sources[{i}]")
+                _model_ref(entry.get("model"), file, f"{where}.sources[{i}].model")
+                ranges.add(_layer_range(entry.get("layer_range"), file, f"{where}.sources[{i}].layer_range"))
+            if len(ranges) > 1:
+                raise InputError("the models of a slice take different layers, which has no recipe form", file=file,
+                                 field=f"{where}.sources", fix="give every model of a slice the same layer_range")
+            named = [str(e["model"]) for e in entries]
+            if models is not None and named != models:
+                raise InputError("a slice merges other models than the first slice, which has no recipe form",
+                                 file=file, field=f"{where}.sources",
+                                 fix=f"list the same models in the same order in every slice: {models}")
+            models = named
+            pieces.append(_Piece(where, {str(e["model"]): (e.get("parameters"), f"{where}.sources[{i}].parameters")
+                                         for i, e in enumerate(entries)}, piece.get("parameters"), ranges.pop()))
+        if len(set(bases)) > 1:
+            other = next(k for k, b in enumerate(bases) if b != bases[0])
+            raise InputError("slices with different base models have no recipe form", file=file,
+                             field=f"slices[{other}].base_model", fix="one base_model for every slice")
+        base = bases[0]
     if base is not None:
         _model_ref(base, file, "base_model")
-    models = [str(e["model"]) for e in entries]
     if len(set(models)) != len(models):
         raise InputError("a model is listed twice", file=file, field="models")
-    return models, slice_params, base
+    return models, pieces, base
+
+
+def _blocks(pieces: list[_Piece], num_layers: int, file: str) -> list[range]:
+    """The pieces' blocks: slices that take every layer once, in order (a merge of part of the layers, or one
+    that reorders them, would be a stack of merged blocks, which a recipe says only with the base's
+    embeddings)."""
+    blocks, start = [], 0
+    for piece in pieces:
+        first, stop = piece.layers or (0, num_layers)
+        if first != start or stop > num_layers or (piece is pieces[-1] and stop != num_layers):
+            raise InputError(f"a merge of part of the layers, or of layers out of order, has no recipe form (the "
+                             f"models have {num_layers})", file=file, field=f"{piece.where}.sources[0].layer_range",
+                             fix=f"slices that together take every layer once, in order, from 0 to {num_layers}")
+        blocks.append(range(first, stop))
+        start = stop
+    return blocks
 
 
 def _entry_keys(entry: object, allowed: set[str], file: str, where: str) -> None:

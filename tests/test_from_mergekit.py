@@ -78,6 +78,28 @@ def configs(b: str, s0: str, s1: str, s2: str) -> dict[str, dict]:
                              "models": [{"model": s0, "parameters": {"weight": [0.2, 0.9]}},
                                         {"model": s1, "parameters": {"weight": 0.5}}]},
         "karcher-with-base": {"merge_method": "karcher", "base_model": b, "models": [{"model": s0}, {"model": s1}]},
+        # slices over the layers, each with settings of its own: a gradient runs over its slice's blocks (t = 1 in
+        # a one-block slice), the embeddings take the first slice's values, final norm and head the last's
+        "slices-slerp": {"merge_method": "slerp", "base_model": b, "parameters": {"t": 0.5}, "slices": [
+            {"sources": [{"model": b, "layer_range": [0, 2]}, {"model": s0, "layer_range": [0, 2]}],
+             "parameters": {"t": [{"filter": "self_attn", "value": [0.0, 0.4]}, {"value": 0.2}]}},
+            {"sources": [{"model": b, "layer_range": [2, 4]}, {"model": s0, "layer_range": [2, 4]}],
+             "parameters": {"t": [{"filter": "mlp", "value": [0.9, 0.6]}]}}]},
+        "slices-ties": {"merge_method": "ties", "base_model": b,
+                        "parameters": {"lambda": [{"filter": "mlp", "value": 1.1}, {"value": 1.0}], "density": 0.7},
+                        "slices": [
+            {"sources": [{"model": b, "layer_range": [0, 1]},
+                         {"model": s0, "layer_range": [0, 1], "parameters": {"weight": [0.3, 0.9]}},
+                         {"model": s1, "layer_range": [0, 1], "parameters": {"weight": 0.4}}]},
+            {"sources": [{"model": b, "layer_range": [1, 3]},
+                         {"model": s0, "layer_range": [1, 3], "parameters": {"weight": [0.5, 0.1], "density": 0.4}},
+                         {"model": s1, "layer_range": [1, 3], "parameters": {"weight": [
+                             {"filter": "self_attn", "value": [1.0, 0.2]}, {"value": 0.6}]}}],
+             "parameters": {"lambda": 0.8}},
+            {"sources": [{"model": b, "layer_range": [3, 4]},
+                         {"model": s0, "layer_range": [3, 4], "parameters": {"weight": 0.7}},
+                         {"model": s1, "layer_range": [3, 4], "parameters": {"weight": [0.2, 0.5], "density": 0.3}}],
+             "parameters": {"normalize": True}}]},
     }
 
 
@@ -160,6 +182,29 @@ def test_the_recipe_keeps_the_configs_structure(family, tmp_path):
     assert dare.parameters[dare.sources[0]]["density"] == 1.0 and dare.shared["rescale"] == "l1"
 
 
+def test_slices_become_one_value_per_block(family, tmp_path):
+    """Each slice's settings on its own blocks, a gradient spread over the slice (t = 1 in a one-block slice);
+    the embeddings at the first slice's t = 0, the final norm and head at the last's, named exactly where their
+    filter's first value is not theirs."""
+    from evomerge.recipe import Recipe
+
+    _, all_configs = family
+    config = tmp_path / "mergekit.yml"
+    config.write_text(yaml.safe_dump(all_configs["slices-ties"]))
+    recipe = Recipe.from_yaml(config)
+    s0, s1 = recipe.sources
+    assert recipe.layer_groups == 4
+    assert recipe.parameters[s0]["weight"] == pytest.approx((0.9, 0.5, 0.1, 0.7))
+    assert recipe.parameters[s1]["density"] == pytest.approx((0.7, 0.7, 0.7, 0.3))
+    assert recipe.shared["lambda"] == pytest.approx((1.0, 0.8, 0.8, 1.0))
+    assert plan.value(recipe, s0, "weight", "io", "embed", "model.embed_tokens.weight") == 0.3
+    assert plan.value(recipe, s1, "weight", "io", "head", "lm_head.weight") == 0.2
+    assert plan.value(recipe, s1, "density", "io", "norm", "model.norm.weight") == 0.3
+    assert plan.value(recipe, s1, "weight", 2, "attn", "model.layers.2.self_attn.q_proj.weight") == 0.2
+    assert plan.value(recipe, s1, "weight", 2, "mlp", "model.layers.2.mlp.up_proj.weight") == 0.6
+    assert recipe.name_filters[0].match in ("lm_head.weight", "model.embed_tokens.weight", "model.norm.weight")
+
+
 def _passthrough(config: dict, parameters: dict) -> dict:
     """A passthrough of the config's base model, every block, with these slice parameters."""
     return {"merge_method": "passthrough",
@@ -175,7 +220,12 @@ def _passthrough(config: dict, parameters: dict) -> dict:
     (lambda c: _passthrough(c, {"scale": 0.5}), "slices[0].sources[0].parameters.scale", "output projections"),
     (lambda c: _passthrough(c, {"scale": [{"filter": "o_proj", "value": 0.5}, {"filter": "down_proj", "value": 0.7}]}),
      "slices[0].sources[0].parameters.scale", "one number"),
-    (lambda c: c | {"slices": c["slices"] * 2}, "slices", "several slices"),
+    (lambda c: c | {"slices": c["slices"] * 2}, "slices[1].sources[0].layer_range", "out of order"),
+    (lambda c: c | {"slices": [{"sources": [dict(s, layer_range=[0, 2]) for s in c["slices"][0]["sources"]]},
+                               {"sources": c["slices"][0]["sources"][:1]}]}, "slices[1].sources", "other models"),
+    (lambda c: c | {"slices": [{"sources": [dict(c["slices"][0]["sources"][0], layer_range=[0, 2]),
+                                            dict(c["slices"][0]["sources"][1], layer_range=[2, 4])]}]},
+     "slices[0].sources", "different layers"),
     (lambda c: c | {"slices": [{"sources": [dict(s, layer_range=[0, 2]) for s in c["slices"][0]["sources"]]}]},
      "slices[0].sources[0].layer_range", "part of the layers"),
     (lambda c: c | {"base_model": c["base_model"] + "+some/lora"}, "base_model", "LoRA"),
@@ -310,7 +360,7 @@ def bf16_family(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["linear", "gradient-slerp", "basic-model_stock", "basic-slerp", "nuslerp-gradient",
-                                  "karcher-with-base", "ties-gradients-filters", "bio-merge"])
+                                  "karcher-with-base", "ties-gradients-filters", "bio-merge", "slices-slerp"])
 def test_bf16_checkpoints_merge_to_mergekits_bf16_tensors(bf16_family, tmp_path, case):
     """float32 arithmetic, a bfloat16 output: every entry mergekit's, but where bfloat16 task vectors tie with
     the TIES threshold (METHODS.md: evomerge keeps every tied entry, mergekit exactly k)."""

@@ -21,8 +21,8 @@ from .errors import InputError, suggest
 from .mergekit_params import Reader, flatten
 from .methods import REGISTRY
 
-KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
-        "tokenizer", "chat_template")
+KEYS = ("merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
+        "tokenizer_source", "tokenizer", "chat_template")
 def is_mergekit(data: object) -> bool:
     return isinstance(data, Mapping) and "merge_method" in data
 
@@ -33,14 +33,14 @@ def from_mergekit(data: Mapping[str, Any], *, path: Path) -> dict[str, Any]:
     file = str(path)
     for key in data:
         if key not in KEYS:
-            hint = "modules (multi-module merges) have no evomerge form" if key == "modules" else None
             raise InputError(f"unknown or unsupported key '{key}'", file=file, field=str(key),
-                             fix=hint or suggest(str(key), KEYS) or f"mergekit keys read: {', '.join(KEYS)}")
+                             fix=suggest(str(key), KEYS) or f"mergekit keys read: {', '.join(KEYS)}")
+    data, module = _one_module(data, file)
     method = data["merge_method"]
     recipe: dict[str, Any] = {"evomerge_recipe": 1, "method": method}
     recipe.update(_dtype(data, file) | _tokenizer(data, file) | _chat_template(data.get("chat_template"), file))
     if method == "passthrough":
-        recipe.update(_stack(data, file, path))
+        recipe.update(_stack(data, module, file, path))
         return recipe
     spec = REGISTRY.get(str(method), file=file, field="merge_method")
     models, pieces, base = _inputs(data, file)
@@ -56,9 +56,10 @@ def from_mergekit(data: Mapping[str, Any], *, path: Path) -> dict[str, Any]:
         for model, (params, where) in piece.own.items():
             reader.check_scope(params, where)
         reader.check_scope(piece.params, f"{piece.where}.parameters", shared_too=True)
+    reader.check_scope(module, "modules.default.parameters", shared_too=True)
     reader.check_scope(data.get("parameters"), "parameters", shared_too=True)
     for k, piece in enumerate(pieces):
-        scopes = [piece.params, data.get("parameters")]
+        scopes = [piece.params, module, data.get("parameters")]
         for source in sources:
             for param in spec.source_params:
                 reader.add(param.name, [piece.own.get(source, (None,))[0], *scopes], source=source, piece=k)
@@ -70,6 +71,25 @@ def from_mergekit(data: Mapping[str, Any], *, path: Path) -> dict[str, Any]:
 
 
 # -- the inputs ----------------------------------------------------------------------------------
+
+
+def _one_module(data: Mapping[str, Any], file: str) -> tuple[Mapping[str, Any], Mapping | None]:
+    """A `modules:` config of one module, `default` (the name mergekit gives the one module of a text model),
+    as the same config without it, and the module's parameters (looked up after a slice's, before the
+    config's). Several modules (a vision tower beside the language model) have no recipe form."""
+    if "modules" not in data:
+        return data, None
+    modules = data["modules"]
+    if not isinstance(modules, Mapping) or list(modules) != ["default"]:
+        raise InputError("modules other than one named default (a model of several modules: a vision tower, ...) "
+                         "have no evomerge form", file=file, field="modules",
+                         fix="merge a text model's one module: modules: {default: {slices or models}}")
+    if "models" in data or "slices" in data:
+        raise InputError("needs exactly one of models, slices and modules", file=file, field="modules")
+    _entry_keys(modules["default"], {"models", "slices", "parameters"}, file, "modules.default")
+    inner = dict(modules["default"])
+    module = inner.pop("parameters", None)
+    return {k: v for k, v in data.items() if k != "modules"} | inner, module
 
 
 def _model_ref(value: object, file: str, where: str) -> str:
@@ -235,7 +255,7 @@ def _chat_template(value: Any, file: str) -> dict[str, Any]:
                      fix="a template's name (chatml, llama3, alpaca, mistral, exaone), its Jinja text, or auto")
 
 
-def _stack(data: Mapping[str, Any], file: str, path: Path) -> dict[str, Any]:
+def _stack(data: Mapping[str, Any], module: Mapping | None, file: str, path: Path) -> dict[str, Any]:
     """A passthrough config as a stack of blocks: each slice one model's layer range (an empty one adds no block),
     the embeddings from the first slice's model (evomerge's base), the final norm and head from the last's
     (`head_from`), a slice's `scale` on its blocks' residual-branch output projections (o_proj, down_proj: the
@@ -245,7 +265,7 @@ def _stack(data: Mapping[str, Any], file: str, path: Path) -> dict[str, Any]:
         if not isinstance(models, list) or len(models) != 1:
             raise InputError("a passthrough of models: copies one model", file=file, field="models")
         _entry_keys(models[0], {"model"}, file, "models[0]")
-        if data.get("parameters"):
+        if data.get("parameters") or module:
             raise InputError("passthrough parameters over models: have no recipe form", file=file,
                              field="parameters", fix="remove them, or stack slices")
         model = _model_ref(models[0].get("model"), file, "models[0].model")
@@ -265,8 +285,8 @@ def _stack(data: Mapping[str, Any], file: str, path: Path) -> dict[str, Any]:
         model = _model_ref(sources[0].get("model"), file, f"{where}.model")
         start, stop = _layer_range(sources[0].get("layer_range"), file, f"{where}.layer_range", empty=True)
         if start < stop:
-            scale = _stack_scale([sources[0].get("parameters"), piece.get("parameters"), data.get("parameters")],
-                                 _layout(None, [model], path, {}), range(start, stop), file, where)
+            scopes = [sources[0].get("parameters"), piece.get("parameters"), module, data.get("parameters")]
+            scale = _stack_scale(scopes, _layout(None, [model], path, {}), range(start, stop), file, where)
             layers += [{"model": model, "layer": layer} | ({"scale": scale} if scale != 1.0 else {})
                        for layer in range(start, stop)]
         models.append(model)

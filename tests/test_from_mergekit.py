@@ -100,6 +100,15 @@ def configs(b: str, s0: str, s1: str, s2: str) -> dict[str, dict]:
                          {"model": s0, "layer_range": [3, 4], "parameters": {"weight": 0.7}},
                          {"model": s1, "layer_range": [3, 4], "parameters": {"weight": [0.2, 0.5], "density": 0.3}}],
              "parameters": {"normalize": True}}]},
+        # a text model's one module, named: its parameters after a slice's, before the config's
+        "modules-ties": {"merge_method": "ties", "base_model": b, "parameters": {"density": 0.9, "weight": 0.2},
+                         "modules": {"default": {"parameters": {"density": [0.3, 0.8]}, "models": [
+                             {"model": s0, "parameters": {"weight": 0.7}}, {"model": s1}]}}},
+        "modules-slices": {"merge_method": "slerp", "base_model": b, "parameters": {"t": 0.1}, "modules": {"default": {
+            "parameters": {"t": [{"filter": "mlp", "value": [0.2, 0.7]}]},
+            "slices": [{"sources": [{"model": b, "layer_range": [0, 3]}, {"model": s0, "layer_range": [0, 3]}]},
+                       {"sources": [{"model": b, "layer_range": [3, 4]}, {"model": s0, "layer_range": [3, 4]}],
+                        "parameters": {"t": 0.9}}]}}},
     }
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import InputError, suggest
-from .mergekit_params import Reader, flatten
+from .mergekit_params import Reader, flatten, interpolate
 from .methods import REGISTRY
 
 KEYS = ("merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
@@ -284,11 +284,13 @@ def _stack(data: Mapping[str, Any], module: Mapping | None, file: str, path: Pat
         _entry_keys(sources[0], {"model", "layer_range", "parameters"}, file, where)
         model = _model_ref(sources[0].get("model"), file, f"{where}.model")
         start, stop = _layer_range(sources[0].get("layer_range"), file, f"{where}.layer_range", empty=True)
-        if start < stop:
-            scopes = [sources[0].get("parameters"), piece.get("parameters"), module, data.get("parameters")]
-            scale = _stack_scale(scopes, _layout(None, [model], path, {}), range(start, stop), file, where)
-            layers += [{"model": model, "layer": layer} | ({"scale": scale} if scale != 1.0 else {})
-                       for layer in range(start, stop)]
+        layout = _layout(None, [model], path, {})
+        outside = [n for n, info in layout.tensors.items() if info.layer is None
+                   and ((i == 0 and info.kind == "embed") or (i == len(slices) - 1 and info.kind != "embed"))]
+        scopes = [sources[0].get("parameters"), piece.get("parameters"), module, data.get("parameters")]
+        scales = _stack_scales(scopes, layout, range(start, stop), file, where, outside=outside)
+        layers += [{"model": model, "layer": layer} | ({"scale": scale} if scale != 1.0 else {})
+                   for layer, scale in zip(range(start, stop), scales)]
         models.append(model)
     recipe: dict[str, Any] = {"base": models[0], "layers": layers,
                               "sources": [m for m in dict.fromkeys(models) if m != models[0]]}
@@ -297,10 +299,13 @@ def _stack(data: Mapping[str, Any], module: Mapping | None, file: str, path: Pat
     return recipe
 
 
-def _stack_scale(scopes: list[Any], layout, blocks: range, file: str, where: str) -> float:
-    """A slice's scale, where it is one the recipe can say: on its blocks' output projections alone, one value.
-    mergekit looks `scale` up in the model's, the slice's and the config's parameters (first match of a list
-    of {filter, value}); a tensor nothing matches is not scaled."""
+def _stack_scales(scopes: list[Any], layout, blocks: range, file: str, where: str, *,
+                  outside: list[str]) -> list[float]:
+    """A slice's scale on each of its blocks, where the recipe can say it: on a block's output projections
+    alone, one value (a gradient: block i of n at t = i / (n - 1), t = 1 in a one-block slice), and on none of
+    the tensors `outside` the blocks that take this slice's settings (at t = 0). mergekit looks `scale` up in
+    the model's, the slice's, the module's and the config's parameters (first match of a list of {filter,
+    value}); a tensor nothing matches is not scaled."""
     from .sources import SCALE_RANGE, block_tensors, is_output_projection
 
     chain: list[tuple[str | None, Any]] = []
@@ -313,24 +318,41 @@ def _stack_scale(scopes: list[Any], layout, blocks: range, file: str, where: str
                              fix="remove it")
         if "scale" in scope:
             chain += flatten(scope["scale"], file=file, where=f"{where}.parameters.scale")
-    values: dict[str, Any] = {}
-    for layer in blocks:
+
+    def scale_of(name: str, t: float) -> Any:
+        value = next((v for m, v in chain if m is None or m in name), None)
+        if isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                     for v in value):
+            return interpolate(value, t)
+        return value
+
+    def refuse(value: Any, name: str) -> InputError:
+        return InputError(f"scale {value!r} reaches '{name}', and a stack scales only the residual-branch output "
+                          "projections", file=file, field=f"{where}.parameters.scale",
+                          fix="filter it to o_proj and down_proj")
+
+    scales = []
+    for i, layer in enumerate(blocks):
+        t = i / (len(blocks) - 1) if len(blocks) > 1 else 1.0
+        found: set[Any] = set()
         for inner, name in block_tensors(layout, layer).items():
-            value = next((v for m, v in chain if m is None or m in name), None)
+            value = scale_of(name, t)
             if is_output_projection(inner, layout.tensors[name].kind):
-                values[name] = 1.0 if value is None else value
+                found.add(1.0 if value is None else value if isinstance(value, (int, float)) else repr(value))
             elif value not in (None, 1, 1.0):
-                raise InputError(f"scale {value!r} reaches '{name}', and a stack scales only the residual-branch "
-                                 "output projections", file=file, field=f"{where}.parameters.scale",
-                                 fix="filter it to o_proj and down_proj")
-    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values())
-    distinct = {float(v) for v in values.values()} if numeric else set(map(repr, values.values()))
-    scale = next(iter(values.values()), 1.0)
-    if len(distinct) > 1 or not numeric or not SCALE_RANGE[0] <= scale <= SCALE_RANGE[1]:
-        raise InputError(f"scale must be one number in [{SCALE_RANGE[0]:g}, {SCALE_RANGE[1]:g}] on every output "
-                         f"projection of the slice, got {sorted(distinct)}", file=file,
-                         field=f"{where}.parameters.scale", fix="one value for o_proj and down_proj")
-    return float(scale)
+                raise refuse(value, name)
+        scale = next(iter(found), 1.0)
+        if (len(found) > 1 or isinstance(scale, (str, bool))
+                or not SCALE_RANGE[0] <= scale <= SCALE_RANGE[1]):
+            raise InputError(f"scale must be one number in [{SCALE_RANGE[0]:g}, {SCALE_RANGE[1]:g}] on every output "
+                             f"projection of block {layer}, got {sorted(map(str, found))}", file=file,
+                             field=f"{where}.parameters.scale", fix="one value for o_proj and down_proj")
+        scales.append(float(scale))
+    for name in outside:
+        value = scale_of(name, 0.0)
+        if value not in (None, 1, 1.0):
+            raise refuse(value, name)
+    return scales
 
 
 def _layer_range(value: object, file: str, where: str, *, empty: bool = False) -> tuple[int, int]:

@@ -105,7 +105,7 @@ class Reader:
         if not value or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
             raise InputError("a gradient is a non-empty list of numbers", file=self.file,
                              field=f"parameters.{name}" if source is None else f"{source}.parameters.{name}")
-        return _interpolate(value, t)
+        return interpolate(value, t)
 
     # -- the recipe ----------------------------------------------------------------------------
     def recipe_fields(self) -> dict[str, Any]:
@@ -274,7 +274,7 @@ def flatten(setting: object, *, file: str, where: str) -> list[tuple[str | None,
     return out
 
 
-def _interpolate(values: list[float], t: float) -> float:
+def interpolate(values: list[float], t: float) -> float:
     """mergekit's gradient: the list spread evenly over [0, 1], linear between neighbours."""
     scaled = t * (len(values) - 1)
     i0 = int(scaled)

@@ -60,6 +60,11 @@ def configs(b: str, s0: str, s1: str, s2: str) -> dict[str, dict]:
                                               {"filter": "o_proj", "value": 0.5}, {"filter": "down_proj", "value": 0.5},
                                               {"value": 1.0}]}}]}],
                                "merge_method": "passthrough"},
+        # a scale that is a gradient over its slice's blocks, and a stack's last slice of one block (t = 1)
+        "passthrough-gradient-scale": {"merge_method": "passthrough", "parameters": {"scale": [
+            {"filter": "o_proj", "value": [0.4, 1.2]}, {"filter": "down_proj", "value": [0.4, 1.2]}, {"value": 1.0}]},
+            "slices": [{"sources": [{"model": s0, "layer_range": [0, 3]}]},
+                       {"sources": [{"model": s1, "layer_range": [2, 3]}]}]},
         "passthrough-bookends": {"slices": [{"sources": [{"model": b, "layer_range": [0, 0]}]},
                                             {"sources": [{"model": s2, "layer_range": [0, 4]}]},
                                             {"sources": [{"model": s1, "layer_range": [0, 0]}]}],
@@ -229,6 +234,9 @@ def _passthrough(config: dict, parameters: dict) -> dict:
     (lambda c: _passthrough(c, {"scale": 0.5}), "slices[0].sources[0].parameters.scale", "output projections"),
     (lambda c: _passthrough(c, {"scale": [{"filter": "o_proj", "value": 0.5}, {"filter": "down_proj", "value": 0.7}]}),
      "slices[0].sources[0].parameters.scale", "one number"),
+    (lambda c: _passthrough(c, {"scale": [{"filter": "o_proj", "value": 0.5}, {"filter": "down_proj", "value": 0.5},
+                                          {"filter": "embed", "value": 0.5}]}),
+     "slices[0].sources[0].parameters.scale", "reaches 'model.embed_tokens.weight'"),
     (lambda c: c | {"slices": c["slices"] * 2}, "slices[1].sources[0].layer_range", "out of order"),
     (lambda c: c | {"slices": [{"sources": [dict(s, layer_range=[0, 2]) for s in c["slices"][0]["sources"]]},
                                {"sources": c["slices"][0]["sources"][:1]}]}, "slices[1].sources", "other models"),

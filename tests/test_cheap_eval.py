@@ -214,6 +214,41 @@ def test_finalists_are_rescored_in_full_and_the_export_is_the_best_full_score(ch
     assert float(table[0]["value_full"]) == pytest.approx(float(table[0]["value"]))
 
 
+def test_the_history_plot_marks_estimates_and_the_finalists_full_scores(cheap_run):
+    """Estimated trials hollow, fully scored ones filled; each finalist's full score a star; the best so far
+    counts a finalist at its full score."""
+    import matplotlib
+    from optuna.trial import TrialState
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from evomerge.cheap import ESTIMATE_KEY, FULL_ATTR
+    from evomerge.export.plots import _history
+
+    config, run_dir, _ = cheap_run
+    with _session(config, run_dir) as session:
+        trials = session.study.get_trials(states=(TrialState.COMPLETE,))
+        fig = _history(plt, session, [], None)
+        ax = fig.axes[0]
+        points = {}
+        for c in ax.collections:
+            hollow = len(c.get_facecolors()) == 0 or all(f[3] == 0 for f in c.get_facecolors())
+            for x, y in c.get_offsets():
+                points.setdefault(int(round(x)), []).append((round(float(y), 9), hollow, c.get_label()))
+        for t in trials:
+            mark = (round(t.values[0], 9), ESTIMATE_KEY in t.user_attrs)
+            assert mark in [(y, h) for y, h, _ in points[t.number]], (t.number, points[t.number])
+        stars = {x: y for x, marks in points.items() for y, _, label in marks if label == "finalist: full score"}
+        full = {t.number: session.study.user_attrs[f"{FULL_ATTR}{t.number}"]["values"][0] for t in trials
+                if f"{FULL_ATTR}{t.number}" in session.study.user_attrs}
+        assert full and stars == {n: round(v, 9) for n, v in full.items()}
+        line = next(line for line in ax.lines if line.get_label() == "best so far")
+        known = [full.get(t.number, t.values[0]) for t in sorted(trials, key=lambda t: t.number)]
+        assert line.get_ydata()[-1] == pytest.approx(max(known))
+        plt.close(fig)
+
+
 @pytest.mark.slow     # end to end: whole searches
 def test_one_seed_gives_one_cheap_study(zoo, tmp_path):
     from evomerge.search import search

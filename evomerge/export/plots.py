@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..cheap import ESTIMATE_KEY
 from ..plan import MergePlan
 from ..sources import IO_GROUP
 
@@ -44,12 +45,32 @@ def _history(plt, session, rows, recipe):
     fig, ax = plt.subplots(figsize=(7, 4))
     methods = sorted({session.space.method_of(t.params, t.user_attrs) for t in trials})
     colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    cheap = getattr(session, "cheap", None)
+    estimated = {t.number: t.user_attrs[ESTIMATE_KEY] for t in trials if ESTIMATE_KEY in t.user_attrs}
+    full = {t.number: cheap.full_values(t) for t in trials} if cheap is not None else {}
     for m in methods:
-        pts = [(t.number, t.values[0]) for t in trials if session.space.method_of(t.params, t.user_attrs) == m]
-        ax.scatter(*zip(*pts), s=14, alpha=0.7, color=colors[m], label=m)
+        mine = [t for t in trials if session.space.method_of(t.params, t.user_attrs) == m]
+        scored = [(t.number, t.values[0]) for t in mine if t.number not in estimated]
+        guessed = [(t.number, t.values[0]) for t in mine if t.number in estimated]
+        if scored:
+            ax.scatter(*zip(*scored), s=14, alpha=0.7, color=colors[m], label=m)
+        if guessed:     # an estimate from a subset of the rows (cheap evaluation): hollow
+            ax.scatter(*zip(*guessed), s=14, alpha=0.7, facecolors="none", edgecolors=colors[m],
+                       label=None if scored else m)
+    if estimated:
+        shown = next(iter(estimated.values()))
+        ax.scatter([], [], s=14, facecolors="none", edgecolors="gray",
+                   label=f"hollow: estimate from {shown['rows']} of {shown['of']} rows")
+        finalists = [(t.number, full[t.number][0], t.values[0]) for t in trials
+                     if t.number in estimated and full[t.number] is not None]
+        for n, value, guess in finalists:
+            ax.plot([n, n], [guess, value], color="black", lw=0.6)
+        if finalists:
+            ax.scatter([n for n, _, _ in finalists], [v for _, v, _ in finalists], marker="*", s=60,
+                       color="black", label="finalist: full score", zorder=3)
     best, xs, ys = float("-inf"), [], []
-    for t in sorted(trials, key=lambda t: t.number):
-        best = max(best, t.values[0])
+    for t in sorted(trials, key=lambda t: t.number):    # a finalist counts at its full score
+        best = max(best, full[t.number][0] if full.get(t.number) is not None else t.values[0])
         xs.append(t.number)
         ys.append(best)
     ax.step(xs, ys, where="post", color="black", lw=1.5, label="best so far")

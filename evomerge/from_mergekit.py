@@ -259,18 +259,20 @@ def _stack(data: Mapping[str, Any], module: Mapping | None, file: str, path: Pat
     """A passthrough config as a stack of blocks: each slice one model's layer range (an empty one adds no block),
     the embeddings from the first slice's model (evomerge's base), the final norm and head from the last's
     (`head_from`), a slice's `scale` on its blocks' residual-branch output projections (o_proj, down_proj: the
-    stack's own scale, which scales nothing else)."""
+    stack's own scale, one per module kind, which scales nothing else). `models:` of one model: its blocks."""
     if "models" in data:
         models = data["models"]
         if not isinstance(models, list) or len(models) != 1:
             raise InputError("a passthrough of models: copies one model", file=file, field="models")
-        _entry_keys(models[0], {"model"}, file, "models[0]")
-        if data.get("parameters") or module:
-            raise InputError("passthrough parameters over models: have no recipe form", file=file,
-                             field="parameters", fix="remove them, or stack slices")
+        _entry_keys(models[0], {"model", "parameters"}, file, "models[0]")
         model = _model_ref(models[0].get("model"), file, "models[0].model")
-        blocks = _layout(None, [model], path, {}).num_layers
-        return {"base": model, "layers": [{"model": model, "layer": layer} for layer in range(blocks)]}
+        layout = _layout(None, [model], path, {})
+        blocks = range(layout.num_layers)
+        scopes = [models[0].get("parameters"), module, data.get("parameters")]
+        scales = _stack_scales(scopes, layout, blocks, file, "models[0]",
+                               outside=[n for n, info in layout.tensors.items() if info.layer is None])
+        return {"base": model, "layers": [{"model": model, "layer": layer} | _scale_entry(scale)
+                                          for layer, scale in zip(blocks, scales)]}
     slices = data.get("slices")
     if not isinstance(slices, list) or not slices:
         raise InputError("a passthrough stack lists its slices", file=file, field="slices")
@@ -289,7 +291,7 @@ def _stack(data: Mapping[str, Any], module: Mapping | None, file: str, path: Pat
                    and ((i == 0 and info.kind == "embed") or (i == len(slices) - 1 and info.kind != "embed"))]
         scopes = [sources[0].get("parameters"), piece.get("parameters"), module, data.get("parameters")]
         scales = _stack_scales(scopes, layout, range(start, stop), file, where, outside=outside)
-        layers += [{"model": model, "layer": layer} | ({"scale": scale} if scale != 1.0 else {})
+        layers += [{"model": model, "layer": layer} | _scale_entry(scale)
                    for layer, scale in zip(range(start, stop), scales)]
         models.append(model)
     recipe: dict[str, Any] = {"base": models[0], "layers": layers,
@@ -299,13 +301,22 @@ def _stack(data: Mapping[str, Any], module: Mapping | None, file: str, path: Pat
     return recipe
 
 
+def _scale_entry(scale: dict[str, float]) -> dict[str, Any]:
+    """A `layers` entry's scale: one number, or one per output projection's module kind where they differ."""
+    if len(set(scale.values())) > 1:
+        return {"scale": dict(sorted(scale.items()))}
+    value = next(iter(scale.values()), 1.0)
+    return {"scale": value} if value != 1.0 else {}
+
+
 def _stack_scales(scopes: list[Any], layout, blocks: range, file: str, where: str, *,
-                  outside: list[str]) -> list[float]:
-    """A slice's scale on each of its blocks, where the recipe can say it: on a block's output projections
-    alone, one value (a gradient: block i of n at t = i / (n - 1), t = 1 in a one-block slice), and on none of
-    the tensors `outside` the blocks that take this slice's settings (at t = 0). mergekit looks `scale` up in
-    the model's, the slice's, the module's and the config's parameters (first match of a list of {filter,
-    value}); a tensor nothing matches is not scaled."""
+                  outside: list[str]) -> list[dict[str, float]]:
+    """A slice's scale on each of its blocks' output projections, by module kind (attn, mlp), where the recipe
+    can say it: one value per projection (a gradient: block i of n at t = i / (n - 1), t = 1 in a one-block
+    slice), on none of the blocks' other tensors, and on none of the tensors `outside` the blocks that take
+    this slice's settings (at t = 0). mergekit looks `scale` up in the model's, the slice's, the module's and
+    the config's parameters (first match of a list of {filter, value}); a tensor nothing matches is not
+    scaled."""
     from .sources import SCALE_RANGE, block_tensors, is_output_projection
 
     chain: list[tuple[str | None, Any]] = []
@@ -318,6 +329,7 @@ def _stack_scales(scopes: list[Any], layout, blocks: range, file: str, where: st
                              fix="remove it")
         if "scale" in scope:
             chain += flatten(scope["scale"], file=file, where=f"{where}.parameters.scale")
+    field = f"{where}.parameters.scale"
 
     def scale_of(name: str, t: float) -> Any:
         value = next((v for m, v in chain if m is None or m in name), None)
@@ -328,26 +340,26 @@ def _stack_scales(scopes: list[Any], layout, blocks: range, file: str, where: st
 
     def refuse(value: Any, name: str) -> InputError:
         return InputError(f"scale {value!r} reaches '{name}', and a stack scales only the residual-branch output "
-                          "projections", file=file, field=f"{where}.parameters.scale",
-                          fix="filter it to o_proj and down_proj")
+                          "projections", file=file, field=field, fix="filter it to o_proj and down_proj")
 
     scales = []
     for i, layer in enumerate(blocks):
         t = i / (len(blocks) - 1) if len(blocks) > 1 else 1.0
-        found: set[Any] = set()
+        found: dict[str, set[Any]] = {}
         for inner, name in block_tensors(layout, layer).items():
-            value = scale_of(name, t)
-            if is_output_projection(inner, layout.tensors[name].kind):
-                found.add(1.0 if value is None else value if isinstance(value, (int, float)) else repr(value))
+            value, kind = scale_of(name, t), layout.tensors[name].kind
+            if is_output_projection(inner, kind):
+                found.setdefault(kind, set()).add(1.0 if value is None else value)
             elif value not in (None, 1, 1.0):
                 raise refuse(value, name)
-        scale = next(iter(found), 1.0)
-        if (len(found) > 1 or isinstance(scale, (str, bool))
-                or not SCALE_RANGE[0] <= scale <= SCALE_RANGE[1]):
-            raise InputError(f"scale must be one number in [{SCALE_RANGE[0]:g}, {SCALE_RANGE[1]:g}] on every output "
-                             f"projection of block {layer}, got {sorted(map(str, found))}", file=file,
-                             field=f"{where}.parameters.scale", fix="one value for o_proj and down_proj")
-        scales.append(float(scale))
+        for kind, values in found.items():
+            value = next(iter(values))
+            if (len(values) > 1 or isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not SCALE_RANGE[0] <= value <= SCALE_RANGE[1]):
+                raise InputError(f"scale must be one number in [{SCALE_RANGE[0]:g}, {SCALE_RANGE[1]:g}] on the "
+                                 f"{kind} output projection of block {layer}, got {sorted(map(str, values))}",
+                                 file=file, field=field, fix="one value for each of o_proj and down_proj")
+        scales.append({kind: float(next(iter(values))) for kind, values in found.items()})
     for name in outside:
         value = scale_of(name, 0.0)
         if value not in (None, 1, 1.0):

@@ -35,15 +35,27 @@ SHARED_NAMES = tuple(sorted({p.name for m in REGISTRY for p in m.shared_params})
 
 @dataclass(frozen=True)
 class StackEntry:
-    """Block `layer` of `model` (the base, a source, or MERGED), its residual-branch outputs times `scale`."""
+    """Block `layer` of `model` (the base, a source, or MERGED), its residual-branch outputs times `scale` (the
+    MLP's times `mlp_scale` where that is set: mergekit's scale filtered to one projection)."""
 
     model: str
     layer: int
     scale: float = 1.0
+    mlp_scale: float | None = None
+
+    def scale_for(self, kind: str) -> float:
+        """The scale of the block's output projection of this module kind (attn, mlp)."""
+        return self.mlp_scale if kind == "mlp" and self.mlp_scale is not None else self.scale
+
+    @property
+    def scaled(self) -> bool:
+        return self.scale != 1.0 or self.scale_for("mlp") != 1.0
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"model": self.model, "layer": self.layer}
-        if self.scale != 1.0:
+        if self.mlp_scale is not None and self.mlp_scale != self.scale:
+            out["scale"] = {"attn": self.scale, "mlp": self.mlp_scale}
+        elif self.scale != 1.0:
             out["scale"] = self.scale
         return out
 
@@ -341,9 +353,22 @@ def _parse_layers(raw: Any, base: str | None, sources: list[str], *, stacking: b
         if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
             raise InputError(f"must be a block index >= 0, got {layer!r}", file=file, field=f"{where}.layer")
         scale = entry.get("scale", 1.0)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
-                or not SCALE_RANGE[0] <= float(scale) <= SCALE_RANGE[1]:
-            raise InputError(f"scale {scale!r} is outside [{SCALE_RANGE[0]:g}, {SCALE_RANGE[1]:g}]", file=file,
-                             field=f"{where}.scale", fix=f"a number in [{SCALE_RANGE[0]:g}, {SCALE_RANGE[1]:g}]")
-        out.append(StackEntry(model=model, layer=layer, scale=float(scale)))
+        if isinstance(scale, Mapping):      # {attn: a, mlp: m}: each output projection its own
+            unknown = sorted(set(scale) - {"attn", "mlp"})
+            if unknown:
+                raise InputError(f"unknown key '{unknown[0]}'", file=file, field=f"{where}.scale.{unknown[0]}",
+                                 fix="a scale per module kind has attn and mlp")
+            attn = _scale(scale.get("attn", 1.0), file=file, where=f"{where}.scale.attn")
+            mlp = _scale(scale.get("mlp", 1.0), file=file, where=f"{where}.scale.mlp")
+            out.append(StackEntry(model=model, layer=layer, scale=attn, mlp_scale=None if mlp == attn else mlp))
+        else:
+            out.append(StackEntry(model=model, layer=layer, scale=_scale(scale, file=file, where=f"{where}.scale")))
     return tuple(out)
+
+
+def _scale(value: Any, *, file: str | None, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not SCALE_RANGE[0] <= float(value) <= SCALE_RANGE[1]:
+        raise InputError(f"scale {value!r} is outside [{SCALE_RANGE[0]:g}, {SCALE_RANGE[1]:g}]", file=file,
+                         field=where, fix=f"a number in [{SCALE_RANGE[0]:g}, {SCALE_RANGE[1]:g}]")
+    return float(value)

@@ -62,8 +62,9 @@ def stacked_tensors(recipe: Recipe, sources: SourceSet, merged: Mapping[str, tor
     for j, entry in enumerate(recipe.layers):
         for inner, name in block_tensors(layout, entry.layer).items():
             tensor = merged[name] if entry.model == MERGED else sources.read(folders[entry.model], name)
-            if entry.scale != 1.0 and is_output_projection(inner, layout.tensors[name].kind):
-                tensor = (tensor.to(torch.float32) * entry.scale)
+            kind = layout.tensors[name].kind
+            if entry.scale_for(kind) != 1.0 and is_output_projection(inner, kind):
+                tensor = (tensor.to(torch.float32) * entry.scale_for(kind))
             out[f"{prefix}{j}.{inner}"] = _cast(tensor, dtype)
     for name in io:
         if names.index(name) >= first_block:
@@ -92,13 +93,13 @@ def to_mergekit(recipe: Recipe, layout: Layout, paths: Mapping[str, str], dtype:
     """mergekit 0.1.5 passthrough slices giving the same tensors; None where a block comes from `merged`."""
     if any(e.model == MERGED for e in recipe.layers):
         return None
-    names = {inner.split(".")[-2] for inner, full in block_tensors(layout, 0).items()
-             if is_output_projection(inner, layout.tensors[full].kind)}
+    names = {inner.rsplit(".", 1)[0]: layout.tensors[full].kind for inner, full in block_tensors(layout, 0).items()
+             if is_output_projection(inner, layout.tensors[full].kind)}     # self_attn.o_proj: attn, ...
     slices = []
     for entry in recipe.layers:
         source: dict[str, Any] = {"model": paths[entry.model], "layer_range": [entry.layer, entry.layer + 1]}
-        if entry.scale != 1.0:
-            source["parameters"] = {"scale": [{"filter": n, "value": entry.scale} for n in sorted(names)]
+        if entry.scaled:
+            source["parameters"] = {"scale": [{"filter": n, "value": entry.scale_for(names[n])} for n in sorted(names)]
                                     + [{"value": 1.0}]}
         slices.append({"sources": [source]})
     # mergekit takes the embeddings from the first slice's model and the final norm and head from the last's;
@@ -117,27 +118,27 @@ def to_mergekit(recipe: Recipe, layout: Layout, paths: Mapping[str, str], dtype:
 # -- the resident stack ----------------------------------------------------------------------------------------------
 
 class _Scale:
-    """The scale of the block now running (one forward at a time), read by its projections' hooks."""
+    """The scales of the block now running (one forward at a time), read by its projections' hooks."""
 
-    value = 1.0
+    entry: StackEntry | None = None
 
 
 class StackedBlock(torch.nn.Module):
     """Position j of a stack: a resident block (shared with other positions), run as layer j, scaled."""
 
-    def __init__(self, block: torch.nn.Module, position: int, scale: float, current: _Scale) -> None:
+    def __init__(self, block: torch.nn.Module, position: int, entry: StackEntry, current: _Scale) -> None:
         super().__init__()
-        self.block, self.position, self.scale, self.current = block, position, scale, current
+        self.block, self.position, self.entry, self.current = block, position, entry, current
         self._indexed = [m for m in block.modules() if hasattr(m, "layer_idx")]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         for module in self._indexed:        # the KV cache keys its slots by layer_idx: this position's own
             module.layer_idx = self.position
-        self.current.value = self.scale
+        self.current.entry = self.entry if self.entry.scaled else None
         try:
             return self.block(*args, **kwargs)
         finally:
-            self.current.value = 1.0
+            self.current.entry = None
 
 
 class ResidentStack:
@@ -157,23 +158,26 @@ class ResidentStack:
         self._changed: dict[str, Any] = {}     # the config entries `apply` set, to put back
         self.current = _Scale()
         # the output projections' modules inside a block: those of the tensors `stacked_tensors` scales
-        outputs = {inner.rsplit(".", 1)[0] for inner, full in block_tensors(layout, 0).items()
+        outputs = {inner.rsplit(".", 1)[0]: layout.tensors[full].kind
+                   for inner, full in block_tensors(layout, 0).items()
                    if is_output_projection(inner, layout.tensors[full].kind)}
         hooked: set[int] = set()
         for blocks in self.blocks.values():
             for block in blocks:
-                for path in sorted(outputs):
+                for path, kind in sorted(outputs.items()):
                     module = block.get_submodule(path)
                     if id(module) not in hooked:
                         hooked.add(id(module))
-                        module.register_forward_hook(self._scaled)
+                        module.register_forward_hook(lambda _m, _args, out, kind=kind: self._scaled(kind, out))
 
-    def _scaled(self, module: torch.nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
-        return out if self.current.value == 1.0 else out * self.current.value
+    def _scaled(self, kind: str, out: torch.Tensor) -> torch.Tensor:
+        entry = self.current.entry
+        scale = 1.0 if entry is None else entry.scale_for(kind)
+        return out if scale == 1.0 else out * scale
 
     def apply(self, layers: tuple[StackEntry, ...]) -> torch.nn.Module:
         """The base model, its blocks now the stack's (no weight copied); returns it."""
-        stack = torch.nn.ModuleList(StackedBlock(self.blocks[e.model][e.layer], j, e.scale, self.current)
+        stack = torch.nn.ModuleList(StackedBlock(self.blocks[e.model][e.layer], j, e, self.current)
                                     for j, e in enumerate(layers))
         parent, _, attr = self.path.rpartition(".")
         setattr(self.model.get_submodule(parent) if parent else self.model, attr, stack)

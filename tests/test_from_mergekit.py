@@ -62,7 +62,7 @@ def configs(b: str, s0: str, s1: str, s2: str) -> dict[str, dict]:
                                "merge_method": "passthrough"},
         # a scale that is a gradient over its slice's blocks, and a stack's last slice of one block (t = 1)
         "passthrough-gradient-scale": {"merge_method": "passthrough", "parameters": {"scale": [
-            {"filter": "o_proj", "value": [0.4, 1.2]}, {"filter": "down_proj", "value": [0.4, 1.2]}, {"value": 1.0}]},
+            {"filter": "o_proj", "value": [0.4, 1.2]}, {"filter": "down_proj", "value": 0.8}, {"value": 1.0}]},
             "slices": [{"sources": [{"model": s0, "layer_range": [0, 3]}]},
                        {"sources": [{"model": s1, "layer_range": [2, 3]}]}]},
         "passthrough-bookends": {"slices": [{"sources": [{"model": b, "layer_range": [0, 0]}]},
@@ -77,6 +77,8 @@ def configs(b: str, s0: str, s1: str, s2: str) -> dict[str, dict]:
         "basic-slerp": two(s0, s1, "slerp", s0, {"t": 0.35}),
         "basic-linear": two(s0, s1, "linear"),
         "basic-copy": {"merge_method": "passthrough", "models": [{"model": s1}]},
+        "basic-passthrough_scale": {"merge_method": "passthrough", "models": [
+            {"model": s0, "parameters": {"scale": [{"filter": "o_proj", "value": 0}, {"value": 1}]}}]},
         "basic-stack": {"merge_method": "passthrough", "slices": [{"sources": [{"model": s2, "layer_range": [0, 4]}]}] * 2},
         # mergekit's other methods, with a gradient and a base in karcher's group
         "nuslerp-gradient": {"merge_method": "nuslerp", "base_model": b,
@@ -232,8 +234,8 @@ def _passthrough(config: dict, parameters: dict) -> dict:
     (lambda c: c | {"merge_method": "ranked_ties"}, "merge_method", "unknown merge method"),
     (lambda c: c | {"chat_template": "no-such-template"}, "chat_template", "invalid chat template"),
     (lambda c: _passthrough(c, {"scale": 0.5}), "slices[0].sources[0].parameters.scale", "output projections"),
-    (lambda c: _passthrough(c, {"scale": [{"filter": "o_proj", "value": 0.5}, {"filter": "down_proj", "value": 0.7}]}),
-     "slices[0].sources[0].parameters.scale", "one number"),
+    (lambda c: _passthrough(c, {"scale": [{"filter": "o_proj", "value": 0.5}, {"filter": "down_proj", "value": 3}]}),
+     "slices[0].sources[0].parameters.scale", "one number in [0, 2] on the mlp output projection"),
     (lambda c: _passthrough(c, {"scale": [{"filter": "o_proj", "value": 0.5}, {"filter": "down_proj", "value": 0.5},
                                           {"filter": "embed", "value": 0.5}]}),
      "slices[0].sources[0].parameters.scale", "reaches 'model.embed_tokens.weight'"),

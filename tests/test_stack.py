@@ -18,7 +18,8 @@ from evomerge.cli import main
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 LAYERS = [{"model": "base", "layer": 0}, {"model": "s0", "layer": 0}, {"model": "s1", "layer": 1, "scale": 0.5},
-          {"model": "base", "layer": 1}, {"model": "s0", "layer": 3, "scale": 1.5}, {"model": "s0", "layer": 0}]
+          {"model": "base", "layer": 1}, {"model": "s0", "layer": 3, "scale": 1.5}, {"model": "s0", "layer": 0},
+          {"model": "s1", "layer": 2, "scale": {"attn": 0.0, "mlp": 1.25}}]
 
 
 def write(path: Path, recipe: dict) -> Path:
@@ -45,11 +46,14 @@ def test_a_stack_is_mergekits_passthrough(tmp_path, arch):
         assert torch.equal(ours[name], theirs[name]), name
     # and against the files: block 2 is s1's block 1, its output projections halved
     source = load_file(str(tmp_path / "s1" / "model.safetensors"))
-    inner = {"llama": ("model.layers.", "self_attn.o_proj.weight", "self_attn.q_proj.weight"),
-             "gpt2": ("transformer.h.", "attn.c_proj.weight", "attn.c_attn.weight")}[arch]
-    prefix, scaled, kept = inner
+    inner = {"llama": ("model.layers.", "self_attn.o_proj.weight", "self_attn.q_proj.weight", "mlp.down_proj.weight"),
+             "gpt2": ("transformer.h.", "attn.c_proj.weight", "attn.c_attn.weight", "mlp.c_proj.weight")}[arch]
+    prefix, scaled, kept, down = inner
     assert torch.equal(ours[f"{prefix}2.{scaled}"], source[f"{prefix}1.{scaled}"] * 0.5)
     assert torch.equal(ours[f"{prefix}2.{kept}"], source[f"{prefix}1.{kept}"])
+    # block 6 is s1's block 2, its attention output zeroed and its MLP output times 1.25 (a scale per kind)
+    assert torch.equal(ours[f"{prefix}6.{scaled}"], torch.zeros_like(source[f"{prefix}2.{scaled}"]))
+    assert torch.equal(ours[f"{prefix}6.{down}"], source[f"{prefix}2.{down}"] * 1.25)
 
 
 def test_ps_plus_dfs_stacks_the_merged_blocks(tmp_path):
@@ -83,7 +87,8 @@ def test_the_resident_stack_generates_as_the_exported_folder(zoo: Path, tmp_path
 
     layers = [{"model": "zoo/base", "layer": 0}, {"model": "zoo/inc", "layer": 1}, {"model": "zoo/inc", "layer": 2},
               {"model": "zoo/rot", "layer": 2, "scale": 0.7}, {"model": "zoo/inc", "layer": 3},
-              {"model": "zoo/inc", "layer": 3, "scale": 0.3}]
+              {"model": "zoo/inc", "layer": 3, "scale": 0.3}, {"model": "zoo/rot", "layer": 1, "scale": {"attn": 0.6,
+                                                                                           "mlp": 1.3}}]
     path = write(tmp_path / "stack.yaml", {"evomerge_recipe": 1, "method": "passthrough", "base": "zoo/base",
                                            "layers": layers})
     exported = merge_to_folder(path, tmp_path / "out")

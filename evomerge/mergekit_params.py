@@ -48,9 +48,6 @@ class Reader:
         for name, value in scope.items():
             if name in IGNORED:
                 continue
-            if name == "filter_wise" and value:
-                raise InputError("model_stock's filter_wise has no recipe form", file=self.file,
-                                 field=f"{where}.{name}", fix="remove it (the default, false)")
             if name == "rescale" and value and "rescale" not in names:
                 raise InputError(f"{self.spec.name} with rescale: true (an l1 rescale of its trim) has no recipe form",
                                  file=self.file, field=f"{where}.{name}", fix="remove it, or set it false")

@@ -74,6 +74,7 @@ def configs(b: str, s0: str, s1: str, s2: str) -> dict[str, dict]:
         "basic-breadcrumbs": two(s0, s1, "breadcrumbs", s2),
         "basic-ties": two(s0, s1, "ties", s2, {"density": 0.3}),
         "basic-model_stock": two(s1, s2, "model_stock", s0),
+        "basic-model_stock_filterwise": two(s1, s2, "model_stock", s0, {"filter_wise": True}),
         "basic-slerp": two(s0, s1, "slerp", s0, {"t": 0.35}),
         "basic-linear": two(s0, s1, "linear"),
         "basic-copy": {"merge_method": "passthrough", "models": [{"model": s1}]},
@@ -378,7 +379,8 @@ def bf16_family(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["linear", "gradient-slerp", "basic-model_stock", "basic-slerp", "nuslerp-gradient",
+@pytest.mark.parametrize("case", ["linear", "gradient-slerp", "basic-model_stock", "basic-model_stock_filterwise",
+                                  "basic-slerp", "nuslerp-gradient",
                                   "karcher-with-base", "ties-gradients-filters", "bio-merge", "slices-slerp"])
 def test_bf16_checkpoints_merge_to_mergekits_bf16_tensors(bf16_family, tmp_path, case):
     """float32 arithmetic, a bfloat16 output: every entry mergekit's, but where bfloat16 task vectors tie with

@@ -53,6 +53,7 @@ CASES = {
     "ties-name-filters": {"name_filters": [{"match": "q_proj", "parameters": {"s0": {"weight": 0.3, "density": [0.2, 0.9]}}},
                                            {"match": "self_attn", "lambda": 0.7, "parameters": {"s1": {"weight": 1.4}}}]},
     "model_stock": {},
+    "model_stock-filter_wise": {"filter_wise": True},
     # mergekit's other methods (METHODS.md, last section)
     "nuslerp": {},
     "nuslerp-rows": {"nuslerp_flatten": False},

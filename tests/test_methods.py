@@ -905,6 +905,41 @@ def test_resident_kernel_equals_one_off_merge(tiny_family, method, mode, monkeyp
         assert torch.equal(out, one_off), name
 
 
+@pytest.mark.parametrize("mode", ["resident", "chunked"])
+def test_model_stock_filter_wise_takes_one_t_per_row(tiny_family, mode, monkeypatch):
+    """mergekit's filter_wise: cos and t per row (a vector along the last dimension), recomputed here from the
+    formula; the same over small chunks of the flattened tensor as whole."""
+    import evomerge.kernel.device
+    from evomerge.kernel import ResidentMerger
+    from evomerge.recipe import Recipe
+    from evomerge.sources import open_sources
+
+    if mode == "chunked":
+        monkeypatch.setattr(evomerge.kernel.device, "CHUNK", 97)
+    base, sources = tiny_family
+    recipe = Recipe.from_dict({"method": "model_stock", "base": str(base), "sources": [str(s) for s in sources],
+                               "filter_wise": True})
+    opened = open_sources(recipe.base, recipe.sources)
+    merger = ResidentMerger(opened, seed=0, methods=["model_stock"])
+    merger.materialize(recipe)
+    varied = 0
+    for name, out in merger.state_dict().items():
+        b = opened.anchor.read(name).float()
+        xs = [s.read(name).float() for s in opened.sources]
+        rows = b.reshape(-1, b.shape[-1])
+        deltas = [x.reshape(rows.shape) - rows for x in xs]
+        cosines = [((a * c).sum(-1) / (a.norm(dim=-1) * c.norm(dim=-1)).clamp(min=1e-6)).clamp(-1, 1)
+                   for i, a in enumerate(deltas) for c in deltas[i + 1:]]
+        cos = torch.stack(cosines).mean(0)
+        k = len(xs)
+        den = 1 + (k - 1) * cos
+        t = torch.where(den.abs() < 1e-6, torch.zeros_like(cos), k * cos / den)[:, None]
+        mean = sum(x.reshape(rows.shape) for x in xs) / k
+        torch.testing.assert_close(out.float(), (t * mean + (1 - t) * rows).reshape(b.shape), rtol=1e-6, atol=1e-6)
+        varied += int(t.unique().numel() > 1)
+    assert varied > 0          # rows of one tensor took different t: not one t per tensor
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("method", METHODS)
 def test_resident_kernel_on_cuda_equals_cpu(tiny_family, method):

@@ -9,12 +9,13 @@ composed, not copied: `dare_ties` is the DARE mask followed by the TIES steps.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable, Sequence
 
 import torch
 
-from .base import (DENSITY, EPSILON, GAMMA, LAMBDA, REGISTRY, RESCALE, SLERP_T, WEIGHT, MethodSpec,
+from .base import (DENSITY, EPSILON, GAMMA, LAMBDA, REGISTRY, RESCALE, SLERP_T, WEIGHT, MethodSpec, ParamSpec,
                    normalize)
 from .context import TensorContext
 from .fused import Band, Drop, Elect, Mix, Plan, Sum, values
@@ -208,9 +209,15 @@ def _della_linear(ctx: TensorContext, p: dict) -> torch.Tensor:
     return _task_sum(ctx, della_drop(ctx, p["density"], p["epsilon"], p["rescale"]), p)
 
 
-def _model_stock_ratio(ctx: TensorContext) -> float:
-    """t = K cos / (1 + (K - 1) cos), as mergekit computes it (0 where the denominator vanishes)."""
-    offsets = [ctx.delta(i).reshape(-1) for i in range(ctx.k)]
+FILTER_WISE = ParamSpec("filter_wise", "shared", False, choices=(True, False),
+                        help="model_stock: one interpolation t per row (mergekit's filter_wise) instead of per tensor")
+
+
+def _model_stock_ratio(ctx: TensorContext, *, filter_wise: bool = False) -> float | torch.Tensor:
+    """t = K cos / (1 + (K - 1) cos), as mergekit computes it (0 where the denominator vanishes): one t for the
+    tensor, or with `filter_wise` one per row (per vector along the last dimension; a vector is one row)."""
+    shape = (-1, ctx.anchor.shape[-1]) if filter_wise and ctx.anchor.dim() > 0 else (-1,)
+    offsets = [ctx.delta(i).reshape(shape) for i in range(ctx.k)]
     cosines = []
     for i, a in enumerate(offsets):
         for b in offsets[i + 1:]:
@@ -218,12 +225,24 @@ def _model_stock_ratio(ctx: TensorContext) -> float:
             cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
     cos = torch.stack(cosines).mean(dim=0)
     denominator = 1 + (ctx.k - 1) * cos
+    if filter_wise:
+        singular = denominator.abs() < 1e-6
+        safe = torch.where(singular, torch.ones_like(denominator), denominator)
+        return torch.where(singular, torch.zeros_like(cos), (ctx.k * cos) / safe)
     return 0.0 if bool(denominator.abs() < 1e-6) else float((ctx.k * cos) / denominator)
 
 
 def _model_stock(ctx: TensorContext, p: dict) -> torch.Tensor:
-    """t mean_i(x_i) + (1 - t) b: the sources summed left to right, then divided by K (mergekit's order)."""
-    t = torch.tensor(ctx.stat("model_stock", _model_stock_ratio), dtype=ctx.dtype)
+    """t mean_i(x_i) + (1 - t) b: the sources summed left to right, then divided by K (mergekit's order); t per
+    row with filter_wise, read for the entries of this piece of the tensor."""
+    if p["filter_wise"]:
+        rows = ctx.stat("model_stock_rows", functools.partial(_model_stock_ratio, filter_wise=True))
+        whole = ctx.parent or ctx
+        start, stop = ctx.span or (0, ctx.numel)
+        width = whole.anchor.shape[-1] if whole.anchor.dim() > 0 else 1
+        t = rows[torch.arange(start, stop, device=rows.device) // width].to(ctx.dtype).reshape(ctx.base.shape)
+    else:
+        t = torch.tensor(ctx.stat("model_stock", _model_stock_ratio), dtype=ctx.dtype)
     average = sum_sources(ctx.sources).div_(ctx.k)
     return average.mul_(t).add_(torch.mul(ctx.base, 1 - t))
 
@@ -352,7 +371,7 @@ for _spec in (
     MethodSpec("della_linear", _TIES_PARAMS + (EPSILON, RESCALE, normalize(False)), _della_linear,
                stochastic=True, row_ranks=True, search_ranges=_DELLA_RANGES, fused=_fused_della_linear,
                summary="magnitude-ranked random drop, then task arithmetic"),
-    MethodSpec("model_stock", (), _model_stock, min_sources=2, mergekit="model_stock", reads_sources=True,
-               summary="interpolate base and source mean by the task vectors' angle (no parameters)"),
+    MethodSpec("model_stock", (FILTER_WISE,), _model_stock, min_sources=2, mergekit="model_stock", reads_sources=True,
+               summary="interpolate base and source mean by the task vectors' angle (per tensor, or per row)"),
 ):
     REGISTRY.register(_spec)

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 from .errors import InputError, suggest
 from .mergekit_params import Reader, flatten, interpolate
 from .methods import REGISTRY
+from .recipe_values import MERGED
 
 KEYS = ("merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
         "tokenizer_source", "tokenizer", "chat_template")
@@ -51,7 +52,8 @@ def from_mergekit(data: Mapping[str, Any], *, path: Path) -> dict[str, Any]:
     else:
         sources = models + ([base] if base is not None and base not in models else [])
     layout = _layout(base if spec.needs_base else None, sources, path, recipe)
-    reader = Reader(spec, layout, file, _blocks(pieces, layout.num_layers, file))
+    blocks, every = _blocks(pieces, layout.num_layers, file)
+    reader = Reader(spec, layout, file, blocks)
     for piece in pieces:
         for model, (params, where) in piece.own.items():
             reader.check_scope(params, where)
@@ -67,6 +69,9 @@ def from_mergekit(data: Mapping[str, Any], *, path: Path) -> dict[str, Any]:
             reader.add(param.name, scopes, piece=k)
     recipe.update({"base": base, "sources": sources} if base is not None else {"sources": sources})
     recipe.update(reader.recipe_fields())
+    if not every:       # the merged model's blocks of the slices, in their order; its embeddings, norm and head
+        recipe.update({"layers": [{"model": MERGED, "layer": b} for taken in blocks for b in taken],
+                       "embed_from": MERGED, "head_from": MERGED})
     return recipe
 
 
@@ -169,20 +174,19 @@ def _inputs(data: Mapping[str, Any], file: str) -> tuple[list[str], list[_Piece]
     return models, pieces, base
 
 
-def _blocks(pieces: list[_Piece], num_layers: int, file: str) -> list[range]:
-    """The pieces' blocks: slices that take every layer once, in order (a merge of part of the layers, or one
-    that reorders them, would be a stack of merged blocks, which a recipe says only with the base's
-    embeddings)."""
-    blocks, start = [], 0
-    for piece in pieces:
-        first, stop = piece.layers or (0, num_layers)
-        if first != start or stop > num_layers or (piece is pieces[-1] and stop != num_layers):
-            raise InputError(f"a merge of part of the layers, or of layers out of order, has no recipe form (the "
-                             f"models have {num_layers})", file=file, field=f"{piece.where}.sources[0].layer_range",
-                             fix=f"slices that together take every layer once, in order, from 0 to {num_layers}")
-        blocks.append(range(first, stop))
-        start = stop
-    return blocks
+def _blocks(pieces: list[_Piece], num_layers: int, file: str) -> tuple[list[range], bool]:
+    """The pieces' blocks, and whether they are every layer once, in order (else the recipe stacks the merged
+    blocks, mergekit's merge of part of the layers or of layers in another order: no layer in two slices)."""
+    blocks = [range(*(piece.layers or (0, num_layers))) for piece in pieces]
+    seen: set[int] = set()
+    for piece, taken in zip(pieces, blocks):
+        if taken.stop > num_layers or seen & set(taken):
+            raise InputError(f"layers {taken.start}-{taken.stop - 1} are past the models' {num_layers} or in an "
+                             "earlier slice too, which has no recipe form", file=file,
+                             field=f"{piece.where}.sources[0].layer_range",
+                             fix="merge each layer in one slice (passthrough repeats layers)")
+        seen |= set(taken)
+    return blocks, [b for taken in blocks for b in taken] == list(range(num_layers))
 
 
 def _entry_keys(entry: object, allowed: set[str], file: str, where: str) -> None:

@@ -72,20 +72,22 @@ class Reader:
         self.chains[(piece, source, name)] = entries
 
     # -- mergekit's value of one tensor --------------------------------------------------------
-    def _position(self, tensor: str) -> tuple[int, float]:
-        """The piece whose settings a tensor takes, and its t."""
+    def _position(self, tensor: str) -> tuple[int, float] | None:
+        """The piece whose settings a tensor takes, and its t (None: a block no slice takes)."""
         info = self.layout.tensors[tensor]
         if info.layer is None:
             return (0 if info.kind == "embed" else len(self.pieces) - 1), 0.0
-        piece = next(k for k, blocks in enumerate(self.pieces) if info.layer in blocks)
+        piece = next((k for k, blocks in enumerate(self.pieces) if info.layer in blocks), None)
+        if piece is None:
+            return None
         n = len(self.pieces[piece])
         return piece, (info.layer - self.pieces[piece].start) / (n - 1) if n > 1 else 1.0
 
     def value(self, source: str | None, name: str, tensor: str) -> Any:
         """mergekit's value of a parameter for a tensor: its piece's chain, the first entry whose filter is in
         the name, a gradient at the tensor's t; None where nothing sets it (the method's default)."""
-        piece, t = self._position(tensor)
-        for match, value in self.chains[(piece, source, name)]:
+        piece, t = self._position(tensor) or (None, 0.0)
+        for match, value in self.chains.get((piece, source, name), []):
             if match is None or match in tensor:
                 return self._at(value, t, name, source)
         if name in DEFAULTS:
@@ -148,6 +150,8 @@ class Reader:
         inside: dict[str | None, list[Any]] = {m: [_UNSET] * self.blocks for m in [*setters, None]}
         outside: dict[str | None, dict[str, Any]] = {m: {} for m in inside}
         for tensor in self.names:
+            if self._position(tensor) is None:      # in no slice: its value is never used
+                continue
             match = next((m for m in setters if m in tensor), None)
             value = self.value(source, name, tensor)
             layer = self.layout.tensors[tensor].layer

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 from .errors import InputError
 from .methods import REGISTRY, MethodSpec
 from .plan import check
-from .recipe_values import NameFilter, SourceParams, parse_name_filters, parse_shared, parse_source_params
+from .recipe_values import MERGED, NameFilter, SourceParams, parse_name_filters, parse_shared, parse_source_params
 from .sources import IO_GROUP, MODULE_KINDS, SCALE_RANGE
 from .yamlio import dump_yaml, load_yaml
 
@@ -27,9 +27,9 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 VOCAB_POLICIES = ("error", "base", "union")   # differing vocabularies: refused | the base's | merged (vocab.py)
 FILTER_KINDS = tuple(k for k in MODULE_KINDS if k != "other") + (IO_GROUP,)
 _TOP_KEYS = ("evomerge_recipe", "method", "base", "sources", "seed", "dtype", "layer_groups", "parameters",
-             "filters", "name_filters", "layers", "head_from", "vocab", "tokenizer", "chat_template", "provenance")
+             "filters", "name_filters", "layers", "head_from", "embed_from", "vocab", "tokenizer", "chat_template",
+             "provenance")
 PASSTHROUGH = "passthrough"     # a stack of blocks (`layers`) and nothing merged in parameter space
-MERGED = "merged"               # a `layers` entry's model: the recipe's own parameter-space merge (PS + DFS)
 SHARED_NAMES = tuple(sorted({p.name for m in REGISTRY for p in m.shared_params}))
 
 
@@ -83,6 +83,7 @@ class Recipe:
     name_filters: tuple[NameFilter, ...] = ()    # by tensor name, first match first (mergekit's `filter:`)
     layers: tuple[StackEntry, ...] = ()   # a stack of blocks (METHODS.md, "Layer stacking"); () = no stacking
     head_from: str | None = None       # a stack's final norm and head: this model's (None: the base's)
+    embed_from: str | None = None      # a stack's embeddings: this model's (None: the base's)
     vocab: str = "error"               # one of VOCAB_POLICIES
     tokenizer: str | None = None      # where the tokenizer comes from; default: the base (else first source)
     chat_template: str | None = None  # the merged tokenizer's: a Jinja template, or "auto" (the models' most common)
@@ -126,6 +127,8 @@ class Recipe:
             out["layers"] = [entry.to_dict() for entry in self.layers]
         if self.head_from is not None:
             out["head_from"] = self.head_from
+        if self.embed_from is not None:
+            out["embed_from"] = self.embed_from
         if self.vocab != "error":
             out["vocab"] = self.vocab
         if self.tokenizer is not None:
@@ -178,6 +181,7 @@ class Recipe:
                        name_filters=tuple(replace(f, parameters=rekey(f.parameters)) for f in self.name_filters),
                        layers=tuple(replace(e, model=models[e.model]) for e in self.layers),
                        head_from=models[self.head_from] if self.head_from is not None else None,
+                       embed_from=models[self.embed_from] if self.embed_from is not None else None,
                        filters={kind: rekey(block) for kind, block in self.filters.items()}, path=path)
 
     def with_provenance(self, **fields: Any) -> "Recipe":
@@ -290,33 +294,36 @@ def _parse(data: dict[str, Any], *, file: str | None, path: Path | None) -> Reci
         filters[kind] = parse_source_params(block or {}, spec, sources, groups, file=file, where=f"filters.{kind}")
     name_filters = parse_name_filters(data.get("name_filters"), spec, sources, groups, file=file)
     layers = _parse_layers(data.get("layers"), base, sources, stacking=stacking, file=file)
-    head_from = _parse_head_from(data.get("head_from"), layers, base, sources, file=file)
+    head_from, embed_from = (_parse_from(data.get(key), key, layers, base, sources, merges=not stacking, file=file)
+                             for key in ("head_from", "embed_from"))
     provenance = data.get("provenance")
     if provenance is not None and not isinstance(provenance, Mapping):
         raise InputError("must be a mapping", file=file, field="provenance")
     recipe = Recipe(method=spec.name, sources=tuple(sources), base=base, seed=seed, dtype=dtype,
                     layer_groups=groups, shared=shared, parameters=parameters, filters=filters,
-                    name_filters=name_filters, layers=layers, head_from=head_from,
+                    name_filters=name_filters, layers=layers, head_from=head_from, embed_from=embed_from,
                     vocab=vocab,
                     tokenizer=tokenizer, chat_template=chat_template, provenance=provenance, path=path)
     check(recipe, file=file)
     return recipe
 
 
-def _parse_head_from(raw: Any, layers: tuple[StackEntry, ...], base: str | None, sources: list[str], *,
-                     file: str | None) -> str | None:
-    """A stack's model for the tensors after its blocks (final norm, head): the base or a source (mergekit's
-    last slice's model); None or the base: the base's."""
+def _parse_from(raw: Any, key: str, layers: tuple[StackEntry, ...], base: str | None, sources: list[str], *,
+                merges: bool, file: str | None) -> str | None:
+    """A stack's model for the tensors after its blocks (`head_from`: final norm, head; mergekit's last slice's
+    model) or before them (`embed_from`: the embeddings): the base, a source, or `merged` where the recipe
+    merges (mergekit's merge of part of the layers); None or the base: the base's."""
     if raw is None or raw == base:
         return None
     if not layers:
-        raise InputError("only a stack of blocks takes its head from another model", file=file, field="head_from",
-                         fix="remove it, or list the stack's layers")
+        raise InputError(f"only a stack of blocks takes {key.split('_')[0]} tensors from another model", file=file,
+                         field=key, fix="remove it, or list the stack's layers")
     shorts = {Path(s.split("@")[0].rstrip("/")).name: s for s in sources}
-    model = raw if raw in sources else shorts.get(str(raw))
+    model = raw if raw in sources or (merges and raw == MERGED) else shorts.get(str(raw))
     if model is None:
-        raise InputError(f"'{raw}' is not among the models", file=file, field="head_from",
-                         fix=f"name the base or a source ({', '.join([str(base), *sources])})")
+        hint = f", or {MERGED}" if merges else ""
+        raise InputError(f"'{raw}' is not among the models", file=file, field=key,
+                         fix=f"name the base or a source ({', '.join([str(base), *sources])}){hint}")
     return model
 
 

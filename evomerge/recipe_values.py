@@ -10,6 +10,7 @@ from typing import Any, Mapping
 from .errors import InputError
 from .methods import MethodSpec, ParamSpec
 
+MERGED = "merged"          # a `layers` entry's model: the recipe's own parameter-space merge (PS + DFS)
 Value = float | tuple[float, ...]                  # one value, or one per layer group
 SourceParams = Mapping[str, Mapping[str, Value]]   # source spec -> param -> value
 

@@ -3,8 +3,9 @@
 A recipe's `layers` list builds a model of T blocks: block j is block `layer` of `model` (the base, a source,
 or `merged`, the recipe's own parameter-space merge), renumbered j, its residual-branch output projections
 (attention output, MLP down: found inside the block's attention and MLP tensors) times `scale`. Embeddings
-come from the base, final norm and head from the base or the recipe's `head_from` (mergekit's last slice's
-model); `num_hidden_layers` becomes T, per-layer config lists follow the blocks.
+come from the base or the recipe's `embed_from`, final norm and head from the base or its `head_from`
+(mergekit's first and last slices' models; `merged` where mergekit merges part of the layers);
+`num_hidden_layers` becomes T, per-layer config lists follow the blocks.
 
 Two ways to hold the result:
 - `stacked_tensors` writes it as tensors under the new names (export, `evomerge merge`), and `to_mergekit`
@@ -51,10 +52,12 @@ def stacked_tensors(recipe: Recipe, sources: SourceSet, merged: Mapping[str, tor
     io = [n for n, info in layout.tensors.items() if info.layer is None]
     first_block = min((i for i, n in enumerate(layout.tensors) if layout.tensors[n].layer is not None), default=0)
     names = list(layout.tensors)
-    head = folders[recipe.head_from] if recipe.head_from is not None else sources.anchor
 
-    def outside(name: str) -> torch.Tensor:   # embeddings from the base; final norm and head from `head`
-        return _cast(sources.read(sources.anchor if layout.tensors[name].kind == "embed" else head, name), dtype)
+    def outside(name: str) -> torch.Tensor:   # embeddings from embed_from, final norm and head from head_from
+        model = recipe.embed_from if layout.tensors[name].kind == "embed" else recipe.head_from
+        if model == MERGED:
+            return _cast(merged[name], dtype)
+        return _cast(sources.read(folders[model] if model is not None else sources.anchor, name), dtype)
 
     for name in io:       # the io tensors before the blocks keep their place before them
         if names.index(name) < first_block:
@@ -91,7 +94,7 @@ def stacked_config(config: Mapping[str, Any], layers: tuple[StackEntry, ...]) ->
 
 def to_mergekit(recipe: Recipe, layout: Layout, paths: Mapping[str, str], dtype: str | None) -> dict | None:
     """mergekit 0.1.5 passthrough slices giving the same tensors; None where a block comes from `merged`."""
-    if any(e.model == MERGED for e in recipe.layers):
+    if MERGED in [e.model for e in recipe.layers] + [recipe.embed_from, recipe.head_from]:
         return None
     names = {inner.rsplit(".", 1)[0]: layout.tensors[full].kind for inner, full in block_tensors(layout, 0).items()
              if is_output_projection(inner, layout.tensors[full].kind)}     # self_attn.o_proj: attn, ...
@@ -103,10 +106,10 @@ def to_mergekit(recipe: Recipe, layout: Layout, paths: Mapping[str, str], dtype:
                                     + [{"value": 1.0}]}
         slices.append({"sources": [source]})
     # mergekit takes the embeddings from the first slice's model and the final norm and head from the last's;
-    # an empty slice at either end makes them the base's (and the head the recipe's head_from), as METHODS.md has it
-    head = recipe.head_from or recipe.base
-    if recipe.layers[0].model != recipe.base:
-        slices.insert(0, {"sources": [{"model": paths[recipe.base], "layer_range": [0, 0]}]})
+    # an empty slice at either end makes them the recipe's embed_from and head_from (the base's where unset)
+    head, embed = recipe.head_from or recipe.base, recipe.embed_from or recipe.base
+    if recipe.layers[0].model != embed:
+        slices.insert(0, {"sources": [{"model": paths[embed], "layer_range": [0, 0]}]})
     if recipe.layers[-1].model != head:
         slices.append({"sources": [{"model": paths[head], "layer_range": [0, 0]}]})
     config: dict[str, Any] = {"merge_method": "passthrough", "base_model": paths[recipe.base], "slices": slices}

@@ -131,7 +131,30 @@ BAD = {   # name -> (change to the recipe, field named, text)
     "merged-without-a-merge": ({"layers": [{"model": "merged", "layer": 0}], "sources": ["s0"]}, "layers[0].model",
                                "not among the models"),
     "unknown-key": ({"layers": [{"model": "s0", "layer": 0, "repeat": 2}]}, "layers[0].repeat", "unknown key"),
+    "embed-from-merged-without-a-merge": ({"embed_from": "merged"}, "embed_from", "not among the models"),
+    "scale-kind": ({"layers": [{"model": "s0", "layer": 0, "scale": {"attn": 0.5, "norm": 2}}]},
+                   "layers[0].scale.norm", "unknown key"),
 }
+
+
+def test_embeddings_and_head_from_other_models_are_mergekits_first_and_last_slices(tmp_path):
+    """embed_from and head_from: the embeddings of one source, the final norm and head of another; the
+    mergekit.yaml beside the merge (empty slices of those models at either end) gives the same tensors."""
+    from evomerge.export import merge_to_folder
+
+    make_family(tmp_path, arch="llama", k=2, layers=4, vocab=50)
+    recipe = write(tmp_path / "stack.yaml", {"evomerge_recipe": 1, "method": "passthrough", "base": "base",
+                                             "dtype": "float32", "layers": LAYERS[:3], "embed_from": "s1",
+                                             "head_from": "s0"})
+    out = merge_to_folder(recipe, tmp_path / "ours")
+    ours = load_file(str(out / "model.safetensors"))
+    base, s0, s1 = (load_file(str(tmp_path / s / "model.safetensors")) for s in ("base", "s0", "s1"))
+    assert torch.equal(ours["model.embed_tokens.weight"], s1["model.embed_tokens.weight"])
+    assert torch.equal(ours["model.norm.weight"], s0["model.norm.weight"])
+    assert not torch.equal(base["model.embed_tokens.weight"], s1["model.embed_tokens.weight"])
+    assert not torch.equal(base["model.norm.weight"], s0["model.norm.weight"])
+    theirs = run_mergekit(out / "mergekit.yaml", tmp_path / "mergekit")
+    assert set(ours) == set(theirs) and all(torch.equal(ours[n], theirs[n]) for n in ours)
 
 
 @pytest.mark.parametrize("case", BAD)

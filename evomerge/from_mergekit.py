@@ -1,9 +1,10 @@
 """mergekit configs in: a mergekit 0.1.5 YAML read as the evomerge recipe that gives the same tensors.
 
-Its models, slices, dtypes, tokenizer and chat template are read here, its parameter settings by
-mergekit_params.py (mergekit's lookup: the model's own settings, the slice's, the config's; gradients over
-a slice's layers; filters by substring of the tensor's name). Slices merge the same models and together
-take every layer once, in order; each may have settings of its own. The recipe gives every tensor the same
+Its models, slices, one module, dtypes, tokenizer and chat template are read here, its parameter settings
+by mergekit_params.py (mergekit's lookup: the model's own settings, the slice's, the module's, the config's;
+gradients over a slice's layers; filters by substring of the tensor's name). Slices merge the same models,
+each a layer range with settings of its own; where they skip or reorder layers, the recipe stacks the merged
+model's blocks (`layers` of `merged`, its embeddings and head too). The recipe gives every tensor the same
 values: one value per block where any differ (layer_groups = L), mergekit's filters as name filters in an
 order that agrees with every lookup, and mergekit's defaults where they differ from evomerge's (density 1,
 DARE's l1 rescale). Parameters a method does not take are ignored, as mergekit ignores them.

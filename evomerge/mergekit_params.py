@@ -1,9 +1,10 @@
 """mergekit's parameter settings, read as a recipe's fields (from_mergekit.py reads the rest of a config).
 
-mergekit looks a tensor's parameter up in the model's own settings, then the slice's, then the config's. A
-setting is a value; a gradient, a list interpolated over the layers (block l of L at t = l / (L - 1), a tensor
-outside the blocks at t = 0); or a list of {filter, value} entries, of which the first whose filter is a
-substring of the tensor's name applies (none: the next scope).
+mergekit looks a tensor's parameter up in the model's own settings, then the slice's, the module's, the
+config's. A setting is a value; a gradient, a list interpolated over a slice's layers (block i of a slice of n
+at t = i / (n - 1), t = 1 where n = 1; the embeddings at the first slice's t = 0, the final norm and head at
+the last slice's); or a list of {filter, value} entries, of which the first whose filter is a substring of
+the tensor's name applies (none: the next scope).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class Reader:
     """Each (slice, source, parameter)'s lookup chain over mergekit's scopes, flattened to (filter, value)
     entries (filter None: every tensor), and the recipe fields that give every tensor mergekit's value.
 
-    `pieces` are the slices' blocks, in order, together every block once (one piece: a `models:` config).
+    `pieces` are the slices' blocks, in order, each block in one at most (one piece: a `models:` config).
     mergekit gives a block of a piece of n blocks its gradient value at t = i / (n - 1) (t = 1 where n = 1),
     the tensors before the blocks (embeddings) the first piece's at t = 0, and those after them (final norm,
     head) the last piece's at t = 0. The recipe says the same with one value per block where any differ,

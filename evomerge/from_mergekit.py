@@ -45,14 +45,14 @@ def from_mergekit(data: Mapping[str, Any], *, path: Path) -> dict[str, Any]:
         recipe.update(_stack(data, module, file, path))
         return recipe
     spec = REGISTRY.get(str(method), file=file, field="merge_method")
-    models, pieces, base = _inputs(data, file)
+    models, pieces, base, anchor = _inputs(data, file)
     if spec.needs_base:
         if base is None:
             raise InputError(f"{spec.name} needs base_model", file=file, field="base_model")
         sources = [m for m in models if m != base]
     else:
         sources = models + ([base] if base is not None and base not in models else [])
-    layout = _layout(base if spec.needs_base else None, sources, path, recipe)
+    layout = _layout(base if spec.needs_base else anchor, sources, path, recipe)
     blocks, every = _blocks(pieces, layout.num_layers, file)
     reader = Reader(spec, layout, file, blocks)
     for piece in pieces:
@@ -68,7 +68,7 @@ def from_mergekit(data: Mapping[str, Any], *, path: Path) -> dict[str, Any]:
                 reader.add(param.name, [piece.own.get(source, (None,))[0], *scopes], source=source, piece=k)
         for param in spec.shared_params:
             reader.add(param.name, scopes, piece=k)
-    recipe.update({"base": base, "sources": sources} if base is not None else {"sources": sources})
+    recipe.update({"base": base or anchor, "sources": sources} if (base or anchor) else {"sources": sources})
     recipe.update(reader.recipe_fields())
     if not every:       # the merged model's blocks of the slices, in their order; its embeddings, norm and head
         recipe.update({"layers": [{"model": MERGED, "layer": b} for taken in blocks for b in taken],
@@ -102,9 +102,24 @@ def _model_ref(value: object, file: str, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise InputError("must be a model path or hub id", file=file, field=where)
     if "+" in value:
-        raise InputError(f"'{value}' applies a LoRA inside the config, which has no recipe form", file=file,
-                         field=where, fix="list the adapter folder as a source of its own (evomerge reads PEFT adapters)")
+        raise InputError(f"'{value}' applies a LoRA to another model than base_model, which has no recipe form",
+                         file=file, field=where,
+                         fix="merge the adapter into that model first, or apply it to the config's base_model")
     return value
+
+
+def _source_ref(value: object, base: object, file: str, where: str, anchors: set[str]) -> str:
+    """A merged model: a model, or mergekit's BASE+ADAPTER over the config's base model (without one: over the
+    model all such references share, added to `anchors`), read as the adapter folder: a source over that
+    base, its task vector s B A, as peft's merge_and_unload makes the full model."""
+    if isinstance(value, str) and value.count("+") == 1 and (base is None or isinstance(base, str)):
+        model, _, adapter = value.partition("+")
+        folder = Path(file).parent
+        if adapter and model and (base is None or model == base
+                                  or (folder / model).resolve() == (folder / base).resolve()):
+            anchors.add(base or model)
+            return adapter
+    return _model_ref(value, file, where)
 
 
 @dataclass(frozen=True)
@@ -118,10 +133,11 @@ class _Piece:
     layers: tuple[int, int] | None
 
 
-def _inputs(data: Mapping[str, Any], file: str) -> tuple[list[str], list[_Piece], str | None]:
-    """(models in order, the pieces, the base model) of a `models:` config or of slices that merge the same
-    models in the same order, each slice the same layers of every model."""
+def _inputs(data: Mapping[str, Any], file: str) -> tuple[list[str], list[_Piece], str | None, str | None]:
+    """(models in order, the pieces, the base model, the model LoRA adapters apply to) of a `models:` config
+    or of slices that merge the same models in the same order, each slice the same layers of every model."""
     base = data.get("base_model")
+    anchors: set[str] = set()
     if ("models" in data) == ("slices" in data):
         raise InputError("needs exactly one of models and slices", file=file, field="models")
     if "models" in data:
@@ -130,10 +146,10 @@ def _inputs(data: Mapping[str, Any], file: str) -> tuple[list[str], list[_Piece]
             raise InputError("must be a non-empty list of {model, parameters}", file=file, field="models")
         for i, entry in enumerate(entries):
             _entry_keys(entry, {"model", "parameters"}, file, f"models[{i}]")
-            _model_ref(entry.get("model"), file, f"models[{i}].model")
-        models = [str(e["model"]) for e in entries]
-        pieces = [_Piece("models", {str(e["model"]): (e.get("parameters"), f"models.{e['model']}.parameters")
-                                    for e in entries}, None, None)]
+        models = [_source_ref(e.get("model"), base, file, f"models[{i}].model", anchors)
+                  for i, e in enumerate(entries)]
+        pieces = [_Piece("models", {m: (e.get("parameters"), f"models.{e['model']}.parameters")
+                                    for m, e in zip(models, entries)}, None, None)]
     else:
         slices = data["slices"]
         if not isinstance(slices, list) or not slices:
@@ -147,22 +163,23 @@ def _inputs(data: Mapping[str, Any], file: str) -> tuple[list[str], list[_Piece]
             if not isinstance(entries, list) or not entries:
                 raise InputError("must be a non-empty list of {model, layer_range, parameters}", file=file,
                                  field=f"{where}.sources")
-            ranges = set()
+            ranges, named = set(), []
             for i, entry in enumerate(entries):
                 _entry_keys(entry, {"model", "layer_range", "parameters"}, file, f"{where}.sources[{i}]")
-                _model_ref(entry.get("model"), file, f"{where}.sources[{i}].model")
+                named.append(_source_ref(entry.get("model"), bases[-1], file, f"{where}.sources[{i}].model",
+                                         anchors))
                 ranges.add(_layer_range(entry.get("layer_range"), file, f"{where}.sources[{i}].layer_range"))
             if len(ranges) > 1:
                 raise InputError("the models of a slice take different layers, which has no recipe form", file=file,
                                  field=f"{where}.sources", fix="give every model of a slice the same layer_range")
-            named = [str(e["model"]) for e in entries]
             if models is not None and named != models:
                 raise InputError("a slice merges other models than the first slice, which has no recipe form",
                                  file=file, field=f"{where}.sources",
                                  fix=f"list the same models in the same order in every slice: {models}")
             models = named
-            pieces.append(_Piece(where, {str(e["model"]): (e.get("parameters"), f"{where}.sources[{i}].parameters")
-                                         for i, e in enumerate(entries)}, piece.get("parameters"), ranges.pop()))
+            pieces.append(_Piece(where, {m: (e.get("parameters"), f"{where}.sources[{i}].parameters")
+                                         for i, (m, e) in enumerate(zip(named, entries))}, piece.get("parameters"),
+                                 ranges.pop()))
         if len(set(bases)) > 1:
             other = next(k for k, b in enumerate(bases) if b != bases[0])
             raise InputError("slices with different base models have no recipe form", file=file,
@@ -172,7 +189,10 @@ def _inputs(data: Mapping[str, Any], file: str) -> tuple[list[str], list[_Piece]
         _model_ref(base, file, "base_model")
     if len(set(models)) != len(models):
         raise InputError("a model is listed twice", file=file, field="models")
-    return models, pieces, base
+    if len(anchors) > 1:
+        raise InputError(f"LoRA adapters applied to different models ({', '.join(sorted(anchors))}), which has no "
+                         "recipe form", file=file, field="models", fix="apply every adapter to one model")
+    return models, pieces, base, next(iter(anchors), None)
 
 
 def _blocks(pieces: list[_Piece], num_layers: int, file: str) -> tuple[list[range], bool]:

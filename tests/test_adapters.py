@@ -88,6 +88,11 @@ def test_adapters_merge_like_peft_merged_models_in_mergekit(family, tmp_path, ca
     adapters = [m["model"] for m in config["models"] if "+" in m["model"]]
     assert len(adapters) == sum(s.startswith("a") for s in sources)
     close(ours, run_mergekit(out / "mergekit.yaml", tmp_path / "mergekit"))
+    # evomerge reads that mergekit.yaml back (BASE+ADAPTER over its base_model: the adapter as a source): the same
+    # tensors, bit for bit
+    assert main(["merge", str(out / "mergekit.yaml"), "-o", str(tmp_path / "again")]) == 0
+    again = load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert set(again) == set(ours) and all(torch.equal(again[n], ours[n]) for n in ours)
     # the same by hand: peft merges each adapter, mergekit merges the full models
     for model in config["models"]:
         base, _, adapter = model["model"].partition("+")

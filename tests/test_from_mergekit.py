@@ -265,6 +265,9 @@ def _passthrough(config: dict, parameters: dict) -> dict:
     (lambda c: c | {"slices": [{"sources": [dict(s, layer_range=[2, 6]) for s in c["slices"][0]["sources"]]}]},
      "slices[0].sources[0].layer_range", "past the models' 4"),
     (lambda c: c | {"base_model": c["base_model"] + "+some/lora"}, "base_model", "LoRA"),
+    (lambda c: c | {"slices": [{"sources": [dict(s, model=s["model"] + "+some/lora") if i else s
+                                            for i, s in enumerate(c["slices"][0]["sources"])]}]},
+     "slices[0].sources[1].model", "applies a LoRA to another model than base_model"),
     (lambda c: c | {"parameters": {}}, "parameters.t", "no t for tensor"),
 ])
 def test_what_a_recipe_cannot_say_exits_2_naming_the_key(family, tmp_path, capsys, change, field, words):

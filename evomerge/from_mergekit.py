@@ -301,7 +301,7 @@ def _stack(data: Mapping[str, Any], module: Mapping | None, file: str, path: Pat
     slices = data.get("slices")
     if not isinstance(slices, list) or not slices:
         raise InputError("a passthrough stack lists its slices", file=file, field="slices")
-    layers, models = [], []
+    layers, models, layouts = [], [], {}
     for i, piece in enumerate(slices):
         _entry_keys(piece, {"sources", "parameters"}, file, f"slices[{i}]")
         sources = piece.get("sources") or []
@@ -311,7 +311,9 @@ def _stack(data: Mapping[str, Any], module: Mapping | None, file: str, path: Pat
         _entry_keys(sources[0], {"model", "layer_range", "parameters"}, file, where)
         model = _model_ref(sources[0].get("model"), file, f"{where}.model")
         start, stop = _layer_range(sources[0].get("layer_range"), file, f"{where}.layer_range", empty=True)
-        layout = _layout(None, [model], path, {})
+        if model not in layouts:       # a frankenmerge names one model in many slices: its headers once
+            layouts[model] = _layout(None, [model], path, {})
+        layout = layouts[model]
         outside = [n for n, info in layout.tensors.items() if info.layer is None
                    and ((i == 0 and info.kind == "embed") or (i == len(slices) - 1 and info.kind != "embed"))]
         scopes = [sources[0].get("parameters"), piece.get("parameters"), module, data.get("parameters")]

@@ -24,12 +24,14 @@ import time
 from pathlib import Path
 
 from _harness import REPO, command, header
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def score_problem(config_path: Path, *, candidates: int, searched: int, seed: int, cache: Path) -> dict:
-    """Per-row search-split results of the problem's baselines and random candidates (cached as JSON)."""
+    """Per-row search-split results of the problem's baselines and random candidates (cached as JSON; a run cut
+    short leaves what it scored in the cache's .partial.json, which `measure` reads as well)."""
     if cache.is_file():
         return json.loads(cache.read_text())
     import optuna
@@ -48,6 +50,7 @@ def score_problem(config_path: Path, *, candidates: int, searched: int, seed: in
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         out = {"config": str(config_path), "objective": config.objectives[0], "points": []}
         started = time.perf_counter()
+        partial = cache.with_suffix(".partial.json")
 
         def score(label: str, trial) -> float:
             method = session.space.suggest(trial)
@@ -56,6 +59,7 @@ def score_problem(config_path: Path, *, candidates: int, searched: int, seed: in
             out["points"].append({"label": label, "method": method,
                                   "rows": {t: result.examples[t][result.primary_metrics[t]] for t in result.tasks}})
             out["minimized"] = sorted(result.minimized)
+            partial.write_text(json.dumps(out))      # what is scored so far, if the run is cut short
             print(f"{config_path.name}: {len(out['points'])}/{len(baselines) + candidates + searched} scored, "
                   f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
             return result.objective(config.objectives[0])
@@ -75,6 +79,7 @@ def score_problem(config_path: Path, *, candidates: int, searched: int, seed: in
         out["seconds"] = time.perf_counter() - started
     bench.close()
     cache.write_text(json.dumps(out))
+    cache.with_suffix(".partial.json").unlink(missing_ok=True)
     return out
 
 
@@ -127,8 +132,8 @@ def end_to_end(problem: str, *, seed: int, trials: int, rows: float, estimator: 
     def run(label: str, n: int, evaluation: EvaluationOptions) -> dict:
         import optuna
 
-        from evomerge.search import search
         from evomerge.cheap import FULL_ATTR
+        from evomerge.search import search
 
         section = config.search.model_copy(update={"seed": seed, "n_trials": n, "evaluation": evaluation})
         out = workdir / f"e2e-{problem.replace('/', '_').replace(':', '')}-{seed}-{label}"

@@ -31,7 +31,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 def score_problem(config_path: Path, *, candidates: int, searched: int, seed: int, cache: Path) -> dict:
     """Per-row search-split results of the problem's baselines and random candidates (cached as JSON; a run cut
-    short leaves what it scored in the cache's .partial.json, which `measure` reads as well)."""
+    short leaves what it scored in the cache's .partial.json: rename it to the cache's name to report on it)."""
     if cache.is_file():
         return json.loads(cache.read_text())
     import optuna

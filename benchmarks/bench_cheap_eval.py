@@ -34,6 +34,7 @@ def score_problem(config_path: Path, *, candidates: int, searched: int, seed: in
     short leaves what it scored in the cache's .partial.json: rename it to the cache's name to report on it)."""
     if cache.is_file():
         return json.loads(cache.read_text())
+    partial = cache.with_suffix(".partial.json")
     import optuna
 
     from evomerge.config import load_config
@@ -50,7 +51,6 @@ def score_problem(config_path: Path, *, candidates: int, searched: int, seed: in
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         out = {"config": str(config_path), "objective": config.objectives[0], "points": []}
         started = time.perf_counter()
-        partial = cache.with_suffix(".partial.json")
 
         def score(label: str, trial) -> float:
             method = session.space.suggest(trial)
@@ -79,7 +79,7 @@ def score_problem(config_path: Path, *, candidates: int, searched: int, seed: in
         out["seconds"] = time.perf_counter() - started
     bench.close()
     cache.write_text(json.dumps(out))
-    cache.with_suffix(".partial.json").unlink(missing_ok=True)
+    partial.unlink(missing_ok=True)
     return out
 
 

@@ -11,7 +11,8 @@ outside merging and scoring (the optimizer's own, gradient steps included).
 Each problem's **reference** is the best held-out any run found: the runs above and reference runs at
 `--reference-factor` times the budget (`--reference` optimizers, one seed), so that a result reads as a share
 of what is reachable. The best one-knob sweep (the cheap tuned baseline a user would try, picked on the search
-split) is reported beside it. Written to results/bench_search.md and results/bench_search.png.
+split) is reported beside it. Written to results/bench_search.md and results/bench_search.png (`--name`: another
+name, e.g. for problems kept out of tuning).
 
     python benchmarks/bench_search.py [--problems demo,lora,suite:1,...,configs/smol.yaml] --seeds 3 --trials 100 \\
         [--save runs.json] [--load a.json,b.json]
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 from _harness import REPO, command, header, mean_std, std
+
 OPTIMIZERS = ("auto", "tpe", "tpe+cmaes", "adamerging")
 CHECKPOINTS = (25, 50, 100)
 LORA_CONFIG = """name: lora
@@ -108,13 +110,20 @@ def measure(session, *, seconds: float) -> dict:
     at["end"] = heldout(best(done))
     sweeps = [t for t in done if str(t.user_attrs.get("baseline", "")).startswith(("sweep:", "default:"))]
     inside = sum(t.user_attrs["seconds"]["merge"] + t.user_attrs["seconds"]["eval"] for t in done)
+    steps = sum(t.user_attrs.get("gradient_seconds", 0.0) for t in done)   # the gradient learner's own passes
     return {"heldout": at, "sweep": heldout(best(sweeps)) if sweeps else None, "seconds": seconds,
-            "overhead": (seconds - inside) / max(len(done), 1), "trials": len(done),
+            "overhead": (seconds - inside) / max(len(done), 1), "gradient_steps": steps / max(len(done), 1),
+            "trials": len(done),
             "gradient": session.study.user_attrs.get("auto_gradient")}
 
 
 def _stats(values: list[float | None]) -> str:
     return mean_std([v for v in values if v is not None])
+
+
+def _ms(values: list[float | None]) -> str:
+    kept = [v for v in values if v is not None]
+    return f"{statistics.fmean(kept):.1f} ± {std(kept):.1f}" if kept else "—"
 
 
 def reference(problem: dict) -> float:
@@ -123,7 +132,7 @@ def reference(problem: dict) -> float:
 
 
 def report(problems: dict[str, dict], *, out: Path, optimizers: list[str], seeds: int, trials: int,
-           cmd: str) -> None:
+           cmd: str, name: str = "bench_search", about: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,7 +144,7 @@ def report(problems: dict[str, dict], *, out: Path, optimizers: list[str], seeds
     share = {o: {p: [r["heldout"].get(trials, r["heldout"]["end"]) / reference(problems[p])
                      for r in problems[p]["runs"].get(o, [])] for p in names} for o in optimizers}
     lines = [
-        *header("The optimizers over a suite of merge problems", cmd=cmd), "",
+        *header("The optimizers over a suite of merge problems", cmd=cmd), "", *([about, ""] if about else []),
         f"Each problem searched as its config says (the technique a search variable, baselines first), {trials} "
         f"trials per run, seeds 0..{seeds - 1}; held-out of the best trial so far (by the search split, as an "
         "export picks it), as a share of the problem's **reference**: the best held-out any run found, reference "
@@ -155,7 +164,8 @@ def report(problems: dict[str, dict], *, out: Path, optimizers: list[str], seeds
         + " |")
     lines += ["", "## Share of the reference by trials (mean over problems and seeds)", "",
               "| optimizer | " + " | ".join(f"at {n}" for n in points) + " | seconds per run | "
-              "seconds per trial outside merge and scoring |", "|---|" + "---|" * (len(points) + 2)]
+              "ms per trial outside merge and scoring | of which gradient steps | of which the rest (sampler, "
+              "storage, setup) |", "|---|" + "---|" * (len(points) + 4)]
     for o in optimizers:
         by_n = []
         for n in points:
@@ -163,8 +173,11 @@ def report(problems: dict[str, dict], *, out: Path, optimizers: list[str], seeds
                     if n in r["heldout"]]
             by_n.append(_stats(vals))
         rs = [r for p in names for r in problems[p]["runs"].get(o, [])]
+        outside = [1000 * r["overhead"] for r in rs]
+        steps = [1000 * r["gradient_steps"] if "gradient_steps" in r else None for r in rs]   # None: saved before
+        rest = [o - s if s is not None else None for o, s in zip(outside, steps)]            # it was measured
         lines.append(f"| {o} | " + " | ".join(by_n) + f" | {_stats([r['seconds'] for r in rs])} | "
-                     f"{_stats([r['overhead'] for r in rs])} |")
+                     f"{_ms(outside)} | {_ms(steps)} | {_ms(rest)} |")
     gradient = [(p, r["gradient"]) for p in names for r in problems[p]["runs"].get("auto", []) if r.get("gradient")]
     if gradient:
         lines += ["", "## auto's gradient arm, per run", "", "| problem | state | trials | why |", "|---|---|---|---|"]
@@ -174,8 +187,8 @@ def report(problems: dict[str, dict], *, out: Path, optimizers: list[str], seeds
         info = problems[p]
         lines.append(f"| {p} | `{_shown(info['config'])}` | {info['sources']} | {', '.join(info['methods'])} | "
                      f"{info['layer_groups']} |")
-    lines += ["", "![share of the reference per problem](bench_search.png)", ""]
-    (out / "bench_search.md").write_text("\n".join(lines))
+    lines += ["", f"![share of the reference per problem]({name}.png)", ""]
+    (out / f"{name}.md").write_text("\n".join(lines))
 
     fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(names)), 4.5))
     width = 0.8 / len(optimizers)
@@ -190,7 +203,7 @@ def report(problems: dict[str, dict], *, out: Path, optimizers: list[str], seeds
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8, ncol=len(optimizers) + 1, loc="lower left")
     ax.grid(axis="y", alpha=0.3)
-    fig.savefig(out / "bench_search.png", dpi=110, bbox_inches="tight")
+    fig.savefig(out / f"{name}.png", dpi=110, bbox_inches="tight")
 
 
 def _shown(path: str) -> str:
@@ -209,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", default="auto,tpe+cmaes", help="optimizers run once at the larger budget")
     parser.add_argument("--reference-factor", type=int, default=4)
     parser.add_argument("--out", type=Path, default=REPO / "results")
+    parser.add_argument("--name", default="bench_search", help="the report's file name in --out, without .md / .png")
+    parser.add_argument("--about", default="", help="a paragraph on what these problems are, after the header")
     parser.add_argument("--save", type=Path, help="also write the measured runs to this JSON file")
     parser.add_argument("--load", help="report from runs saved with --save (comma-separated; a later file's runs "
                                        "of an optimizer replace an earlier's, which are kept as '<optimizer> "
@@ -251,8 +266,9 @@ def main(argv: list[str] | None = None) -> int:
                 if args.save:    # after each problem: a long run keeps what it has measured
                     args.save.write_text(json.dumps({"problems": problems, "command": ran}))
     args.out.mkdir(parents=True, exist_ok=True)
-    report(problems, out=args.out, optimizers=optimizers, seeds=args.seeds, trials=args.trials, cmd=ran)
-    print(f"wrote {args.out / 'bench_search.md'}")
+    report(problems, out=args.out, optimizers=optimizers, seeds=args.seeds, trials=args.trials, cmd=ran,
+           name=args.name, about=args.about)
+    print(f"wrote {args.out / (args.name + '.md')}")
     return 0
 
 

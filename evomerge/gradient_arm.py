@@ -90,6 +90,7 @@ class GradientArm:
         counts = state_counts(self.study)
         if counts.get("WAITING", 0) or sum(counts.get(s, 0) for s in (*DONE, "RUNNING")) >= n_trials:
             return
+        started = time.perf_counter()     # its first trial's seconds include the learner's setup and start
         if self._gradient is None:
             options = self.config.search.gradient
             try:
@@ -109,7 +110,6 @@ class GradientArm:
                                                                             states=(TrialState.COMPLETE,))
                                            if session.space.method_of(t.params, t.user_attrs) == "task_arithmetic"])
             self._start = chosen.number if chosen is not None else "start"
-        started = time.perf_counter()
         loss = self._gradient.advance(self.config.search.gradient.steps_per_trial)
         self.study.enqueue_trial(self._gradient.params(),
                                  user_attrs={GRADIENT_KEY: self._gradient.steps, "gradient_loss": loss,

@@ -6,7 +6,8 @@ expert counts, tuned blocks, with and without an instruction stage, a conflictin
 cached. Every problem is searched as its config says (technique a search variable, baselines first), by each
 optimizer and seed, on one resident workbench per problem. Per run: the held-out score of the best trial so far
 (by the search split, as an export picks it) after 25, 50 and 100 trials, its wall time, and its time per trial
-outside merging and scoring (the optimizer's own, gradient steps included).
+outside merging and scoring (the optimizer's own), split into the gradient learner's forward and backward passes
+and the rest (sampling, storage, setup).
 
 Each problem's **reference** is the best held-out any run found: the runs above and reference runs at
 `--reference-factor` times the budget (`--reference` optimizers, one seed), so that a result reads as a share
@@ -175,7 +176,7 @@ def report(problems: dict[str, dict], *, out: Path, optimizers: list[str], seeds
         rs = [r for p in names for r in problems[p]["runs"].get(o, [])]
         outside = [1000 * r["overhead"] for r in rs]
         steps = [1000 * r["gradient_steps"] if "gradient_steps" in r else None for r in rs]   # None: saved before
-        rest = [o - s if s is not None else None for o, s in zip(outside, steps)]            # it was measured
+        rest = [x - s if s is not None else None for x, s in zip(outside, steps)]            # it was measured
         lines.append(f"| {o} | " + " | ".join(by_n) + f" | {_stats([r['seconds'] for r in rs])} | "
                      f"{_ms(outside)} | {_ms(steps)} | {_ms(rest)} |")
     gradient = [(p, r["gradient"]) for p in names for r in problems[p]["runs"].get("auto", []) if r.get("gradient")]

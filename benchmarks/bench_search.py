@@ -68,6 +68,7 @@ def run_problem(name: str, *, optimizers: list[str], seeds: int, trials: int, re
 
     base = load_config(problem_config(name, workdir))
     bench = Workbench(base, device="cpu", progress=False)
+    bench.sampler_process().wait_ready()    # started here: its imports would count in the first run's time
     storage = f"sqlite:///{workdir / (name.replace(':', '-') + '.db')}"
     plan = [(o, s, trials) for o in optimizers for s in range(seeds)] + [(o, 0, factor * trials) for o in reference]
     runs: dict[str, list[dict]] = {}

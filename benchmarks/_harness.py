@@ -168,11 +168,11 @@ def std(values: Sequence[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def mean_std(values: Sequence[float]) -> str:
-    """'mean ± std' to 3 decimals ('mean' for one value, '—' for none)."""
+def mean_std(values: Sequence[float], digits: int = 3) -> str:
+    """'mean ± std' to `digits` decimals ('mean' for one value, '—' for none)."""
     if not values:
         return "—"
-    return f"{statistics.fmean(values):.3f}" + (f" ± {std(values):.3f}" if len(values) > 1 else "")
+    return f"{statistics.fmean(values):.{digits}f}" + (f" ± {std(values):.{digits}f}" if len(values) > 1 else "")
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:

@@ -119,13 +119,8 @@ def measure(session, *, seconds: float) -> dict:
             "gradient": session.study.user_attrs.get("auto_gradient")}
 
 
-def _stats(values: list[float | None]) -> str:
-    return mean_std([v for v in values if v is not None])
-
-
-def _ms(values: list[float | None]) -> str:
-    kept = [v for v in values if v is not None]
-    return f"{statistics.fmean(kept):.1f} ± {std(kept):.1f}" if kept else "—"
+def _stats(values: list[float | None], digits: int = 3) -> str:
+    return mean_std([v for v in values if v is not None], digits)
 
 
 def reference(problem: dict) -> float:
@@ -179,7 +174,7 @@ def report(problems: dict[str, dict], *, out: Path, optimizers: list[str], seeds
         steps = [1000 * r["gradient_steps"] if "gradient_steps" in r else None for r in rs]   # None: saved before
         rest = [x - s if s is not None else None for x, s in zip(outside, steps)]            # it was measured
         lines.append(f"| {o} | " + " | ".join(by_n) + f" | {_stats([r['seconds'] for r in rs])} | "
-                     f"{_ms(outside)} | {_ms(steps)} | {_ms(rest)} |")
+                     f"{_stats(outside, 1)} | {_stats(steps, 1)} | {_stats(rest, 1)} |")
     gradient = [(p, r["gradient"]) for p in names for r in problems[p]["runs"].get("auto", []) if r.get("gradient")]
     if gradient:
         lines += ["", "## auto's gradient arm, per run", "", "| problem | state | trials | why |", "|---|---|---|---|"]

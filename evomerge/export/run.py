@@ -11,6 +11,7 @@ import contextlib
 import csv
 import io
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,9 +76,13 @@ def export_run(session, run_dir: Path, *, result, trial: int | None = None):
 
     if adapter_refusal(recipe, session.sources) is None:     # a linear merge of adapters: also one adapter
         write_adapter(recipe, session.sources, run_dir / "best_adapter", force=True)
+    else:       # none for this recipe: an earlier export's would describe another one
+        shutil.rmtree(run_dir / "best_adapter", ignore_errors=True)
     text = mergekit_yaml(recipe, session.sources)
     if text is not None:
         atomic_write_text(run_dir / "mergekit.yaml", text)
+    else:
+        (run_dir / "mergekit.yaml").unlink(missing_ok=True)
     atomic_write_text(run_dir / "trials.csv", trials_csv(session))
     from .plots import write_plots
 

@@ -151,7 +151,6 @@ def test_export_a_given_trial(finished_run, tmp_path):
     assert run_cli("export", str(finished_run.run_dir), "--trial", "999").returncode == 2
 
 
-
 @pytest.mark.slow
 def test_a_reexport_leaves_no_mergekit_yaml_of_another_recipe(tmp_path):
     """mergekit.yaml is written for a recipe mergekit merges the same way, and removed where the exported trial
@@ -162,14 +161,15 @@ def test_a_reexport_leaves_no_mergekit_yaml_of_another_recipe(tmp_path):
     out = tmp_path / "run"
     assert run_cli("search", str(config), "--out", str(out)).returncode == 0
     trials = optuna.load_study(study_name="fixture", storage=f"sqlite:///{out / 'study.db'}").get_trials()
-    by_method = {t.user_attrs.get("baseline"): t.number for t in trials}
+    by_label = {t.user_attrs.get("baseline"): t.number for t in trials}
     for label, written in (("default:task_arithmetic", True), ("default:dare_ties", False),
                            ("default:task_arithmetic", True)):
-        assert run_cli("export", str(out), "--trial", str(by_method[label])).returncode == 0
-        assert yaml.safe_load((out / "recipe.yaml").read_text())["provenance"]["trial"] == by_method[label]
+        assert run_cli("export", str(out), "--trial", str(by_label[label])).returncode == 0
+        assert yaml.safe_load((out / "recipe.yaml").read_text())["provenance"]["trial"] == by_label[label]
         assert (out / "mergekit.yaml").exists() == written, label
         if written:
             assert yaml.safe_load((out / "mergekit.yaml").read_text())["merge_method"] == "task_arithmetic"
+
 
 def test_a_failing_candidate_fails_its_trial_not_the_study(tmp_path, monkeypatch):
     from evomerge.kernel import ResidentMerger

@@ -123,6 +123,23 @@ def test_trials_csv_and_summary_match_the_storage(finished_run):
     assert f"Best: trial {best.number}" in summary
 
 
+def test_summary_gives_each_tasks_share_of_its_best_source(finished_run):
+    """The skills kept, recomputed from the held-out scores on the study: per task, the exported trial's score
+    over the best source's; a task no source scores above 0 on (ppl's negative log-perplexity) is left out."""
+    import optuna
+
+    run = finished_run.run_dir
+    study = optuna.load_study(study_name="fixture", storage=f"sqlite:///{run / 'study.db'}")
+    heldout = {t.number: study.user_attrs[f"heldout:{t.number}"] for t in study.get_trials()
+               if f"heldout:{t.number}" in study.user_attrs}
+    sources = [t.number for t in study.get_trials() if t.user_attrs.get("baseline", "").startswith("source:")]
+    best_source = max(heldout[n]["pick"]["acc"] for n in sources)
+    assert best_source > 0 and max(heldout[n]["ppl"]["neg_log_ppl"] for n in sources) < 0
+    share = heldout[finished_run.best_trial]["pick"]["acc"] / best_source
+    line = next(x for x in (run / "summary.md").read_text().splitlines() if x.startswith("- Each task's best source"))
+    assert line.endswith(f"on the tasks a source scores on): pick {share:.2f}; mean **{share:.3f}**.")
+
+
 @pytest.mark.slow
 def test_rerun_resumes_and_reexport_is_stable(finished_run, fixture_config):
     from evomerge.search import search

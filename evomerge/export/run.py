@@ -227,11 +227,17 @@ def summary_markdown(session, rows, best, recipe, plots: list[str], *, given: in
         lines.append(f"- Your recipe {start['label'].removeprefix('start:')}: held-out {start['heldout_mean']:.4f} "
                      f"(search {start['search_mean']:.4f}); the search's margin over it: **{margin:+.4f}** held-out.")
     if sources:
-        oracle = {t: max(r[f"heldout:{t}"] for r in sources) for t in tasks}
+        lower = session.evaluator.lower_is_better()      # an lm-eval perplexity: its best source has the least
+        oracle = {t: (min if t in lower else max)(r[f"heldout:{t}"] for r in sources) for t in tasks}
         oracle_mean = sum(objective_values(session, oracle)) / len(config.objectives)
         lines.append(f"- Per task, the best single source reaches a held-out mean of {oracle_mean:.4f}; "
                      f"the best recipe reaches {100 * best_row['heldout_mean'] / oracle_mean:.1f} % of it "
                      "with one model." if oracle_mean > 0 else "")
+        kept = {t: best_row[f"heldout:{t}"] / oracle[t] for t in tasks if t not in lower and oracle[t] > 0}
+        if kept:        # the experts' skills kept: each task's share of its best source's score
+            lines.append("- Each task's best source, kept by the best recipe (held-out, recipe ÷ source, on the "
+                         "tasks a source scores on): " + ", ".join(f"{t} {v:.2f}" for t, v in kept.items())
+                         + f"; mean **{sum(kept.values()) / len(kept):.3f}**.")
         best_source = max(sources, key=lambda r: r["heldout_mean"])
         lines.append(f"- Best source alone: {best_source['label']} at {best_source['heldout_mean']:.4f}.")
     if defaults:

@@ -136,10 +136,12 @@ def end_to_end(problem: str, *, seed: int, trials: int, rows: float, estimator: 
 
     def run(label: str, n: int, evaluation: EvaluationOptions) -> dict:
         import optuna
+        import torch
 
         from evomerge.cheap import FULL_ATTR
         from evomerge.search import search
 
+        torch.set_num_threads(config.threads or os.cpu_count())   # (an earlier problem's `threads: 1` stays set)
         section = config.search.model_copy(update={"seed": seed, "n_trials": n, "evaluation": evaluation})
         out = workdir / f"e2e-{problem.replace('/', '_').replace(':', '')}-{seed}-{label}"
         result = search(config.model_copy(update={"search": section}), out=out, progress=False)
@@ -150,8 +152,9 @@ def end_to_end(problem: str, *, seed: int, trials: int, rows: float, estimator: 
         wall += finalists
         evals = sum(t.user_attrs.get("seconds", {}).get("eval", 0.0) for t in done) + finalists
         late = [t.user_attrs["seconds"]["eval"] for t in done if "baseline" not in t.user_attrs]
-        best = result.summary["best"]
+        best, kept = result.summary["best"], result.summary["kept"]
         return {"heldout": best["heldout_mean"], "search": best["search_mean"], "wall": wall, "trials": len(done),
+                "kept": sum(kept.values()) / len(kept) if kept else float("nan"),
                 "eval_per_trial": evals / len(done), "eval_after_baselines": sum(late) / max(len(late), 1)}
 
     runs["full"] = run("full", trials, EvaluationOptions())
@@ -210,10 +213,13 @@ def end_to_end_section(args, workdir: Path) -> list[str]:
              "the exported model's. Evaluation per trial: all evaluation seconds of the study (a cheap one's "
              "finalists included) over its trials; after the baselines: the mean of the trials that are not "
              "baselines. Wall: the study's, its first trial's start to its last trial's end plus the finalists' "
-             f"re-scoring (model loading and the export are left out). Command: `{command()}`.", "",
+             "re-scoring (model loading and the export are left out). Skills kept: per task the exported model's "
+             "held-out over the best source's (where a source scores above 0), the mean over the tasks, as "
+             f"summary.md gives it. Command: `{command()}`.", "",
              "| problem | seed | held-out full | held-out cheap | Δ | eval/trial cheap ÷ full (after baselines) | "
-             "trials at equal time | held-out cheap, equal time | wall full / cheap-equal (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "trials at equal time | held-out cheap, equal time | wall full / cheap-equal (s) | "
+             "skills kept full / cheap / cheap equal time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for problem in args.search_problems.split(","):
         for seed in range(args.seeds):
             r = end_to_end(problem, seed=seed, trials=args.trials, rows=args.rows, estimator=args.estimator,
@@ -223,7 +229,8 @@ def end_to_end_section(args, workdir: Path) -> list[str]:
                          f"{cheap['heldout'] - full['heldout']:+.4f} | "
                          f"{cheap['eval_per_trial'] / full['eval_per_trial']:.2f} "
                          f"({cheap['eval_after_baselines'] / full['eval_after_baselines']:.2f}) | {equal['trials']} | "
-                         f"{equal['heldout']:.4f} | {full['wall']:.0f} / {equal['wall']:.0f} |")
+                         f"{equal['heldout']:.4f} | {full['wall']:.0f} / {equal['wall']:.0f} | "
+                         f"{full['kept']:.3f} / {cheap['kept']:.3f} / {equal['kept']:.3f} |")
             print(lines[-1], flush=True)
     return lines + [""]
 

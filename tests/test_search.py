@@ -138,6 +138,7 @@ def test_summary_gives_each_tasks_share_of_its_best_source(finished_run):
     share = heldout[finished_run.best_trial]["pick"]["acc"] / best_source
     line = next(x for x in (run / "summary.md").read_text().splitlines() if x.startswith("- Each task's best source"))
     assert line.endswith(f"on the tasks a source scores on): pick {share:.2f}; mean **{share:.3f}**.")
+    assert finished_run.summary["kept"] == pytest.approx({"pick": share})       # what benchmarks read
 
 
 @pytest.mark.slow

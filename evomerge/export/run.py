@@ -92,7 +92,7 @@ def export_run(session, run_dir: Path, *, result, trial: int | None = None):
                                                                best_number=best.number if best else None))
     result.best_trial = frozen.number
     result.best_recipe = recipe
-    result.summary = {"rows": rows, "best": best_row}
+    result.summary = {"rows": rows, "best": best_row, "kept": skills_kept(session, rows, best_row)}
     return result
 
 
@@ -191,6 +191,15 @@ def summary_table(rows: list[dict[str, Any]], session) -> str:
     return "\n".join(lines)
 
 
+def skills_kept(session, rows: list[dict[str, Any]], row: dict[str, Any]) -> dict[str, float]:
+    """The experts' skills a model keeps: per objective task, its held-out score over the best source's, on the
+    tasks where higher is better and some source scores above 0."""
+    lower = session.evaluator.lower_is_better()
+    sources = [r for r in rows if r["kind"] == "source"]
+    best = {t: max((r[f"heldout:{t}"] for r in sources), default=0.0) for t in session.config.objective_tasks}
+    return {t: row[f"heldout:{t}"] / b for t, b in best.items() if t not in lower and b > 0}
+
+
 def summary_markdown(session, rows, best, recipe, plots: list[str], *, given: int | None = None,
                      best_number: int | None = None) -> str:
     import torch
@@ -233,8 +242,8 @@ def summary_markdown(session, rows, best, recipe, plots: list[str], *, given: in
         lines.append(f"- Per task, the best single source reaches a held-out mean of {oracle_mean:.4f}; "
                      f"the best recipe reaches {100 * best_row['heldout_mean'] / oracle_mean:.1f} % of it "
                      "with one model." if oracle_mean > 0 else "")
-        kept = {t: best_row[f"heldout:{t}"] / oracle[t] for t in tasks if t not in lower and oracle[t] > 0}
-        if kept:        # the experts' skills kept: each task's share of its best source's score
+        kept = skills_kept(session, rows, best_row)
+        if kept:
             lines.append("- Each task's best source, kept by the best recipe (held-out, recipe ÷ source, on the "
                          "tasks a source scores on): " + ", ".join(f"{t} {v:.2f}" for t, v in kept.items())
                          + f"; mean **{sum(kept.values()) / len(kept):.3f}**.")

@@ -127,8 +127,8 @@ def end_to_end(problem: str, *, seed: int, trials: int, rows: float, estimator: 
 
     The wall time is read from the study: its first trial's start to its last trial's end, plus the finalists'
     re-scoring; loading the models and the export's held-out scoring, the same for all three, are left out. So a
-    search that finished in `workdir` before (an interrupted benchmark, or a run copied there) is resumed with
-    nothing left to do and keeps its own time."""
+    search that finished in `workdir` before (an interrupted benchmark's, or a run copied there) is resumed with
+    nothing left to do and keeps its own time. A search stopped midway would count its pause: remove its folder."""
     from evomerge.config import EvaluationOptions, load_config
 
     config = load_config(problem_config(problem))

@@ -88,11 +88,12 @@ def export_run(session, run_dir: Path, *, result, trial: int | None = None):
 
     plots = write_plots(session, rows, recipe, run_dir)
     best = session.best_trial() if trial is not None else frozen
-    atomic_write_text(run_dir / "summary.md", summary_markdown(session, rows, frozen, recipe, plots, given=trial,
+    kept = skills_kept(session, rows, best_row)
+    atomic_write_text(run_dir / "summary.md", summary_markdown(session, rows, frozen, recipe, plots, kept, given=trial,
                                                                best_number=best.number if best else None))
     result.best_trial = frozen.number
     result.best_recipe = recipe
-    result.summary = {"rows": rows, "best": best_row, "kept": skills_kept(session, rows, best_row)}
+    result.summary = {"rows": rows, "best": best_row, "kept": kept}
     return result
 
 
@@ -191,17 +192,25 @@ def summary_table(rows: list[dict[str, Any]], session) -> str:
     return "\n".join(lines)
 
 
+def best_sources(session, rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Per objective task, the best held-out score of any source alone (an lm-eval perplexity's is its least);
+    empty without sources."""
+    lower = session.evaluator.lower_is_better()
+    sources = [r for r in rows if r["kind"] == "source"]
+    if not sources:
+        return {}
+    return {t: (min if t in lower else max)(r[f"heldout:{t}"] for r in sources) for t in session.config.objective_tasks}
+
+
 def skills_kept(session, rows: list[dict[str, Any]], row: dict[str, Any]) -> dict[str, float]:
     """The experts' skills a model keeps: per objective task, its held-out score over the best source's, on the
     tasks where higher is better and some source scores above 0."""
     lower = session.evaluator.lower_is_better()
-    sources = [r for r in rows if r["kind"] == "source"]
-    best = {t: max((r[f"heldout:{t}"] for r in sources), default=0.0) for t in session.config.objective_tasks}
-    return {t: row[f"heldout:{t}"] / b for t, b in best.items() if t not in lower and b > 0}
+    return {t: row[f"heldout:{t}"] / b for t, b in best_sources(session, rows).items() if t not in lower and b > 0}
 
 
-def summary_markdown(session, rows, best, recipe, plots: list[str], *, given: int | None = None,
-                     best_number: int | None = None) -> str:
+def summary_markdown(session, rows, best, recipe, plots: list[str], kept: dict[str, float], *,
+                     given: int | None = None, best_number: int | None = None) -> str:
     import torch
 
     config = session.config
@@ -214,7 +223,6 @@ def summary_markdown(session, rows, best, recipe, plots: list[str], *, given: in
     evaluation = sum(s.get("eval", 0.0) for s in seconds)
     total = sum(s.get("total", 0.0) for s in seconds)
     best_row = next(r for r in rows if r["number"] == best.number)
-    tasks = config.objective_tasks
     sources = [r for r in rows if r["kind"] == "source"]
     defaults = [r for r in rows if r["kind"] == "default"]
     sweeps = [r for r in rows if r["kind"] == "sweep"]
@@ -236,13 +244,11 @@ def summary_markdown(session, rows, best, recipe, plots: list[str], *, given: in
         lines.append(f"- Your recipe {start['label'].removeprefix('start:')}: held-out {start['heldout_mean']:.4f} "
                      f"(search {start['search_mean']:.4f}); the search's margin over it: **{margin:+.4f}** held-out.")
     if sources:
-        lower = session.evaluator.lower_is_better()      # an lm-eval perplexity: its best source has the least
-        oracle = {t: (min if t in lower else max)(r[f"heldout:{t}"] for r in sources) for t in tasks}
+        oracle = best_sources(session, rows)
         oracle_mean = sum(objective_values(session, oracle)) / len(config.objectives)
         lines.append(f"- Per task, the best single source reaches a held-out mean of {oracle_mean:.4f}; "
                      f"the best recipe reaches {100 * best_row['heldout_mean'] / oracle_mean:.1f} % of it "
                      "with one model." if oracle_mean > 0 else "")
-        kept = skills_kept(session, rows, best_row)
         if kept:
             lines.append("- Each task's best source, kept by the best recipe (held-out, recipe ÷ source, on the "
                          "tasks a source scores on): " + ", ".join(f"{t} {v:.2f}" for t, v in kept.items())

@@ -8,8 +8,9 @@ is not the best one once tuned. `auto` therefore runs, after the baselines:
 1. **the gradient arm** (where it can run: task_arithmetic searched, one objective of choice / generate /
    perplexity tasks, the parameter space, resident sources): AdaMerging's trials, queued by the search
    (search.py) while they improve. It stops when `PATIENCE` of its trials in a row neither beat its best
-   score nor lowered its best loss by `LOSS_GAIN`, or at `GRADIENT_SHARE` of the budget; the summary says
-   which, and how many trials it kept.
+   score nor lowered its best loss by `LOSS_GAIN`, when its first `PATIENCE` + 1 trials all stay below the
+   best task_arithmetic baseline, or at `GRADIENT_SHARE` of the budget; the summary says which, and how many
+   trials it kept.
 2. **one arm per technique**, each a TPE of its own over that technique's parameters alone, its first
    `WARM` trials sampled around the technique's own best trial (its baselines, and for task_arithmetic the
    gradient arm's), so that a technique is judged at its best, not at its defaults. The TPE models that
@@ -205,13 +206,19 @@ def _best(trials: list[FrozenTrial]) -> FrozenTrial | None:
 
 
 # -- the gradient arm -----------------------------------------------------------------
-def gradient_verdict(trials: list[FrozenTrial], *, budget_left: int) -> str | None:
-    """Why the gradient arm stops now, or None while it goes on: from its finished trials, in order."""
+def gradient_verdict(trials: list[FrozenTrial], *, budget_left: int, floor: float = -math.inf) -> str | None:
+    """Why the gradient arm stops now, or None while it goes on: from its finished trials, in order. `floor`: the
+    best task_arithmetic baseline's search score; an arm whose first PATIENCE + 1 trials all stay below it has
+    found nothing the technique arms do not start from, and stops (on the smol zoo it never reached it)."""
     mine = sorted((t for t in trials if is_gradient_trial(t) and t.state in DONE), key=lambda t: t.number)
     if len(mine) >= budget_left:
         return f"its share of the budget ({budget_left} trials) is spent"
     if len(mine) <= PATIENCE:
         return None
+    best = max((t.values[0] for t in mine if t.state == TrialState.COMPLETE), default=-math.inf)
+    if best < floor:
+        return (f"its first {len(mine)} trials stayed below the best task_arithmetic baseline "
+                f"({best:.4f} < {floor:.4f})")
     best_value, best_loss, since = -math.inf, math.inf, 0
     for t in mine:
         value = t.values[0] if t.state == TrialState.COMPLETE else -math.inf

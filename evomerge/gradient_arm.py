@@ -7,6 +7,7 @@ the study (auto.GRADIENT_ATTR), so that every worker and a resumed run see the s
 
 from __future__ import annotations
 
+import math
 import time
 
 from .errors import InputError
@@ -66,7 +67,11 @@ class GradientArm:
         if sum(t.state.name in DONE for t in trials) >= n_trials:
             return "wait"
         baselines = self.study.user_attrs.get(BASELINES_ATTR, 0)
-        why = gradient_verdict(trials, budget_left=gradient_budget(self.session.study_budget, baselines))
+        space = self.session.space
+        floor = max((t.values[0] for t in trials if t.state == TrialState.COMPLETE and "baseline" in t.user_attrs
+                     and space.method_of(t.params, t.user_attrs) == "task_arithmetic"), default=-math.inf)
+        why = gradient_verdict(trials, budget_left=gradient_budget(self.session.study_budget, baselines),
+                               floor=floor)
         if why is not None:
             mine = [t for t in trials if is_gradient_trial(t) and t.state == TrialState.COMPLETE]
             self.study.set_user_attr(GRADIENT_ATTR, {"state": "stopped", "why": why, "trials": len(mine),

@@ -121,6 +121,12 @@ def test_gradient_verdict_stops_after_patience_without_progress():
     falling = run([(0.5, 1.0)] + [(0.4, 1.0 * (1 - 3 * LOSS_GAIN) ** (i + 1)) for i in range(PATIENCE)])
     assert gradient_verdict(falling, budget_left=50) is None
     assert "share of the budget" in gradient_verdict(improving, budget_left=8)
+    # below the best task_arithmetic baseline after PATIENCE + 1 trials: it stops, though its loss still falls
+    assert "below the best task_arithmetic baseline (0.5000 < 0.5500)" in gradient_verdict(
+        falling, budget_left=50, floor=0.55)
+    assert gradient_verdict(falling[:PATIENCE], budget_left=50, floor=0.55) is None   # too early to tell
+    assert gradient_verdict(falling, budget_left=50, floor=0.5) is None                # it reached the floor
+    assert gradient_verdict(improving, budget_left=50, floor=0.6) is None              # it beat the floor
 
 
 def _session(tmp_path, *, methods=("task_arithmetic", "ties"), n_trials=24, name="s.db"):
@@ -139,7 +145,7 @@ def test_auto_is_the_default_and_runs_gradient_then_technique_arms(tmp_path):
     """With task_arithmetic searched: the baselines, then the gradient arm's trials (queued, steps rising) until
     it stops for the reason stored on the study, then the technique arms; same seed, same study; each
     technique's first trials lie around its own best."""
-    from evomerge.auto import GRADIENT_ATTR, ROUNDS_ATTR, WARM, WARM_SPREAD, is_gradient_trial
+    from evomerge.auto import GRADIENT_ATTR, PATIENCE, ROUNDS_ATTR, WARM, WARM_SPREAD, is_gradient_trial
     from evomerge.config import SearchSection
     from evomerge.samplers import BASELINES_ATTR
 
@@ -159,6 +165,10 @@ def test_auto_is_the_default_and_runs_gradient_then_technique_arms(tmp_path):
     assert record["state"] == "stopped" and record["trials"] == len(gradient) > 0
     assert [t.number for t in gradient] == list(range(count, count + len(gradient)))   # right after the baselines
     assert [t.user_attrs["gradient_steps"] for t in gradient] == [4 * (i + 1) for i in range(len(gradient))]
+    floor = max(t.values[0] for t in trials[:count] if space.method_of(t.params, t.user_attrs) == "task_arithmetic")
+    trailed = max(t.values[0] for t in gradient) < floor     # then it stops at PATIENCE + 1 trials, saying why
+    assert ("below the best task_arithmetic baseline" in record["why"]) == trailed
+    assert not trailed or len(gradient) == PATIENCE + 1
     arms = trials[count + len(gradient):]
     assert len(arms) > 0 and all(t.state.name == "COMPLETE" for t in trials)
     assert {t.user_attrs["method"] for t in arms} <= {"task_arithmetic", "ties"}

@@ -124,8 +124,10 @@ def _stats(values: list[float | None], digits: int = 3) -> str:
 
 
 def reference(problem: dict) -> float:
-    """The best held-out any run of the problem found (reference runs included)."""
-    return max(r["heldout"]["end"] for rs in problem["runs"].values() for r in rs)
+    """The best held-out any run of the problem found (reference runs included, and the reference an earlier
+    report recorded for it: --references)."""
+    found = max(r["heldout"]["end"] for rs in problem["runs"].values() for r in rs)
+    return max(found, problem.get("recorded_reference", found))
 
 
 def report(problems: dict[str, dict], *, out: Path, optimizers: list[str], seeds: int, trials: int,
@@ -225,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load", help="report from runs saved with --save (comma-separated; a later file's runs "
                                        "of an optimizer replace an earlier's, which are kept as '<optimizer> "
                                        "before', a column where --optimizers lists it), running nothing")
+    parser.add_argument("--references", type=Path,
+                        help="a JSON file of {problem: held-out}: references earlier reports found (at several times "
+                             "the budget), which a problem's reference is at least, for a report without reference "
+                             "runs (e.g. results/bench_search-references.json)")
     parser.add_argument("--workdir", type=Path, help="keep the studies (one SQLite file per problem) in this folder "
                                                      "to look into afterwards (default: a temporary one)")
     args = parser.parse_args(argv)
@@ -262,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
                                              factor=args.reference_factor, workdir=workdir)
                 if args.save:    # after each problem: a long run keeps what it has measured
                     args.save.write_text(json.dumps({"problems": problems, "command": ran}))
+    if args.references:
+        for name, value in json.loads(args.references.read_text()).items():
+            if name in problems:
+                problems[name]["recorded_reference"] = value
     args.out.mkdir(parents=True, exist_ok=True)
     report(problems, out=args.out, optimizers=optimizers, seeds=args.seeds, trials=args.trials, cmd=ran,
            name=args.name, about=args.about)

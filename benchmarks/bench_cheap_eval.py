@@ -120,10 +120,17 @@ def measure(data: dict, *, rows: float, seed: int, kind_of_candidate: str) -> di
     return report
 
 
-def end_to_end(problem: str, *, seed: int, trials: int, rows: float, estimator: str, workdir: Path) -> dict:
+def end_to_end(problem: str, *, seed: int, trials: int, rows: float, estimator: str, workdir: Path,
+               equal_time: str = "ratio") -> dict:
     """Three searches of a problem: every row scored, cheap evaluation at the same trials, and cheap evaluation
     at about the first one's wall time. Each: the exported model's held-out and search scores, the search's wall
     time, and evaluation seconds per trial (a cheap search's include its finalists' re-scoring).
+
+    The third search's trials (`equal_time`): "ratio", trials × full wall ÷ cheap wall; "marginal", trials plus
+    the wall time the cheap search has left (full wall − cheap wall) over its own seconds per trial of the
+    technique arms (its trials after the baselines and the gradient arm's, which are what more trials add).
+    "ratio" undercounts where part of a search's time does not shrink with cheap evaluation (the baselines,
+    scored on every row; auto's gradient steps).
 
     The wall time is read from the study: its first trial's start to its last trial's end, plus the finalists'
     re-scoring; loading the models and the export's held-out scoring, the same for all three, are left out. So a
@@ -138,6 +145,7 @@ def end_to_end(problem: str, *, seed: int, trials: int, rows: float, estimator: 
         import optuna
         import torch
 
+        from evomerge.auto import is_gradient_trial
         from evomerge.cheap import FULL_ATTR
         from evomerge.search import search
 
@@ -152,15 +160,23 @@ def end_to_end(problem: str, *, seed: int, trials: int, rows: float, estimator: 
         wall += finalists
         evals = sum(t.user_attrs.get("seconds", {}).get("eval", 0.0) for t in done) + finalists
         late = [t.user_attrs["seconds"]["eval"] for t in done if "baseline" not in t.user_attrs]
+        arms = [t for t in done if "baseline" not in t.user_attrs and not is_gradient_trial(t)]
+        arm_wall = (max(t.datetime_complete for t in arms) - min(t.datetime_start for t in arms)).total_seconds() \
+            if arms else wall
         best, kept = result.summary["best"], result.summary["kept"]
         return {"heldout": best["heldout_mean"], "search": best["search_mean"], "wall": wall, "trials": len(done),
+                "arm_seconds_per_trial": arm_wall / max(len(arms), 1),
                 "kept": sum(kept.values()) / len(kept) if kept else float("nan"),
                 "eval_per_trial": evals / len(done), "eval_after_baselines": sum(late) / max(len(late), 1)}
 
     runs["full"] = run("full", trials, EvaluationOptions())
     cheap = EvaluationOptions(rows=rows, estimator=estimator)
     runs["cheap"] = run("cheap", trials, cheap)
-    equal = max(trials, round(trials * runs["full"]["wall"] / runs["cheap"]["wall"]))
+    if equal_time == "ratio":
+        equal = max(trials, round(trials * runs["full"]["wall"] / runs["cheap"]["wall"]))
+    else:
+        left = runs["full"]["wall"] - runs["cheap"]["wall"]
+        equal = max(trials, trials + round(left / runs["cheap"]["arm_seconds_per_trial"]))
     runs["cheap_equal_time"] = run("cheap-equal", equal, cheap)
     return runs
 
@@ -209,7 +225,10 @@ def end_to_end_section(args, workdir: Path) -> list[str]:
     lines = ["## End to end", "",
              f"Each problem searched as its config says, {args.trials} trials, seeds 0-{args.seeds - 1}: every row "
              f"scored (full), cheap evaluation (`rows: {args.rows}`, `estimator: {args.estimator}`, 5 finalists) at "
-             "the same trials, and cheap evaluation at about the full search's wall time (more trials). Held-out: "
+             "the same trials, and cheap evaluation at about the full search's wall time (more trials: "
+             + ("trials × full wall ÷ cheap wall" if args.equal_time == "ratio" else "trials + (full wall − cheap "
+                "wall) ÷ the cheap search's seconds per trial after the baselines and the gradient arm")
+             + "). Held-out: "
              "the exported model's. Evaluation per trial: all evaluation seconds of the study (a cheap one's "
              "finalists included) over its trials; after the baselines: the mean of the trials that are not "
              "baselines. Wall: the study's, its first trial's start to its last trial's end plus the finalists' "
@@ -223,7 +242,7 @@ def end_to_end_section(args, workdir: Path) -> list[str]:
     for problem in args.search_problems.split(","):
         for seed in range(args.seeds):
             r = end_to_end(problem, seed=seed, trials=args.trials, rows=args.rows, estimator=args.estimator,
-                           workdir=workdir)
+                           workdir=workdir, equal_time=args.equal_time)
             full, cheap, equal = r["full"], r["cheap"], r["cheap_equal_time"]
             lines.append(f"| {problem} | {seed} | {full['heldout']:.4f} | {cheap['heldout']:.4f} | "
                          f"{cheap['heldout'] - full['heldout']:+.4f} | "
@@ -284,6 +303,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--estimator", default="mean")
+    parser.add_argument("--equal-time", choices=("ratio", "marginal"), default="ratio",
+                        help="the trials of the equal-time cheap search: from the ratio of the two walls, or from "
+                             "the full search's wall left over the cheap search's seconds per technique-arm trial")
     parser.add_argument("--timing", action="store_true", help="also time scoring every row against the picked ones")
     args = parser.parse_args()
     workdir = Path(args.workdir)

@@ -299,14 +299,18 @@ def test_objective_weights_reports_and_pruning(toy) -> None:
 def test_part_credit_objective_recomputed_from_the_examples(heldout) -> None:
     """partial(): a generate task scored by exact match counts its token accuracy (the mean over its examples of
     the answer tokens greedy gets right, fed the answer); a choice task its own acc; a perplexity task its own
-    score (neg_log_ppl). Each exact-match hit gets every token right, so part credit is never
-    below the objective's own share of a generate task."""
+    score (neg_log_ppl). Each exact-match hit counts every token right, though half the targets are written
+    without the leading space greedy emits (their drafts' tokens differ), so part credit is never below the
+    objective's own share of a generate task."""
     tasks = {"inc": 2.0, "pick": 1.0, "text": 1.0}
     token_acc = sum(heldout.examples["inc"]["token_acc"]) / len(heldout.examples["inc"]["token_acc"])
     assert heldout.tasks["inc"]["token_acc"] == pytest.approx(token_acc)
     expected = (2 * token_acc + heldout.primary("pick") + heldout.primary("text")) / 4
     assert heldout.partial(tasks) == pytest.approx(expected)
     assert token_acc >= heldout.primary("inc") and token_acc > 0
+    hits = [acc for acc, hit in zip(heldout.examples["inc"]["token_acc"], heldout.examples["inc"]["exact_match"])
+            if hit]
+    assert hits and all(acc == 1.0 for acc in hits)
     assert heldout.partial({"pick": 1.0}) == heldout.objective({"pick": 1.0})
 
 

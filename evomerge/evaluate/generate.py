@@ -224,10 +224,13 @@ def generate(runner: Runner, codec: Codec, spec: Any, examples: list[GenExample]
     stats["decoded"] += len(rest)
     extract = extract_rules.extractor(spec.extract if isinstance(spec.extract, str) else spec.extract.model_dump())
     texts = [None if ex.hopeless else stopping.text(ex.output) for ex in examples]
+    hits = [0.0 if text is None else extract_rules.exact_match(extract, text, ex.target)
+            for text, ex in zip(texts, examples)]
     return {
-        "exact_match": [0.0 if text is None else extract_rules.exact_match(extract, text, ex.target)
-                        for text, ex in zip(texts, examples)],
-        "token_acc": [ex.token_acc for ex in examples],
+        "exact_match": hits,
+        # a hit got every answer token right, though the target as written may be tokenized or ended otherwise
+        # than greedy wrote it (no leading space, a stop string instead of EOS): its draft's hits undercount it
+        "token_acc": [max(ex.token_acc, hit) for ex, hit in zip(examples, hits)],
         "target_logprob": [ex.target_logprob for ex in examples],
     }, texts
 

@@ -156,13 +156,14 @@ def end_to_end(problem: str, *, seed: int, trials: int, rows: float, estimator: 
         study = optuna.load_study(study_name=result.study_name, storage=result.storage)
         done = [t for t in study.get_trials() if t.state.name == "COMPLETE"]
         finalists = sum(v.get("seconds", 0.0) for k, v in study.user_attrs.items() if k.startswith(FULL_ATTR))
-        wall = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
-        wall += finalists
+        def span(trials) -> float:     # the first one's start to the last one's end
+            return (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
+
+        wall = span(done) + finalists
         evals = sum(t.user_attrs.get("seconds", {}).get("eval", 0.0) for t in done) + finalists
         late = [t.user_attrs["seconds"]["eval"] for t in done if "baseline" not in t.user_attrs]
         arms = [t for t in done if "baseline" not in t.user_attrs and not is_gradient_trial(t)]
-        arm_wall = (max(t.datetime_complete for t in arms) - min(t.datetime_start for t in arms)).total_seconds() \
-            if arms else wall
+        arm_wall = span(arms) if arms else wall
         best, kept = result.summary["best"], result.summary["kept"]
         return {"heldout": best["heldout_mean"], "search": best["search_mean"], "wall": wall, "trials": len(done),
                 "arm_seconds_per_trial": arm_wall / max(len(arms), 1),

@@ -52,7 +52,7 @@ class GradientArm:
         stored on the study."""
         from optuna.trial import TrialState
 
-        from .auto import GRADIENT_ATTR, gradient_budget, gradient_verdict, is_gradient_trial
+        from .auto import GRADIENT_ATTR, _best, gradient_budget, gradient_verdict, is_gradient_trial
 
         if not self.enabled:
             return "done"
@@ -68,8 +68,9 @@ class GradientArm:
             return "wait"
         baselines = self.study.user_attrs.get(BASELINES_ATTR, 0)
         space = self.session.space
-        floor = max((t.values[0] for t in trials if t.state == TrialState.COMPLETE and "baseline" in t.user_attrs
-                     and space.method_of(t.params, t.user_attrs) == "task_arithmetic"), default=-math.inf)
+        ta = _best([t for t in trials if "baseline" in t.user_attrs
+                    and space.method_of(t.params, t.user_attrs) == "task_arithmetic"])
+        floor = ta.values[0] if ta is not None else -math.inf
         why = gradient_verdict(trials, budget_left=gradient_budget(self.session.study_budget, baselines),
                                floor=floor)
         if why is not None:

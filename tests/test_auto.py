@@ -67,6 +67,7 @@ def test_successive_halving_shares_each_round_then_keeps_the_better_half():
         n += 1
     assert sampler.arm(study, trials, baselines=4) == "b"       # b's 0.95 beats c's 0.9
     assert study.user_attrs[ROUNDS_ATTR][-1] == ["b"]
+    assert sampler.current_round(study, trials, baselines=4) == (["b"], {"a": 4, "b": 10, "c": 10})
     # a decision once stored is read back, not remade: another worker sees the same rounds
     other = _sampler(methods)
     assert other.arm(study, trials + [_trial(n, "c", 1.0)], baselines=4) == "b"
@@ -174,15 +175,46 @@ def test_auto_is_the_default_and_runs_gradient_then_technique_arms(tmp_path):
     assert {t.user_attrs["method"] for t in arms} <= {"task_arithmetic", "ties"}
     assert study.user_attrs.get(ROUNDS_ATTR, [["task_arithmetic", "ties"]])[0] == ["task_arithmetic", "ties"]
     for method in ("task_arithmetic", "ties"):    # the first WARM of each arm: around its best, LAG 1 hidden
-        own = [t for t in arms if t.user_attrs["method"] == method][:WARM]
-        for t in own:
-            seen = [s for s in trials if s.number < t.number - 1 and s.state.name == "COMPLETE"
-                    and space.method_of(s.params, s.user_attrs) == method]
-            best = max(seen, key=lambda s: (s.values[0], -s.number))
-            expected = space.around(best.params, best.user_attrs, spread=WARM_SPREAD,
-                                    rng=np.random.default_rng([0, t.number]))
-            expected.pop("method", None)
-            assert t.params == pytest.approx(expected)
+        for t in [t for t in arms if t.user_attrs["method"] == method][:WARM]:
+            assert t.params == pytest.approx(_around_best(trials, t, space, spread=WARM_SPREAD))
+
+
+def _around_best(trials, trial, space, *, spread):
+    """The parameters a step of `spread` around the best trial of `trial`'s technique that its sampler saw
+    (LAG 1: the trials numbered before trial.number - 1) gives, for the trial's seeded generator."""
+    method = space.method_of(trial.params, trial.user_attrs)
+    seen = [s for s in trials if s.number < trial.number - 1 and s.state.name == "COMPLETE"
+            and space.method_of(s.params, s.user_attrs) == method]
+    best = max(seen, key=lambda s: (s.values[0], -s.number))
+    expected = space.around(best.params, best.user_attrs, spread=spread, rng=np.random.default_rng([0, trial.number]))
+    expected.pop("method", None)
+    return expected
+
+
+def test_an_arm_alone_in_its_round_alternates_its_tpe_and_steps_around_its_best(tmp_path):
+    """One technique searched, so its arm is alone from the start: after its WARM trials, every LOCAL_EVERY-th of
+    its trials (counted among those its sampler saw) is a step of LOCAL_SPREAD around its best, the others its
+    TPE's."""
+    from evomerge.auto import LOCAL_EVERY, LOCAL_SPREAD, WARM, WARM_SPREAD
+    from evomerge.samplers import BASELINES_ATTR
+
+    with _session(tmp_path, methods=("ties",), n_trials=20) as session:
+        session.run(20)
+        study, space = session.study, session.space
+    trials = study.get_trials()
+    count = study.user_attrs[BASELINES_ATTR]
+    kinds = []
+    for t in trials[count:]:
+        spent = sum(1 for s in trials[count:t.number - 1])
+        if spent < WARM:
+            assert t.params == pytest.approx(_around_best(trials, t, space, spread=WARM_SPREAD))
+        elif spent % LOCAL_EVERY == 0:
+            assert t.params == pytest.approx(_around_best(trials, t, space, spread=LOCAL_SPREAD))
+            kinds.append("step")
+        else:
+            assert t.params != pytest.approx(_around_best(trials, t, space, spread=LOCAL_SPREAD))
+            kinds.append("tpe")
+    assert kinds.count("step") >= 3 and kinds.count("tpe") >= 3
 
 
 @pytest.mark.slow

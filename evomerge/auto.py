@@ -117,7 +117,7 @@ class AutoSampler(BaseSampler):
         return min(active, key=lambda m: (spent[m], self.space.methods.index(m)))
 
     def current_round(self, study: optuna.Study, trials: list[FrozenTrial], *,
-              baselines: int) -> tuple[list[str], dict[str, int]]:
+                      baselines: int) -> tuple[list[str], dict[str, int]]:
         """Successive halving over the techniques: the arms in the round the trials so far are in, and each
         technique's trials after the baselines (the gradient arm's not counted)."""
         methods = self.space.methods

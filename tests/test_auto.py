@@ -205,7 +205,7 @@ def test_an_arm_alone_in_its_round_alternates_its_tpe_and_steps_around_its_best(
     count = study.user_attrs[BASELINES_ATTR]
     kinds = []
     for t in trials[count:]:
-        spent = sum(1 for s in trials[count:t.number - 1])
+        spent = max(0, t.number - 1 - count)         # the arm's trials its sampler saw (no gradient arm: no TA)
         if spent < WARM:
             assert t.params == pytest.approx(_around_best(trials, t, space, spread=WARM_SPREAD))
         elif spent % LOCAL_EVERY == 0:

@@ -98,7 +98,7 @@ class AutoSampler(BaseSampler):
             return self._decided
         trials = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL]
         active, spent = self.current_round(study, trials, baselines=count)
-        arm = min(active, key=lambda m: (spent[m], self.space.methods.index(m)))
+        arm = self._fewest(active, spent)
         best = _best([t for t in trials if self.space.method_of(t.params, t.user_attrs) == arm])
         spread = WARM_SPREAD if spent[arm] < WARM else \
             LOCAL_SPREAD if len(active) == 1 and spent[arm] % LOCAL_EVERY == 0 else None
@@ -113,7 +113,9 @@ class AutoSampler(BaseSampler):
     def arm(self, study: optuna.Study, trials: list[FrozenTrial], *, baselines: int) -> str:
         """The technique that samples next: of the arms in the current round, the one with the fewest trials
         (ties: the config's order)."""
-        active, spent = self.current_round(study, trials, baselines=baselines)
+        return self._fewest(*self.current_round(study, trials, baselines=baselines))
+
+    def _fewest(self, active: list[str], spent: dict[str, int]) -> str:
         return min(active, key=lambda m: (spent[m], self.space.methods.index(m)))
 
     def current_round(self, study: optuna.Study, trials: list[FrozenTrial], *,
